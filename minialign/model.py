@@ -1,0 +1,236 @@
+"""A tiny GPT, written from scratch: the policy pi_theta of every stage.
+
+E1, the autoregressive policy: pi_theta(y | x) = prod_t pi_theta(y_t | x, y_<t). The model below
+gives, for every position t, the logits of pi_theta(. | tokens_<=t); ``ops.token_logps`` turns
+them into log pi_theta(y_t | ...), and a masked sum of those is log pi_theta(y | x).
+
+Architecture (as GPT-2): token + learned position embeddings, ``n_layer`` pre-norm blocks of
+causal self-attention and an MLP, a final LayerNorm, and an output head tied to the token
+embedding. Two things beyond nanoGPT, both needed by alignment:
+
+- ``attention_mask`` (B, S): 1 for real tokens, 0 for padding. Prompts of different lengths are
+  left-padded for generation, so positions are counted over real tokens only
+  (``cumsum(mask) - 1``) and no query attends to a pad key. Without a mask every token is real
+  and the fast causal kernel is used.
+- a KV cache, so generating T tokens costs O(T) forwards of one token instead of T forwards of
+  the whole prefix.
+
+``hidden`` returns the final hidden states (B, T, C); reward and value heads read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 64   # set from the tokenizer
+    block_size: int = 64   # longest sequence (prompt + response) the model sees
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0   # RL needs log-probs that do not change between two calls: keep 0 there
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored (the same for every row)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        T = k.size(2)
+        end = self.length + T
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, S, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head, self.layer, self.dropout = config.n_head, layer, config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask, cache):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(ln(x)), then x + mlp(ln(x)); the residual stream is never normalised."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, cache):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: the same vectors read and write tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.block_size:
+            raise ValueError(f"a cache of {max_len} tokens exceeds block_size={self.config.block_size}")
+        p = self.wte.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def hidden(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) of tokens ``idx`` (B, T).
+
+        ``attention_mask`` (B, S) covers every token the model has seen, the cached ones included
+        (S = cache.length + T), as in Hugging Face; None means every token is real.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's context "
+                             f"(block_size={self.config.block_size})")
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected {(B, past + T)} (cached + new tokens)")
+        if past == 0 and (attention_mask is None or _right_padded(attention_mask)):
+            # no pad before a real token: plain causal attention (the fast kernel) is exact for
+            # every real token, and the outputs at trailing pads are never read
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            attn_mask = None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+            real = attention_mask.bool()
+            # positions count real tokens only, so a left-padded prompt starts at position 0
+            pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            q_slot = torch.arange(past, past + T, device=idx.device)[:, None]  # (T, 1)
+            k_slot = torch.arange(past + T, device=idx.device)[None, :]        # (1, S)
+            allowed = (k_slot <= q_slot)[None] & real[:, None, :]              # (B, T, S)
+            # a pad query with no real key before it would give a softmax over nothing (NaN):
+            # let every query see itself; real queries are unaffected, pad outputs are ignored
+            allowed = allowed | (k_slot == q_slot)[None]
+            attn_mask = allowed[:, None]                                       # (B, 1, T, S)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V): row t gives pi_theta(. | idx[:, :t+1]) (E1, one factor per t)."""
+        return self.lm_head(self.hidden(idx, attention_mask, cache))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, path, **extra) -> None:
+        """Write config, weights and any ``extra`` (e.g. the tokenizer's state) to ``path``."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"config": asdict(self.config), "model": state, **extra}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu", config: GPTConfig | None = None) -> "GPT":
+        """Build a GPT from ``path``; if ``config`` is given it must match the checkpoint's."""
+        ckpt = load_checkpoint(path, map_location)
+        saved = GPTConfig(**ckpt["config"])
+        if config is not None and config != saved:
+            diff = {f.name: (getattr(saved, f.name), getattr(config, f.name)) for f in fields(GPTConfig)
+                    if getattr(saved, f.name) != getattr(config, f.name)}
+            raise ValueError(f"checkpoint {path} was saved with another config: "
+                             + ", ".join(f"{k}: saved {a}, asked {b}" for k, (a, b) in diff.items()))
+        model = cls(saved)
+        model.load_weights(ckpt["model"], source=str(path))
+        return model
+
+    def load_weights(self, state: dict, source: str = "state dict") -> None:
+        """``load_state_dict`` with an error that names every mismatched tensor."""
+        own = self.state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [f"{k}: shape {tuple(state[k].shape)} != model's {tuple(own[k].shape)}"
+                     for k in own if k in state and state[k].shape != own[k].shape]
+        if problems:
+            raise ValueError(f"{source} does not match the model: " + "; ".join(problems[:8]))
+        self.load_state_dict(state)
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """True if every row is ones then zeros (padding only after the real tokens)."""
+    m = attention_mask.long()
+    return bool((m.cummin(dim=1).values == m).all())
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """``torch.load`` with ``weights_only=True`` (no code runs from a checkpoint file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a minialign checkpoint (needs 'config' and 'model')")
+    return ckpt

@@ -1,0 +1,124 @@
+"""Stage 1, pre-training: the base model learns the toy world's text (E0a).
+
+E0a, language modelling over every token of a document:
+
+    L_LM(theta) = - sum_t log pi_theta(x_t | x_<t)
+
+We minimise its mean per predicted token (the sum divided by the number of tokens), so that
+the loss reads in nats per token and can be compared with the corpus's exact entropy floor
+``ToyWorld.corpus_entropy()``: no model can do better on fresh text than H(line) / (E[len] + 1).
+
+The same loss, counted on response tokens only, is SFT (E0b, ``sft.py``): a document here is a
+"response" to the one-token prompt ``<bos>``, so both stages share ``lm_loss`` and ``fit_lm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import collate, infinite_minibatches
+from .model import GPT, GPTConfig
+from .ops import masked_mean, token_logps
+from .toyworld import ToyWorld, WorldConfig
+from .train import (Run, TrainConfig, autocast, make_optimizer, optimizer_step, progress,
+                    resolve_device, save_policy, seed_everything)
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of -log pi_theta(x_t | x_<t) over the tokens where ``response_mask`` is 1 (E0a, E0b).
+
+    logits (B, T, V) from the model on ``input_ids`` (B, T); position t-1 predicts token t.
+    """
+    logps = token_logps(logits[:, :-1], input_ids[:, 1:])  # (B, T-1), E1 per token
+    return -masked_mean(logps, response_mask[:, 1:])
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    corpus_size: int = 100_000   # lines of training text drawn from the grammar
+    eval_size: int = 2_000       # fresh held-out lines for the loss against the floor
+    eval_every: int = 200
+
+
+def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], config: TrainConfig,
+           run: Run, desc: str, eval_every: int, extra_metrics=None) -> dict:
+    """Minimise ``lm_loss`` on (prompts, responses) token lists; log train and held-out loss.
+
+    Shared by pre-training (prompt = ``<bos>``) and SFT (prompt = the chat prompt).
+    """
+    device = next(model.parameters()).device
+    gen = seed_everything(config.seed)
+    optimizer = make_optimizer(model, config)
+    prompts, responses = train
+    batches = infinite_minibatches(len(prompts), config.batch_size, gen)
+    block, pad = model.config.block_size, 0
+
+    def held_out_loss() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast(device, config.dtype):
+            for i in range(0, len(held_out[0]), 256):
+                b = collate(held_out[0][i:i + 256], held_out[1][i:i + 256], pad, block, device)
+                n = b["response_mask"][:, 1:].sum().item()
+                total += lm_loss(model(b["input_ids"], b["attention_mask"]), b["input_ids"],
+                                 b["response_mask"]).item() * n
+                count += n
+        model.train()
+        return total / count
+
+    model.train()
+    bar = progress(range(config.steps), config, desc)
+    for step in bar:
+        idx = next(batches).tolist()
+        b = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad, block, device)
+        with autocast(device, config.dtype):
+            logits = model(b["input_ids"], b["attention_mask"])
+        loss = lm_loss(logits, b["input_ids"], b["response_mask"])
+        grad_norm = optimizer_step(model, optimizer, loss, step, config)
+        last = step == config.steps - 1
+        if step % config.log_every == 0 or last:
+            metrics = {"loss": loss.item(), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+            if step % eval_every == 0 or last:
+                metrics["heldout_loss"] = held_out_loss()
+                if extra_metrics is not None:
+                    metrics.update(extra_metrics(model))
+            run.log(step, **metrics)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return run.rows[-1]
+
+
+def main(config: PretrainConfig) -> dict:
+    """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``."""
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.seed))
+    tok = world.tokenizer
+    run = Run(config, "pretrain")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                          n_head=config.n_head, n_embd=config.n_embd)).to(device)
+
+    def docs(lines):  # a document is a "response" to the prompt <bos>
+        return [[tok.bos_id]] * len(lines), [tok.document(s)[1:] for s in lines]
+
+    train = docs(world.pretrain_corpus(config.corpus_size, seed=config.seed))
+    held_out = docs(world.pretrain_corpus(config.eval_size, seed=config.seed + 10_000))
+    floor = world.corpus_entropy()["nats_per_token"]
+    last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
+    save_policy(model, tok, run.dir / "model.pt")
+    run.plot(["loss", "heldout_loss"], "loss.png", "pre-training loss (E0a)",
+             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token")
+    summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
+               "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
+               "seconds": last["time"]}
+    run.write_summary(summary)
+    return summary

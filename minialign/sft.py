@@ -1,0 +1,69 @@
+"""Stage 2, supervised fine-tuning: the base model becomes an instruct model (E0b).
+
+E0b maximises P(response | instruction): the language-modelling loss of E0a, counted on the
+response tokens only (the EOS included, so the model learns to stop):
+
+    L_SFT(theta) = - sum_{t in response} log pi_theta(y_t | x, y_<t)
+
+The prompt tokens are in the input, so the model conditions on them, but they are not targets:
+``response_mask`` is 0 over the prompt. That mask is the whole difference from pre-training,
+which is why this file reuses ``pretrain.lm_loss`` and ``pretrain.fit_lm``.
+
+The toy world's SFT data: ``review the ITEM`` -> a review of that item, and ``what is a + b ?``
+-> the answer, wrong with probability ``arithmetic_noise`` as in the demonstrations (so the
+instruct model answers right only about 1 - noise of the time: what RL can improve on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .evaluate import arithmetic_eval, review_eval
+from .pretrain import fit_lm
+from .toyworld import ToyWorld, WorldConfig
+from .train import Run, TrainConfig, load_policy, resolve_device, save_policy, seed_everything
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    init: str = ""               # base model checkpoint; default: out/pretrain/model.pt
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 2e-3
+    num_examples: int = 20_000   # instruction/response pairs drawn from the toy world
+    eval_size: int = 1_000
+    eval_every: int = 200
+
+
+def main(config: SFTConfig) -> dict:
+    """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``."""
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.seed))
+    init = config.init or f"{config.out}/pretrain/model.pt"
+    model, tok = load_policy(init, device, world.tokenizer)
+    run = Run(config, "sft")
+
+    def pairs(rows):
+        return [tok.prompt(r["prompt"]) for r in rows], [tok.response(r["response"]) for r in rows]
+
+    train = pairs(world.sft_dataset(config.num_examples, seed=config.seed))
+    held_out = pairs(world.sft_dataset(config.eval_size, seed=config.seed + 10_000))
+
+    def truth(m):  # what the hidden reward says of the model's own samples
+        return {"true_reward": review_eval(m, tok, world, samples_per_prompt=8, seed=config.seed)["true_reward"],
+                "heldout_accuracy": arithmetic_eval(m, tok, world, "heldout", 4, seed=config.seed)["accuracy"]}
+
+    before = truth(model)
+    last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
+    save_policy(model, tok, run.dir / "model.pt")
+    run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)", ylabel="nats / token")
+    run.plot(["true_reward", "heldout_accuracy"], "truth.png", "hidden truth of sampled responses")
+    final = review_eval(model, tok, world, samples_per_prompt=32, seed=config.seed)
+    acc = arithmetic_eval(model, tok, world, "heldout", 16, seed=config.seed)["accuracy"]
+    summary = {"heldout_loss": last["heldout_loss"], "true_reward_before": before["true_reward"],
+               "true_reward": final["true_reward"], "malformed": final["malformed"],
+               "heldout_accuracy_before": before["heldout_accuracy"], "heldout_accuracy": acc,
+               "examples": final["examples"], "seconds": last["time"]}
+    run.write_summary(summary)
+    return summary

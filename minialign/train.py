@@ -1,0 +1,239 @@
+"""What every stage's training loop shares, written once: configs behind CLI flags, seeding,
+devices and dtypes, the optimizer and its schedule, the run folder (config, JSONL metrics, PNG
+plots, checkpoints) and loading a policy.
+
+An algorithm file keeps only its own math and its own loop; everything here is plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import GPT, load_checkpoint
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Settings every stage has; a stage's config subclasses this and adds its own."""
+    out: str = "runs/demo"       # run folder; each stage writes into out/<stage>/
+    seed: int = 0
+    device: str = "auto"         # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = "float32"       # float32 | bfloat16 (autocast; log-probs and losses stay float32)
+    steps: int = 300             # optimizer steps
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1    # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0       # max global gradient norm (0 = off)
+    log_every: int = 10
+    progress: bool = True        # tqdm progress bars
+
+
+# ----------------------------------------------------------------------------------------------
+# configs <-> command-line flags
+# ----------------------------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One ``--flag`` per dataclass field, its default and type from the field."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = hints[f.name]
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+        if optional:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
+        conv = type(choices[0]) if choices else tp
+        if optional:
+            base = conv
+            conv = lambda s, base=base: None if s.lower() == "none" else base(s)  # noqa: E731
+        parser.add_argument(flag, dest=f.name, type=conv, default=default, choices=choices,
+                            help=f"(default: {default})")
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds, devices, dtypes
+# ----------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {list(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16/fp16 autocast for the matmuls; a no-op in float32. ``ops`` keeps log-probs float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=resolve_dtype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or scalars)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * ratio
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   step: int, config: TrainConfig) -> float:
+    """Backward, clip, step at the scheduled learning rate; returns the pre-clip gradient norm."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping before it spreads")
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if config.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    optimizer.step()
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder: config, metrics, plots, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class Run:
+    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``."""
+
+    def __init__(self, config: TrainConfig, stage: str):
+        self.dir = Path(config.out) / stage
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")  # a rerun starts a fresh log
+        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        self.start = time.time()
+        self.rows: list[dict] = []
+
+    def log(self, step: int, **metrics) -> dict:
+        row = {"step": step, "time": round(time.time() - self.start, 3)}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
+             ylabel: str = "") -> Path:
+        """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
+        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel)
+
+    def write_summary(self, summary: dict) -> None:
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
+                hlines: dict | None = None, ylabel: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, disable=not config.progress, dynamic_ncols=True)
+
+
+def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
+    model.save(path, tokenizer=tokenizer.state_dict())
+
+
+def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+    """A GPT and the tokenizer it was trained with; ``tokenizer``, if given, must be the same."""
+    ckpt = load_checkpoint(path)
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{path} has no tokenizer state; save it with train.save_policy")
+    saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    if tokenizer is not None and saved_tok != tokenizer:
+        raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
+                         f"than the one given ({tokenizer.vocab_size} tokens)")
+    model = GPT.load(path)
+    if model.config.vocab_size != saved_tok.vocab_size:
+        raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} != tokenizer's "
+                         f"{saved_tok.vocab_size}")
+    return model.to(device), saved_tok
