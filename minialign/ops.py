@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 stay as they are (gradcheck runs in float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | context) of the given ``tokens`` (B, T) from ``logits`` (B, T, V), at ``temperature``.
 
@@ -30,7 +35,7 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
+    logp = F.log_softmax(upcast(logits) / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)    # (B, T)
 
 
@@ -108,5 +113,5 @@ def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H(pi(. | context)) = -sum_v p_v log p_v for each position: (..., V) -> (...)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)

@@ -57,11 +57,13 @@ def main(config: SFTConfig) -> dict:
     before = truth(model)
     last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
     save_policy(model, tok, run.dir / "model.pt")
-    run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)", ylabel="nats / token")
+    floor = world.sft_entropy()["nats_per_token"]
+    run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)",
+             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token")
     run.plot(["true_reward", "heldout_accuracy"], "truth.png", "hidden truth of sampled responses")
     final = review_eval(model, tok, world, samples_per_prompt=32, seed=config.seed)
     acc = arithmetic_eval(model, tok, world, "heldout", 16, seed=config.seed)["accuracy"]
-    summary = {"heldout_loss": last["heldout_loss"], "true_reward_before": before["true_reward"],
+    summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor, "true_reward_before": before["true_reward"],
                "true_reward": final["true_reward"], "malformed": final["malformed"],
                "heldout_accuracy_before": before["heldout_accuracy"], "heldout_accuracy": acc,
                "examples": final["examples"], "seconds": last["time"]}

@@ -63,13 +63,23 @@ class Node:
         """Expected number of tokens."""
         raise NotImplementedError
 
-    def parses(self, tokens: list[str], i: int) -> list[tuple[int, float]]:
-        """Every way to read ``tokens[i:j]`` with this node: a list of (j, log-probability)."""
+    def parses(self, tokens: list[str], i: int, memo: dict) -> list[tuple[int, float]]:
+        """Every way to read ``tokens[i:j]`` with this node: a list of (j, log-probability).
+
+        ``memo`` caches (node, i) -> parses within one ``logprob`` call (shared subtrees such as
+        the adjective list are read once per position).
+        """
+        key = (id(self), i)
+        if key not in memo:
+            memo[key] = self._parses(tokens, i, memo)
+        return memo[key]
+
+    def _parses(self, tokens, i, memo):
         raise NotImplementedError
 
     def logprob(self, tokens: list[str]) -> float:
         """log P(tokens) under this node (-inf if the node cannot emit exactly these tokens)."""
-        ps = [lp for j, lp in self.parses(tokens, 0) if j == len(tokens)]
+        ps = [lp for j, lp in self.parses(tokens, 0, {}) if j == len(tokens)]
         return math.log(sum(math.exp(lp) for lp in ps)) if ps else -math.inf
 
 
@@ -86,7 +96,7 @@ class Word(Node):
     def mean_length(self):
         return float(len(self.tokens))
 
-    def parses(self, tokens, i):
+    def _parses(self, tokens, i, memo):
         n = len(self.tokens)
         return [(i + n, 0.0)] if tokens[i:i + n] == self.tokens else []
 
@@ -109,10 +119,10 @@ class Seq(Node):
     def mean_length(self):
         return sum(p.mean_length() for p in self.parts)
 
-    def parses(self, tokens, i):
+    def _parses(self, tokens, i, memo):
         states = [(i, 0.0)]
         for part in self.parts:
-            states = [(k, lp + l) for j, lp in states for k, l in part.parses(tokens, j)]
+            states = [(k, lp + l) for j, lp in states for k, l in part.parses(tokens, j, memo)]
             if not states:
                 break
         return states
@@ -146,8 +156,8 @@ class Choice(Node):
     def mean_length(self):
         return sum(p * node.mean_length() for p, node in self.options)
 
-    def parses(self, tokens, i):
-        return [(j, lp + math.log(p)) for p, node in self.options for j, lp in node.parses(tokens, i)]
+    def _parses(self, tokens, i, memo):
+        return [(j, lp + math.log(p)) for p, node in self.options for j, lp in node.parses(tokens, i, memo)]
 
 
 def uniform(nodes: list[Node]) -> Choice:

@@ -1,0 +1,27 @@
+"""Checks minialign/cli.py: every command has --help; the pipeline names its stages."""
+
+import pytest
+
+from minialign.cli import STAGES, TOOLS, build_parser, main
+
+
+@pytest.mark.parametrize("command", list(STAGES) + list(TOOLS) + ["pipeline"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--out" in capsys.readouterr().out or command == "bench"
+
+
+def test_stage_flags_come_from_the_config():
+    args = build_parser().parse_args(["sft", "--steps", "5", "--lr", "0.01", "--no-progress"])
+    assert (args.steps, args.lr, args.progress) == (5, 0.01, False)
+
+
+def test_pipeline_rejects_unknown_stage():
+    with pytest.raises(SystemExit, match="unknown stage"):
+        main(["pipeline", "--stages", "pretrain,rlhf"])
+
+
+def test_pipeline_order_starts_with_the_foundation():
+    assert list(STAGES)[:2] == ["pretrain", "sft"]

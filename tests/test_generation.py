@@ -1,0 +1,89 @@
+"""Checks minialign/generation.py: sampling, EOS and masks, log-probs, the KV cache, top-k/top-p."""
+
+import pytest
+import torch
+
+from minialign.generation import filter_logits, generate
+from minialign.model import GPT, GPTConfig
+from minialign.ops import model_token_logps
+
+EOS, PAD = 2, 0
+
+
+def make():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=10, block_size=32, n_layer=1, n_head=2, n_embd=16))
+
+
+PROMPTS = [[1, 3, 4], [1, 5], [1, 6, 7, 8, 9]]
+
+
+def test_greedy_is_deterministic():
+    model = make()
+    a = generate(model, PROMPTS, 8, EOS, PAD, temperature=0)
+    b = generate(model, PROMPTS, 8, EOS, PAD, temperature=0)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_seeded_sampling_reproduces():
+    model = make()
+    run = lambda: generate(model, PROMPTS * 4, 10, EOS, PAD, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    assert torch.equal(run().sequences, run().sequences)
+
+
+def test_eos_stops_and_everything_after_is_masked():
+    model = make()
+    g = generate(model, PROMPTS * 20, 20, EOS, PAD, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert g.finished.any() and (~g.finished).any()  # both kinds occur with 10 tokens, T=2
+    for ids, m, done in zip(g.response_ids.tolist(), g.response_mask.tolist(), g.finished.tolist()):
+        n = sum(m)
+        assert m == [1] * n + [0] * (len(m) - n)          # mask: ones, then zeros
+        assert ids[n:] == [PAD] * (len(ids) - n)           # pads after the response
+        if done:
+            assert ids[n - 1] == EOS and EOS not in ids[:n - 1]  # EOS is the last response token
+        else:
+            assert EOS not in ids[:n] and n == 20
+    assert (g.logps[g.response_mask == 0] == 0).all()
+    # responses() drops the EOS of finished rows
+    r = g.responses()
+    assert all(len(x) == int(m.sum()) - int(d) for x, m, d in zip(r, g.response_mask, g.finished))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_returned_logps_equal_model_logps_at_sampling_temperature(temperature):
+    model = make()
+    g = generate(model, PROMPTS * 3, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(1))
+    full = model_token_logps(model, g.sequences, g.attention_mask, temperature)  # (B, P+T-1)
+    mask = g.full_response_mask[:, 1:].bool()
+    P = g.prompt_len
+    assert torch.allclose(full[:, P - 1:][g.response_mask.bool()], g.logps[g.response_mask.bool()], atol=1e-5)
+    assert mask.sum() == g.response_mask.sum()
+
+
+def test_cache_and_no_cache_sample_the_same_tokens():
+    model = make()
+    a = generate(model, PROMPTS, 12, EOS, PAD, use_cache=True, generator=torch.Generator().manual_seed(5))
+    b = generate(model, PROMPTS, 12, EOS, PAD, use_cache=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.allclose(a.logps, b.logps, atol=1e-5)
+
+
+def test_prompt_longer_than_context_is_an_error():
+    model = make()
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, [[1] * 30], 5, EOS, PAD)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1]], 0, EOS, PAD)
+
+
+def test_top_k_and_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    # top-k = 1 keeps only the most likely token
+    assert torch.isinf(filter_logits(logits, top_k=1)).tolist() == [[False, True, True]]
+    # top-p = 0.6: keep 0.5 (mass before it 0 < 0.6), keep 0.3 (0.5 < 0.6), drop 0.2 (0.8 >= 0.6)
+    assert torch.isinf(filter_logits(logits, top_p=0.6)).tolist() == [[False, False, True]]
+    # top-k = 1 sampling is greedy decoding
+    model = make()
+    a = generate(model, PROMPTS, 6, EOS, PAD, top_k=1, generator=torch.Generator().manual_seed(0))
+    b = generate(model, PROMPTS, 6, EOS, PAD, temperature=0)
+    assert torch.equal(a.sequences, b.sequences)

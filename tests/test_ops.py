@@ -1,0 +1,100 @@
+"""Checks minialign/ops.py: E1 token log-probs, masked reductions, KL estimators, entropy."""
+
+import math
+
+import pytest
+import torch
+
+from minialign.ops import (entropy_from_logits, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum,
+                           masked_var, masked_whiten, model_token_logps, sequence_logps, token_logps)
+
+
+def test_token_logps_by_hand():
+    logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # (B=1, T=2, V=3)
+    tokens = torch.tensor([[0, 2]])
+    # log softmax([2,1,0])[0] = 2 - log(e^2 + e^1 + e^0) = 2 - log(11.107) = 2 - 2.4076 = -0.4076
+    # log softmax([0,0,0])[2] = -log 3 = -1.0986
+    got = token_logps(logits, tokens)
+    assert torch.allclose(got, torch.tensor([[-0.4076, -1.0986]]), atol=1e-4)
+    # at temperature 2: log softmax([1, .5, 0])[0] = 1 - log(e + e^.5 + 1) = 1 - log(5.3670) = -0.6802
+    assert token_logps(logits, tokens, temperature=2.0)[0, 0].item() == pytest.approx(-0.6802, abs=1e-4)
+    # E1: log pi(y|x) is the sum of the token terms: -0.4076 + -1.0986 = -1.5062
+    assert got.sum().item() == pytest.approx(-1.5062, abs=1e-4)
+
+
+def test_token_logps_float32_under_bf16_and_errors():
+    logits = torch.randn(2, 3, 5).bfloat16()
+    assert token_logps(logits, torch.zeros(2, 3, dtype=torch.long)).dtype == torch.float32
+    with pytest.raises(ValueError, match="do not align"):
+        token_logps(logits, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logps(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0)
+
+
+def test_token_logps_gradcheck():
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([[0, 1, 3], [2, 2, 0]])
+    assert token_logps(logits, tokens).dtype == torch.float64  # float64 is kept, not cast down
+    assert torch.autograd.gradcheck(lambda z: token_logps(z, tokens, 0.7), (logits,))
+
+
+def test_model_and_sequence_logps_line_up(tiny_model):
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])  # response = tokens 2..4
+    per_token = model_token_logps(tiny_model, ids)  # (1, 4): column j predicts token j+1
+    logits = tiny_model(ids)
+    by_hand = torch.log_softmax(logits[0, 2], -1)[7] + torch.log_softmax(logits[0, 1], -1)[6] \
+        + torch.log_softmax(logits[0, 3], -1)[2]
+    assert per_token.shape == (1, 4)
+    assert sequence_logps(tiny_model, ids, None, mask).item() == pytest.approx(by_hand.item(), abs=1e-5)
+
+
+def test_masked_sum_mean_by_hand():
+    x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, 5.0, 6.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_sum(x, m).item() == 7.0            # 1 + 2 + 4, the NaN is masked out
+    assert masked_mean(x, m).item() == pytest.approx(7 / 3)  # = 2.3333
+    assert masked_mean(x, m, dim=1).tolist() == [1.5, 4.0]
+    with pytest.raises(ValueError, match="empty mask"):
+        masked_mean(x, torch.zeros_like(m))
+    with pytest.raises(ValueError, match="shape"):
+        masked_sum(x, m[:, :2])
+
+
+def test_masked_var_and_whiten():
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    m = torch.tensor([1, 1, 1, 0])
+    # mean 2, squared deviations 1 + 0 + 1 = 2, unbiased variance 2 / (3 - 1) = 1
+    assert masked_var(x, m).item() == pytest.approx(1.0)
+    w = masked_whiten(x, m)
+    assert w.tolist()[:3] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6) and w[3] == 0
+    assert masked_whiten(x, m, shift_mean=False).tolist()[:3] == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp, logq = torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))
+    # k1 = log(0.5/0.25) = ln 2 = 0.6931
+    assert kl_k1(logp, logq).item() == pytest.approx(0.6931, abs=1e-4)
+    # k2 = (ln 2)^2 / 2 = 0.4805 / 2 = 0.2402
+    assert kl_k2(logp, logq).item() == pytest.approx(0.2402, abs=1e-4)
+    # k3 = q/p - 1 - log(q/p) = 0.5 - 1 + 0.6931 = 0.1931
+    assert kl_k3(logp, logq).item() == pytest.approx(0.1931, abs=1e-4)
+
+
+def test_kl_estimators_expectations():
+    # p = (0.5, 0.5), q = (0.25, 0.75): KL(p||q) = 0.5 ln 2 + 0.5 ln(2/3) = 0.3466 - 0.2027 = 0.1438
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    kl = (p * (p / q).log()).sum().item()
+    assert kl == pytest.approx(0.1438, abs=1e-4)
+    expect = lambda k: (p * k(p.log(), q.log())).sum().item()  # noqa: E731  exact E_{x~p}
+    assert expect(kl_k1) == pytest.approx(kl)  # unbiased
+    assert expect(kl_k3) == pytest.approx(kl)  # unbiased: E_p[q/p - 1] = 0
+    # k2 is biased: 0.5 * (0.5 * 0.4805 + 0.5 * 0.1644) = 0.1612
+    assert expect(kl_k2) == pytest.approx(0.1612, abs=1e-4)
+    assert (kl_k3(p.log(), q.log()) >= 0).all() and (kl_k2(p.log(), q.log()) >= 0).all()
+
+
+def test_entropy_by_hand():
+    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))  # 1.3863
+    # p = (1, 0): entropy 0 (a -inf logit contributes nothing, not NaN)
+    assert entropy_from_logits(torch.tensor([0.0, -1e9])).item() == pytest.approx(0.0, abs=1e-6)

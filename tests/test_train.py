@@ -1,0 +1,75 @@
+"""Checks minialign/train.py: config flags, the schedule, the optimizer step, the run folder."""
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import pytest
+import torch
+
+from minialign.train import (Run, TrainConfig, add_config_args, config_from_args, load_policy,
+                             lr_at, make_optimizer, optimizer_step, resolve_device, save_policy)
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    beta: float = 0.1
+    kl_in: Literal["loss", "reward"] = "loss"
+    limit: Optional[int] = None
+
+
+def test_config_flags_roundtrip():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, DemoConfig)
+    cfg = config_from_args(DemoConfig, parser.parse_args(
+        ["--beta", "0.5", "--kl-in", "reward", "--no-progress", "--limit", "3", "--steps", "7"]))
+    assert (cfg.beta, cfg.kl_in, cfg.progress, cfg.limit, cfg.steps) == (0.5, "reward", False, 3, 7)
+    assert config_from_args(DemoConfig, parser.parse_args([])) == DemoConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kl-in", "elsewhere"])
+
+
+def test_lr_schedule_by_hand():
+    cfg = TrainConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)     # (0 + 1) / 10
+    assert lr_at(9, cfg) == pytest.approx(1.0)     # end of warmup
+    assert lr_at(60, cfg) == pytest.approx(0.55)   # half-way: 0.1 + 0.9 * 0.5 * (1 + cos(pi/2))
+    assert lr_at(110, cfg) == pytest.approx(0.1)   # floor
+
+
+def test_optimizer_step_clips_and_refuses_nan():
+    model = torch.nn.Linear(3, 1)
+    cfg = TrainConfig(lr=0.1, grad_clip=1.0, weight_decay=0.1)
+    opt = make_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrix decays, bias not
+    loss = (model(torch.full((1, 3), 100.0)) ** 2).sum()
+    assert optimizer_step(model, opt, loss, 0, cfg) > 1.0  # the norm before clipping is reported
+    with pytest.raises(FloatingPointError, match="nan"):
+        optimizer_step(model, opt, torch.tensor(float("nan"), requires_grad=True), 1, cfg)
+
+
+def test_run_folder_writes_config_metrics_and_plots(tmp_path):
+    run = Run(DemoConfig(out=str(tmp_path)), "demo")
+    run.log(0, loss=1.0)
+    run.log(1, loss=0.5, acc=0.9)
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [1.0, 0.5] and rows[1]["acc"] == 0.9
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["beta"] == 0.1
+    assert run.plot(["loss"], "loss.png", hlines={"floor": 0.2}).stat().st_size > 1000
+
+
+def test_policy_checkpoint_checks_the_tokenizer(tmp_path, tiny_model, world):
+    save_policy(tiny_model, world.tokenizer, tmp_path / "p.pt")
+    model, tok = load_policy(tmp_path / "p.pt", tokenizer=world.tokenizer)
+    assert tok == world.tokenizer
+    from minialign.tokenizer import Tokenizer
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_policy(tmp_path / "p.pt", tokenizer=Tokenizer(["a", "b"]))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
