@@ -196,15 +196,19 @@ class GPT(nn.Module):
     @classmethod
     def load(cls, path, map_location="cpu", config: GPTConfig | None = None) -> "GPT":
         """Build a GPT from ``path``; if ``config`` is given it must match the checkpoint's."""
-        ckpt = load_checkpoint(path, map_location)
+        return cls.from_checkpoint(load_checkpoint(path, map_location), config, source=str(path))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, config: GPTConfig | None = None, source: str = "checkpoint") -> "GPT":
+        """Build a GPT from a loaded checkpoint dict (see ``load``)."""
         saved = GPTConfig(**ckpt["config"])
         if config is not None and config != saved:
             diff = {f.name: (getattr(saved, f.name), getattr(config, f.name)) for f in fields(GPTConfig)
                     if getattr(saved, f.name) != getattr(config, f.name)}
-            raise ValueError(f"checkpoint {path} was saved with another config: "
+            raise ValueError(f"{source} was saved with another config: "
                              + ", ".join(f"{k}: saved {a}, asked {b}" for k, (a, b) in diff.items()))
         model = cls(saved)
-        model.load_weights(ckpt["model"], source=str(path))
+        model.load_weights(ckpt["model"], source=source)
         return model
 
     def load_weights(self, state: dict, source: str = "state dict") -> None:

@@ -232,7 +232,7 @@ def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple
     if tokenizer is not None and saved_tok != tokenizer:
         raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
                          f"than the one given ({tokenizer.vocab_size} tokens)")
-    model = GPT.load(path)
+    model = GPT.from_checkpoint(ckpt, source=str(path))
     if model.config.vocab_size != saved_tok.vocab_size:
         raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} != tokenizer's "
                          f"{saved_tok.vocab_size}")
