@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import random
+import re
 import time
 import types
 import typing
@@ -49,9 +51,23 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def field_comments(config_cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the config's source: the flag's help text."""
+    comments = {}
+    for cls in reversed(config_cls.__mro__):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for name, text in re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.M):
+            comments[name] = text.strip()
+    return comments
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--flag`` per dataclass field, its default and type from the field."""
+    """One ``--flag`` per dataclass field: type and default from the field, help from its comment."""
     hints = typing.get_type_hints(config_cls)
+    comments = field_comments(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -60,7 +76,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{comments.get(f.name, '')} (default: {default})".strip())
             continue
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
         conv = type(choices[0]) if choices else tp
@@ -68,7 +85,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
             base = conv
             conv = lambda s, base=base: None if s.lower() == "none" else base(s)  # noqa: E731
         parser.add_argument(flag, dest=f.name, type=conv, default=default, choices=choices,
-                            help=f"(default: {default})")
+                            help=f"{comments.get(f.name, '')} (default: {default})".strip())
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
