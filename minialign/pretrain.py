@@ -101,7 +101,7 @@ def main(config: PretrainConfig) -> dict:
     """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.seed))
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
     tok = world.tokenizer
     run = Run(config, "pretrain")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=config.block_size, n_layer=config.n_layer,

@@ -39,7 +39,7 @@ def main(config: SFTConfig) -> dict:
     """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.seed))
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/pretrain/model.pt"
     model, tok = load_policy(init, device, world.tokenizer)
     run = Run(config, "sft")

@@ -211,6 +211,7 @@ class ToyWorld:
         self.heldout_pairs = sorted(pairs[:n_held])
         self.train_pairs = sorted(pairs[n_held:])
         self._review_grammars: dict[str, Node] = {}
+        self._review_rewards: dict[tuple[str, str], float] = {}
 
     # --- vocabulary -----------------------------------------------------------------------------
     @cached_property
@@ -373,6 +374,12 @@ class ToyWorld:
 
     def review_reward(self, item: str, response: str) -> float:
         """Sentiment of a well-formed review of ``item``; ``malformed_reward`` otherwise."""
+        key = (item, response)
+        if key not in self._review_rewards:  # parsing is the slow part: each response once
+            self._review_rewards[key] = self._review_reward(item, response)
+        return self._review_rewards[key]
+
+    def _review_reward(self, item: str, response: str) -> float:
         tokens = Tokenizer.split(response)
         if item not in self._review_grammars:
             self._review_grammars[item] = self.review_grammar(item)

@@ -32,7 +32,8 @@ from .tokenizer import Tokenizer
 class TrainConfig:
     """Settings every stage has; a stage's config subclasses this and adds its own."""
     out: str = "runs/demo"       # run folder; each stage writes into out/<stage>/
-    seed: int = 0
+    seed: int = 0                # training randomness: init, data order, sampling
+    world_seed: int = 0          # the toy world (its held-out split): fixed across stages and seeds
     device: str = "auto"         # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "float32"       # float32 | bfloat16 (autocast; log-probs and losses stay float32)
     steps: int = 300             # optimizer steps

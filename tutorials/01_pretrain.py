@@ -29,7 +29,7 @@ def main():
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
     args = parser.parse_args()
-    world = ToyWorld(WorldConfig(seed=args.seed))
+    world = ToyWorld(WorldConfig())  # the world is fixed; --seed varies training
 
     banner("1. The toy corpus and its exact entropy floor")
     for line in world.pretrain_corpus(6, seed=123):

@@ -22,7 +22,7 @@ def main():
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=SFTConfig.steps)
     args = parser.parse_args()
-    world = ToyWorld(WorldConfig(seed=args.seed))
+    world = ToyWorld(WorldConfig())  # the world is fixed; --seed varies training
     tok = world.tokenizer
     ensure_pretrained(args.out, args.device, args.seed)
 

@@ -46,5 +46,16 @@ def ensure_sft(out: str, device: str = "auto", seed: int = 0) -> Path:
     return path
 
 
+def ensure_reward_model(out: str, device: str = "auto", seed: int = 0) -> Path:
+    """``out/reward_model/model.pt``, trained now (tutorial 03's defaults) if it is missing."""
+    path = Path(out) / "reward_model" / "model.pt"
+    if not path.is_file():
+        ensure_sft(out, device, seed)
+        from minialign.reward_model import RewardModelConfig, main as train_reward_model
+        print(f"[{path} is missing: training the reward model first, as tutorial 03 does]")
+        train_reward_model(RewardModelConfig(out=out, device=device, seed=seed))
+    return path
+
+
 def banner(text: str) -> None:
     print("\n" + "=" * 78 + "\n" + text + "\n" + "=" * 78)
