@@ -1,0 +1,417 @@
+r"""Stage 3, the reward model: learn r_phi(x, y) from human preferences (E3, E4).
+
+People cannot write down the reward of an answer, but they can say which of two answers they
+prefer. The Bradley-Terry model turns such comparisons into a scalar reward: it says a
+preference is a coin flip whose bias grows with the reward gap,
+
+    E3   P_phi(y_w \succ y_l | x) = exp r_phi(x, y_w) / (exp r_phi(x, y_w) + exp r_phi(x, y_l))
+                                  = \sigma(r_phi(x, y_w) - r_phi(x, y_l)),
+
+and the reward model maximises the likelihood of the observed labels (y_w the chosen answer,
+y_l the rejected one), a logistic regression on the reward gap:
+
+    E4   L_R(phi) = - E_{(x, y_w, y_l)} [ \log \sigma(r_phi(x, y_w) - r_phi(x, y_l)) ].
+
+Only the gap enters E3, so adding any c(x) to both rewards of a prompt changes nothing: the
+reward is identified up to a per-prompt constant. That is the Z(x) of E7-E8 cancelling, and why
+DPO (``dpo.py``) needs no reward model at all. A consequence: the level of r_phi is arbitrary,
+so we optionally add TRL's ``center_rewards_coefficient * E[(r_w + r_l)^2]`` (Eisenstein et
+al., 2023), which pins the mean reward near 0 without changing any E3 probability. PPO then
+sees rewards of a known scale.
+
+**The model.** The SFT policy's transformer trunk (it already reads these texts) with its
+language-model head replaced by a linear scalar head. The reward is read at the *last real
+token* of each sequence, the EOS that ends the response: with causal attention it is the only
+position that has seen the whole prompt and the whole answer. The index of that token is found
+from ``attention_mask`` (the last position where it is 1), so left-padded batches (as
+generation makes them) and right-padded ones (as ``data.collate`` makes them) give the same
+rewards.
+
+**The toy world.** Preference pairs are two reviews of the same item, labelled by sampling E3
+with the hidden sentiment reward r*. Labels are noisy (the worse review wins with probability
+sigma(-|gap|)), so no model can agree with them on every pair: the ceiling is the
+Bayes-optimal accuracy E[sigma(|r*_w - r*_l|)] (``ToyWorld.bayes_optimal_accuracy``, about 0.75
+here). We report the held-out accuracy against that ceiling, and the Pearson correlation of r_phi
+with r* on held-out responses: the reward model's real job is to recover r*, not the labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import collate, infinite_minibatches
+from .model import GPT, GPTConfig, load_checkpoint
+from .tokenizer import Tokenizer
+from .toyworld import ToyWorld, WorldConfig
+from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
+                    resolve_device, seed_everything)
+
+# ----------------------------------------------------------------------------------------------
+# The pure functions: E3 and E4
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_pair(r_w: torch.Tensor, r_l: torch.Tensor) -> None:
+    if r_w.shape != r_l.shape:
+        raise ValueError(f"chosen rewards {tuple(r_w.shape)} and rejected rewards {tuple(r_l.shape)} "
+                         "differ in shape: each chosen answer needs its rejected answer")
+    if r_w.numel() == 0:
+        raise ValueError("no preference pairs: rewards are empty")
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32 (a loss is never computed in half precision); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def bradley_terry_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
+    """P(y_w preferred to y_l | x) = sigma(r_w - r_l), elementwise (E3)."""
+    _check_pair(r_w, r_l)
+    return torch.sigmoid(_at_least_float32(r_w) - _at_least_float32(r_l))  # E3
+
+
+def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
+    """L_R = mean over pairs of -log sigma(r_w - r_l) (E4); a scalar.
+
+    ``logsigmoid`` rather than ``log(sigmoid(.))``: for a gap of -100 the sigmoid underflows to 0
+    and its log is -inf, while logsigmoid returns -100 exactly.
+    Gradient: dL/dr_w = -(1 - sigma(r_w - r_l)) / B and dL/dr_l = +(1 - sigma(r_w - r_l)) / B.
+    """
+    _check_pair(r_w, r_l)
+    margin = _at_least_float32(r_w) - _at_least_float32(r_l)  # (B,)
+    return -F.logsigmoid(margin).mean()  # E4
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: GPT trunk + scalar head read at the last real token (the EOS)
+# ----------------------------------------------------------------------------------------------
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last position where ``attention_mask`` (B, T) is 1.
+
+    Works for right padding (``1 1 1 0 0`` -> 2) and left padding (``0 0 1 1 1`` -> 4) alike.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    if not real.any(dim=1).all():
+        raise ValueError("a row of attention_mask has no real token: there is nothing to score")
+    T = attention_mask.size(1)
+    # argmax returns the first maximum, so search the reversed mask for its first 1
+    return T - 1 - real.flip(1).long().argmax(dim=1)  # (B,)
+
+
+class RewardModel(nn.Module):
+    """r_phi(x, y): the GPT trunk ``body`` and a linear ``score_head`` on the final hidden state."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.body = GPT(config)
+        self.score_head = nn.Linear(config.n_embd, 1)
+        # unit-variance rewards at the start (the final LayerNorm gives features of scale 1); a
+        # much smaller head would starve the trunk of gradient, which flows through its weights
+        nn.init.normal_(self.score_head.weight, std=1.0 / (config.n_embd + 1) ** 0.5)
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token."""
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} differ in shape")
+        h = self.body.hidden(input_ids, attention_mask)            # (B, T, C)
+        last = last_token_index(attention_mask)                    # (B,)
+        h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C): the EOS position
+        return self.score_head(h_last).squeeze(-1).float()         # (B,)
+
+    @classmethod
+    def from_policy(cls, gpt: GPT) -> "RewardModel":
+        """A reward model whose trunk starts as a copy of the (SFT) policy ``gpt``; a fresh head."""
+        model = cls(gpt.config)
+        model.body.load_weights(gpt.state_dict(), source="the policy")
+        p = next(gpt.parameters())
+        return model.to(device=p.device, dtype=p.dtype)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, path, tokenizer: Tokenizer) -> None:
+        """Write config, weights and the tokenizer's state to ``path``."""
+        if tokenizer.vocab_size != self.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model "
+                             f"{self.config.vocab_size}: they do not belong together")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
+                    "tokenizer": tokenizer.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple["RewardModel", Tokenizer]:
+        """(reward model, its tokenizer) from ``path`` (``weights_only`` loading: no code runs).
+
+        ``tokenizer``, if given, must equal the saved one.
+        """
+        ckpt = load_checkpoint(path)  # torch.load(weights_only=True), checks 'config' and 'model'
+        if ckpt.get("kind") != "reward_model":
+            raise ValueError(f"{path} is not a reward-model checkpoint (a policy? build one from a "
+                             "policy with RewardModel.from_policy)")
+        if "tokenizer" not in ckpt:
+            raise ValueError(f"{path} has no tokenizer state")
+        saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
+        if tokenizer is not None and saved_tok != tokenizer:
+            raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
+                             f"than the one given ({tokenizer.vocab_size} tokens)")
+        config = GPTConfig(**ckpt["config"])
+        if config.vocab_size != saved_tok.vocab_size:
+            raise ValueError(f"{path}: model vocab_size {config.vocab_size} != tokenizer's "
+                             f"{saved_tok.vocab_size}")
+        model = cls(config)
+        state = ckpt["model"]
+        body = {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
+        head = {k[len("score_head."):]: v for k, v in state.items() if k.startswith("score_head.")}
+        unexpected = [k for k in state if not k.startswith(("body.", "score_head."))]
+        if unexpected or set(head) != {"weight", "bias"}:
+            raise ValueError(f"{path} does not match the reward model: unexpected {unexpected[:4]}, "
+                             f"score_head has {sorted(head)}")
+        model.body.load_weights(body, source=str(path))
+        model.score_head.load_state_dict(head)
+        return model.to(device), saved_tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference data: text pairs -> token pairs -> one padded batch
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_pairs(pairs: list[dict], tokenizer: Tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
+    """``[{"prompt", "chosen", "rejected"}]`` -> ``[(prompt ids, chosen ids, rejected ids)]``.
+
+    Responses end with EOS (``tokenizer.response``), the token the reward is read at. A missing
+    field, an empty prompt or an empty response is an error naming the pair.
+    """
+    out = []
+    for i, row in enumerate(pairs):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"preference pair {i} has no string field {key!r}")
+            if not row[key].strip():
+                raise ValueError(f"preference pair {i} has an empty {key!r}: an empty response has no "
+                                 "content to prefer, and a pair needs a prompt")
+        out.append((tokenizer.prompt(row["prompt"]), tokenizer.response(row["chosen"]),
+                    tokenizer.response(row["rejected"])))
+    return out
+
+
+def collate_pairs(prompts_w: list[list[int]], chosen: list[list[int]], prompts_l: list[list[int]],
+                  rejected: list[list[int]], pad_id: int, block_size: int | None = None,
+                  device=None) -> dict[str, torch.Tensor]:
+    """One right-padded batch (2B, T): rows 0..B-1 are ``x + y_w``, rows B..2B-1 are ``x + y_l``.
+
+    Both halves of a pair must answer the same prompt: E3 compares two answers *to one x* (the
+    c(x) that cancels is the same on both sides only then). One forward pass scores both halves.
+    """
+    if not (len(prompts_w) == len(chosen) == len(prompts_l) == len(rejected)):
+        raise ValueError(f"pairs do not line up: {len(prompts_w)} chosen prompts, {len(chosen)} chosen, "
+                         f"{len(prompts_l)} rejected prompts, {len(rejected)} rejected")
+    for i, (x_w, y_w, x_l, y_l) in enumerate(zip(prompts_w, chosen, prompts_l, rejected)):
+        if list(x_w) != list(x_l):
+            raise ValueError(f"pair {i}: chosen and rejected answer different prompts; Bradley-Terry "
+                             "compares two answers to the same prompt")
+        if len(y_w) == 0 or len(y_l) == 0:
+            raise ValueError(f"pair {i} has an empty {'chosen' if len(y_w) == 0 else 'rejected'} response")
+    return collate(list(prompts_w) + list(prompts_l), list(chosen) + list(rejected), pad_id, block_size,
+                   device)
+
+
+def pair_rewards(model: RewardModel, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass."""
+    x, y_w, y_l = zip(*pairs)
+    b = collate_pairs(x, y_w, x, y_l, pad_id, model.config.block_size, device)
+    rewards = model(b["input_ids"], b["attention_mask"])  # (2B,)
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+@torch.no_grad()
+def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+          batch_size: int = 512) -> torch.Tensor:
+    """r_phi of (prompt ids, response ids) lists, (N,) float32 on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        b = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id,
+                    model.config.block_size, device)
+        out.append(model(b["input_ids"], b["attention_mask"]).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def pearson(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardModelConfig(TrainConfig):
+    """Train a Bradley-Terry reward model (E3, E4) on the toy world's preference pairs."""
+    init: str = ""                # SFT checkpoint the trunk starts from; default: out/sft/model.pt
+    steps: int = 1000
+    batch_size: int = 32          # preference pairs per step (2 x batch_size sequences)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    num_pairs: int = 20_000       # training pairs, labelled by sampling E3 with the hidden r*
+    eval_pairs: int = 2_000       # fresh held-out pairs
+    eval_every: int = 250
+    center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+
+
+@torch.no_grad()
+def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: list[dict],
+             encoded=None) -> dict:
+    """Held-out metrics: E4 loss, accuracy, margin, and agreement of r_phi with the hidden r*.
+
+    - ``accuracy``: fraction of pairs where r_phi(chosen) > r_phi(rejected) (the labels are noisy);
+    - ``bayes_optimal_accuracy``: the best any model can do on these labels, E[sigma(|r*_w - r*_l|)];
+    - ``true_reward_loss``: E4 with r* itself, the floor of the loss in expectation;
+    - ``pearson``: correlation of r_phi and r* over the distinct held-out (prompt, response)s;
+      ``pearson_within_prompt`` first removes each prompt's mean (the c(x) E3 cannot see).
+    """
+    encoded = encoded if encoded is not None else encode_pairs(pairs, tokenizer)
+    x, y_w, y_l = zip(*encoded)
+    pad = tokenizer.pad_id
+    r_w, r_l = score(model, list(x), list(y_w), pad), score(model, list(x), list(y_l), pad)  # (N,), (N,)
+    true_w = torch.tensor([world.true_reward(p["prompt"], p["chosen"]) for p in pairs])
+    true_l = torch.tensor([world.true_reward(p["prompt"], p["rejected"]) for p in pairs])
+
+    # the distinct responses of these pairs, with their learned and true rewards
+    seen: dict[tuple[str, str], tuple[float, float]] = {}
+    for p, rw, rl, tw, tl in zip(pairs, r_w.tolist(), r_l.tolist(), true_w.tolist(), true_l.tolist()):
+        seen[(p["prompt"], p["chosen"])] = (rw, tw)
+        seen[(p["prompt"], p["rejected"])] = (rl, tl)
+    keys = list(seen)
+    learned = np.array([seen[k][0] for k in keys])
+    true = np.array([seen[k][1] for k in keys])
+    prompts = np.array([k[0] for k in keys])
+    centred_learned, centred_true = learned.copy(), true.copy()
+    for prompt in set(prompts.tolist()):
+        m = prompts == prompt
+        centred_learned[m] -= learned[m].mean()
+        centred_true[m] -= true[m].mean()
+
+    true_gap = true_w - true_l
+    decided = true_gap != 0  # pairs where r* prefers one answer
+    return {
+        "heldout_loss": reward_model_loss(r_w, r_l).item(),
+        "heldout_accuracy": (r_w > r_l).float().mean().item(),
+        "heldout_margin": (r_w - r_l).mean().item(),
+        "bayes_optimal_accuracy": world.bayes_optimal_accuracy(pairs),
+        "true_reward_loss": reward_model_loss(true_w, true_l).item(),
+        "true_order_accuracy": ((r_w - r_l).sign() == true_gap.sign())[decided].float().mean().item(),
+        "pearson": pearson(learned, true),
+        "pearson_within_prompt": pearson(centred_learned, centred_true),
+        "responses": (learned.tolist(), true.tolist()),
+    }
+
+
+def plot_scatter(learned, true, path, title: str = "") -> Path:
+    """Learned reward r_phi against the hidden r*, one point per held-out response."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    jitter = np.random.default_rng(0).uniform(-0.06, 0.06, len(true))  # r* takes few values
+    ax.scatter(np.asarray(true) + jitter, learned, s=6, alpha=0.4)
+    ax.set_xlabel("hidden reward r*(x, y)")
+    ax.set_ylabel("learned reward r_phi(x, y)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def main(config: RewardModelConfig) -> dict:
+    """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
+    gen = seed_everything(config.seed)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
+    init = config.init or f"{config.out}/sft/model.pt"
+    policy, tok = load_policy(init, device, world.tokenizer)
+    model = RewardModel.from_policy(policy)
+    del policy
+    run = Run(config, "reward_model")
+
+    train_pairs = encode_pairs(world.preference_dataset(config.num_pairs, seed=config.seed), tok)
+    held_out = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
+    held_out_encoded = encode_pairs(held_out, tok)
+
+    last_eval: dict = {}
+
+    def held_out_metrics() -> dict:
+        last_eval.clear()
+        last_eval.update(evaluate(model, world, tok, held_out, held_out_encoded))
+        return {k: v for k, v in last_eval.items() if k != "responses"}
+
+    before = held_out_metrics()  # the SFT trunk and a random head: about chance
+    optimizer = make_optimizer(model, config)
+    batches = infinite_minibatches(len(train_pairs), config.batch_size, gen)
+    model.train()
+    bar = progress(range(config.steps), config, "reward model")
+    for step in bar:
+        batch = [train_pairs[i] for i in next(batches).tolist()]
+        with autocast(device, config.dtype):
+            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device)  # (B,), (B,)
+        bt_loss = reward_model_loss(r_w, r_l)  # E4
+        loss = bt_loss
+        if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
+            loss = loss + config.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
+        grad_norm = optimizer_step(model, optimizer, loss, step, config)
+        last = step == config.steps - 1
+        evaluate_now = step % config.eval_every == 0 or last
+        if step % config.log_every == 0 or evaluate_now:
+            with torch.no_grad():
+                metrics = {"loss": bt_loss.item(), "accuracy": (r_w > r_l).float().mean().item(),
+                           "margin": (r_w - r_l).mean().item(), "rewards/chosen": r_w.mean().item(),
+                           "rewards/rejected": r_l.mean().item(), "grad_norm": grad_norm,
+                           "lr": optimizer.param_groups[0]["lr"]}
+            if step == 0 and not last:  # the step-0 metrics are of the model before its first update, like `before`
+                metrics.update(before)
+            elif evaluate_now:
+                metrics.update(held_out_metrics())
+                model.train()
+            run.log(step, **metrics)
+            bar.set_postfix(loss=f"{bt_loss.item():.3f}", acc=f"{metrics['accuracy']:.2f}")
+
+    model.eval()
+    final = dict(last_eval)  # the evaluation after the last update
+    learned, true = final.pop("responses")
+    model.save(run.dir / "model.pt", tok)
+    bayes = final["bayes_optimal_accuracy"]
+    run.plot(["loss", "heldout_loss"], "loss.png", "reward-model loss (E4)",
+             hlines={f"E4 with the true r* ({final['true_reward_loss']:.3f})": final["true_reward_loss"]},
+             ylabel="nats / pair")
+    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png", "preference accuracy",
+             hlines={f"Bayes-optimal {bayes:.3f}": bayes}, ylabel="fraction of pairs")
+    run.plot(["pearson"], "pearson.png", "Pearson(r_phi, r*) on held-out responses", ylabel="correlation")
+    plot_scatter(learned, true, run.dir / "scatter.png",
+                 f"held-out responses: Pearson {final['pearson']:.3f}")
+    summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
+               "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
+               "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}
+    run.write_summary(summary)
+    return summary
