@@ -1,0 +1,514 @@
+r"""PPO with a value head: the RLHF loop against the learned reward model (E2, E5, E6).
+
+**The objective (E2).** Sample a response from the policy and score it with the reward model,
+minus a KL penalty that keeps the policy near the SFT model it started from:
+
+.. math::
+
+    J_r(\pi_\theta) = \mathbb{E}_{x,\ y\sim\pi_\theta}\Big[\, r_\phi(x,y)
+        - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)} \Big]
+
+**Per-token rewards (E2 written token by token, E6).** A response is a sequence of actions
+y_1..y_T (the last one is EOS). Each action pays the KL penalty of its own token, and the last one
+also receives the reward model's score, read at the EOS token (``per_token_rewards``):
+
+.. math::
+
+    r_t = -\beta\,(\log\pi_\theta(y_t\mid x,y_{<t}) - \log\pi_{ref}(y_t\mid x,y_{<t}))
+          + [t = T]\; r_\phi(x, y)
+
+so that :math:`\sum_t r_t = r_\phi(x,y) - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}`,
+exactly the quantity inside E2's expectation (``log pi(y|x)`` is a sum over tokens, E1).
+
+**Advantages.** The source (E6) uses one number per answer, with a learned baseline V(x):
+
+.. math::
+
+    A(x,y) = r(x,y) - V(x) \qquad (\text{``advantage="source"``, } \texttt{one\_step\_advantages})
+
+Practice (Ziegler et al. 2019, InstructGPT) uses generalised advantage estimation per token, with
+V(s_t) read at every response position (``advantage="gae"``, the default, ``gae``):
+
+.. math::
+
+    \delta_t = r_t + \gamma V(s_{t+1}) - V(s_t), \qquad
+    \hat A_t = \sum_{l\ge 0} (\gamma\lambda)^l \delta_{t+l}, \qquad
+    \hat R_t = \hat A_t + V(s_t)
+
+with V(s_{T+1}) = 0 after the EOS. With gamma = lambda = 1 the sum telescopes:
+A_1 = sum_t r_t - V(s_1) = r(x, y) - V(x), the source's advantage, at the first response token
+(``tests/test_ppo.py`` checks it). GAE with lambda < 1 trades that unbiased but noisy signal for
+a lower-variance one that trusts the value head's V(s_{t+1}) for the tokens still to come, and it
+gives each token its own advantage (a token that raised the KL pays for it, not its neighbours).
+
+**The clipped surrogate (E5).** With the ratio of new to old (rollout-time) probabilities
+
+.. math::
+
+    \rho_t(\theta) = \frac{\pi_\theta(y_t\mid x,y_{<t})}{\pi_{old}(y_t\mid x,y_{<t})}, \qquad
+    L^{CLIP} = \mathbb{E}_t\big[\min(\rho_t \hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)\big]
+
+we minimise -L^CLIP: a token whose ratio has already moved past 1 +/- eps in the direction its
+advantage pushes gets no more gradient, so several epochs over one rollout cannot move the
+policy far from the one that sampled it.
+
+**The value loss (clipped, as in the PPO2 baselines).** With the rollout-time values V_old,
+
+.. math::
+
+    L^V = \tfrac12\,\mathbb{E}_t\big[\max\big((V_t - \hat R_t)^2,\
+          (V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)\big]
+
+**One PPO iteration (E6).** sample y ~ pi_theta for a batch of prompts; score them with r_phi at
+the EOS; compute the per-token rewards with the KL to pi_ref; advantages (GAE or the source's
+r - V(x)), whitened; then ``ppo_epochs`` passes over the rollout in minibatches, minimising
+-L^CLIP + vf_coef L^V - ent_coef H(pi_theta).
+
+**The value head does not share the policy's trunk** (``shared_trunk=False``, the default): the
+critic is a copy of the SFT GPT's trunk with a linear head on its final hidden states, trained by
+the value loss only (as InstructGPT did, there initialised from the reward model). Why: with a
+shared trunk the value loss's gradient also moves the policy's features, and when the returns
+jump (a rollout with a large KL penalty gives value errors of tens of nats squared) that gradient
+swamps the policy gradient under the common norm clip. On the toy world the shared variant
+collapsed with the source's advantage (KL to pi_ref above 400 nats per response, every review
+malformed), its critic explained less of the returns' variance, and with GAE it found a reward
+hack on another seed; the separate critic did neither (``docs/ppo.md`` has the runs). Its price is
+a second trunk forward and backward (12.5 s of CPU time against 11.7 s for ten iterations with
+their evaluations, default sizes, one thread). ``shared_trunk=True``
+gives the cheaper shared variant (one forward for logits and values; TRL's old
+``AutoModelForCausalLMWithValueHead``). Either way the head starts at zero, so V = 0 at first.
+
+**Responses that never emit EOS** (cut off at ``max_new_tokens``): the reward model was trained
+only on finished responses and reads its score at the EOS token, which such a response does not
+have, so its reading there means nothing. Their score is replaced by ``missing_eos_score`` (a
+penalty, default -7.0, the hidden world's own score of a malformed review); they are still
+terminal (nothing is bootstrapped after the last sampled token).
+
+Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
+``one_step_advantages`` (E6 and GAE), ``clipped_surrogate_loss`` (E5), ``value_loss``,
+``AdaptiveKLController``, and ``main`` (the loop).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from .data import collate, minibatches
+from .evaluate import review_eval
+from .generation import generate
+from .model import GPT
+from .ops import entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, token_logps
+from .reward_model import RewardModel
+from .toyworld import ToyWorld, WorldConfig
+from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
+                    resolve_device, save_policy, seed_everything)
+
+# ----------------------------------------------------------------------------------------------
+# input checks shared by the pure functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError("tensors must have the same (B, T) shape, got "
+                         + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    if len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"expected (B, T) tensors, got {shapes}")
+
+
+def _check_rows(mask: torch.Tensor) -> None:
+    """Every row must hold at least one response token (the EOS at least)."""
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"response(s) {empty[:8]} of the rollout are empty (no response token in the "
+                         f"mask): there is no EOS to put the reward on")
+
+
+# ----------------------------------------------------------------------------------------------
+# the pure functions: rewards, advantages, losses
+# ----------------------------------------------------------------------------------------------
+
+
+def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """E2/E6 per token: -kl_coef * (logp - ref_logp) on every response token, plus ``score`` (B,)
+    on the last response token of each row (the EOS). Returns (B, T), 0 outside ``mask``.
+
+    Summed over a row: score - kl_coef * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
+    """
+    _same_shape(logps=logps, ref_logps=ref_logps, mask=mask)
+    if score.shape != (logps.shape[0],):
+        raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
+    _check_rows(mask)
+    m = mask.bool()
+    B, T = mask.shape
+    kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
+    rewards = -kl_coef * kl                                                   # (B, T)
+    # the last response token of each row: the largest column index where the mask is 1
+    cols = torch.arange(T, device=mask.device).expand(B, T)
+    last = torch.where(m, cols, torch.full_like(cols, -1)).max(1).values      # (B,)
+    eos = torch.zeros_like(rewards).scatter(1, last[:, None], 1.0)            # (B, T) one-hot at EOS
+    return rewards + eos * score.to(rewards.dtype)[:, None]                   # E2: score at the EOS
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's response tokens: (advantages, returns).
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last response token),
+    A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t. Both are 0 outside ``mask``.
+    The response must be contiguous in each row (it is: prompt, response, then padding).
+    """
+    _same_shape(rewards=rewards, values=values, mask=mask)
+    _check_rows(mask)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    m = mask.bool()
+    zero = torch.zeros_like(values[:, 0])
+    next_value, next_adv = zero, zero                                         # (B,) past the end: 0
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]            # the TD error
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m[:, t], adv, zero)
+        # a masked column (padding after the EOS, or the prompt) passes on V = 0 and A = 0
+        next_value = torch.where(m[:, t], values[:, t], zero)
+        next_adv = advantages[:, t]
+    returns = torch.where(m, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+@torch.no_grad()
+def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E6 as the source writes it: A(x, y) = r(x, y) - V(x), one number per answer.
+
+    ``score`` (B,) is the whole answer's reward r(x, y) (in ``main``: r_phi minus the summed KL
+    penalty, i.e. the row sum of ``per_token_rewards``); V(x) is the value at the first response
+    token (read from the hidden state of the prompt's last token). The advantage is copied onto
+    every response token; the returns (the value targets) are r(x, y) on every response token.
+    """
+    _same_shape(values=values, mask=mask)
+    if score.shape != (values.shape[0],):
+        raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
+    _check_rows(mask)
+    m = mask.bool()
+    first = m.long().argmax(1)                                                # (B,) first response token
+    v_x = values.gather(1, first[:, None]).squeeze(1)                         # (B,) V(x)
+    advantages = torch.where(m, (score - v_x)[:, None].expand_as(values), torch.zeros_like(values))  # E6
+    returns = torch.where(m, score[:, None].expand_as(values).to(values.dtype), torch.zeros_like(values))
+    return advantages, returns
+
+
+def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                           mask: torch.Tensor, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """E5: loss = -masked mean over tokens of min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old.
+
+    Returns (loss, stats): ``clip_frac`` (fraction of tokens where the clipped term is the smaller,
+    so their gradient is 0), ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) on the rollout's
+    tokens) and ``ratio`` (mean rho). Every token of the batch weighs the same (token-level mean).
+    """
+    _same_shape(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if mask.sum() == 0:
+        raise ValueError("clipped_surrogate_loss over an empty mask: no response tokens")
+    log_ratio = logps - old_logps.detach()
+    ratio = torch.exp(log_ratio)                                              # (B, T) rho_t
+    unclipped = ratio * advantages                                            # rho A
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages     # clip(rho) A
+    surrogate = torch.minimum(unclipped, clipped)                             # E5
+    loss = -masked_mean(surrogate, mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).float(), mask).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),  # k3, >= 0
+            "ratio": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+
+    ``clip_range=None`` (or 0) is the plain 0.5 (V - R)^2. Returns (loss, stats) with
+    ``value_clip_frac``, the fraction of tokens where the clipped error is the larger.
+    """
+    _same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    if mask.sum() == 0:
+        raise ValueError("value_loss over an empty mask: no response tokens")
+    err = (values - returns) ** 2                                             # (B, T)
+    if not clip_range:
+        return 0.5 * masked_mean(err, mask), {"value_clip_frac": 0.0}
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    return loss, {"value_clip_frac": masked_mean((err_clipped > err).float(), mask).item()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the response tokens: 1 is a perfect critic, 0 a constant one."""
+    var_r = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+
+    KL here is the rollout's mean of log pi(y|x) - log pi_ref(y|x) (nats per response). With
+    ``target=None`` beta stays fixed.
+    """
+
+    def __init__(self, kl_coef: float, target: float | None = None, horizon: int = 10_000):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n / self.horizon
+        return self.value
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy with a value head
+# ----------------------------------------------------------------------------------------------
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy pi_theta (a GPT) and a critic V(s_t), a linear head on final hidden states.
+
+    ``shared_trunk=False`` (the default): the critic is a separate copy of the initial GPT's trunk,
+    so the value loss cannot move the policy (see the module docstring for why).
+    ``shared_trunk=True``: the head reads the policy's own hidden states (one forward for both).
+    The head starts at zero, so V = 0 at first.
+    """
+
+    def __init__(self, policy: GPT, shared_trunk: bool = False):
+        super().__init__()
+        self.policy = policy
+        self.critic = None if shared_trunk else copy.deepcopy(policy)
+        self.value_head = nn.Linear(policy.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, L, V) and values (B, L) float32: V at position j is the value of the state
+        after tokens 0..j, i.e. before the token at j+1 is chosen."""
+        h = self.policy.hidden(input_ids, attention_mask)                     # (B, L, C)
+        logits = self.policy.lm_head(h)                                       # (B, L, V)
+        h_v = h if self.critic is None else self.critic.hidden(input_ids, attention_mask)
+        values = self.value_head(h_v).squeeze(-1).float()                     # (B, L)
+        return logits, values
+
+
+def logps_values_entropy(model: PolicyWithValueHead, batch: dict, temperature: float = 1.0):
+    """log pi(token j+1 | tokens <= j), V(state j) and the entropy at j: three (B, L-1) tensors,
+    aligned with ``input_ids[:, 1:]`` and ``response_mask[:, 1:]`` (as ``ops.model_token_logps``)."""
+    ids = batch["input_ids"]
+    logits, values = model(ids, batch["attention_mask"])
+    logits = logits[:, :-1]
+    logps = token_logps(logits, ids[:, 1:], temperature)                      # (B, L-1) E1 factors
+    entropy = entropy_from_logits(logits.float() / temperature)               # (B, L-1)
+    return logps, values[:, :-1], entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO with a value head against the learned reward model (E2, E5, E6).
+
+    ``steps`` counts PPO iterations (one rollout each); each iteration makes
+    ``ppo_epochs * ceil(batch_size / minibatch_size)`` optimizer steps; the learning-rate
+    schedule follows the iterations.
+    """
+    init: str = ""                      # policy to start from (and pi_ref); default out/sft/model.pt
+    reward_model: str = ""              # default out/reward_model/model.pt
+    steps: int = 60                     # PPO iterations (rollouts)
+    batch_size: int = 32                # responses per rollout
+    minibatch_size: int = 16
+    ppo_epochs: int = 2                 # passes over each rollout
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0           # constant learning rate
+    max_new_tokens: int = 24
+    temperature: float = 1.0            # sampling and log-prob temperature (must be the same)
+    kl_coef: float = 0.1                # beta of E2 (the initial one if adaptive)
+    kl_target: float | None = None      # None: fixed beta; a number: adaptive, target KL (nats/response)
+    kl_horizon: int = 320               # adaptive: beta moves <= 0.2 * batch_size / kl_horizon per iteration
+    advantage: Literal["gae", "source"] = "gae"  # per-token GAE, or the source's A = r - V(x) (E6)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_eps: float = 0.2               # E5's epsilon
+    value_clip: float = 0.2             # 0 turns the value clipping off
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0               # entropy bonus
+    shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
+    missing_eos_score: float = -7.0     # score of a response cut off before its EOS
+    log_every: int = 1
+    eval_every: int = 10                # iterations between review_eval measurements of r*
+    eval_samples: int = 16              # samples per review prompt in those measurements
+    final_eval_samples: int = 32        # samples per review prompt for the summary's r*
+
+
+def _rollout_batch(gen, tok, block_size: int, device) -> dict:
+    """Re-collate a generation right-padded: ``<bos> ... <assistant> y_1 .. y_T(=EOS) <pad>..``.
+
+    Every consumer (policy, reference, reward model) then sees the same right-padded layout, in
+    which the reward model reads its score at the last real token, the EOS.
+    """
+    prompts = [row[m.bool()].tolist() for row, m in zip(gen.sequences[:, :gen.prompt_len],
+                                                       gen.attention_mask[:, :gen.prompt_len])]
+    responses = [ids[:int(n)].tolist() for ids, n in zip(gen.response_ids, gen.response_mask.sum(1))]
+    return collate(prompts, responses, tok.pad_id, block_size, device)
+
+
+def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
+    """The frozen r_phi of ``reward_model.py``; it must share the policy's tokenizer."""
+    rm, rm_tok = RewardModel.load(path, device)
+    if rm_tok != tokenizer:
+        raise ValueError(f"reward model {path} was trained with another tokenizer than the policy")
+    rm.eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm
+
+
+def main(config: PPOConfig) -> dict:
+    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``."""
+    if config.minibatch_size <= 0 or config.minibatch_size > config.batch_size:
+        raise ValueError(f"minibatch_size must be in [1, batch_size={config.batch_size}], "
+                         f"got {config.minibatch_size}")
+    gen_cpu = seed_everything(config.seed)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
+    init = config.init or f"{config.out}/sft/model.pt"
+    policy, tok = load_policy(init, device, world.tokenizer)
+    ref, _ = load_policy(init, device, world.tokenizer)          # pi_ref: the frozen SFT model
+    ref.eval().requires_grad_(False)
+    rm = _load_reward_model(config.reward_model or f"{config.out}/reward_model/model.pt", device, tok)
+    model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
+    optimizer = make_optimizer(model, config)
+    kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    run = Run(config, "ppo")
+    sampler = torch.Generator(device=device).manual_seed(config.seed)
+    prompts = world.review_prompts()
+    block = policy.config.block_size
+
+    def truth(samples_per_prompt: int) -> dict:
+        ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
+                         max_new_tokens=config.max_new_tokens)
+        return {"eval_true_reward": ev["true_reward"], "eval_malformed": ev["malformed"],
+                "examples": ev["examples"]}
+
+    before = truth(config.final_eval_samples)                # the SFT model, measured as the final policy
+    bar = progress(range(config.steps), config, "ppo")
+    for it in bar:
+        # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
+        pick = torch.randint(len(prompts), (config.batch_size,), generator=gen_cpu).tolist()
+        texts = [prompts[i] for i in pick]
+        g = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
+                     tok.pad_id, temperature=config.temperature, generator=sampler)
+        batch = _rollout_batch(g, tok, block, device)
+        mask = batch["response_mask"][:, 1:]                                  # (B, L-1) response tokens
+        finished = g.finished                                                 # (B,) emitted EOS
+
+        # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ------------------
+        model.eval()
+        with torch.no_grad(), autocast(device, config.dtype):
+            old_logps, old_values, _ = logps_values_entropy(model, batch, config.temperature)
+            ref_logps = token_logps(ref(batch["input_ids"], batch["attention_mask"])[:, :-1],
+                                    batch["input_ids"][:, 1:], config.temperature)
+            rm_score = rm(batch["input_ids"], batch["attention_mask"]).float()  # (B,) read at the EOS
+        # a response with no EOS has no place to read r_phi: it gets the penalty score instead
+        score = torch.where(finished, rm_score, torch.full_like(rm_score, config.missing_eos_score))
+        beta = kl_ctl.value
+        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, L-1)
+        if config.advantage == "gae":
+            advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+        else:
+            advantages, returns = one_step_advantages(rewards.sum(1), old_values, mask)  # E6
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # ---- 3. PPO epochs over the rollout, in minibatches (E5 + value loss) ---------------
+        model.train()
+        logs = []
+        for _ in range(config.ppo_epochs):
+            for idx in minibatches(config.batch_size, config.minibatch_size, gen_cpu):
+                idx = idx.to(device)
+                mb = {k: v[idx] for k, v in batch.items()}
+                with autocast(device, config.dtype):
+                    logps, values, entropy = logps_values_entropy(model, mb, config.temperature)
+                m = mask[idx]
+                pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
+                                                           config.clip_eps)                      # E5
+                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
+                ent = masked_mean(entropy, m)
+                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
+                grad_norm = optimizer_step(model, optimizer, loss, it, config)
+                logs.append({"pg_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": ent.item(),
+                             "grad_norm": grad_norm, **pg_stats, **v_stats})
+
+        # ---- 4. measure: the objective, KL, the hidden truth r* ----------------------------
+        with torch.no_grad():
+            kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
+            kl = kl_seq.mean().item()
+            true = [world.true_reward(p, tok.decode(r), bool(f))
+                    for p, r, f in zip(texts, g.responses(), finished.tolist())]
+            metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+            metrics.update({
+                "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
+                "score": score.mean().item(),                                  # learned reward r_phi
+                "true_reward": sum(true) / len(true),                          # hidden r* of the rollout
+                "kl": kl, "kl_coef": beta,
+                "explained_variance": explained_variance(old_values, returns, mask),
+                "response_length": mask.sum(1).float().mean().item(),
+                "finished": finished.float().mean().item(),
+            })
+        kl_ctl.update(kl, config.batch_size)
+        last = it == config.steps - 1
+        if (it + 1) % config.eval_every == 0 or last:
+            ev = truth(config.eval_samples)
+            metrics.update(eval_true_reward=ev["eval_true_reward"], eval_malformed=ev["eval_malformed"])
+        if it % config.log_every == 0 or (it + 1) % config.eval_every == 0 or last:
+            run.log(it, **metrics)
+        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics['true_reward']:.2f}", kl=f"{kl:.2f}")
+
+    save_policy(policy, tok, run.dir / "model.pt")
+    torch.save({"value_head": model.value_head.state_dict(),
+                "critic": None if model.critic is None else model.critic.state_dict()},
+               run.dir / "value_head.pt")
+    final = truth(config.final_eval_samples)
+    hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
+    run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
+             "learned r_phi (score) beside hidden r* (hacking parts them)",
+             hlines=hline, ylabel="reward")
+    run.plot(["kl"], "kl.png", "KL(pi_theta || pi_ref) per response (E2's penalty)", ylabel="nats")
+    run.plot(["objective"], "objective.png", "E2 objective on the rollouts: r_phi - beta KL")
+    run.plot(["clip_frac", "approx_kl", "entropy", "explained_variance"], "ppo_stats.png", "PPO statistics")
+    run.plot(["pg_loss", "value_loss"], "losses.png", "policy (E5) and value losses")
+    rows = run.rows
+    summary = {
+        "true_reward_before": before["eval_true_reward"], "true_reward": final["eval_true_reward"],
+        "malformed_before": before["eval_malformed"], "malformed": final["eval_malformed"],
+        "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
+        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
+        "kl_coef_last": rows[-1]["kl_coef"], "explained_variance_last": rows[-1]["explained_variance"],
+        "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
+    }
+    run.write_summary(summary)
+    return summary

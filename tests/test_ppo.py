@@ -1,0 +1,322 @@
+"""Tests of minialign/ppo.py: E5 (clipped surrogate), GAE and E6 (A = r - V(x)), the per-token
+rewards of E2, the clipped value loss, the value head, and a tiny end-to-end PPO run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, PPOConfig, _rollout_batch,
+                           clipped_surrogate_loss, explained_variance, gae, logps_values_entropy,
+                           one_step_advantages, per_token_rewards, value_loss)
+
+# ----------------------------------------------------------------------------------------------
+# E5: the clipped surrogate
+# ----------------------------------------------------------------------------------------------
+
+# six response tokens in a (2, 4) batch, the last column of each row is padding (mask 0)
+RATIOS = [[1.5, 1.5, 0.5, 9.0],
+          [0.5, 1.0, 1.1, 9.0]]
+ADVS = [[1.0, -1.0, 1.0, 5.0],
+        [-1.0, 2.0, -1.0, 5.0]]
+MASK = [[1, 1, 1, 0],
+        [1, 1, 1, 0]]
+
+
+def _e5_inputs(dtype=torch.float32):
+    old_logps = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.2, -0.7, -2.2, -0.1]], dtype=dtype)
+    logps = (old_logps + torch.tensor(RATIOS, dtype=dtype).log()).requires_grad_(True)
+    return logps, old_logps, torch.tensor(ADVS, dtype=dtype), torch.tensor(MASK)
+
+
+def test_clipped_surrogate_by_hand():
+    logps, old_logps, adv, mask = _e5_inputs()
+    loss, stats = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
+    # token by token, min(rho A, clip(rho, 0.8, 1.2) A):
+    #   rho 1.5, A +1: min(1.5, 1.2)   =  1.2   clip binds (ratio too high for a good action)
+    #   rho 1.5, A -1: min(-1.5, -1.2) = -1.5   no clip (a bad action made likelier: full penalty)
+    #   rho 0.5, A +1: min(0.5, 0.8)   =  0.5   no clip
+    #   rho 0.5, A -1: min(-0.5, -0.8) = -0.8   clip binds (ratio too low for a bad action)
+    #   rho 1.0, A +2: min(2, 2)       =  2.0   inside the range
+    #   rho 1.1, A -1: min(-1.1, -1.1) = -1.1   inside the range
+    # mean = (1.2 - 1.5 + 0.5 - 0.8 + 2.0 - 1.1) / 6 = 0.3 / 6 = 0.05; loss = -0.05
+    assert loss.item() == pytest.approx(-0.05, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(2 / 6)
+    # approx KL (k3) = mean of (rho - 1) - log rho:
+    #   1.5: 0.5 - 0.405465 = 0.094535 (twice); 0.5: -0.5 + 0.693147 = 0.193147 (twice);
+    #   1.0: 0; 1.1: 0.1 - 0.095310 = 0.004690; sum 0.580054 / 6 = 0.096676
+    assert stats["approx_kl"] == pytest.approx(0.096676, abs=1e-5)
+    assert stats["ratio"] == pytest.approx((1.5 + 1.5 + 0.5 + 0.5 + 1.0 + 1.1) / 6, abs=1e-6)
+
+
+def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
+    logps, old_logps, adv, mask = _e5_inputs()
+    loss, _ = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
+    loss.backward()
+    # d(rho A)/d logp = rho A; loss = -(1/6) sum, so where the clip does not bind: -rho A / 6
+    #   (1.5, -1): +1.5/6 = 0.25;  (0.5, +1): -0.5/6 = -0.083333;  (1.0, +2): -2/6 = -0.333333;
+    #   (1.1, -1): +1.1/6 = 0.183333;  where it binds ((1.5, +1) and (0.5, -1)): exactly 0;
+    #   padding: exactly 0
+    expected = torch.tensor([[0.0, 0.25, -0.5 / 6, 0.0],
+                             [0.0, -2 / 6, 1.1 / 6, 0.0]])
+    torch.testing.assert_close(logps.grad, expected, atol=1e-6, rtol=0)
+    binds = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    response = torch.tensor(MASK, dtype=torch.bool)
+    assert (logps.grad[binds] == 0).all()                        # zero where the clip binds ...
+    assert (logps.grad[response & ~binds] != 0).all()           # ... and only there
+    assert binds.sum() == 2 and logps.grad[~response].abs().sum() == 0
+
+
+def test_clipped_surrogate_gradcheck_float64():
+    logps, old_logps, adv, mask = _e5_inputs(torch.float64)
+    # finite differences must not straddle a kink: every ratio is >= 0.1 away from 0.8 and 1.2
+    # except 1.0 and 1.1, which sit inside with room for eps=1e-6
+    adv.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda lp, a: clipped_surrogate_loss(lp, old_logps, a, mask, 0.2)[0], (logps, adv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages: GAE and the source's A = r - V(x) (E6)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gae_by_hand_three_steps_in_a_padded_batch():
+    # row 0: two prompt columns (mask 0), three response tokens, one pad; row 1: one token (EOS)
+    rewards = torch.tensor([[9.0, 9.0, 0.0, 0.0, 1.0, 9.0],
+                            [9.0, 9.0, 2.0, 9.0, 9.0, 9.0]])
+    values = torch.tensor([[5.0, 5.0, 0.5, 0.6, 0.7, 5.0],
+                           [5.0, 5.0, 0.5, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0],
+                         [0, 0, 1, 0, 0, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0, gamma = 0.9, gamma * lam = 0.72, V = 0 after the last token:
+    #   delta_3 = 1 + 0.9 * 0   - 0.7 = 0.3
+    #   delta_2 = 0 + 0.9 * 0.7 - 0.6 = 0.03
+    #   delta_1 = 0 + 0.9 * 0.6 - 0.5 = 0.04
+    #   A_3 = 0.3;  A_2 = 0.03 + 0.72 * 0.3 = 0.246;  A_1 = 0.04 + 0.72 * 0.246 = 0.21712
+    #   returns = A + V = 0.71712, 0.846, 1.0
+    # row 1: A_1 = 2 - 0.5 = 1.5, return 2.0; everything outside the mask is 0
+    torch.testing.assert_close(adv, torch.tensor([[0, 0, 0.21712, 0.246, 0.3, 0],
+                                                  [0, 0, 1.5, 0, 0, 0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, torch.tensor([[0, 0, 0.71712, 0.846, 1.0, 0],
+                                                  [0, 0, 2.0, 0, 0, 0]]), atol=1e-6, rtol=0)
+
+
+def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
+    torch.manual_seed(0)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 0, 0, 0, 0],
+                         [0, 1, 1, 1, 1, 1, 1]])
+    score = torch.tensor([1.5, -0.3, 2.0])
+    logps, ref_logps, values = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
+    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)  # reward at the EOS + KL
+    r = rewards.sum(1)                                       # r(x, y) = r_phi - beta sum log ratio
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # the sum telescopes: A_1 = sum_t r_t + sum_{t>1} V_t - sum_{t>=1} V_t = r - V_1 = r - V(x)
+    torch.testing.assert_close(adv[:, 1], r - values[:, 1])
+    src_adv, src_ret = one_step_advantages(r, values, mask)
+    torch.testing.assert_close(adv[:, 1], src_adv[:, 1])
+    torch.testing.assert_close(ret[:, 1], r)                # the return of the first token is r
+    # the source's advantage is one number per answer, copied on every response token
+    torch.testing.assert_close(src_adv, torch.where(mask.bool(), (r - values[:, 1])[:, None], torch.tensor(0.)))
+    torch.testing.assert_close(src_ret, torch.where(mask.bool(), r[:, None], torch.tensor(0.)))
+
+
+def test_explained_variance():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    returns = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # constant V: Var(R - V) = Var(R) -> 0
+    assert explained_variance(torch.full((1, 4), 7.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# E2 / E6: per-token rewards
+# ----------------------------------------------------------------------------------------------
+
+
+def test_per_token_rewards_score_at_eos_and_sum_is_e2():
+    # a padded batch as ``logps_values_entropy`` sees it: prompt column, response, then pads
+    logps = torch.tensor([[7.0, -1.0, -2.0, -0.5, 7.0],
+                          [7.0, -0.2, 7.0, 7.0, 7.0]])
+    ref_logps = torch.tensor([[-3.0, -1.5, -1.0, -0.5, -3.0],
+                              [-3.0, -0.7, -3.0, -3.0, -3.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0],
+                         [0, 1, 0, 0, 0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)
+    # row 0: -0.1 * (logp - ref) = -0.1 * 0.5 = -0.05, -0.1 * (-1) = 0.1, -0.1 * 0 = 0, + score 2 at EOS
+    # row 1: its only token is the EOS: -0.1 * 0.5 + (-1) = -1.05
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 2.0, 0.0],
+                                                      [0.0, -1.05, 0.0, 0.0, 0.0]]))
+    # the sum is r_phi - beta * sum(log pi - log pi_ref): 2 - 0.1 * (-0.5) = 2.05; -1 - 0.05 = -1.05
+    log_ratio = ((logps - ref_logps) * mask).sum(1)
+    torch.testing.assert_close(rewards.sum(1), score - 0.1 * log_ratio)
+    torch.testing.assert_close(rewards.sum(1), torch.tensor([2.05, -1.05]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the clipped value loss
+# ----------------------------------------------------------------------------------------------
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0, 2.0, 4.0]], requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 2.0, 0.0]])
+    returns = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = value_loss(values, old_values, returns, mask, clip_range=0.2)
+    # token 1: V 1.0 moved +0.5 from 0.5 -> clipped V = 0.7: max((1-2)^2, (0.7-2)^2) = max(1, 1.69) = 1.69
+    # token 2: V 0.0 moved -0.5 -> clipped V = 0.3: max((0-1)^2, (0.3-1)^2) = max(1, 0.49) = 1
+    # token 3: V did not move: (2-1)^2 = 1
+    # loss = 0.5 * (1.69 + 1 + 1) / 3 = 0.615
+    assert loss.item() == pytest.approx(0.615, abs=1e-6)
+    assert stats["value_clip_frac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # d/dV of 0.5 * err / 3: token 1 clipped (0), token 2 (0 - 1) / 3, token 3 (2 - 1) / 3, pad 0
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, -1 / 3, 1 / 3, 0.0]]))
+    plain, _ = value_loss(values, old_values, returns, mask, clip_range=None)
+    assert plain.item() == pytest.approx(0.5 * (1 + 1 + 1) / 3)   # 0.5 mean (V - R)^2 = 0.5
+
+
+def test_value_loss_gradcheck_float64():
+    values = torch.tensor([[1.0, 0.0, 2.05, 4.0], [0.3, -0.4, 0.6, 0.1]], dtype=torch.float64,
+                          requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 2.0, 0.0], [0.2, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, -1.0, 2.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda v: value_loss(v, old_values, returns, mask, 0.2)[0], (values,))
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error():
+    B, T = 2, 4
+    x = torch.zeros(B, T)
+    empty = torch.zeros(B, T, dtype=torch.long)
+    with pytest.raises(ValueError, match="empty"):
+        per_token_rewards(torch.zeros(B), x, x, empty, 0.1)
+    with pytest.raises(ValueError, match="empty"):
+        gae(x, x, empty)
+    with pytest.raises(ValueError, match="empty"):
+        one_step_advantages(torch.zeros(B), x, empty)
+    with pytest.raises(ValueError, match="empty"):
+        clipped_surrogate_loss(x, x, x, empty)
+    with pytest.raises(ValueError, match="empty"):
+        value_loss(x, x, x, empty)
+    mask = torch.ones(B, T, dtype=torch.long)
+    with pytest.raises(ValueError, match="shape"):
+        clipped_surrogate_loss(torch.zeros(B, T + 1), x, x, mask)
+    with pytest.raises(ValueError, match="shape"):
+        per_token_rewards(torch.zeros(B), x, torch.zeros(B, T - 1), mask, 0.1)
+    with pytest.raises(ValueError, match="score"):
+        per_token_rewards(torch.zeros(B + 1), x, x, mask, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        gae(x, torch.zeros(B + 1, T), mask)
+    with pytest.raises(ValueError, match="shape"):
+        value_loss(x, x, torch.zeros(B, T, 1), mask)
+    with pytest.raises(ValueError, match="clip_eps"):
+        clipped_surrogate_loss(x, x, x, mask, clip_eps=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the KL controller, the value head, the rollout layout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller():
+    fixed = AdaptiveKLController(0.1, target=None)
+    assert fixed.update(100.0, 64) == 0.1
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=640)
+    # KL 4 is twice the target: error clip(4/2 - 1, -0.2, 0.2) = 0.2; beta *= 1 + 0.2 * 64/640 = 1.02
+    assert ctl.update(4.0, 64) == pytest.approx(0.102)
+    # KL 1.8: error 1.8/2 - 1 = -0.1; beta *= 1 - 0.1 * 0.1 = 0.99
+    assert ctl.update(1.8, 64) == pytest.approx(0.102 * 0.99)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_value_head_policy_and_alignment(tiny_model, world, shared):
+    tok = world.tokenizer
+    model = PolicyWithValueHead(tiny_model, shared_trunk=shared)
+    ids = torch.tensor([tok.prompt("review the movie") + tok.response("the movie was good .")])
+    logits, values = model(ids)
+    torch.testing.assert_close(logits, tiny_model(ids))       # the policy is the GPT unchanged
+    assert values.shape == ids.shape and values.dtype == torch.float32
+    assert (values == 0).all()                                 # the head starts at zero
+    head = {id(p) for p in model.value_head.parameters()}
+    trunk = {id(p) for p in tiny_model.parameters()}
+    critic = {id(p) for p in model.parameters()} - head - trunk
+    assert bool(critic) != shared                              # a separate critic trunk iff not shared
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logps, v, ent = logps_values_entropy(model, batch)
+    assert logps.shape == v.shape == ent.shape == (1, ids.shape[1] - 1)
+    torch.testing.assert_close(logps, torch.log_softmax(tiny_model(ids)[:, :-1], -1)
+                               .gather(-1, ids[:, 1:, None]).squeeze(-1))
+
+
+def test_rollout_batch_ends_each_response_at_its_eos(tiny_model, world):
+    from minialign.generation import generate
+    tok = world.tokenizer
+    prompts = [tok.prompt("review the movie"), tok.prompt("what is 3 + 4 ?")]   # different lengths
+    g = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    b = _rollout_batch(g, tok, tiny_model.config.block_size, "cpu")
+    for i, ids in enumerate(g.response_ids):
+        n = int(g.response_mask[i].sum())
+        resp = b["input_ids"][i][b["response_mask"][i].bool()]
+        assert resp.tolist() == ids[:n].tolist()               # the same response, now right-padded
+        assert (resp[-1] == tok.eos_id) == bool(g.finished[i])  # the last response token is the EOS
+        assert b["attention_mask"][i].sum() == len(prompts[i]) + n
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on the tiny checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_reward_model(tiny_run):
+    from minialign.reward_model import RewardModel
+    from minialign.train import load_policy
+    path = tiny_run / "ppo_test_rm" / "model.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        policy, tok = load_policy(tiny_run / "sft" / "model.pt")
+        RewardModel.from_policy(policy).save(path, tok)
+    return path
+
+
+@pytest.mark.parametrize("options", [dict(), dict(advantage="source", shared_trunk=True, kl_target=1.0,
+                                                   ent_coef=0.01, whiten_advantages=False)])
+def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
+    from minialign.ppo import main
+    config = PPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"),
+                       reward_model=str(_tiny_reward_model(tiny_run)), steps=2, batch_size=8,
+                       minibatch_size=4, ppo_epochs=2, max_new_tokens=12, eval_every=2, eval_samples=2,
+                       final_eval_samples=2,
+                       device="cpu", progress=False, **options)
+    summary = main(config)
+    run = tmp_path / "ppo"
+    for name in ["model.pt", "value_head.pt", "summary.json", "metrics.jsonl", "reward.png", "kl.png"]:
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ["objective", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
+                "score", "true_reward", "pg_loss"]:
+        assert key in rows[0], key
+        assert math.isfinite(rows[0][key]) or key == "explained_variance", key  # EV is NaN if Var(R) = 0
+    assert "eval_true_reward" in rows[-1]
+    # on the first epoch of the first rollout the policy is the rollout policy: the KL to pi_ref is 0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert math.isfinite(summary["true_reward"]) and -7 <= summary["true_reward"] <= 7
+    from minialign.train import load_policy
+    load_policy(run / "model.pt")                               # a plain policy checkpoint
+
+
+def test_ppo_rejects_a_bad_minibatch_size(tmp_path):
+    from minialign.ppo import main
+    with pytest.raises(ValueError, match="minibatch_size"):
+        main(PPOConfig(out=str(tmp_path), batch_size=4, minibatch_size=8))

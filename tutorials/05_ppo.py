@@ -1,0 +1,103 @@
+"""Tutorial 05: PPO with a value head against the learned reward model (E2, E5, E6).
+
+Starts from the SFT model of tutorial 02 and the reward model of tutorial 03 (trained now if
+missing), runs PPO, and shows:
+
+1. the hidden true reward r* of the policy's samples rising above the SFT model's,
+2. the KL to the SFT model (E2's penalty) staying bounded,
+3. the learned reward r_phi beside r*: if the policy found a way to please r_phi that r* does not
+   like (reward hacking), the two curves would part.
+
+    python tutorials/05_ppo.py                 # about 3 minutes on a 2-core CPU
+    python tutorials/05_ppo.py --steps 100 --kl-coef 0.02
+
+Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own
+``reward.png``, ``kl.png``, ``objective.png``, ``ppo_stats.png``, ``losses.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from _common import banner, base_parser, ensure_reward_model, ensure_sft
+
+
+def overview_plot(rows: list[dict], sft_true: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot(step, [r["true_reward"] for r in rows], label="r* of the rollout (hidden)")
+    ev = [(r["step"], r["eval_true_reward"]) for r in rows if "eval_true_reward" in r]
+    ax.plot(*zip(*ev), "o-", label="r* of fresh samples (review_eval)")
+    ax.axhline(sft_true, linestyle="--", color="gray", label=f"SFT model r* = {sft_true:.2f}")
+    ax.set_title("1. hidden true reward r*")
+    ax.set_xlabel("PPO iteration")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(step, [r["kl"] for r in rows], label="KL(pi || pi_ref), nats per response")
+    ax.set_title("2. KL to the SFT model (E2's penalty)")
+    ax.set_xlabel("PPO iteration")
+    ax.legend()
+    ax = axes[2]
+    ax.plot(step, [r["score"] for r in rows], label="learned r_phi (what PPO maximises)")
+    ax.plot(step, [r["true_reward"] for r in rows], label="hidden r*")
+    ax.set_title("3. learned reward beside r* (hacking would part them)")
+    ax.set_xlabel("PPO iteration")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0])
+    from minialign.ppo import PPOConfig, main as ppo
+
+    d = PPOConfig()
+    parser.add_argument("--steps", type=int, default=d.steps, help="PPO iterations (one rollout each)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="responses per rollout")
+    parser.add_argument("--kl-coef", type=float, default=d.kl_coef, help="beta of E2")
+    parser.add_argument("--advantage", choices=["gae", "source"], default=d.advantage,
+                        help="per-token GAE, or the source's one-number A = r - V(x)")
+    parser.add_argument("--shared-trunk", action="store_true",
+                        help="value head on the policy's own trunk (cheaper, less stable here)")
+    args = parser.parse_args()
+
+    t0 = time.time()
+    sft = ensure_sft(args.out, args.device, args.seed)
+    rm = ensure_reward_model(args.out, args.device, args.seed)
+
+    banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
+    config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
+                       steps=args.steps, batch_size=args.batch_size, kl_coef=args.kl_coef,
+                       advantage=args.advantage, shared_trunk=args.shared_trunk)
+    summary = ppo(config)
+    run = Path(args.out) / "ppo"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    overview_plot(rows, summary["true_reward_before"], run / "overview.png")
+
+    banner("what happened")
+    print(f"hidden true reward r* of sampled reviews: SFT {summary['true_reward_before']:+.3f} -> "
+          f"PPO {summary['true_reward']:+.3f}")
+    print(f"malformed reviews (r* = -7):             SFT {summary['malformed_before']:.3f} -> "
+          f"PPO {summary['malformed']:.3f}")
+    print(f"learned reward r_phi on the rollouts:    first {summary['score_first']:+.3f} -> "
+          f"last {summary['score_last']:+.3f}")
+    print(f"KL(pi || pi_ref) per response:           last {summary['kl_last']:.3f} nats "
+          f"(max {summary['kl_max']:.3f}), beta = {summary['kl_coef_last']:.3f}")
+    print(f"explained variance of the value head:    {summary['explained_variance_last']:.3f}")
+    print("\nsamples of the SFT model, then of the PPO policy:")
+    for (prompt, before), (_, after) in zip(summary["examples_before"], summary["examples"]):
+        print(f"  {prompt:18s} SFT -> {before}\n  {'':18s} PPO -> {after}")
+    print(f"\nplots: {run / 'overview.png'} (and reward.png, kl.png, objective.png, ppo_stats.png, losses.png)")
+    print(f"total time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
