@@ -1,0 +1,465 @@
+r"""GRPO, group relative policy optimisation (E11-E14): PPO without a value head.
+
+PPO (``ppo.py``) needs a critic V(x) for its baseline, a second network as large as the policy.
+GRPO (DeepSeekMath, Shao et al. 2024) drops it: it samples G answers to the same question and
+uses their mean reward as the baseline. The group *is* the value estimate.
+
+For a question x, sample G answers y_1..y_G ~ pi_old(. | x) and score them, r_i = r(x, y_i)
+(here the verifiable reward of the toy world: 1 if the arithmetic answer is right, else 0).
+
+E11, the group baseline:
+
+.. math::  \bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)
+
+E12, the normalised advantage, one number per answer, given to every one of its tokens:
+
+.. math::  \hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}
+
+A group whose answers all score the same (all right, or all wrong) carries no signal about which
+answer is better: its advantage is exactly 0, never 0/0 = NaN.
+
+E13, the objective, with the per-token ratio
+:math:`\rho_{i,t} = \pi_\theta(y_{i,t} \mid x, y_{i,<t}) / \pi_{old}(y_{i,t} \mid x, y_{i,<t})`:
+
+.. math::  J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G \frac{1}{|y_i|}\sum_{t=1}^{|y_i|}
+           \Big(\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\hat A_i\big)
+           - \beta\, D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t}\Big)\Big]
+
+with the per-token KL estimated by k3 (``ops.kl_k3``), unbiased and never negative:
+
+.. math::  D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t} \approx
+           \frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)}
+           - \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1
+
+E14, one iteration: optionally reset :math:`\pi_{ref} \leftarrow \pi_\theta`; set
+:math:`\pi_{old} \leftarrow \pi_\theta`; sample G answers per question; reward
+:math:`r_i = r(x, y_i) - \beta D_{KL}` (when the KL goes in the reward); E11-E12; several gradient
+steps on E13 against the same :math:`\pi_{old}` samples.
+
+Choices the source leaves open, each an option of ``GRPOConfig``:
+
+- ``kl_in``: ``"loss"`` (default) puts beta * k3 in the loss per token, as E13 and DeepSeekMath
+  do: the reward stays the plain verifiable 0/1, so E12's normalisation is not disturbed by the
+  KL, and the KL's gradient is exact rather than a REINFORCE estimate. ``"reward"`` subtracts
+  beta * (summed k3 of the answer) from r_i before E11-E12, as E14 writes it (and as PPO, E6, does).
+- ``aggregation``: ``"answer_mean"`` is E13: mean over each answer's tokens, then over answers,
+  so a token of a short answer weighs more than a token of a long one. ``"token_mean"`` (DAPO)
+  averages over all tokens of the batch, so every token weighs the same. ``"constant"``
+  (Dr. GRPO) divides the token sum by a constant, B * max_len, so the gradient does not depend
+  on the answers' lengths at all.
+- ``scale_by_std``: E12 divides by the group's std; Dr. GRPO shows this up-weights questions that
+  are nearly always right or wrong and drops it (``False``: advantage = r - mean). Default: E12
+  as written; on this task the two measured within seed noise of each other (docs/grpo.md).
+- ``ref_reset_every``: E14's pi_ref <- pi_theta every N iterations (0: the SFT model stays pi_ref).
+
+The std in E12 is the sample std (divides by G - 1), as ``torch.std`` and common trainers compute it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .evaluate import arithmetic_eval, sample_texts
+from .generation import generate
+from .ops import kl_k1, kl_k3, masked_mean, masked_sum, model_token_logps
+from .toyworld import ToyWorld, WorldConfig
+from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
+                    resolve_device, save_policy, seed_everything)
+
+KL_IN = ("loss", "reward")
+AGGREGATIONS = ("answer_mean", "token_mean", "constant")
+
+
+# ----------------------------------------------------------------------------------------------
+# the math: advantages (E11, E12), KL in the reward (E14), the clipped loss (E13)
+# ----------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: bool = True) -> torch.Tensor:
+    """E11 and E12: the advantage of each of B answers, rows grouped G = ``group_size`` at a time.
+
+    ``rewards`` (B,): rows i*G .. i*G + G - 1 are the G answers to question i. Returns (B,) float32
+    (float64 stays float64). A group whose rewards are all equal gets advantage 0.
+    """
+    rewards = torch.as_tensor(rewards)
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
+    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards is not a (positive) multiple of group_size={group_size}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    r = rewards.view(-1, group_size)                                # (Q, G)
+    baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
+    advantages = r - baseline                                       # (Q, G)
+    if scale_by_std:
+        advantages = advantages / (r.std(dim=1, keepdim=True) + eps)  # E12
+    # all-equal rewards: the mean of equal floats may differ from them in the last bit, so
+    # set 0 explicitly instead of trusting (r - mean) / eps to be 0
+    spread = (r.max(dim=1, keepdim=True).values > r.min(dim=1, keepdim=True).values)  # (Q, 1)
+    advantages = torch.where(spread, advantages, torch.zeros_like(advantages))
+    return advantages.reshape(-1)                                   # (B,)
+
+
+def zero_spread_fraction(rewards, group_size: int) -> float:
+    """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0)."""
+    r = torch.as_tensor(rewards).view(-1, group_size)
+    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+
+
+def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                estimator: str = "k3") -> torch.Tensor:
+    """KL(pi_theta || pi_ref) of each answer: the sum over its tokens of a per-token estimate, (B,).
+
+    The KL of two autoregressive distributions is the sum of the per-token KLs (chain rule).
+    ``estimator`` "k3" (GRPO's, >= 0) or "k1" (log pi_theta/pi_ref: the sum is E2's log-ratio).
+    """
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    per_token = kl_k3(logps, ref_logps) if estimator == "k3" else kl_k1(logps, ref_logps)  # (B, T)
+    return masked_sum(per_token, mask, dim=1)
+
+
+def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                         beta: float, estimator: str = "k3") -> torch.Tensor:
+    """E14: r_i = r(x, y_i) - beta * KL_i, the KL summed over answer i's tokens; (B,), no gradient.
+
+    Used with ``kl_in="reward"``: these rewards go into ``group_advantages`` (E11-E12), and the
+    loss then has no KL term of its own.
+    """
+    _check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32  # float64 stays (theory lab)
+    rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
+    if rewards.shape != logps.shape[:1]:
+        raise ValueError(f"rewards {tuple(rewards.shape)} do not match {logps.shape[0]} answers")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
+    return rewards - beta * kl  # E14
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
+              kl_in: str = "loss", aggregation: str = "answer_mean", group_size: int | None = None,
+              max_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """E13: the negative GRPO objective (a loss to minimise) and a dict of statistics.
+
+    logps, old_logps, ref_logps, mask: (B, T), one column per response token (EOS included in
+    ``mask``: the policy must learn to stop). advantages: (B,) from ``group_advantages``.
+    ``ref_logps`` may be None when no KL term is needed (``beta == 0`` or ``kl_in="reward"``).
+    ``max_len`` is the constant of ``aggregation="constant"`` (e.g. max_new_tokens): the token
+    sum is divided by B * max_len. ``group_size``, if given, checks that B is a multiple of it.
+    """
+    _check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
+    B, T = logps.shape
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be (B,) = ({B},), got {tuple(advantages.shape)}")
+    if kl_in not in KL_IN:
+        raise ValueError(f"kl_in must be one of {KL_IN}, got {kl_in!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if kl_in == "loss" and beta > 0 and ref_logps is None:
+        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
+    if group_size is not None and (group_size < 2 or B % group_size != 0):
+        raise ValueError(f"batch of {B} answers is not a multiple of group_size={group_size} (>= 2)")
+    if aggregation == "constant" and (max_len is None or max_len < T):
+        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"answers {empty[:8]} have no response tokens in mask (an answer has at "
+                         "least its EOS, or its cut-off tokens)")
+
+    # float32 even under bf16 autocast (ratios are differences of close log-probs); float64 stays
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
+    A = advantages.to(dtype).detach()[:, None]                   # (B, 1): one advantage per answer
+    ratio = torch.exp(logps - old_logps)                         # (B, T)  rho_{i,t}
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = torch.minimum(ratio * A, clipped * A)            # (B, T)  E13's surrogate
+    kl = None
+    if ref_logps is not None:
+        kl = kl_k3(logps, ref_logps.to(dtype).detach())            # (B, T)  k3 >= 0
+    if kl_in == "loss" and beta > 0:
+        per_token = per_token - beta * kl                        # E13: KL in the loss
+
+    if aggregation == "answer_mean":                             # E13: 1/|y_i| sum_t, then 1/G sum_i
+        objective = masked_mean(per_token, mask, dim=1).mean()
+    elif aggregation == "token_mean":                            # every token of the batch alike
+        objective = masked_sum(per_token, mask) / mask.sum()
+    else:                                                        # a constant: length-independent
+        objective = masked_sum(per_token, mask) / (B * max_len)
+    loss = -objective
+
+    with torch.no_grad():
+        m = mask.bool()
+        # clipping is active where the clipped term won the min: ratio out of range on the side
+        # that the advantage pushes it towards (those tokens get no gradient from the surrogate)
+        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
+        stats = {"loss": loss.item(),
+                 "clip_frac": masked_mean(is_clipped.float(), m).item(),
+                 "ratio": masked_mean(ratio, m).item(),
+                 "kl": masked_mean(kl, m).item() if kl is not None else float("nan")}
+    return loss, stats
+
+
+def _check_token_tensors(**tensors) -> None:
+    """Every given (B, T) tensor has the same 2-D shape (None entries are skipped)."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    first = next(iter(shapes.values()))
+    if len(first) != 2:
+        raise ValueError(f"per-token tensors must be (B, T), got {shapes}")
+    if any(s != first for s in shapes.values()):
+        raise ValueError(f"per-token tensors differ in shape: {shapes}")
+
+
+def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
+    """E14's option pi_ref <- pi_theta: copy the policy's weights into the reference (no sharing)."""
+    ref_model.load_state_dict(model.state_dict())  # load_state_dict copies values into ref's own tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# the config and one iteration of E14
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Group relative policy optimisation (E11-E14) on the toy world's verifiable arithmetic reward."""
+    init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
+    steps: int = 150                # iterations of E14 (sample, score, update)
+    questions: int = 16             # questions per iteration
+    group_size: int = 8             # G answers sampled per question
+    batch_size: int = 128           # answers per gradient step (the Q*G answers are split into these)
+    inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    log_every: int = 1              # one metrics row per iteration (cheap next to the iteration)
+    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/grpo.md)
+    clip_eps: float = 0.2
+    beta: float = 0.04              # KL coefficient
+    kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
+    # answer_mean (E13) | token_mean (DAPO) | constant (Dr. GRPO: divide by B * max_new_tokens)
+    aggregation: Literal["answer_mean", "token_mean", "constant"] = "answer_mean"
+    scale_by_std: bool = True       # E12's division by the group's std (False: Dr. GRPO's r - mean)
+    adv_eps: float = 1e-4           # E12's epsilon
+    ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
+    temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
+    max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
+    recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
+    eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
+    eval_samples: int = 16          # samples per held-out question during training
+    final_eval_samples: int = 64    # samples per held-out question before and after
+
+
+def check_config(c: GRPOConfig) -> None:
+    if c.kl_in not in KL_IN:
+        raise ValueError(f"kl_in must be one of {KL_IN}, got {c.kl_in!r}")
+    if c.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
+    if c.group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {c.group_size}")
+    for name in ("steps", "questions", "batch_size", "inner_updates", "max_new_tokens"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+    if c.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (GRPO samples from pi_theta), got {c.temperature}")
+    if c.ref_reset_every < 0:
+        raise ValueError(f"ref_reset_every must be >= 0, got {c.ref_reset_every}")
+
+
+def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   temperature: float) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response column of generated ``sequences``: (B, T), float32."""
+    logps = model_token_logps(model, sequences, attention_mask, temperature)  # (B, P+T-1)
+    return logps[:, prompt_len - 1:]  # column P-1 predicts the first response token
+
+
+def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions: list[dict],
+                   config: GRPOConfig, step: int, generator: torch.Generator) -> dict:
+    """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13)."""
+    device = next(model.parameters()).device
+    G = config.group_size
+    prompts = [q["prompt"] for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
+
+    # sample y ~ pi_old = the current policy (frozen for the whole iteration)
+    with autocast(device, config.dtype):
+        gen = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
+                       tok.pad_id, temperature=config.temperature, generator=generator)
+    texts = [tok.decode(r) for r in gen.responses()]
+    rewards = torch.tensor([world.true_reward(p, y, bool(f)) for p, y, f in
+                            zip(prompts, texts, gen.finished.tolist())], device=device)  # (B,)
+    mask = gen.response_mask                                                              # (B, T)
+
+    with torch.no_grad(), autocast(device, config.dtype):
+        # pi_old's log-probs: the sampler's own (same temperature, 0 after EOS), or recomputed by
+        # the training forward so that rho = 1 exactly at the first update (the sampler's cached
+        # forward agrees to ~1e-6 in float32, less closely under bf16)
+        old_logps = gen.logps
+        if config.recompute_old_logps:
+            old_logps = response_logps(model, gen.sequences, gen.attention_mask, gen.prompt_len,
+                                       config.temperature)
+        ref_logps = response_logps(ref_model, gen.sequences, gen.attention_mask, gen.prompt_len,
+                                   config.temperature)
+    if config.kl_in == "reward":
+        scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
+    else:
+        scored = rewards
+    advantages = group_advantages(scored, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
+
+    B = len(prompts)
+    stats = []
+    for _ in range(config.inner_updates):  # mu passes against the same pi_old
+        for idx in torch.randperm(B, generator=generator, device=device).split(config.batch_size):
+            with autocast(device, config.dtype):
+                logps = response_logps(model, gen.sequences[idx], gen.attention_mask[idx],
+                                       gen.prompt_len, config.temperature)
+            loss, s = grpo_loss(logps, old_logps[idx], ref_logps[idx], advantages[idx], mask[idx],
+                                config.clip_eps, config.beta, config.kl_in, config.aggregation,
+                                max_len=config.max_new_tokens)
+            s["grad_norm"] = optimizer_step(model, optimizer, loss, step, config)
+            stats.append(s)
+
+    lengths = mask.sum(1).float()
+    metrics = {"reward": rewards.mean().item(),  # the verifiable reward (here = accuracy)
+               "accuracy": (rewards == 1).float().mean().item(),
+               # KL(pi_old || pi_ref) per token of the sampled answers, before this iteration's updates
+               "kl": masked_mean(kl_k3(old_logps, ref_logps), mask).item(),
+               "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
+               "loss": sum(s["loss"] for s in stats) / len(stats),
+               "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
+               "answer_len": lengths.mean().item(),
+               "finished": gen.finished.float().mean().item(),
+               "zero_spread": zero_spread_fraction(rewards, G)}
+    if config.kl_in == "reward":
+        metrics["kl_penalised_reward"] = scored.mean().item()  # what E11-E12 saw
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop
+# ----------------------------------------------------------------------------------------------
+
+
+def main(config: GRPOConfig) -> dict:
+    """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
+    check_config(config)
+    generator_cpu = seed_everything(config.seed)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
+    init = config.init or f"{config.out}/sft/model.pt"
+    model, tok = load_policy(init, device, world.tokenizer)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
+    run = Run(config, "grpo")
+    train_questions = world.arithmetic_questions("train")
+    if config.questions > len(train_questions):
+        raise ValueError(f"questions={config.questions} per step, but the train split has only "
+                         f"{len(train_questions)}")
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+
+    def heldout(samples: int) -> float:  # sampled at temperature 1: the policy's own distribution
+        return arithmetic_eval(model, tok, world, "heldout", samples, temperature=1.0, seed=config.seed,
+                               max_new_tokens=config.max_new_tokens)["accuracy"]
+
+    before = heldout(config.final_eval_samples)
+    examples_before = _examples(model, tok, world, config)
+    run.log(0, heldout_accuracy=before)
+    model.train()
+    history = []
+    bar = progress(range(config.steps), config, "grpo")
+    for step in bar:
+        if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
+            reset_reference(ref_model, model)  # E14's option
+        pick = torch.randperm(len(train_questions), generator=generator_cpu)[:config.questions].tolist()
+        metrics = grpo_iteration(model, ref_model, optimizer, tok, world,
+                                 [train_questions[i] for i in pick], config, step, generator)
+        history.append(metrics)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            metrics["heldout_accuracy"] = heldout(config.eval_samples)
+        if step % config.log_every == 0 or "heldout_accuracy" in metrics or step == config.steps - 1:
+            run.log(step + 1, **metrics)  # step k = after k iterations
+        bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", kl=f"{metrics['kl']:.3f}")
+    after = heldout(config.final_eval_samples)
+    run.log(config.steps, heldout_accuracy=after)
+    seconds = time.time() - run.start
+
+    save_policy(model, tok, run.dir / "model.pt")
+    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png",
+             "GRPO: accuracy of sampled answers (train rollouts; held-out)", ylabel="accuracy")
+    run.plot(["answer_len"], "answer_len.png", "answer length (tokens, EOS included)", ylabel="tokens")
+    run.plot(["kl", "clip_frac", "zero_spread"], "kl_clip.png",
+             "KL to pi_ref per token (k3), clip fraction, zero-spread groups")
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+    k = max(1, min(5, len(history) // 2))  # first / last few iterations (one is noisy)
+    summary = {"heldout_accuracy_before": before, "heldout_accuracy": after,
+               "train_accuracy_first": mean("accuracy", history[:k]),
+               "train_accuracy_last": mean("accuracy", history[-k:]),
+               "answer_len_first": mean("answer_len", history[:k]),
+               "answer_len_last": mean("answer_len", history[-k:]),
+               "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
+               "seconds": seconds, "examples_before": examples_before,
+               "examples": _examples(model, tok, world, config)}
+    run.write_summary(summary)
+    return summary
+
+
+def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
+    """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
+    questions = world.arithmetic_questions("heldout")[:n]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    prompts = [q["prompt"] for q in questions for _ in range(samples)]
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, gen)
+    return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
+            for i, q in enumerate(questions)]
+
+
+def grpo_step_time(model_config, group_size: int = 8, questions: int = 32, device="cpu",
+                   steps: int = 5, warmup: int = 1, config: GRPOConfig | None = None) -> float:
+    """Seconds per GRPO iteration (sampling, scoring, E11-E13 updates) of a fresh model, median.
+
+    ``model_config`` is a ``GPTConfig``; its vocab_size is set from the toy world's tokenizer.
+    """
+    import dataclasses
+    import statistics
+
+    from .model import GPT
+
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    world = ToyWorld(WorldConfig(seed=0))
+    tok = world.tokenizer
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(model_config, vocab_size=tok.vocab_size)).to(device)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    config = config or GRPOConfig(device=str(device), progress=False)
+    config = dataclasses.replace(config, group_size=group_size, questions=questions,
+                                 batch_size=max(config.batch_size, group_size * questions))
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(0)
+    qs = world.arithmetic_questions("train")
+    qs = (qs * (questions // len(qs) + 1))[:questions]
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        grpo_iteration(model, ref_model, optimizer, tok, world, qs, config, i, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -1,0 +1,243 @@
+"""Tests of minialign/grpo.py, equation by equation (E11-E14), then a tiny end-to-end run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minialign import grpo
+from minialign.grpo import (GRPOConfig, group_advantages, grpo_loss, kl_penalised_rewards,
+                            reset_reference, zero_spread_fraction)
+from minialign.ops import kl_k3
+
+
+# ----------------------------------------------------------------------------------------------
+# E11, E12: group baseline and normalised advantage
+# ----------------------------------------------------------------------------------------------
+
+
+def test_e11_e12_by_hand_on_four_rewards():
+    # rewards of one group of G = 4 answers: 1, 0, 0, 3
+    # E11: mean = (1 + 0 + 0 + 3) / 4 = 1
+    # deviations: 0, -1, -1, 2; sample std = sqrt((0 + 1 + 1 + 4) / 3) = sqrt(2) = 1.414214
+    # E12: A = dev / (1.414214 + 1e-4) = 0, -0.707057, -0.707057, 1.414114
+    A = group_advantages(torch.tensor([1.0, 0.0, 0.0, 3.0]), group_size=4)
+    expected = torch.tensor([0.0, -1.0, -1.0, 2.0]) / (math.sqrt(2) + 1e-4)
+    assert torch.allclose(A, expected, atol=1e-6)
+    assert A[3].item() == pytest.approx(1.414114, abs=1e-6)
+    # without E12's division (Dr. GRPO): A = r - mean = 0, -1, -1, 2
+    A = group_advantages(torch.tensor([1.0, 0.0, 0.0, 3.0]), group_size=4, scale_by_std=False)
+    assert A.tolist() == [0.0, -1.0, -1.0, 2.0]
+
+
+def test_groups_are_consecutive_rows_and_zero_spread_gives_zero():
+    # group 1: 1, 0 -> mean 0.5, std = sqrt((0.25 + 0.25) / 1) = 0.707107, A = +-0.5 / 0.707207 = +-0.707007
+    # group 2: all 0.1 (every answer the same): A = 0 exactly, never NaN
+    # group 3: all 1 with eps tiny: still exactly 0
+    r = torch.tensor([1.0, 0.0, 0.1, 0.1, 1.0, 1.0])
+    A = group_advantages(r, group_size=2, eps=1e-12)
+    assert not torch.isnan(A).any()
+    assert A[2:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert A[0].item() == pytest.approx(0.5 / math.sqrt(0.5), rel=1e-6)
+    assert A[1].item() == pytest.approx(-0.5 / math.sqrt(0.5), rel=1e-6)
+    # a group of 3 equal floats whose float mean is not exactly them (0.1 * 3 / 3 != 0.1)
+    A = group_advantages(torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64), group_size=3)
+    assert A.tolist() == [0.0, 0.0, 0.0]
+    assert zero_spread_fraction(r, 2) == pytest.approx(2 / 3)
+
+
+def test_group_advantages_bad_input():
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.tensor([1.0, 0.0]), group_size=1)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.tensor([1.0, 0.0, 1.0]), group_size=2)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.tensor([]), group_size=2)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 2), group_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# E13: the clipped objective, by hand on two answers of different lengths
+# ----------------------------------------------------------------------------------------------
+
+# answer 0 has 2 tokens, answer 1 has 3 tokens (T = 3, the last column of answer 0 is padding)
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
+OLD = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+# pi_theta / pi_old per token: answer 0: 1.5, 0.9 ; answer 1: 0.5, 1.1, 1.0
+NEW = OLD + torch.log(torch.tensor([[1.5, 0.9, 7.0], [0.5, 1.1, 1.0]]))
+ADV = torch.tensor([1.0, -2.0])
+
+
+def by_hand_surrogate():
+    # E13 per token, min(rho A, clip(rho, 0.8, 1.2) A):
+    # answer 0 (A = +1): rho 1.5 -> min(1.5, 1.2) = 1.2 (clipped); rho 0.9 -> min(0.9, 0.9) = 0.9
+    # answer 1 (A = -2): rho 0.5 -> min(-1.0, -1.6) = -1.6 (clipped); rho 1.1 -> -2.2; rho 1.0 -> -2.0
+    return [[1.2, 0.9], [-1.6, -2.2, -2.0]]
+
+
+def test_e13_answer_mean_by_hand():
+    # answer means: (1.2 + 0.9) / 2 = 1.05 ; (-1.6 - 2.2 - 2.0) / 3 = -1.933333
+    # E13: objective = (1.05 - 1.933333) / 2 = -0.441667, loss = +0.441667
+    loss, stats = grpo_loss(NEW, OLD, None, ADV, MASK, clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(0.441667, abs=1e-5)
+    # the padded column (rho = 7) does not count; clipped tokens: 1.5 (A>0) and 0.5 (A<0): 2 of 5
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+
+
+def test_token_mean_and_constant_by_hand():
+    # token_mean: (1.2 + 0.9 - 1.6 - 2.2 - 2.0) / 5 = -3.7 / 5 = -0.74, loss 0.74
+    loss, _ = grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="token_mean")
+    assert loss.item() == pytest.approx(0.74, abs=1e-6)
+    # constant, B * max_len = 2 * 4 = 8: -3.7 / 8 = -0.4625, loss 0.4625
+    loss, _ = grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="constant", max_len=4)
+    assert loss.item() == pytest.approx(0.4625, abs=1e-6)
+
+
+def test_kl_in_loss_by_hand():
+    # one answer of one token: rho = 1 (pi = pi_old = 0.5), A = 1, pi_ref = 0.25
+    # k3 = pi_ref/pi - log(pi_ref/pi) - 1 = 0.5 - log 0.5 - 1 = 0.5 + 0.693147 - 1 = 0.193147
+    # objective = 1 * 1 - 0.1 * 0.193147 = 0.980685, loss = -0.980685
+    logp = torch.log(torch.tensor([[0.5]]))
+    ref = torch.log(torch.tensor([[0.25]]))
+    loss, stats = grpo_loss(logp, logp, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1)
+    assert loss.item() == pytest.approx(-0.980685, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)
+    # kl_in="reward": the loss has no KL term: loss = -1
+    loss, stats = grpo_loss(logp, logp, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1, kl_in="reward")
+    assert loss.item() == pytest.approx(-1.0, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)  # still reported
+
+
+def test_kl_in_reward_by_hand():
+    # two answers of a group, rewards 1 and 1 (zero spread: no signal from the reward alone)
+    # answer 0: 1 token, pi = 0.5, pi_ref = 0.25: k3 = 0.193147 (as above)
+    # answer 1: 2 tokens equal to pi_ref: k3 = 0 + 0 = 0
+    # E14: r = 1 - 0.1 * 0.193147 = 0.980685 and 1 - 0 = 1
+    logps = torch.log(torch.tensor([[0.5, 1.0], [0.3, 0.6]]))
+    ref = torch.log(torch.tensor([[0.25, 1.0], [0.3, 0.6]]))
+    mask = torch.tensor([[1, 0], [1, 1]])
+    r = kl_penalised_rewards(torch.tensor([1.0, 1.0]), logps, ref, mask, beta=0.1)
+    assert r.tolist() == pytest.approx([0.980685, 1.0], abs=1e-6)
+    # E11 on them: mean = (0.980685 + 1) / 2 = 0.9903425; r - mean = -0.0096575, +0.0096575:
+    # the answer closer to pi_ref now has the positive advantage
+    A = group_advantages(r, 2, scale_by_std=False)
+    assert A.tolist() == pytest.approx([-0.0096575, 0.0096575], abs=1e-6)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    B, T = 3, 4
+    old = torch.randn(B, T, dtype=torch.float64) - 1
+    # keep ratios away from the clip boundaries, where the min/clip are not differentiable
+    new = (old + 0.5 * torch.randn(B, T, dtype=torch.float64)).requires_grad_(True)
+    ref = torch.randn(B, T, dtype=torch.float64) - 1
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    for agg in grpo.AGGREGATIONS:
+        for kl_in in grpo.KL_IN:
+            def f(x):
+                return grpo_loss(x, old, ref, adv, mask, beta=0.1, kl_in=kl_in, aggregation=agg, max_len=T)[0]
+            assert f(new).dtype == torch.float64  # float64 in, float64 loss (float32 below that)
+            assert torch.autograd.gradcheck(f, (new,), eps=1e-6, atol=1e-6)
+
+
+def test_loss_gradient_pushes_towards_better_answers():
+    # A > 0 and rho inside the clip range: d loss / d logp = -A * rho / (count) < 0, so a step
+    # against the gradient raises the log-prob of the good answer
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = grpo_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.0)
+    loss.backward()
+    # d/dlogp of -(1/2) sum exp(logp - 0) * 1 = -0.5 * exp(0) = -0.5 per token
+    assert logp.grad.tolist() == [[-0.5, -0.5]]
+
+
+# ----------------------------------------------------------------------------------------------
+# the k3 estimator, the reference reset, bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_k3_by_hand_nonnegative_and_zero_at_pi_ref():
+    # pi = 0.5, pi_ref = 0.25: 0.5 - log(0.5) - 1 = 0.193147
+    # pi = 0.25, pi_ref = 0.5: 2 - log(2) - 1 = 0.306853
+    logp = torch.log(torch.tensor([0.5, 0.25]))
+    logq = torch.log(torch.tensor([0.25, 0.5]))
+    assert kl_k3(logp, logq).tolist() == pytest.approx([0.193147, 0.306853], abs=1e-6)
+    x = torch.randn(1000, dtype=torch.float64)
+    y = torch.randn(1000, dtype=torch.float64)
+    assert (kl_k3(x, y) >= 0).all()
+    assert (kl_k3(x, x) == 0).all()  # pi = pi_ref: exp(0) - 1 - 0 = 0 exactly
+    # strictly positive where pi != pi_ref (e^u - 1 - u > 0 for u != 0; ~u^2/2 for small u)
+    assert (kl_k3(x, y)[(x - y).abs() > 1e-4] > 0).all()
+
+
+def test_reference_reset_copies_weights(tiny_model):
+    import copy
+    ref = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(0.1)
+    assert not torch.equal(ref.wte.weight, tiny_model.wte.weight)
+    reset_reference(ref, tiny_model)
+    for (n, p), q in zip(tiny_model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+        assert p.data_ptr() != q.data_ptr()  # a copy, not shared: training pi_theta leaves pi_ref
+    with torch.no_grad():
+        tiny_model.wte.weight.add_(1.0)
+    assert not torch.equal(ref.wte.weight, tiny_model.wte.weight)
+
+
+def test_grpo_loss_bad_input():
+    with pytest.raises(ValueError, match="differ in shape"):
+        grpo_loss(NEW, OLD[:, :2], None, ADV, MASK, beta=0.0)
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(NEW, OLD, None, ADV[:1], MASK, beta=0.0)
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.1)
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="sum")
+    with pytest.raises(ValueError, match="max_len"):
+        grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="constant")
+    with pytest.raises(ValueError, match="kl_in"):
+        grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, kl_in="value")
+    with pytest.raises(ValueError, match="no response tokens"):
+        grpo_loss(NEW, OLD, None, ADV, torch.tensor([[1, 1, 0], [0, 0, 0]]), beta=0.0)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, group_size=3)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.main(GRPOConfig(group_size=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on the tiny fixtures
+# ----------------------------------------------------------------------------------------------
+
+
+def test_main_tiny_end_to_end(tiny_run, tmp_path):
+    config = GRPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=3,
+                        questions=4, group_size=4, batch_size=8, inner_updates=2, eval_every=2,
+                        eval_samples=2, final_eval_samples=2, ref_reset_every=2, kl_in="reward",
+                        progress=False, device="cpu", lr=1e-3)
+    summary = grpo.main(config)
+    run = tmp_path / "grpo"
+    for f in ("model.pt", "summary.json", "metrics.jsonl", "accuracy.png", "answer_len.png", "config.json"):
+        assert (run / f).is_file(), f
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows for k in r}
+    for key in ("reward", "accuracy", "kl", "clip_frac", "answer_len", "zero_spread", "heldout_accuracy",
+                "kl_penalised_reward"):
+        assert key in logged, key
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert 0 <= summary["heldout_accuracy"] <= 1 and 0 <= summary["heldout_accuracy_before"] <= 1
+    # the trained policy differs from the SFT model it started from
+    before = torch.load(tiny_run / "sft" / "model.pt", weights_only=True)["model"]
+    after = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_step_time_runs(world):
+    from minialign.model import GPTConfig
+    seconds = grpo.grpo_step_time(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48),
+                                  group_size=2, questions=2, device="cpu", steps=1, warmup=0)
+    assert seconds > 0
