@@ -1,0 +1,238 @@
+"""Tutorial 07: the theory lab. Where does each alignment objective converge, exactly?
+
+No model and no sampling: one prompt, a handful of possible responses, pi_ref and the true reward
+given as tables (``minialign.theory``). Every expectation is a weighted sum over all samples, so
+each algorithm's loss (imported from dpo.py, ppo.py, grpo.py) is run with its exact expected
+gradient until it stops moving. Printed and saved (into <out>/theory/):
+
+1. E7's pi* and the reward-KL frontier as beta varies (frontier.png, with every landing point);
+2. the KL estimators k1, k2, k3: exact bias and std, and the expected gradient of each when used
+   as a loss or in the reward, against the gradient of the KL itself (estimators.png);
+3. the landing table: reward, KL, distance to pi*, and the fixed point derived for each
+   algorithm with the distance to it (landings.json, convergence.png, policies.png);
+4. two follow-ups: GRPO-k3-in-the-loss's effective beta against the group size, and which
+   responses survive GRPO-k3-in-the-reward as beta varies.
+
+Run:  python tutorials/07_theory_lab.py          (about a minute on a 2-core CPU)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the source checkout on sys.path)
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from minialign import theory as T  # noqa: E402
+
+
+def fmt_policy(p) -> str:
+    return "[" + " ".join(f"{float(x):.3f}" for x in p) + "]"
+
+
+def frontier_section(pb: T.Problem, out: Path) -> dict:
+    _common.banner(f"1. E7: pi* and the reward-KL frontier  ({pb.name} problem, beta = {pb.beta})")
+    print(f"pi_ref  = {fmt_policy(pb.ref_probs)}")
+    print(f"r       = {pb.rewards.tolist()}")
+    star = T.pi_star(pb)
+    print(f"pi*     = {fmt_policy(star)}   E[r] = {float(T.expected_reward(star, pb.rewards)):.4f}   "
+          f"KL(pi*||pi_ref) = {float(T.kl(star, pb.ref_probs)):.4f}   E2 objective = {float(T.objective(star, pb)):.4f}")
+    betas = torch.logspace(-3, 3, 121, dtype=torch.float64)
+    f = T.frontier(pb, betas)
+    print(f"\n{'beta':>8} {'E[r]':>8} {'KL':>8}   pi*")
+    for b in (1e-3, 0.1, 0.5, 1.0, 2.0, 10.0, 1e3):
+        p = T.pi_star(pb, b)
+        print(f"{b:8.3g} {float(T.expected_reward(p, pb.rewards)):8.4f} {float(T.kl(p, pb.ref_probs)):8.4f}   {fmt_policy(p)}")
+    print(f"end points: beta -> 0 gives argmax r (E[r] = {float(pb.rewards.max()):.1f}, KL = -log pi_ref(best) = "
+          f"{float(-torch.log(pb.ref_probs[pb.rewards.argmax()])):.4f}); beta -> inf gives pi_ref "
+          f"(E[r] = {float(T.expected_reward(pb.ref_probs, pb.rewards)):.4f}, KL = 0)")
+    return f
+
+
+def estimator_section(pb: T.Problem, out: Path) -> None:
+    _common.banner("2. KL estimators k1, k2, k3 (exact, x ~ pi, estimating KL(pi || pi_ref))")
+    print("Schulman's (2020) Gaussians, discretised: bias and std of ONE sample, relative to the true KL")
+    print(f"{'pi vs pi_ref':>22} {'KL':>8} | {'k1 bias':>8} {'k1 std':>8} | {'k2 bias':>8} {'k2 std':>8} | "
+          f"{'k3 bias':>8} {'k3 std':>8}")
+    for r in T.gaussian_estimator_table():
+        print(f"{r['pair']:>22} {r['kl']:8.4f} | {r['k1_bias']:8.4f} {r['k1_std']:8.3f} | {r['k2_bias']:8.4f} "
+              f"{r['k2_std']:8.3f} | {r['k3_bias']:8.4f} {r['k3_std']:8.3f}")
+
+    rows = T.estimator_gradient_table(pb, ts=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0))
+    print(f"\nThe {pb.name} problem's responses, pi_t = softmax(log pi_ref + t r): absolute bias and std")
+    print(f"{'t':>5} {'KL':>8} | {'k1 bias':>8} {'k1 std':>8} | {'k2 bias':>8} {'k2 std':>8} | {'k3 bias':>8} {'k3 std':>8}")
+    for r in rows:
+        print(f"{r['t']:5.2f} {r['kl']:8.4f} | {r['k1_bias']:8.1e} {r['k1_std']:8.4f} | {r['k2_bias']:8.4f} "
+              f"{r['k2_std']:8.4f} | {r['k3_bias']:8.1e} {r['k3_std']:8.4f}")
+    names = ["k1_loss", "k2_loss", "k3_loss", "k1_reward", "k3_reward", "k3_both"]
+    print("\nExpected gradient w.r.t. the logits vs grad KL(pi || pi_ref): cosine / norm ratio")
+    print(f"{'t':>5} " + " ".join(f"{n:>15}" for n in names))
+    for r in rows:
+        print(f"{r['t']:5.2f} " + " ".join(f"{r[n + '_cos']:7.3f}/{r[n + '_norm']:7.3f}" for n in names))
+    print("k1 as a loss has zero expected gradient; k2 as a loss is exact; k3 as a loss is the gradient of\n"
+          "the forward KL(pi_ref || pi) (= pi - pi_ref); in the reward (score function) k1 is exact and k3 is\n"
+          "grad KL(pi||pi_ref) - grad KL(pi_ref||pi); only k3's two paths together give the true gradient.")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    kls = [r["kl"] for r in rows]
+    for n in ("k1", "k2", "k3"):
+        axes[0].plot(kls, [r[f"{n}_std"] for r in rows], "o-", label=f"{n} std")
+    axes[0].plot(kls, [r["k2_bias"] for r in rows], "s--", label="k2 bias")
+    axes[0].set(xscale="log", yscale="log", xlabel="KL(pi || pi_ref)", ylabel="nats", title="one-sample bias and std")
+    axes[0].legend()
+    for n in names:
+        axes[1].plot(kls, [r[n + "_cos"] for r in rows], "o-", label=n)
+    axes[1].set(xscale="log", xlabel="KL(pi || pi_ref)", ylabel="cosine with grad KL",
+                title="expected gradient direction")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "estimators.png", dpi=110)
+    plt.close(fig)
+
+
+def landing_section(pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
+    _common.banner(f"3. Where each algorithm lands: {pb.name} problem, beta = {pb.beta}, G = {G}")
+    t0 = time.time()
+    results = T.landings(pb, G=G, max_steps=steps)
+    rows = [T.landing_row(r, pb) for r in results]
+    print(f"{'algorithm':<36} {'E[r]':>7} {'KL':>7} {'E2':>7} {'TV(pi*)':>8} {'KL(.||pi*)':>10} "
+          f"{'steps':>5} {'TV(pred)':>8}  policy")
+    for r in rows:
+        print(f"{r['algorithm']:<36} {r['reward']:7.4f} {r['kl']:7.4f} {r['objective']:7.4f} {r['tv_to_pi_star']:8.1e} "
+              f"{r['kl_to_pi_star']:10.1e} {r['steps']:5d} {r['tv_to_prediction']:8.1e}  {r['policy']}")
+    print("\nthe derived fixed point of each (TV(pred) above is the distance to it):")
+    for r in rows:
+        extra = f" (fixed-point equation residual {r['residual']:.1e})" if "a(y)" in r["prediction"] else ""
+        print(f"  {r['algorithm']:<36} {r['prediction']}{extra}")
+    print(f"[{time.time() - t0:.0f} s]")
+
+    # frontier with the landing points: the whole curve, and a zoom around pi*
+    star = T.pi_star(pb)
+    star_kl, star_r = float(T.kl(star, pb.ref_probs)), float(T.expected_reward(star, pb.rewards))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    markers = "os^vD<>ph"
+    for ax in axes:
+        ax.plot(f["kl"], f["reward"], "k-", lw=1.5, label="frontier: pi*(beta), E7")
+        ax.plot(star_kl, star_r, "k*", ms=16, label=f"pi* at beta={pb.beta}")
+        for i, r in enumerate(rows):
+            ax.plot(r["kl"], r["reward"], markers[i % len(markers)], ms=8, alpha=0.8, label=r["algorithm"])
+        ax.set(xlabel="KL(pi || pi_ref)", ylabel="E_pi[r]")
+    near = [r for r in rows if abs(r["kl"] - star_kl) < 0.5]
+    kls = [r["kl"] for r in near] + [star_kl]
+    rws = [r["reward"] for r in near] + [star_r]
+    pad_k, pad_r = max(0.02, 0.3 * (max(kls) - min(kls))), max(0.02, 0.3 * (max(rws) - min(rws)))
+    axes[1].set(xlim=(min(kls) - pad_k, max(kls) + pad_k), ylim=(min(rws) - pad_r, max(rws) + pad_r),
+                title="zoom around pi*")
+    axes[0].set(title=f"where each algorithm lands ({pb.name}, beta={pb.beta})")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / f"frontier_{pb.name}.png", dpi=110)
+    plt.close(fig)
+
+    # convergence: E2's objective along each run
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for res in results:
+        h = res.run.history
+        ax.plot([s for s, _, _ in h], [rw - pb.beta * k for _, rw, k in h], label=res.algorithm)
+    ax.axhline(float(T.objective(star, pb)), color="k", ls=":", label="E2 at pi*")
+    ax.set(xscale="log", xlabel="gradient step", ylabel="E[r] - beta KL(pi||pi_ref)",
+           title=f"exact gradient flows ({pb.name})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"convergence_{pb.name}.png", dpi=110)
+    plt.close(fig)
+
+    # the policies themselves
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / (len(rows) + 2)
+    xs = torch.arange(pb.K, dtype=torch.float64)
+    ax.bar(xs, pb.ref_probs, width, label="pi_ref", color="0.7")
+    ax.bar(xs + width, star, width, label="pi*", color="k")
+    for i, r in enumerate(rows):
+        ax.bar(xs + (i + 2) * width, r["policy"], width, label=r["algorithm"])
+    ax.set_xticks(xs + 0.4, [f"y{k}\nr={float(v):g}" for k, v in enumerate(pb.rewards)])
+    ax.set(ylabel="probability", title=f"converged policies ({pb.name})")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / f"policies_{pb.name}.png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def followups(pb: T.Problem, steps: int) -> dict:
+    _common.banner("4a. GRPO, k3 in the loss: the effective beta against the group size G")
+    theta0 = torch.log(pb.ref_probs)
+    out = {"group_size": [], "k3_reward_beta": []}
+    print(f"{'G':>3} {'std':>5} {'TV(pi*)':>8} {'fixed-pt res':>12} {'beta_eff':>9} {'TV(fwd-KL opt @ beta_eff)':>26}")
+    for G in (2, 4, 8):
+        groups = T.GroupEnumeration(pb.K, G)
+        for std in (False, True):
+            run = T.run_to_convergence(lambda th: T.grpo_expected_loss(th, pb, groups, "loss", scale_by_std=std),
+                                       theta0, pb, lr=0.5, max_steps=steps, tol=1e-10)
+            p = run.policy
+            b = T.grpo_k3_loss_effective_beta(p, pb, G, std)
+            row = {"G": G, "std": std, "tv_to_pi_star": float(T.tv(p, T.pi_star(pb))),
+                   "residual": T.grpo_k3_loss_fixed_point_residual(p, pb, groups, scale_by_std=std),
+                   "beta_eff": b, "tv_to_forward_opt": float(T.tv(p, T.forward_kl_optimum(pb, b)))}
+            out["group_size"].append(row)
+            print(f"{G:3d} {str(std):>5} {row['tv_to_pi_star']:8.4f} {row['residual']:12.1e} {b:9.4f} "
+                  f"{row['tv_to_forward_opt']:26.1e}")
+    print("no std: exactly argmax E r - beta G/(G-1) KL(pi_ref||pi). With std: the self-consistent\n"
+          "pi = pi_ref / (1 - a(y)/beta) holds; beta * std_pi(r) * G/(G-1) is only an approximation.")
+
+    _common.banner("4b. GRPO, k3 in the reward: which responses survive, as beta varies")
+    print("(without E12's std, which converges fast; section 3 shows that at beta = 0.5 the std version lands at the same place)")
+    print(f"{'beta':>5} {'std':>5} {'TV(pi*)':>8} {'c':>8} {'TV(pred)':>9}  policy")
+    for beta in (0.25, 0.5, 1.0, 2.0, 4.0):
+        p_b = T.Problem(pb.ref_probs, pb.rewards, beta, pb.name)
+        groups = T.GroupEnumeration(p_b.K, 4)
+        for std in (False,):
+            run = T.run_to_convergence(lambda th: T.grpo_expected_loss(th, p_b, groups, "reward", scale_by_std=std),
+                                       theta0, p_b, lr=0.5, max_steps=steps, tol=1e-10,
+                                       lr_decay=0.1 if std else 0.0)
+            p = run.policy
+            pred, c = T.grpo_k3_reward_fixed_point(p_b, p > 1e-6)
+            row = {"beta": beta, "std": std, "tv_to_pi_star": float(T.tv(p, T.pi_star(p_b))), "c": c,
+                   "tv_to_prediction": float(T.tv(p, pred)), "policy": [round(float(x), 4) for x in p]}
+            out["k3_reward_beta"].append(row)
+            print(f"{beta:5.2f} {str(std):>5} {row['tv_to_pi_star']:8.4f} {c:8.4f} {row['tv_to_prediction']:9.1e}  "
+                  f"{fmt_policy(p)}")
+    print("the low-reward responses die (pi -> 0) whatever pi_ref gives them: k3 = pi_ref/pi - 1 - log(pi_ref/pi)\n"
+          "grows as pi falls, so an under-sampled response is penalised MORE and falls further.")
+    return out
+
+
+def main():
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the graded problem")
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO's G (groups are enumerated exactly)")
+    parser.add_argument("--steps", type=int, default=800, help="max gradient steps per exact run")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    out = Path(args.out) / "theory"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    graded = T.graded_problem(args.beta)
+    f = frontier_section(graded, out)
+    estimator_section(graded, out)
+    results = {"graded": landing_section(graded, args.group_size, args.steps, out, f)}
+    verifiable = T.verifiable_problem()
+    results["verifiable"] = landing_section(verifiable, args.group_size, args.steps, out,
+                                            T.frontier(verifiable, torch.logspace(-3, 3, 121, dtype=torch.float64)))
+    results["followups"] = followups(graded, args.steps)
+    results["gaussian_estimators"] = T.gaussian_estimator_table()
+    results["estimator_gradients"] = T.estimator_gradient_table(graded, ts=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0))
+    (out / "landings.json").write_text(json.dumps(results, indent=1))
+    print(f"\nsaved {', '.join(sorted(p.name for p in out.glob('*.png')))} and landings.json into {out} "
+          f"[{time.time() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()
