@@ -1,0 +1,189 @@
+"""``minialign bench`` at tiny sizes, the FLOP count behind MFU, and the device/dtype paths:
+bf16 autocast on the CPU keeps log-probs and losses float32; the CUDA tests skip without a GPU.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from minialign.bench import (GPT2_SHAPE, BenchConfig, flops_per_token, known_peak_flops, main, matmul_flops,
+                             model_config, peak_memory_bytes)
+from minialign.dpo import chosen_rejected_logps, dpo_loss
+from minialign.generation import generate
+from minialign.gpt2 import expected_gpt2_shapes, save_gpt2
+from minialign.model import GPT, GPTConfig
+from minialign.ops import model_token_logps, sequence_logps
+from minialign.train import autocast
+
+TINY_BENCH = dict(device="cpu", n_layer=1, n_head=2, n_embd=16, vocab_size=32, batch_size=4, seq_len=8,
+                  steps=1, new_tokens=8, gen_batch=2, dpo_pairs=2, grpo_questions=2, grpo_group=2)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_flops_per_token_by_hand():
+    # L=1, C=4, V=10, block 8: wte 40 + wpe 32 + ln_1 8 + c_attn 4*12+12=60 + c_proj 16+4=20
+    # + ln_2 8 + c_fc 4*16+16=80 + mlp c_proj 64+4=68 + ln_f 8 = 324 parameters (head tied to wte)
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=4)
+    n = GPT(config).num_params()
+    assert n == 324
+    # 6 * (324 - 32 position rows) + 12 * L * T * C = 6 * 292 + 12 * 1 * 5 * 4 = 1752 + 240 = 1992
+    assert flops_per_token(config, seq_len=5, n_params=n) == 1992
+
+
+def test_gpt2_preset_is_the_124m_shape():
+    config = model_config(BenchConfig(preset="gpt2"))
+    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size, config.block_size) == \
+        (12, 12, 768, 50257, 1024) == tuple(GPT2_SHAPE.values())
+    # GPT-2 small has 124,439,808 parameters (head tied to the embedding):
+    # V C + N C + L (12 C^2 + 13 C) + 2 C = 38,597,376 + 786,432 + 85,054,464 + 1,536
+    shapes = expected_gpt2_shapes(config)  # every tensor of a GPT-2 checkpoint of this config
+    assert sum(math.prod(s) for s in shapes.values()) == 124_439_808
+
+
+def test_bench_runs_every_part_at_tiny_size(capsys):
+    results = main(BenchConfig(**TINY_BENCH, pretrain_steps=2))
+    out = capsys.readouterr().out
+    for key in ("pre-training", "KV cache", "tokens/s", "MFU", "peak memory", "DPO", "GRPO"):
+        assert key in out
+    assert results["train"]["tokens_per_s"] > 0 and results["train"]["mfu"] > 0
+    assert results["train"]["peak_memory_bytes"] > 2 ** 20  # a Python process with torch holds > 1 MiB
+    assert results["generation"]["speedup"] > 0 and results["generation"]["cache_tokens_per_s"] > 0
+    assert results["dpo"]["step_seconds"] > 0 and results["grpo"]["step_seconds"] > 0
+    assert results["pretrain"]["entropy_floor"] > 0
+    assert "datasheet_flops_per_s" not in results["train"]  # the CPU has no datasheet peak here
+
+
+def test_bench_parts_and_bad_flags(capsys):
+    results = main(BenchConfig(**TINY_BENCH, parts="train"))
+    assert set(results) >= {"train", "model"} and "generation" not in results and "dpo" not in results
+    with pytest.raises(ValueError, match="unknown bench part"):
+        main(BenchConfig(**TINY_BENCH, parts="train,rlhf"))
+    with pytest.raises(ValueError, match="shorter than seq_len"):
+        main(BenchConfig(**{**TINY_BENCH, "seq_len": 64}, block_size=16))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        main(BenchConfig(**{**TINY_BENCH, "dtype": "float8"}))
+
+
+def test_bench_times_a_gpt2_checkpoint_folder(tmp_path, capsys):
+    model = GPT(GPTConfig(vocab_size=40, block_size=24, n_layer=1, n_head=2, n_embd=16))
+    save_gpt2(model, tmp_path)
+    results = main(BenchConfig(**TINY_BENCH, gpt2_path=str(tmp_path), parts="generation,train"))
+    assert results["model"]["params"] == model.num_params() and results["model"]["vocab_size"] == 40
+    assert results["generation"]["speedup"] > 0
+
+
+def test_memory_and_peak_helpers_on_cpu():
+    assert peak_memory_bytes(torch.device("cpu")) > 0
+    assert known_peak_flops(torch.device("cpu"), "bfloat16") is None
+    assert matmul_flops(torch.device("cpu"), "float32", n=64, repeats=1) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast on the CPU: the matmuls in bf16, log-probs and losses in float32
+# ----------------------------------------------------------------------------------------------
+
+
+def _pairs_batch(vocab: int, B: int = 3, T: int = 10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2 * B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a shorter (right-padded) row
+    response_mask = (torch.arange(T) >= 4).long().expand(2 * B, T) * mask
+    return {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask}
+
+
+def test_bf16_autocast_on_cpu_keeps_logps_float32(tiny_model):
+    model = tiny_model.eval()
+    batch = _pairs_batch(model.config.vocab_size)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        logps32 = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    with autocast(device, "bfloat16"):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        token = model_token_logps(model, batch["input_ids"], batch["attention_mask"])
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        pi_w, pi_l = chosen_rejected_logps(model, batch)
+    assert logits.dtype == torch.bfloat16              # the forward ran in bf16 ...
+    assert token.dtype == logps.dtype == pi_w.dtype == torch.float32  # ... the log-probs did not
+    # bf16 keeps ~3 significant digits: six response tokens of log-prob ~ -4 agree to ~0.1
+    assert (logps - logps32).abs().max() < 0.15
+    reference = copy.deepcopy(model).requires_grad_(False)
+    with autocast(device, "bfloat16"):
+        ref_w, ref_l = chosen_rejected_logps(reference, batch)
+    loss, r_w, _ = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1)
+    assert loss.dtype == r_w.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()  # gradients flow back through the bf16 matmuls into the float32 weights
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_autocast_generation_on_cpu(tiny_model, world):
+    tok = world.tokenizer
+    prompts = [tok.prompt(q["prompt"]) for q in world.arithmetic_questions("train")[:3]]
+    with autocast(torch.device("cpu"), "bfloat16"):
+        g = generate(tiny_model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    assert g.logps.dtype == torch.float32 and torch.isfinite(g.logps).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped on the CPU; CI without a GPU skips them)
+# ----------------------------------------------------------------------------------------------
+
+
+@cuda
+def test_cuda_bf16_forward_logps_and_dpo_step(tiny_model):
+    device = torch.device("cuda")
+    model = tiny_model.to(device)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    batch = {k: v.to(device) for k, v in _pairs_batch(model.config.vocab_size).items()}
+    with autocast(device, "bfloat16"):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        pi_w, pi_l = chosen_rejected_logps(model, batch)
+        with torch.no_grad():
+            ref_w, ref_l = chosen_rejected_logps(reference, batch)
+    assert logits.dtype == torch.bfloat16 and pi_w.dtype == torch.float32 and pi_w.device.type == "cuda"
+    loss, _, _ = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():  # the same numbers as on the CPU, to bf16 precision
+        cpu = sequence_logps(tiny_model.cpu(), *(_pairs_batch(model.config.vocab_size)[k] for k in
+                             ("input_ids", "attention_mask", "response_mask")))
+    assert ((pi_w.detach().cpu() - cpu[:3]).abs().max()) < 0.15
+
+
+@cuda
+def test_cuda_generation_cache_matches_no_cache(tiny_model, world):
+    model = tiny_model.to("cuda")
+    tok = world.tokenizer
+    prompts = [tok.prompt(q["prompt"]) for q in world.arithmetic_questions("train")[:4]]
+    runs = [generate(model, prompts, 6, tok.eos_id, tok.pad_id, use_cache=c,
+                     generator=torch.Generator(device="cuda").manual_seed(0)) for c in (True, False)]
+    assert runs[0].sequences.device.type == "cuda"
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert (runs[0].logps - runs[1].logps).abs().max() < 1e-3
+
+
+@cuda
+def test_cuda_bench_tiny_bf16():
+    results = main(BenchConfig(**{**TINY_BENCH, "device": "cuda", "dtype": "bfloat16"}, pretrain_steps=0))
+    assert results["train"]["tokens_per_s"] > 0 and results["train"]["peak_memory_bytes"] > 0
+    name = torch.cuda.get_device_name(0)
+    if "H100" in name or "H200" in name:
+        assert results["train"]["datasheet_flops_per_s"] > 7e14
+
+
+@cuda
+def test_cuda_hf_adapter_bf16(world):
+    transformers = pytest.importorskip("transformers")
+    from minialign.hf import HFCausalLM
+
+    tok = world.tokenizer
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=48,
+                                                              n_embd=32, n_layer=2, n_head=2))
+    model = HFCausalLM(hf).to("cuda")
+    prompts = [tok.prompt(q["prompt"]) for q in world.arithmetic_questions("train")[:4]]
+    with autocast(torch.device("cuda"), "bfloat16"):
+        g = generate(model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator(device="cuda").manual_seed(0))
+        logps = model_token_logps(model, g.sequences, g.attention_mask)
+    assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
