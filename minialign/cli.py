@@ -21,12 +21,16 @@ from .train import add_config_args, config_from_args
 STAGES = {
     "pretrain": ("minialign.pretrain", "PretrainConfig", "stage 1: pre-train a base model (E0a)"),
     "sft": ("minialign.sft", "SFTConfig", "stage 2: supervised fine-tuning (E0b)"),
+    "reward_model": ("minialign.reward_model", "RewardModelConfig", "alignment: Bradley-Terry reward model (E3, E4)"),
+    "dpo": ("minialign.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10)"),
+    "ppo": ("minialign.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
+    "grpo": ("minialign.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
 }
 # other commands that are not pipeline stages: name -> (module, config class, help)
 TOOLS = {
     "bench": ("minialign.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
-PIPELINE_SHARED = ("out", "seed", "device", "dtype", "progress")
+PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress")
 
 
 def _load(module: str, cls: str):
@@ -40,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, cls, help_) in {**STAGES, **TOOLS}.items():
         _, config_cls = _load(module, cls)
-        p = sub.add_parser(name, help=help_, description=(config_cls.__doc__ or help_).strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        aliases = [name.replace("_", "-")] if "_" in name else []  # reward-model = reward_model
+        p = sub.add_parser(name, aliases=aliases, help=help_, description=(config_cls.__doc__ or help_).strip())
         add_config_args(p, config_cls)
     p = sub.add_parser("pipeline", help="run every stage in order into one run folder: "
                        + ", ".join(STAGES), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
     if args.command == "pipeline":
         run_pipeline(args)
         return 0
-    module, cls, _ = {**STAGES, **TOOLS}[args.command]
+    module, cls, _ = {**STAGES, **TOOLS}[args.command.replace("-", "_")]
     mod, config_cls = _load(module, cls)
     summary = mod.main(config_from_args(config_cls, args))
     print(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
