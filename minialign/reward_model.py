@@ -50,8 +50,8 @@ from .data import collate, infinite_minibatches
 from .model import GPT, GPTConfig, load_checkpoint
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, seed_everything)
+from .train import (Run, TrainConfig, autocast, checkpoint_tokenizer, load_policy, make_optimizer,
+                    optimizer_step, progress, resolve_device, seed_everything)
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -161,17 +161,8 @@ class RewardModel(nn.Module):
         if ckpt.get("kind") != "reward_model":
             raise ValueError(f"{path} is not a reward-model checkpoint (a policy? build one from a "
                              "policy with RewardModel.from_policy)")
-        if "tokenizer" not in ckpt:
-            raise ValueError(f"{path} has no tokenizer state")
-        saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
-        if tokenizer is not None and saved_tok != tokenizer:
-            raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
-                             f"than the one given ({tokenizer.vocab_size} tokens)")
-        config = GPTConfig(**ckpt["config"])
-        if config.vocab_size != saved_tok.vocab_size:
-            raise ValueError(f"{path}: model vocab_size {config.vocab_size} != tokenizer's "
-                             f"{saved_tok.vocab_size}")
-        model = cls(config)
+        saved_tok = checkpoint_tokenizer(ckpt, path, tokenizer)
+        model = cls(GPTConfig(**ckpt["config"]))
         state = ckpt["model"]
         body = {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
         head = {k[len("score_head."):]: v for k, v in state.items() if k.startswith("score_head.")}

@@ -241,17 +241,23 @@ def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
     model.save(path, tokenizer=tokenizer.state_dict())
 
 
-def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
-    """A GPT and the tokenizer it was trained with; ``tokenizer``, if given, must be the same."""
-    ckpt = load_checkpoint(path)
+def checkpoint_tokenizer(ckpt: dict, path, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer saved in a checkpoint, checked against ``tokenizer`` (if given) and the model."""
     if "tokenizer" not in ckpt:
         raise ValueError(f"{path} has no tokenizer state; save it with train.save_policy")
     saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
     if tokenizer is not None and saved_tok != tokenizer:
         raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
                          f"than the one given ({tokenizer.vocab_size} tokens)")
-    model = GPT.from_checkpoint(ckpt, source=str(path))
-    if model.config.vocab_size != saved_tok.vocab_size:
-        raise ValueError(f"{path}: model vocab_size {model.config.vocab_size} != tokenizer's "
+    if ckpt["config"]["vocab_size"] != saved_tok.vocab_size:
+        raise ValueError(f"{path}: model vocab_size {ckpt['config']['vocab_size']} != tokenizer's "
                          f"{saved_tok.vocab_size}")
+    return saved_tok
+
+
+def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+    """A GPT and the tokenizer it was trained with; ``tokenizer``, if given, must be the same."""
+    ckpt = load_checkpoint(path)
+    saved_tok = checkpoint_tokenizer(ckpt, path, tokenizer)
+    model = GPT.from_checkpoint(ckpt, source=str(path))
     return model.to(device), saved_tok
