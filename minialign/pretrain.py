@@ -116,7 +116,8 @@ def main(config: PretrainConfig) -> dict:
     last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
     save_policy(model, tok, run.dir / "model.pt")
     run.plot(["loss", "heldout_loss"], "loss.png", "pre-training loss (E0a)",
-             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token")
+             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",
+             ylim=(0.95 * floor, 1.5 * floor))  # zoom on the approach to the floor
     summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
                "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
                "seconds": last["time"]}

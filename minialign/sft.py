@@ -59,7 +59,8 @@ def main(config: SFTConfig) -> dict:
     save_policy(model, tok, run.dir / "model.pt")
     floor = world.sft_entropy()["nats_per_token"]
     run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)",
-             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token")
+             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",
+             ylim=(0.95 * floor, 1.5 * floor))  # zoom on the approach to the floor
     run.plot(["true_reward", "heldout_accuracy"], "truth.png", "hidden truth of sampled responses")
     final = review_eval(model, tok, world, samples_per_prompt=32, seed=config.seed)
     acc = arithmetic_eval(model, tok, world, "heldout", 16, seed=config.seed)["accuracy"]

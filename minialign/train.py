@@ -201,16 +201,16 @@ class Run:
         return row
 
     def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
-             ylabel: str = "") -> Path:
+             ylabel: str = "", ylim: tuple | None = None) -> Path:
         """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
-        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel)
+        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel, ylim)
 
     def write_summary(self, summary: dict) -> None:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
-                hlines: dict | None = None, ylabel: str = "") -> Path:
+                hlines: dict | None = None, ylabel: str = "", ylim: tuple | None = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,13 +218,15 @@ def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
+        if pts:  # sparse series (periodic evaluations) get markers so each measurement shows
+            ax.plot(*zip(*pts), label=key, marker="o" if len(pts) <= 30 else None)
     for label, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="gray", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
