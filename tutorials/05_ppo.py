@@ -8,7 +8,7 @@ missing), runs PPO, and shows:
 3. the learned reward r_phi beside r*: if the policy found a way to please r_phi that r* does not
    like (reward hacking), the two curves would part.
 
-    python tutorials/05_ppo.py                 # about 3 minutes on a 2-core CPU
+    python tutorials/05_ppo.py                 # 38 s on an idle 2-core CPU (after tutorials 02 and 03)
     python tutorials/05_ppo.py --steps 100 --kl-coef 0.02
 
 Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own
@@ -23,36 +23,23 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_reward_model, ensure_sft
 
+from minialign.train import plot_panels
+
 
 def overview_plot(rows: list[dict], sft_true: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     step = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    ax.plot(step, [r["true_reward"] for r in rows], label="r* of the rollout (hidden)")
     ev = [(r["step"], r["eval_true_reward"]) for r in rows if "eval_true_reward" in r]
-    ax.plot(*zip(*ev), "o-", label="r* of fresh samples (review_eval)")
-    ax.axhline(sft_true, linestyle="--", color="gray", label=f"SFT model r* = {sft_true:.2f}")
-    ax.set_title("1. hidden true reward r*")
-    ax.set_xlabel("PPO iteration")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(step, [r["kl"] for r in rows], label="KL(pi || pi_ref), nats per response")
-    ax.set_title("2. KL to the SFT model (E2's penalty)")
-    ax.set_xlabel("PPO iteration")
-    ax.legend()
-    ax = axes[2]
-    ax.plot(step, [r["score"] for r in rows], label="learned r_phi (what PPO maximises)")
-    ax.plot(step, [r["true_reward"] for r in rows], label="hidden r*")
-    ax.set_title("3. learned reward beside r* (hacking would part them)")
-    ax.set_xlabel("PPO iteration")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_panels(path, [
+        {"title": "1. hidden true reward r*", "xlabel": "PPO iteration",
+         "curves": [(step, [r["true_reward"] for r in rows], "r* of the rollout (hidden)"),
+                    ([e[0] for e in ev], [e[1] for e in ev], "r* of fresh samples (review_eval)", "o-")],
+         "hlines": [(sft_true, f"SFT model r* = {sft_true:.2f}")]},
+        {"title": "2. KL to the SFT model (E2's penalty)", "xlabel": "PPO iteration",
+         "curves": [(step, [r["kl"] for r in rows], "KL(pi || pi_ref), nats per response")]},
+        {"title": "3. learned reward beside r* (hacking would part them)", "xlabel": "PPO iteration",
+         "curves": [(step, [r["score"] for r in rows], "learned r_phi (what PPO maximises)"),
+                    (step, [r["true_reward"] for r in rows], "hidden r*")]},
+    ])
 
 
 def main() -> None:

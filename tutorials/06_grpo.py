@@ -14,8 +14,8 @@ It shows:
 3. the KL to the SFT model, the clip fraction and the fraction of groups with zero spread
    (all answers right or all wrong: those groups teach nothing).
 
-    python tutorials/06_grpo.py                       # about 4 minutes on a (busy) 2-core CPU
-    python tutorials/06_grpo.py --scale-by-std        # E12 exactly as written (divide by the std)
+    python tutorials/06_grpo.py                       # 53 s on an idle 2-core CPU (after tutorial 02)
+    python tutorials/06_grpo.py --no-scale-by-std     # Dr. GRPO: advantage r - mean, no division by the std
     python tutorials/06_grpo.py --kl-in reward --aggregation token_mean
 
 Plots go to ``<out>/grpo/``: ``overview.png`` (the three panels), and the stage's own
@@ -31,40 +31,27 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_sft
 
+from minialign.train import plot_panels
+
 
 def overview_plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [r for r in rows if "accuracy" in r]
     held = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
     step = [r["step"] for r in train]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    ax.plot(step, [r["accuracy"] for r in train], label="train rollouts (the reward GRPO sees)")
-    ax.plot(*zip(*held), "o-", label="held-out questions (never trained on)")
-    ax.axhline(held[0][1], linestyle="--", color="gray", label=f"SFT model, held-out = {held[0][1]:.2f}")
-    ax.set_ylim(0, 1)
-    ax.set_title("1. accuracy of sampled answers (temperature 1)")
-    ax.set_xlabel("GRPO iteration")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(step, [r["answer_len"] for r in train], label="mean answer length (tokens, EOS included)")
-    ax.plot(step, [r["finished"] for r in train], label="fraction that emitted EOS")
-    ax.set_title("2. answer length")
-    ax.set_xlabel("GRPO iteration")
-    ax.legend()
-    ax = axes[2]
-    ax.plot(step, [r["kl"] for r in train], label="KL(pi || pi_ref) per token (k3)")
-    ax.plot(step, [r["clip_frac"] for r in train], label="clip fraction (E13)")
-    ax.plot(step, [r["zero_spread"] for r in train], label="groups with zero spread (A = 0)")
-    ax.set_title("3. KL, clipping, zero-spread groups")
-    ax.set_xlabel("GRPO iteration")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_panels(path, [
+        {"title": "1. accuracy of sampled answers (temperature 1)", "xlabel": "GRPO iteration",
+         "ylim": (0, 1),
+         "curves": [(step, [r["accuracy"] for r in train], "train rollouts (the reward GRPO sees)"),
+                    ([h[0] for h in held], [h[1] for h in held], "held-out questions (never trained on)", "o-")],
+         "hlines": [(held[0][1], f"SFT model, held-out = {held[0][1]:.2f}")]},
+        {"title": "2. answer length", "xlabel": "GRPO iteration",
+         "curves": [(step, [r["answer_len"] for r in train], "mean answer length (tokens, EOS included)"),
+                    (step, [r["finished"] for r in train], "fraction that emitted EOS")]},
+        {"title": "3. KL, clipping, zero-spread groups", "xlabel": "GRPO iteration",
+         "curves": [(step, [r["kl"] for r in train], "KL(pi || pi_ref) per token (k3)"),
+                    (step, [r["clip_frac"] for r in train], "clip fraction (E13)"),
+                    (step, [r["zero_spread"] for r in train], "groups with zero spread (A = 0)")]},
+    ])
 
 
 def main() -> None:

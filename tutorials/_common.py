@@ -2,7 +2,7 @@
 
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
 tutorial needs the models of the earlier ones; if they are missing it trains them first with the
-default settings (pre-training then SFT, about 3-4 minutes on a 2-core CPU) and says so.
+default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and says so.
 """
 
 from __future__ import annotations
