@@ -8,6 +8,7 @@ default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -25,36 +26,36 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def ensure_pretrained(out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/pretrain/model.pt``, trained now (tutorial 01's defaults) if it is missing."""
-    path = Path(out) / "pretrain" / "model.pt"
+# stage -> (the stage it starts from, the tutorial that trains it); the stage's module is
+# minialign.<stage> with a dataclass config and main(config), as the CLI registers it
+PREREQUISITES = {"pretrain": (None, "01"), "sft": ("pretrain", "02"), "reward_model": ("sft", "03")}
+
+
+def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
+    """``out/<stage>/model.pt``, trained now with the defaults (after its prerequisites) if missing."""
+    path = Path(out) / stage / "model.pt"
     if not path.is_file():
-        from minialign.pretrain import PretrainConfig, main as pretrain
-        print(f"[{path} is missing: running pre-training first, as tutorial 01 does]")
-        pretrain(PretrainConfig(out=out, device=device, seed=seed))
+        before, tutorial = PREREQUISITES[stage]
+        if before is not None:
+            ensure(before, out, device, seed)
+        from minialign.cli import STAGES
+        module = importlib.import_module(STAGES[stage][0])
+        config = getattr(module, STAGES[stage][1])(out=out, device=device, seed=seed)
+        print(f"[{path} is missing: training {stage} first with the defaults, as tutorial {tutorial} does]")
+        module.main(config)
     return path
+
+
+def ensure_pretrained(out: str, device: str = "auto", seed: int = 0) -> Path:
+    return ensure("pretrain", out, device, seed)
 
 
 def ensure_sft(out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/sft/model.pt``, trained now (tutorials 01 and 02's defaults) if it is missing."""
-    path = Path(out) / "sft" / "model.pt"
-    if not path.is_file():
-        ensure_pretrained(out, device, seed)
-        from minialign.sft import SFTConfig, main as sft
-        print(f"[{path} is missing: running SFT first, as tutorial 02 does]")
-        sft(SFTConfig(out=out, device=device, seed=seed))
-    return path
+    return ensure("sft", out, device, seed)
 
 
 def ensure_reward_model(out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/reward_model/model.pt``, trained now (tutorial 03's defaults) if it is missing."""
-    path = Path(out) / "reward_model" / "model.pt"
-    if not path.is_file():
-        ensure_sft(out, device, seed)
-        from minialign.reward_model import RewardModelConfig, main as train_reward_model
-        print(f"[{path} is missing: training the reward model first, as tutorial 03 does]")
-        train_reward_model(RewardModelConfig(out=out, device=device, seed=seed))
-    return path
+    return ensure("reward_model", out, device, seed)
 
 
 def banner(text: str) -> None:
