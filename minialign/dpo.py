@@ -71,7 +71,7 @@ from .data import collate, infinite_minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT, GPTConfig
-from .ops import masked_sum, model_token_logps
+from .ops import masked_sum, model_token_logps, sequence_logps
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
@@ -217,8 +217,7 @@ def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
         raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {response_mask.shape[0]}")
     if (response_mask.sum(1) == 0).any():
         raise ValueError("a response in the batch has no tokens")
-    token_logps = model_token_logps(model, batch["input_ids"], batch["attention_mask"])  # (2B, T-1)
-    logps = masked_sum(token_logps, response_mask, dim=1)                            # (2B,)  E1
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # (2B,) E1
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]
 
