@@ -312,7 +312,9 @@ def hf_tokenizer_from_toy(tok):
     # decode as Tokenizer.join: a space between tokens, none between two digits ("1 5" -> "15")
     raw.decoder = decoders.Sequence([decoders.Replace(Regex("$"), " "), decoders.Fuse(),
                                      decoders.Replace(Regex(r"(?<=\d) (?=\d)"), ""),
-                                     decoders.Strip(" ", 0, 1)])
+                                     # the trailing space; not decoders.Strip, which panics on an
+                                     # empty sequence (an answer that is only <eos>)
+                                     decoders.Replace(Regex(" $"), "")])
     raw.add_special_tokens(list(SPECIAL_TOKENS))
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                  additional_special_tokens=list(SPECIAL_TOKENS[3:]))

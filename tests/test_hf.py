@@ -132,6 +132,15 @@ def test_tokenizer_adapter_matches_the_toy_tokenizer(hf_model, world):
     assert tok.decode(toy.encode("12 + 3 = 15")) == "12 + 3 = 15" == toy.decode(toy.encode("12 + 3 = 15"))
 
 
+def test_toy_hf_tokenizer_decodes_empty_answers(world):
+    """An answer that is only <eos> decodes to "" (the tokenizers library's Strip decoder panicked)."""
+    hf = hf_tokenizer_from_toy(world.tokenizer)
+    assert hf.decode([]) == ""
+    assert hf.decode([world.tokenizer.eos_id], skip_special_tokens=True) == ""
+    ids = world.tokenizer.encode("what is 9 + 9 ?") + world.tokenizer.encode("18")
+    assert hf.decode(ids) == world.tokenizer.decode(ids) == "what is 9 + 9 ? 18"
+
+
 def test_tokenizer_without_pad_pads_with_eos(world):
     """GPT-2's tokenizer has no pad token: pad_id falls back to EOS (padding is found by masks)."""
     hf = hf_tokenizer_from_toy(world.tokenizer)
