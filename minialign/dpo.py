@@ -71,7 +71,7 @@ from .data import collate, infinite_minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT, GPTConfig
-from .ops import masked_sum, model_token_logps, sequence_logps
+from .ops import masked_sum, response_logps, sequence_logps
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
@@ -264,10 +264,9 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
     g = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=gen)
-    P = g.prompt_len
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    logp = model_token_logps(policy, g.sequences, g.attention_mask)[:, P - 1:]       # (B, T)
-    logq = model_token_logps(reference, g.sequences, g.attention_mask)[:, P - 1:]    # (B, T)
+    logp = response_logps(policy, g.sequences, g.attention_mask, g.prompt_len)      # (B, T)
+    logq = response_logps(reference, g.sequences, g.attention_mask, g.prompt_len)   # (B, T)
     return masked_sum(logp - logq, g.response_mask, dim=1).mean().item()              # mean of (B,)
 
 

@@ -66,7 +66,7 @@ import torch
 
 from .evaluate import arithmetic_eval, sample_texts
 from .generation import generate
-from .ops import kl_k1, kl_k3, masked_mean, masked_sum, model_token_logps
+from .ops import kl_k1, kl_k3, masked_mean, masked_sum, response_logps
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
                     resolve_device, save_policy, seed_everything)
@@ -277,13 +277,6 @@ def check_config(c: GRPOConfig) -> None:
         raise ValueError(f"temperature must be > 0 (GRPO samples from pi_theta), got {c.temperature}")
     if c.ref_reset_every < 0:
         raise ValueError(f"ref_reset_every must be >= 0, got {c.ref_reset_every}")
-
-
-def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                   temperature: float) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every response column of generated ``sequences``: (B, T), float32."""
-    logps = model_token_logps(model, sequences, attention_mask, temperature)  # (B, P+T-1)
-    return logps[:, prompt_len - 1:]  # column P-1 predicts the first response token
 
 
 def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions: list[dict],

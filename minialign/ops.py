@@ -50,6 +50,18 @@ def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return token_logps(logits[:, :-1], input_ids[:, 1:], temperature)
 
 
+def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response column of ``generate``'s sequences: (B, T).
+
+    The prompt fills the first ``prompt_len`` columns (left-padded), so column P-1 of the
+    token log-probs predicts the first response token; the result lines up with
+    ``Generation.response_mask``.
+    """
+    logps = model_token_logps(model, sequences, attention_mask, temperature)  # (B, P+T-1)
+    return logps[:, prompt_len - 1:]
+
+
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """E1: log pi(y | x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, (B,)."""

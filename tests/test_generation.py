@@ -5,7 +5,7 @@ import torch
 
 from minialign.generation import filter_logits, generate
 from minialign.model import GPT, GPTConfig
-from minialign.ops import model_token_logps
+from minialign.ops import model_token_logps, response_logps
 
 EOS, PAD = 2, 0
 
@@ -55,9 +55,11 @@ def test_returned_logps_equal_model_logps_at_sampling_temperature(temperature):
     g = generate(model, PROMPTS * 3, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(1))
     full = model_token_logps(model, g.sequences, g.attention_mask, temperature)  # (B, P+T-1)
     mask = g.full_response_mask[:, 1:].bool()
-    P = g.prompt_len
-    assert torch.allclose(full[:, P - 1:][g.response_mask.bool()], g.logps[g.response_mask.bool()], atol=1e-5)
-    assert mask.sum() == g.response_mask.sum()
+    assert torch.allclose(full[mask], g.logps[g.response_mask.bool()], atol=1e-5)
+    # ops.response_logps is the same slice, aligned with response_mask
+    resp = response_logps(model, g.sequences, g.attention_mask, g.prompt_len, temperature)  # (B, T)
+    assert resp.shape == g.response_mask.shape
+    assert torch.allclose(resp[g.response_mask.bool()], g.logps[g.response_mask.bool()], atol=1e-5)
 
 
 def test_cache_and_no_cache_sample_the_same_tokens():
