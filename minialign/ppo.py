@@ -103,7 +103,7 @@ from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
 from .ops import entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, token_logps
-from .reward_model import RewardModel
+from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
                     resolve_device, save_policy, seed_everything)
@@ -147,12 +147,9 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
         raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
     _check_rows(mask)
     m = mask.bool()
-    B, T = mask.shape
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
     rewards = -kl_coef * kl                                                   # (B, T)
-    # the last response token of each row: the largest column index where the mask is 1
-    cols = torch.arange(T, device=mask.device).expand(B, T)
-    last = torch.where(m, cols, torch.full_like(cols, -1)).max(1).values      # (B,)
+    last = last_token_index(mask)                                             # (B,) the EOS column
     eos = torch.zeros_like(rewards).scatter(1, last[:, None], 1.0)            # (B, T) one-hot at EOS
     return rewards + eos * score.to(rewards.dtype)[:, None]                   # E2: score at the EOS
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from .data import collate, infinite_minibatches
 from .model import GPT, GPTConfig, load_checkpoint
+from .ops import upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, checkpoint_tokenizer, load_policy, make_optimizer,
@@ -66,15 +67,10 @@ def _check_pair(r_w: torch.Tensor, r_l: torch.Tensor) -> None:
         raise ValueError("no preference pairs: rewards are empty")
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> float32 (a loss is never computed in half precision); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def bradley_terry_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     """P(y_w preferred to y_l | x) = sigma(r_w - r_l), elementwise (E3)."""
     _check_pair(r_w, r_l)
-    return torch.sigmoid(_at_least_float32(r_w) - _at_least_float32(r_l))  # E3
+    return torch.sigmoid(upcast(r_w) - upcast(r_l))  # E3
 
 
 def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
@@ -85,7 +81,7 @@ def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     Gradient: dL/dr_w = -(1 - sigma(r_w - r_l)) / B and dL/dr_l = +(1 - sigma(r_w - r_l)) / B.
     """
     _check_pair(r_w, r_l)
-    margin = _at_least_float32(r_w) - _at_least_float32(r_l)  # (B,)
+    margin = upcast(r_w) - upcast(r_l)  # (B,)
     return -F.logsigmoid(margin).mean()  # E4
 
 
