@@ -66,7 +66,7 @@ import torch
 
 from .evaluate import arithmetic_eval, sample_texts
 from .generation import generate
-from .ops import kl_k1, kl_k3, masked_mean, masked_sum, response_logps
+from .ops import check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
                     resolve_device, save_policy, seed_everything)
@@ -135,7 +135,7 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     Used with ``kl_in="reward"``: these rewards go into ``group_advantages`` (E11-E12), and the
     loss then has no KL term of its own.
     """
-    _check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
+    check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32  # float64 stays (theory lab)
     rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
     if rewards.shape != logps.shape[:1]:
@@ -158,7 +158,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     ``max_len`` is the constant of ``aggregation="constant"`` (e.g. max_new_tokens): the token
     sum is divided by B * max_len. ``group_size``, if given, checks that B is a multiple of it.
     """
-    _check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
+    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
     B, T = logps.shape
     if advantages.shape != (B,):
         raise ValueError(f"advantages must be (B,) = ({B},), got {tuple(advantages.shape)}")
@@ -212,16 +212,6 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
                  "ratio": masked_mean(ratio, m).item(),
                  "kl": masked_mean(kl, m).item() if kl is not None else float("nan")}
     return loss, stats
-
-
-def _check_token_tensors(**tensors) -> None:
-    """Every given (B, T) tensor has the same 2-D shape (None entries are skipped)."""
-    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
-    first = next(iter(shapes.values()))
-    if len(first) != 2:
-        raise ValueError(f"per-token tensors must be (B, T), got {shapes}")
-    if any(s != first for s in shapes.values()):
-        raise ValueError(f"per-token tensors differ in shape: {shapes}")
 
 
 def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:

@@ -69,6 +69,16 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return masked_sum(logps, response_mask[:, 1:], dim=1)
 
 
+def check_token_tensors(**tensors) -> None:
+    """Every given per-token tensor is (B, T) and all share that shape (None entries are skipped)."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    first = next(iter(shapes.values()))
+    if len(first) != 2:
+        raise ValueError(f"per-token tensors must be (B, T), got shapes {shapes}")
+    if any(s != first for s in shapes.values()):
+        raise ValueError(f"per-token tensors differ in shape: {shapes}")
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is 1 (masked entries contribute exactly 0, even if NaN/inf)."""
     if x.shape != mask.shape:

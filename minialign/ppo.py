@@ -102,7 +102,8 @@ from .data import collate, minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
-from .ops import entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, token_logps
+from .ops import (check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
+                  token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
@@ -111,15 +112,6 @@ from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, opt
 # ----------------------------------------------------------------------------------------------
 # input checks shared by the pure functions
 # ----------------------------------------------------------------------------------------------
-
-
-def _same_shape(**tensors: torch.Tensor) -> None:
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError("tensors must have the same (B, T) shape, got "
-                         + ", ".join(f"{k} {v}" for k, v in shapes.items()))
-    if len(next(iter(shapes.values()))) != 2:
-        raise ValueError(f"expected (B, T) tensors, got {shapes}")
 
 
 def _check_rows(mask: torch.Tensor) -> None:
@@ -142,7 +134,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
 
     Summed over a row: score - kl_coef * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
     """
-    _same_shape(logps=logps, ref_logps=ref_logps, mask=mask)
+    check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     if score.shape != (logps.shape[0],):
         raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
     _check_rows(mask)
@@ -163,7 +155,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t. Both are 0 outside ``mask``.
     The response must be contiguous in each row (it is: prompt, response, then padding).
     """
-    _same_shape(rewards=rewards, values=values, mask=mask)
+    check_token_tensors(rewards=rewards, values=values, mask=mask)
     _check_rows(mask)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
@@ -192,7 +184,7 @@ def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.T
     token (read from the hidden state of the prompt's last token). The advantage is copied onto
     every response token; the returns (the value targets) are r(x, y) on every response token.
     """
-    _same_shape(values=values, mask=mask)
+    check_token_tensors(values=values, mask=mask)
     if score.shape != (values.shape[0],):
         raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
     _check_rows(mask)
@@ -212,7 +204,7 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
     so their gradient is 0), ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) on the rollout's
     tokens) and ``ratio`` (mean rho). Every token of the batch weighs the same (token-level mean).
     """
-    _same_shape(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
+    check_token_tensors(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if mask.sum() == 0:
@@ -239,7 +231,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     ``clip_range=None`` (or 0) is the plain 0.5 (V - R)^2. Returns (loss, stats) with
     ``value_clip_frac``, the fraction of tokens where the clipped error is the larger.
     """
-    _same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
     if mask.sum() == 0:
         raise ValueError("value_loss over an empty mask: no response tokens")
     err = (values - returns) ** 2                                             # (B, T)
