@@ -111,7 +111,7 @@ def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
                          [0, 1, 1, 1, 1, 1, 1]])
     score = torch.tensor([1.5, -0.3, 2.0])
     logps, ref_logps, values = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)  # reward at the EOS + KL
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)  # reward at the EOS + KL
     r = rewards.sum(1)                                       # r(x, y) = r_phi - beta sum log ratio
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     # the sum telescopes: A_1 = sum_t r_t + sum_{t>1} V_t - sum_{t>=1} V_t = r - V_1 = r - V(x)
@@ -146,7 +146,7 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     mask = torch.tensor([[0, 1, 1, 1, 0],
                          [0, 1, 0, 0, 0]])
     score = torch.tensor([2.0, -1.0])
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)
     # row 0: -0.1 * (logp - ref) = -0.1 * 0.5 = -0.05, -0.1 * (-1) = 0.1, -0.1 * 0 = 0, + score 2 at EOS
     # row 1: its only token is the EOS: -0.1 * 0.5 + (-1) = -1.05
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 2.0, 0.0],
@@ -263,13 +263,13 @@ def test_rollout_batch_ends_each_response_at_its_eos(tiny_model, world):
     from minialign.generation import generate
     tok = world.tokenizer
     prompts = [tok.prompt("review the movie"), tok.prompt("what is 3 + 4 ?")]   # different lengths
-    g = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
-    b = _rollout_batch(g, tok, tiny_model.config.block_size, "cpu")
-    for i, ids in enumerate(g.response_ids):
-        n = int(g.response_mask[i].sum())
+    rollout = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    b = _rollout_batch(rollout, tok, tiny_model.config.block_size, "cpu")
+    for i, ids in enumerate(rollout.response_ids):
+        n = int(rollout.response_mask[i].sum())
         resp = b["input_ids"][i][b["response_mask"][i].bool()]
         assert resp.tolist() == ids[:n].tolist()               # the same response, now right-padded
-        assert (resp[-1] == tok.eos_id) == bool(g.finished[i])  # the last response token is the EOS
+        assert (resp[-1] == tok.eos_id) == bool(rollout.finished[i])  # the last response token is the EOS
         assert b["attention_mask"][i].sum() == len(prompts[i]) + n
 
 
