@@ -70,8 +70,7 @@ import torch.nn.functional as F
 from .data import collate, infinite_minibatches
 from .evaluate import review_eval
 from .generation import generate
-from .model import GPT, GPTConfig
-from .ops import masked_sum, response_logps, sequence_logps
+from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
@@ -139,20 +138,11 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Returns ``(loss, chosen_rewards, rejected_rewards)``: the scalar mean of -log sigma(r_w - r_l),
     and the implicit rewards r_w, r_l (B,). Log-probs in bf16/fp16 are computed on in float32.
     """
-    inputs = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    for name, x in inputs.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 1 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty (B,) tensor of sequence log-probs, "
-                             f"got shape {tuple(x.shape)}")
-    shapes = {name: tuple(x.shape) for name, x in inputs.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"batch sizes differ: {shapes}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    pi_w, pi_l, ref_w, ref_l = (x if x.dtype == torch.float64 else x.float() for x in inputs.values())
+    check_sequence_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    check_positive(beta=beta)
+    pi_w, pi_l = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
+    ref_w, ref_l = upcast(ref_chosen_logps), upcast(ref_rejected_logps)
 
     chosen_rewards = beta * (pi_w - ref_w)      # E10: r_w = beta log(pi_theta(y_w|x) / pi_ref(y_w|x)), (B,)
     rejected_rewards = beta * (pi_l - ref_l)    # E10: r_l, (B,)
@@ -264,13 +254,15 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
     (the sequence-level k1 estimator: unbiased, and exactly 0 when the policy is the reference).
     """
     device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    g = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=gen, share_prompt=share_prompt)
+    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
+                       share_prompt=share_prompt)
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    logp = response_logps(policy, g.sequences, g.attention_mask, g.prompt_len, share_prompt=share_prompt)
-    logq = response_logps(reference, g.sequences, g.attention_mask, g.prompt_len, share_prompt=share_prompt)
-    return masked_sum(logp - logq, g.response_mask, dim=1).mean().item()              # mean of (B,)
+    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
+    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
+    return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +294,7 @@ def main(config: DPOConfig) -> dict:
         raise ValueError(f"beta must be > 0, got {config.beta}")
     if config.steps < 1 or config.eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got {config.steps} and {config.eval_every}")
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -347,7 +339,7 @@ def main(config: DPOConfig) -> dict:
 
     before = truth()
     optimizer = make_optimizer(policy, config)
-    batches = infinite_minibatches(config.num_pairs, config.batch_size, gen)
+    batches = infinite_minibatches(config.num_pairs, config.batch_size, generator)
     policy.train()
     bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
     for step in bar:
@@ -401,49 +393,3 @@ def main(config: DPOConfig) -> dict:
                "seconds": round(time.time() - run.start, 1)}
     run.write_summary(summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed: seconds per DPO step on a fixed config (``minialign bench`` calls this)
-# ----------------------------------------------------------------------------------------------
-
-
-def dpo_step_time(model_config: GPTConfig, batch_size: int, seq_len: int, device="cpu",
-                  steps: int = 10, warmup: int = 3, precompute_ref: bool = False, dtype: str = "float32") -> float:
-    """Seconds per DPO optimizer step: B pairs of ``seq_len`` tokens (half prompt, half response).
-
-    ``precompute_ref=False`` (the default, as TRL's default) runs the reference forward in every
-    step; ``True`` times the step with log pi_ref read from a table.
-    """
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    policy = GPT(model_config).to(device)
-    reference = GPT(model_config).to(device).requires_grad_(False).eval()
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    ids = torch.randint(0, model_config.vocab_size, (2 * batch_size, seq_len), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "response_mask": (torch.arange(seq_len, device=device) >= seq_len // 2).long().expand(2 * batch_size, -1)}
-    with torch.no_grad():
-        ref_w, ref_l = chosen_rejected_logps(reference, batch)
-
-    def step():
-        with autocast(device, dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)
-        if precompute_ref:
-            rw, rl = ref_w, ref_l
-        else:
-            with torch.no_grad(), autocast(device, dtype):
-                rw, rl = chosen_rejected_logps(reference, batch)
-        loss, _, _ = dpo_loss(pi_w, pi_l, rw, rl, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # wait for the device
-
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps

@@ -160,6 +160,12 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return masked_sum(logps, response_mask[:, 1:], dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# input checks: each raises a ValueError that names the problem, so that a loss's body can be
+# its equation alone
+# ----------------------------------------------------------------------------------------------
+
+
 def check_token_tensors(**tensors) -> None:
     """Every given per-token tensor is (B, T) and all share that shape (None entries are skipped)."""
     shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
@@ -168,6 +174,66 @@ def check_token_tensors(**tensors) -> None:
         raise ValueError(f"per-token tensors must be (B, T), got shapes {shapes}")
     if any(s != first for s in shapes.values()):
         raise ValueError(f"per-token tensors differ in shape: {shapes}")
+
+
+def check_sequence_logps(**tensors) -> None:
+    """Every given tensor is a non-empty (B,) tensor of sequence log-probs, all of one shape."""
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 1 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (B,) tensor of sequence log-probs, "
+                             f"got shape {tuple(x.shape)}")
+    shapes = {name: tuple(x.shape) for name, x in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"batch sizes differ: {shapes}")
+
+
+def check_per_sequence(batch: int, **tensors) -> None:
+    """Every given tensor holds one number per sequence of a batch of ``batch``: shape (B,)."""
+    for name, x in tensors.items():
+        if tuple(x.shape) != (batch,):
+            raise ValueError(f"{name} must be (B,) = ({batch},), one per sequence, got {tuple(x.shape)}")
+
+
+def check_nonempty_rows(mask: torch.Tensor) -> None:
+    """Every row of a (B, T) response mask holds at least one token (a response has its EOS)."""
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"response(s) {empty[:8]} are empty: no response tokens in the mask "
+                         "(a response holds at least its EOS)")
+
+
+def check_positive(**values) -> None:
+    """Each given number is > 0 (NaN is refused too)."""
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def check_nonnegative(**values) -> None:
+    """Each given number is >= 0 (NaN is refused too)."""
+    for name, v in values.items():
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def check_in_range(low: float, high: float, **values) -> None:
+    """Each given number lies in [low, high] (NaN is refused too)."""
+    for name, v in values.items():
+        if not low <= v <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# masked reductions
+# ----------------------------------------------------------------------------------------------
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -349,7 +349,7 @@ def plot_scatter(learned, true, path, title: str = "") -> Path:
 
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -371,7 +371,7 @@ def main(config: RewardModelConfig) -> dict:
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
-    batches = infinite_minibatches(len(train_pairs), config.batch_size, gen)
+    batches = infinite_minibatches(len(train_pairs), config.batch_size, generator)
     model.train()
     bar = progress(range(config.steps), config, "reward model")
     for step in bar:

@@ -111,7 +111,7 @@ def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
                          [0, 1, 1, 1, 1, 1, 1]])
     score = torch.tensor([1.5, -0.3, 2.0])
     logps, ref_logps, values = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)  # reward at the EOS + KL
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)  # reward at the EOS + KL
     r = rewards.sum(1)                                       # r(x, y) = r_phi - beta sum log ratio
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     # the sum telescopes: A_1 = sum_t r_t + sum_{t>1} V_t - sum_{t>=1} V_t = r - V_1 = r - V(x)
@@ -146,7 +146,7 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     mask = torch.tensor([[0, 1, 1, 1, 0],
                          [0, 1, 0, 0, 0]])
     score = torch.tensor([2.0, -1.0])
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)
     # row 0: -0.1 * (logp - ref) = -0.1 * 0.5 = -0.05, -0.1 * (-1) = 0.1, -0.1 * 0 = 0, + score 2 at EOS
     # row 1: its only token is the EOS: -0.1 * 0.5 + (-1) = -1.05
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 2.0, 0.0],
@@ -267,12 +267,13 @@ def test_rollout_tensors_line_up_with_each_response(tiny_model, world):
     from minialign.generation import generate
     tok = world.tokenizer
     prompts = [tok.prompt("review the movie"), tok.prompt("what is 3 + 4 ?")] * 2   # different lengths
-    g = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    rollout = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
     model = PolicyWithValueHead(tiny_model)
     for share in (True, False):
-        logps, _, _ = logps_values_entropy(model, g.sequences, g.attention_mask, g.prompt_len, share_prompt=share)
-        for i, (x, y) in enumerate(zip(prompts, g.response_ids)):
-            n = int(g.response_mask[i].sum())
+        logps, _, _ = logps_values_entropy(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len,
+                                           share_prompt=share)
+        for i, (x, y) in enumerate(zip(prompts, rollout.response_ids)):
+            n = int(rollout.response_mask[i].sum())
             ids = torch.tensor([x + y[:n].tolist()])
             alone = torch.log_softmax(tiny_model(ids)[0, len(x) - 1:-1], -1).gather(-1, ids[0, len(x):, None])[:, 0]
             torch.testing.assert_close(logps[i, :n], alone, atol=1e-5, rtol=0)
