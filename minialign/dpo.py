@@ -203,24 +203,27 @@ def preference_batch(prompts: list[list[int]], chosen: list[list[int]], rejected
     return collate(prompts + prompts, chosen + rejected, pad_id, block_size, device)
 
 
-def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_rejected_logps(model, batch: dict[str, torch.Tensor],
+                          share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     r"""E1 for a ``preference_batch``: $(\log\pi(y_w\mid x), \log\pi(y_l\mid x))$, each (B,), float32.
 
     Only response tokens count: ``response_mask`` is 0 over the prompt and the padding.
+    ``share_prompt``: chosen and rejected answer the same x, so x runs once for both (``ops.prefill``).
     """
     response_mask = batch["response_mask"][:, 1:]                                    # (2B, T-1)
     if response_mask.shape[0] % 2:
         raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {response_mask.shape[0]}")
     if (response_mask.sum(1) == 0).any():
         raise ValueError("a response in the batch has no tokens")
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # (2B,) E1
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                           share_prompt=share_prompt)                                  # (2B,) E1
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
-               dtype: str = "float32", batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device, dtype: str = "float32",
+               batch_size: int = 256, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     r"""$\log\pi(y_w\mid x)$ and $\log\pi(y_l\mid x)$ of every pair (``tokenize_pairs``), (N,) each, no gradient.
 
     With $\pi_{ref}$ this is the precomputation: the training pairs are fixed and $\pi_{ref}$ is
@@ -235,7 +238,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
         b = preference_batch(pairs["prompt"][i:i + batch_size], pairs["chosen"][i:i + batch_size],
                              pairs["rejected"][i:i + batch_size], pad_id, model.config.block_size, device)
         with autocast(torch.device(device), dtype):
-            w, l = chosen_rejected_logps(model, b)
+            w, l = chosen_rejected_logps(model, b, share_prompt)
         logps_w.append(w)
         logps_l.append(l)
     model.train(was_training)
@@ -249,7 +252,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_per_prompt: int = 32,
-               max_new_tokens: int = 24, seed: int = 0) -> float:
+               max_new_tokens: int = 24, seed: int = 0, share_prompt: bool = True) -> float:
     r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ per response, estimated on samples $y\sim\pi_\theta$:
 
     $$\mathrm{KL} \approx \operatorname{mean}_y \sum_t \big[\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big]$$
@@ -259,10 +262,12 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator)
+    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
+                       share_prompt=share_prompt)
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    logp = response_logps(policy, rollout.sequences, rollout.attention_mask, rollout.prompt_len)     # (B, T)
-    logq = response_logps(reference, rollout.sequences, rollout.attention_mask, rollout.prompt_len)  # (B, T)
+    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
+    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
     return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
@@ -283,6 +288,7 @@ class DPOConfig(TrainConfig):
     num_pairs: int = 10_000             # training pairs drawn from the toy world (Bradley-Terry labels)
     eval_pairs: int = 500               # held-out pairs for the implicit reward's accuracy
     precompute_ref_logps: bool = True   # compute log pi_ref once; the reference leaves memory
+    share_prompt: bool = True           # run x once for y_w and y_l (exact; ops.prefill)
     eval_every: int = 50                # steps between measurements of r* and KL (by sampling)
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
@@ -309,9 +315,10 @@ def main(config: DPOConfig) -> dict:
     # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
     reference, _ = load_policy(init, device, tok)
     reference.requires_grad_(False).eval()
-    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype)
+    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
     if config.precompute_ref_logps:
-        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype)            # (N,), (N,)
+        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype,
+                               share_prompt=config.share_prompt)                               # (N,), (N,)
         del reference  # not needed in memory while training; reloaded to measure the KL
 
     def get_reference():
@@ -326,8 +333,9 @@ def main(config: DPOConfig) -> dict:
         ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
                          max_new_tokens=config.max_new_tokens)
         kl = sampled_kl(policy, get_reference(), tok, world.review_prompts(), config.eval_samples_per_prompt,
-                        config.max_new_tokens, seed=config.seed + 1)
-        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype)
+                        config.max_new_tokens, seed=config.seed + 1, share_prompt=config.share_prompt)
+        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
+                                share_prompt=config.share_prompt)
         _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
         policy.train()
         # a tie (as at the start, where every implicit reward is 0) counts as half right
@@ -346,12 +354,12 @@ def main(config: DPOConfig) -> dict:
         batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
                                  [train["rejected"][i] for i in rows], tok.pad_id, block, device)
         with autocast(device, config.dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)                    # (B,), (B,)
+            pi_w, pi_l = chosen_rejected_logps(policy, batch, config.share_prompt)   # (B,), (B,)
         if config.precompute_ref_logps:
             ref_w, ref_l = ref_train[0][idx.to(device)], ref_train[1][idx.to(device)]
         else:
             with torch.no_grad(), autocast(device, config.dtype):
-                ref_w, ref_l = chosen_rejected_logps(reference, batch)
+                ref_w, ref_l = chosen_rejected_logps(reference, batch, config.share_prompt)
         loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)          # E9, E10
         grad_norm = optimizer_step(policy, optimizer, loss, step, config)
 

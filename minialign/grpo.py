@@ -254,6 +254,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
+    share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
     eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
     eval_samples: int = 16          # samples per held-out question during training
     final_eval_samples: int = 64    # samples per held-out question before and after
@@ -285,7 +286,8 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
     # sample y ~ pi_old = the current policy (frozen for the whole iteration)
     with autocast(device, config.dtype):
         rollout = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
-                           tok.pad_id, temperature=config.temperature, generator=generator)
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
     texts = [tok.decode(r) for r in rollout.responses()]
     rewards = torch.tensor([world.true_reward(p, y, bool(f)) for p, y, f in
                             zip(prompts, texts, rollout.finished.tolist())], device=device)  # (B,)
@@ -298,9 +300,9 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
         old_logps = rollout.logps
         if config.recompute_old_logps:
             old_logps = response_logps(model, rollout.sequences, rollout.attention_mask,
-                                       rollout.prompt_len, config.temperature)
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
         ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
-                                   rollout.prompt_len, config.temperature)
+                                   rollout.prompt_len, config.temperature, config.share_prompt)
     if config.kl_in == "reward":
         scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
     else:
@@ -313,7 +315,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
         for idx in torch.randperm(B, generator=generator, device=device).split(config.batch_size):
             with autocast(device, config.dtype):
                 logps = response_logps(model, rollout.sequences[idx], rollout.attention_mask[idx],
-                                       rollout.prompt_len, config.temperature)
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
             loss, s = grpo_loss(logps, old_logps[idx], ref_logps[idx], advantages[idx], mask[idx],
                                 config.clip_eps, config.beta, config.kl_in, config.aggregation,
                                 max_len=config.max_new_tokens)

@@ -86,12 +86,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .data import collate, minibatches
+from .data import minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
 from .ops import (check_in_range, check_nonempty_rows, check_per_sequence, check_positive, check_token_tensors,
-                  entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, token_logps)
+                  entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, response_hidden,
+                  response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
@@ -261,26 +262,27 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, L, V) and values (B, L) float32: V at position j is the value of the state
-        after tokens 0..j, i.e. before the token at j+1 is chosen."""
-        h = self.policy.hidden(input_ids, attention_mask)                     # (B, L, C)
-        logits = self.policy.lm_head(h)                                       # (B, L, V)
-        h_v = h if self.critic is None else self.critic.hidden(input_ids, attention_mask)
-        values = self.value_head(h_v).squeeze(-1).float()                     # (B, L)
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) float32 for the response columns of ``generate``'s
+        sequences (prompt in the first ``prompt_len`` columns): column t is the state before
+        response token t is chosen. ``share_prompt``: see ``ops.prefill`` (the same numbers)."""
+        h = response_hidden(self.policy, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]  # (B, T, C)
+        logits = self.policy.lm_head(h)                                       # (B, T, V)
+        if self.critic is not None:
+            h = response_hidden(self.critic, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]
+        values = self.value_head(h).squeeze(-1).float()                       # (B, T)
         return logits, values
 
 
-def logps_values_entropy(model: PolicyWithValueHead, batch: dict, temperature: float = 1.0):
-    """log pi(token j+1 | tokens <= j), V(state j) and the entropy at j: three (B, L-1) tensors,
-    aligned with ``input_ids[:, 1:]`` and ``response_mask[:, 1:]`` (as ``ops.model_token_logps``)."""
-    ids = batch["input_ids"]
-    logits, values = model(ids, batch["attention_mask"])
-    logits = logits[:, :-1]
-    logps = token_logps(logits, ids[:, 1:], temperature)                      # (B, L-1) E1 factors
-    entropy = entropy_from_logits(logits.float() / temperature)               # (B, L-1)
-    return logps, values[:, :-1], entropy
+def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_len: int, temperature: float = 1.0, share_prompt: bool = True):
+    """log pi(y_t | x, y_<t), V(state before y_t) and the entropy there: three (B, T) tensors,
+    aligned with ``Generation.response_mask``."""
+    logits, values = model(sequences, attention_mask, prompt_len, share_prompt)  # (B, T, V), (B, T)
+    logps = token_logps(logits, sequences[:, prompt_len:], temperature)       # (B, T) E1 factors
+    entropy = entropy_from_logits(logits.float() / temperature)               # (B, T)
+    return logps, values, entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,22 +322,11 @@ class PPOConfig(TrainConfig):
     ent_coef: float = 0.0               # entropy bonus
     shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
     missing_eos_score: float = -7.0     # score of a response cut off before its EOS
+    share_prompt: bool = True           # run each prompt once for all its samples (exact; ops.prefill)
     log_every: int = 1
     eval_every: int = 10                # iterations between review_eval measurements of r*
     eval_samples: int = 16              # samples per review prompt in those measurements
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
-
-
-def _rollout_batch(rollout, tok, block_size: int, device) -> dict:
-    """Re-collate a generation right-padded: ``<bos> ... <assistant> y_1 .. y_T(=EOS) <pad>..``.
-
-    Every consumer (policy, reference, reward model) then sees the same right-padded layout, in
-    which the reward model reads its score at the last real token, the EOS.
-    """
-    P = rollout.prompt_len
-    prompts = [row[m.bool()].tolist() for row, m in zip(rollout.sequences[:, :P], rollout.attention_mask[:, :P])]
-    responses = [ids[:int(n)].tolist() for ids, n in zip(rollout.response_ids, rollout.response_mask.sum(1))]
-    return collate(prompts, responses, tok.pad_id, block_size, device)
 
 
 def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
@@ -368,7 +359,6 @@ def main(config: PPOConfig) -> dict:
     run = Run(config, "ppo")
     generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
     prompts = world.review_prompts()
-    block = policy.config.block_size
 
     def truth(samples_per_prompt: int) -> dict:
         ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
@@ -383,22 +373,22 @@ def main(config: PPOConfig) -> dict:
         pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
         texts = [prompts[i] for i in pick]
         rollout = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
-                           tok.pad_id, temperature=config.temperature, generator=generator)
-        batch = _rollout_batch(rollout, tok, block, device)
-        mask = batch["response_mask"][:, 1:]                                  # (B, L-1) response tokens
-        finished = rollout.finished                                                 # (B,) emitted EOS
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
+        seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
+        mask = rollout.response_mask                                          # (B, T) response tokens
+        finished = rollout.finished                                           # (B,) emitted EOS
 
         # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ------------------
         model.eval()
         with torch.no_grad(), autocast(device, config.dtype):
-            old_logps, old_values, _ = logps_values_entropy(model, batch, config.temperature)
-            ref_logps = token_logps(ref(batch["input_ids"], batch["attention_mask"])[:, :-1],
-                                    batch["input_ids"][:, 1:], config.temperature)
-            rm_score = rm(batch["input_ids"], batch["attention_mask"]).float()  # (B,) read at the EOS
+            old_logps, old_values, _ = logps_values_entropy(model, seqs, attn, P, config.temperature, share)
+            ref_logps = response_logps(ref, seqs, attn, P, config.temperature, share)  # (B, T)
+            rm_score = rm(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) read at the EOS
         # a response with no EOS has no place to read r_phi: it gets the penalty score instead
         score = torch.where(finished, rm_score, torch.full_like(rm_score, config.missing_eos_score))
         beta = kl_ctl.beta
-        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, L-1)
+        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, T)
         if config.advantage == "gae":
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         else:
@@ -413,9 +403,9 @@ def main(config: PPOConfig) -> dict:
         for _ in range(config.ppo_epochs):
             for idx in minibatches(config.batch_size, config.minibatch_size, data_generator):
                 idx = idx.to(device)
-                mb = {k: v[idx] for k, v in batch.items()}
                 with autocast(device, config.dtype):
-                    logps, values, entropy = logps_values_entropy(model, mb, config.temperature)
+                    logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
+                                                                  config.temperature, share)
                 m = mask[idx]
                 pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
                                                            config.clip_eps)                      # E5
