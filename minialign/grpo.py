@@ -343,6 +343,17 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 # ----------------------------------------------------------------------------------------------
 
 
+def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
+    """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
+    questions = world.arithmetic_questions("heldout")[:n]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    prompts = [q["prompt"] for q in questions for _ in range(samples)]
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
+    return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
+            for i, q in enumerate(questions)]
+
+
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
     check_config(config)
@@ -387,12 +398,23 @@ def main(config: GRPOConfig) -> dict:
     seconds = time.time() - run.start
 
     save_policy(model, tok, run.dir / "model.pt")
-    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png",
-             "GRPO: accuracy of sampled answers (train rollouts; held-out)", ylabel="accuracy")
-    run.plot(["answer_len"], "answer_len.png", "answer length (tokens, EOS included)", ylabel="tokens")
-    run.plot(["kl", "clip_frac", "zero_spread"], "kl_clip.png",
-             "KL to pi_ref per token (k3), clip fraction, zero-spread groups")
-
+    x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
+    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
+              "heldout_accuracy": "held-out questions (never trained on)"}, "accuracy.png",
+             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
+             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
+    run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
+             ylabel="tokens per answer", xlabel=x,
+             caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")
+    run.plot_panels("kl_clip.png", [
+        {"title": "distance from pi_ref", "metrics": {"kl": "KL(pi_old || pi_ref) per token, k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "clipping (E13)", "metrics": {"clip_frac": "tokens whose clip binds"},
+         "xlabel": x, "ylabel": "fraction of answer tokens"},
+        {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
+         "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL "
+                "stays small.")
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)
     k = max(1, min(5, len(history) // 2))  # first / last few iterations (one is noisy)
@@ -406,14 +428,3 @@ def main(config: GRPOConfig) -> dict:
                "examples": _examples(model, tok, world, config)}
     run.write_summary(summary)
     return summary
-
-
-def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
-    """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
-    questions = world.arithmetic_questions("heldout")[:n]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    prompts = [q["prompt"] for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
-    return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
-            for i, q in enumerate(questions)]

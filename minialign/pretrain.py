@@ -120,9 +120,11 @@ def main(config: PretrainConfig) -> dict:
     floor = world.corpus_entropy()["nats_per_token"]
     last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
     save_policy(model, tok, run.dir / "model.pt")
-    run.plot(["loss", "heldout_loss"], "loss.png", "pre-training loss (E0a)",
-             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",
-             ylim=(0.95 * floor, 1.5 * floor))  # zoom on the approach to the floor
+    run.plot({"loss": "training batch", "heldout_loss": "held-out lines"}, "loss.png",
+             "pre-training loss (E0a)", hlines={f"exact entropy floor {floor:.3f}": floor},
+             ylabel="loss, nats per token", xlabel="optimizer step",
+             ylim=(0.95 * floor, 1.5 * floor),  # zoom on the approach to the floor
+             caption="The loss falls towards the corpus's exact entropy (dashed): no model can go below it.")
     summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
                "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
                "seconds": last["time"]}
