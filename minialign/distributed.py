@@ -101,22 +101,39 @@ def split(items, parts: int) -> list:
     return [items[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def wrap(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` under torchrun; the model itself in one process.
+class _Closure(torch.nn.Module):
+    """Runs any function of the model inside one forward, so that DDP sees it.
 
-    Use the wrapper for the forward passes that train (its backward averages the gradients of
-    the ranks) and the model itself for everything else (sampling, evaluation, saving).
+    DDP averages gradients only for work done inside its own forward. The algorithms compute a
+    loss with more than ``model(x)`` (``model.hidden``, ``model.lm_head``, a shared prompt's KV
+    cache), so the whole loss of a micro-batch runs as this module's forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def wrap(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """``DistributedDataParallel`` around ``model`` under torchrun; the model itself in one process.
+
+    Give the result to ``train.accumulated_step``: it computes each micro-batch's loss inside
+    DDP's forward, whose backward averages the gradients of the ranks. Sampling, evaluation and
+    saving use the model itself.
     """
     if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+    return DistributedDataParallel(_Closure(model), device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
 
 
-def accumulate(train_model: torch.nn.Module, micro_batches: list, loss_of) -> list:
+def accumulate(parallel: torch.nn.Module, micro_batches: list, loss_of) -> list:
     """Backward through every micro-batch; gradients add up to those of the global mean loss.
 
     ``loss_of(micro_batch) -> (loss, units, total_units, extra)``: ``loss`` is the micro-batch's
@@ -125,12 +142,12 @@ def accumulate(train_model: torch.nn.Module, micro_batches: list, loss_of) -> li
     DDP averages over ranks, so each loss is scaled by world_size * units / total_units; the
     all-reduce runs once, after the last micro-batch (``no_sync`` before it).
     """
+    ddp = hasattr(parallel, "no_sync")
     extras = []
     for i, micro in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = train_model.no_sync() if (not last and hasattr(train_model, "no_sync")) else contextlib.nullcontext()
-        with sync:
-            loss, units, total_units, extra = loss_of(micro)
+        with parallel.no_sync() if ddp and not last else contextlib.nullcontext():
+            loss, units, total_units, extra = parallel(loss_of, micro) if ddp else loss_of(micro)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} in micro-batch {i}; stopping before it spreads")
             weight = world_size() * float(units) / float(total_units)

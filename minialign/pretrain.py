@@ -61,12 +61,12 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
     loss is the mean over every response token of the global batch (``distributed``).
     """
     device = next(model.parameters()).device
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # data order
     optimizer = make_optimizer(model, config)
-    train_model = distributed.wrap(model)
+    parallel = distributed.wrap(model)  # DDP under torchrun
     prompts, responses = train
     distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = infinite_minibatches(len(prompts), config.batch_size, gen)
+    batches = infinite_minibatches(len(prompts), config.batch_size, generator)
     block, pad = model.config.block_size, 0
 
     def held_out_loss() -> float:
@@ -85,7 +85,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
     def loss_of(rows: list[int]):
         b = collate([prompts[i] for i in rows], [responses[i] for i in rows], pad, block, device)
         with autocast(device, config.dtype):
-            logits = train_model(b["input_ids"], b["attention_mask"])
+            logits = model(b["input_ids"], b["attention_mask"])
         loss = lm_loss(logits, b["input_ids"], b["response_mask"])
         n = sum(len(responses[i]) for i in rows)  # = response_mask[:, 1:].sum(): tokens in the mean
         return loss, n, total_tokens, (loss.detach(), n)
@@ -96,7 +96,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
         idx = next(batches).tolist()  # the global batch, the same on every rank
         total_tokens = sum(len(responses[i]) for i in idx)
         micro = distributed.split(distributed.local_share(idx), config.grad_accum)
-        grad_norm, parts = accumulated_step(model, train_model, optimizer, micro, loss_of, step, config)
+        grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
         loss = distributed.global_mean(parts, total_tokens)
         last = step == config.steps - 1
         if step % config.log_every == 0 or last:

@@ -52,7 +52,7 @@ from .data import collate, infinite_minibatches
 from .datafiles import preference_data
 from .loading import load_model, save_reward_model, start_path
 from .model import GPT, GPTConfig, load_checkpoint
-from .ops import upcast
+from .ops import align_responses, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, accumulated_step, autocast, checkpoint_tokenizer, make_optimizer, progress,
@@ -128,13 +128,23 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score_head.weight, std=1.0 / (n_embd + 1) ** 0.5)
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token.
+
+        With ``response_mask`` (1 on response tokens) rows that share a prompt compute it once
+        (``ops.prefill``; the same rewards): the two answers of a pair, the samples of a prompt.
+        """
         if input_ids.shape != attention_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} differ in shape")
-        h = self.body.hidden(input_ids, attention_mask)            # (B, T, C)
-        last = last_token_index(attention_mask)                    # (B,)
+        if response_mask is None:
+            h = self.body.hidden(input_ids, attention_mask)        # (B, T, C)
+            last = last_token_index(attention_mask)                # (B,)
+        else:
+            ids, mask, P = align_responses(input_ids, attention_mask, response_mask)
+            h = response_hidden(self.body, ids, mask, P)           # (B, 1 + T', C) from the prompt's last token
+            last = mask[:, P:].sum(1)                              # (B,) the last response token's column
         h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C): the EOS position
         return self.score_head(h_last).squeeze(-1).float()         # (B,)
 
@@ -233,20 +243,20 @@ def collate_pairs(prompts_w: list[list[int]], chosen: list[list[int]], prompts_l
 
 
 def pair_rewards(model: RewardModel, pairs, pad_id: int, device,
-                 block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass.
 
-    ``block_size`` defaults to the model's (give it when ``model`` is a DDP wrapper)."""
+    ``share_prompt``: x runs once for both answers (``ops.prefill``).
+    """
     x, y_w, y_l = zip(*pairs)
-    block_size = block_size or model.config.block_size
-    b = collate_pairs(x, y_w, x, y_l, pad_id, block_size, device)
-    rewards = model(b["input_ids"], b["attention_mask"])  # (2B,)
+    b = collate_pairs(x, y_w, x, y_l, pad_id, model.config.block_size, device)
+    rewards = model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None)  # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):]
 
 
 @torch.no_grad()
 def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-          batch_size: int = 512) -> torch.Tensor:
+          batch_size: int = 512, share_prompt: bool = True) -> torch.Tensor:
     """r_phi of (prompt ids, response ids) lists, (N,) float32 on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -255,7 +265,7 @@ def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int
     for i in range(0, len(prompts), batch_size):
         b = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id,
                     model.config.block_size, device)
-        out.append(model(b["input_ids"], b["attention_mask"]).cpu())
+        out.append(model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -284,6 +294,7 @@ class RewardModelConfig(TrainConfig):
     eval_pairs: int = 2_000       # fresh held-out pairs
     eval_every: int = 250
     center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+    share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
 
 
 @torch.no_grad()
@@ -366,7 +377,7 @@ def main(config: RewardModelConfig) -> dict:
     (``{"prompt", "chosen", "rejected"}``), and then the held-out metrics are those of
     ``--eval-data`` without r*: E4 loss, accuracy and margin.
     """
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     policy, tok = load_model(start_path(config, "sft"), config.model_impl, device, world.tokenizer)
@@ -403,13 +414,14 @@ def main(config: RewardModelConfig) -> dict:
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
-    train_model = distributed.wrap(model, find_unused_parameters=True)  # the trunk's LM head is unused
+    parallel = distributed.wrap(model, find_unused_parameters=True)  # DDP under torchrun; the LM head is unused
     distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = infinite_minibatches(len(train_pairs), config.batch_size, gen)
+    batches = infinite_minibatches(len(train_pairs), config.batch_size, generator)
 
     def loss_of(rows: list[int]):
         with autocast(device, config.dtype):
-            r_w, r_l = pair_rewards(train_model, [train_pairs[i] for i in rows], tok.pad_id, device, block)  # (B,)
+            r_w, r_l = pair_rewards(model, [train_pairs[i] for i in rows], tok.pad_id, device,
+                                    config.share_prompt)  # (B,), (B,)
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
         if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
@@ -420,7 +432,7 @@ def main(config: RewardModelConfig) -> dict:
     bar = progress(range(config.steps), config, "reward model")
     for step in bar:
         micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
-        grad_norm, parts = accumulated_step(model, train_model, optimizer, micro, loss_of, step, config)
+        grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
         r_w, r_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         bt_loss = distributed.global_mean([(p[2], p[3]) for p in parts], config.batch_size)
         last = step == config.steps - 1
