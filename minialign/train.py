@@ -276,7 +276,8 @@ def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
     ax.set_title(title)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a series may be absent (no held-out data)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
