@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minialign.datafiles import DataError, preference_data, prompt_data, read_rows, sft_data, text_data
+from minialign.datafiles import (DataError, _implicit_prompt, preference_data, prompt_data, read_rows, sft_data,
+                                 text_data)
 
 
 def write(path, rows):
@@ -89,6 +90,8 @@ def test_implicit_prompt_is_the_shared_beginning(tmp_path, world):
     data, _ = preference_data(write(tmp_path / "c.jsonl", [conv]), tok, context=48)
     assert data["prompt"] == [tok.prompt("review the movie")]
     assert data["chosen"] == [tok.response("the movie was good .")]
+    # strings: the answers keep their leading space (BPE tokenizers read " Yes" as one token), as TRL
+    assert _implicit_prompt("Is it? Yes.", "Is it? No.") == ("Is it?", " Yes.", " No.")
     with pytest.raises(DataError, match="line 1: no 'prompt'.*share no beginning"):
         preference_data(write(tmp_path / "n.jsonl", [{"chosen": "good", "rejected": "bad"}]), tok, context=48)
 
@@ -102,7 +105,8 @@ def test_prompt_rows_for_grpo_need_an_answer_and_room_to_answer(tmp_path, world)
     rows, report = prompt_data(path, tok, context=48, max_new_tokens=4)  # a user reward may not need it
     assert rows[0]["prompt_ids"] == tok.prompt("what is 1 + 2 ?") and rows[0]["answer"] == "3"
     n = len(tok.prompt("what is 1 + 2 ?"))
-    with pytest.raises(DataError, match=f"line 1: prompt of {n} tokens \\+ max_new_tokens=4 exceeds the model's context of {n + 3}"):
+    too_long = f"line 1: prompt of {n} tokens \\+ max_new_tokens=4 exceeds the model's context of {n + 3}"
+    with pytest.raises(DataError, match=too_long):
         prompt_data(path, tok, context=n + 3, max_new_tokens=4)
     with pytest.raises(DataError, match="no usable rows"):  # a prompt is never cut, only dropped
         prompt_data(path, tok, context=48, max_new_tokens=4, max_length=n + 3)
