@@ -125,13 +125,17 @@ def test_reward_model_with_a_hugging_face_body(hf_folder, world):
     """r_phi on any body: the score head reads the HF trunk's hidden state at the last real token."""
     body, tok = load_model(hf_folder, "hf")
     rm = RewardModel(body)
-    x = torch.tensor([tok.prompt("review the movie") + tok.response("the movie was good .")])
-    padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)
+    prompt, response = tok.prompt("review the movie"), tok.response("the movie was good .")
+    x = torch.tensor([prompt + response])
+    padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)                   # right padding
     mask = torch.cat([torch.ones_like(x), torch.zeros(1, 3, dtype=torch.long)], 1)
+    response_mask = torch.zeros_like(mask)
+    response_mask[0, len(prompt):x.shape[1]] = 1
     with torch.no_grad():
         h = body.model.transformer(x).last_hidden_state[0, -1]  # transformers' own forward, EOS position
         expected = rm.score_head(h)
         assert torch.allclose(rm(padded, mask), expected, atol=1e-5)
+        assert torch.allclose(rm(padded, mask, response_mask), expected, atol=1e-5)  # the shared-prompt path
         assert torch.allclose(rm(x, torch.ones_like(x)), expected, atol=1e-5)
 
 
