@@ -102,6 +102,13 @@ def main() -> None:
     for (q, answer, old), (_, _, new) in zip(summary["examples_before"], summary["examples"]):
         print(f"  {q:18s} (= {answer:>2s})  SFT: {' '.join(f'{a:>2s}' for a in old)}   "
               f"GRPO: {' '.join(f'{a:>2s}' for a in new)}")
+    wrong = [(q, answer, a) for q, answer, answers in summary["examples"] for a in answers if a != answer]
+    near = [a for _, answer, a in wrong if a.isdigit() and abs(int(a) - int(answer)) == 1]
+    total = sum(len(answers) for _, _, answers in summary["examples"])
+    print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above; {len(near)} of them off by one.")
+    print("GRPO raises the probability of the answers that scored above their group's mean; a held-out question's\n"
+          "answers become nearly deterministic, so a question it has not learnt is answered with the same wrong\n"
+          "sum every time (often its neighbour), and a group that is all wrong teaches nothing (zero spread).")
     print(f"\nplots: {run / 'overview.png'} (and accuracy.png, answer_len.png, kl_clip.png)")
     print(f"total time {time.time() - t0:.0f} s")
 
