@@ -128,10 +128,11 @@ def main() -> None:
     for prompt, response in first["summary"]["examples"]:
         print(f"  {prompt!r:22} -> {response}")
     s = first["summary"]
-    print(f"\nWhat they show: still varied reviews of the requested item ({s['malformed']:.1%} malformed), a little more\n"
-          f"positive than the SFT model's (r* {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}): DPO moved the\n"
-          f"policy only {s['kl']:.3f} nats from pi_ref in {args.steps} steps, so it shifted which reviews are likely\n"
-          "rather than finding a single best one.")
+    change = "rose" if s["true_reward"] > s["true_reward_before"] else "did not rise"
+    print(f"\nWhat they show: r* of the samples {change}, {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}, at a KL of\n"
+          f"{s['kl']:.3f} nats per response; {s['malformed']:.1%} of them are malformed. In {args.steps} steps DPO moves the policy\n"
+          "a little from pi_ref: it shifts which of the SFT model's reviews are likely, towards those the preference\n"
+          "pairs favoured, rather than settling on one best review (compare PPO's samples in tutorial 05).")
     print(f"\nplots: {path}, and loss.png / rewards.png / logps.png / truth.png in each run folder "
           f"({first['dir']}, {args.out}/dpo_sweep/)")
     print(f"total {time.time() - start:.0f} s")

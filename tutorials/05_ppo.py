@@ -66,9 +66,13 @@ def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt:
     banner("what the samples show")
     print(f"{len(texts)} fresh samples ({per_prompt} per item): {distinct} distinct reviews once the item's name is "
           f"replaced by ITEM;\nthe most common, {count} times ({count / len(texts):.0%}): {top!r}")
-    print("PPO maximises r_phi, and a policy that has found the phrase r_phi likes best can say it about every item:\n"
-          "high r*, little variety. The KL penalty (beta) is what keeps some of the SFT model's variety; a larger\n"
-          "--beta keeps more of it, at a lower r*.")
+    if count / len(texts) >= 0.25:
+        print("PPO has settled on the phrase r_phi likes best and says it about every item: high r*, little variety.\n"
+              "It maximises r_phi, and nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT\n"
+              "model's. A larger --beta keeps more of it, at a lower r*.")
+    else:
+        print("The reviews are still varied: PPO has not collapsed onto one phrase. Run longer, or with a smaller\n"
+              "--beta, and watch this count: nothing in r_phi rewards variety, only the KL penalty keeps it.")
 
 
 def main() -> None:

@@ -105,10 +105,15 @@ def main() -> None:
     wrong = [(q, answer, a) for q, answer, answers in summary["examples"] for a in answers if a != answer]
     near = [a for _, answer, a in wrong if a.isdigit() and abs(int(a) - int(answer)) == 1]
     total = sum(len(answers) for _, _, answers in summary["examples"])
-    print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above; {len(near)} of them off by one.")
-    print("GRPO raises the probability of the answers that scored above their group's mean; a held-out question's\n"
-          "answers become nearly deterministic, so a question it has not learnt is answered with the same wrong\n"
-          "sum every time (often its neighbour), and a group that is all wrong teaches nothing (zero spread).")
+    stuck = [q for q, answer, answers in summary["examples"]
+             if sum(a != answer for a in answers) * 2 >= len(answers) and len({a for a in answers if a != answer}) == 1]
+    print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above, {len(near)} of them off by one; "
+          f"{len(stuck)} of {len(summary['examples'])} questions are answered wrong at least half the time with one "
+          "and the same wrong answer.")
+    print("GRPO raises the probability of the answers that scored above their group's mean, so a question's answers\n"
+          "become nearly deterministic: right if its group found the right sum often enough, else one wrong sum\n"
+          "(often a neighbour) every time. A group that is all wrong has zero spread and teaches nothing, so such a\n"
+          "question stays wrong; more samples per question (--group-size) give it more chances.")
     print(f"\nplots: {run / 'overview.png'} (and accuracy.png, answer_len.png, kl_clip.png)")
     print(f"total time {time.time() - t0:.0f} s")
 
