@@ -15,15 +15,18 @@ import json
 import math
 import random
 import re
+import textwrap
 import time
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from . import distributed
 from .model import GPT, load_checkpoint
 from .tokenizer import Tokenizer
 
@@ -45,6 +48,13 @@ class TrainConfig:
     grad_clip: float = 1.0       # max global gradient norm (0 = off)
     log_every: int = 10
     progress: bool = True        # tqdm progress bars
+    # real models and your own data (docs/real_models.md); with none of these, the toy world
+    model: str = ""              # a local Hugging Face model folder to start from instead of the run folder's model
+    model_impl: Literal["minialign", "hf"] = "minialign"  # run --model in minialign's GPT (GPT-2 folders) or transformers
+    data: str = ""               # training data (.jsonl or .parquet) in TRL's format for this stage, instead of the toy world
+    eval_data: str = ""          # held-out data in the same format (for the held-out metrics)
+    max_length: int | None = None  # longest prompt + response in tokens (None: the model's context); longer rows are cut as TRL does
+    grad_accum: int = 1          # micro-batches per optimizer step; batch_size stays the global batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,16 +128,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device named (``auto``: CUDA, else MPS, else CPU); under torchrun, this rank's GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.device_for_rank(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
+    return distributed.device_for_rank(device)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -177,6 +188,25 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return _clip_and_step(model, optimizer, config)
+
+
+def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     micro_batches: list, loss_of, step: int, config: TrainConfig) -> tuple[float, list]:
+    """``optimizer_step`` for a global batch in micro-batches, on this rank and the others.
+
+    ``parallel`` is ``distributed.wrap(model)`` (the model itself in one process);
+    ``loss_of(micro_batch) -> (mean loss, units, total units, extra)`` as ``distributed.accumulate``.
+    Returns the pre-clip gradient norm and each micro-batch's ``extra``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    extras = distributed.accumulate(parallel, micro_batches, loss_of)
+    return _clip_and_step(model, optimizer, config), extras
+
+
+def _clip_and_step(model, optimizer, config: TrainConfig) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if config.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -192,14 +222,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
 
 
 class Run:
-    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``."""
+    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``.
+
+    Under torchrun only rank 0 writes (``writes``); the other ranks keep their rows in memory.
+    """
 
     def __init__(self, config: TrainConfig, stage: str):
         self.dir = Path(config.out) / stage
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writes = distributed.is_main()
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")  # a rerun starts a fresh log
-        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        if self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.write_text("")  # a rerun starts a fresh log
+            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         self.start = time.time()
         self.rows: list[dict] = []
 
@@ -207,73 +242,146 @@ class Run:
         row = {"step": step, "time": round(time.time() - self.start, 3)}
         row.update({k: float(v) for k, v in metrics.items()})
         self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writes:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
 
-    def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
-             ylabel: str = "", ylim: tuple | None = None) -> Path:
-        """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
-        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel, ylim)
+    def plot(self, keys, filename: str, title: str = "", hlines: dict | None = None, ylabel: str = "",
+             ylim: tuple | None = None, caption: str = "", xlabel: str = "step") -> Path | None:
+        """One panel of logged metrics against the step: ``keys`` maps each metric to its legend in
+        words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
+        horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
+        panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
+                 "hlines": list((hlines or {}).items()), "ylim": ylim}
+        return self.plot_panels(filename, [panel], caption)
+
+    def plot_panels(self, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:
+        """``plot_panels`` of logged metrics: a panel's ``metrics`` ({key: legend}) are drawn
+        against the step, beside any explicit ``curves`` it has. Only the writing rank draws."""
+        if not self.writes:
+            return None
+        drawn = []
+        for panel in panels:
+            metrics = panel.get("metrics") or {}
+            labels = metrics if isinstance(metrics, dict) else {k: k for k in metrics}
+            curves = [self.series(key) + (label,) for key, label in labels.items()]
+            drawn.append({**panel, "curves": curves + list(panel.get("curves", []))})
+        return plot_panels(self.dir / filename, drawn, caption, title)
+
+    def series(self, key: str) -> tuple[list, list]:
+        """(steps, values) of a logged metric, over the rows that have it."""
+        pts = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
     def write_summary(self, summary: dict) -> None:
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.writes:
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
-                hlines: dict | None = None, ylabel: str = "", ylim: tuple | None = None) -> Path:
+# ----------------------------------------------------------------------------------------------
+# plots: every figure of the stages and the tutorials is drawn by these two functions
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", width: float = 5.0,
+                height: float = 4.0) -> Path:
+    """Panels side by side in one PNG, with a one-line caption under them that says what to see.
+
+    One panel per unit. Each panel is a dict with ``title``, ``xlabel`` and ``ylabel`` (each naming
+    its unit) and ``curves``, a list of ``(x, y, label)`` or ``(x, y, label, fmt)`` whose labels are
+    words, not metric keys; optional ``hlines`` (a list of ``(y, label)``), ``bars`` (a list of
+    ``(x, heights, label)``), ``xlim``, ``ylim``, ``xscale``, ``yscale``, ``xticks`` (positions,
+    labels) and ``legend`` (a matplotlib legend location, or False). A series of at most 30 points
+    drawn without a ``fmt`` gets markers, so that each measurement shows.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:  # sparse series (periodic evaluations) get markers so each measurement shows
-            ax.plot(*zip(*pts), label=key, marker="o" if len(pts) <= 30 else None)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="gray", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_panels(path, panels: list[dict], width: float = 5.0) -> Path:
-    """Several plots side by side in one PNG. Each panel is a dict with ``title``, ``xlabel``,
-    ``curves`` (a list of ``(x, y, label)`` or ``(x, y, label, fmt)``), optional ``hlines`` (a
-    list of ``(y, label)``) and ``ylim``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
+    width = max(width * len(panels), 6.5)  # a lone panel gets room for its caption
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for x, y, label, *fmt in panel["curves"]:
+        for x, y, label, *fmt in panel.get("curves", []):
             if len(x):
-                ax.plot(x, y, *fmt, label=label)
+                style = {} if fmt or len(x) > 30 else {"marker": "o"}
+                ax.plot(x, y, *fmt, label=label, **style)
+        bars = panel.get("bars", [])
+        for i, (x, heights, label) in enumerate(bars):
+            w = 0.8 / len(bars)
+            ax.bar([xi + (i - (len(bars) - 1) / 2) * w for xi in x], heights, w, label=label)
         for y, label in panel.get("hlines", []):
             ax.axhline(y, linestyle="--", color="gray", label=label)
+        for key in ("xscale", "yscale"):
+            if panel.get(key):
+                getattr(ax, f"set_{key}")(panel[key])
+        if panel.get("xlim") is not None:
+            ax.set_xlim(*panel["xlim"])
         if panel.get("ylim") is not None:
             ax.set_ylim(*panel["ylim"])
-        ax.set_title(panel.get("title", ""))
+        if panel.get("xticks") is not None:
+            ax.set_xticks(*panel["xticks"])
+        ax.set_title(panel.get("title", ""), fontsize=10)
         ax.set_xlabel(panel.get("xlabel", ""))
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("legend", "best") and ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=panel.get("legend", "best"), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, caption)
     plt.close(fig)
     return Path(path)
+
+
+def _save(fig, path, caption: str) -> None:
+    """Write ``fig`` with ``caption`` in italics under it, wrapped to the figure's width."""
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(caption, int(width * 15)) if caption else []
+    if lines:
+        fig.text(0.5, 0.02, "\n".join(lines), ha="center", va="bottom", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, (0.08 + 0.17 * len(lines)) / height if lines else 0, 1, 1))
+    fig.savefig(path, dpi=100)
+
+
+def plot_scatter(path, x, y, xlabel: str, ylabel: str, title: str = "", caption: str = "",
+                 jitter: float = 0.0) -> Path:
+    """One point per item, ``y`` against ``x`` (``jitter`` spreads an ``x`` that takes few values)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    dx = np.random.default_rng(0).uniform(-jitter, jitter, len(x)) if jitter else 0.0
+    ax.scatter(np.asarray(x) + dx, y, s=6, alpha=0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path, caption)
+    plt.close(fig)
+    return Path(path)
+
+
+def standardise(values: list[float]) -> list[float]:
+    """(v - mean) / std over the list (all 0 if the values are all equal): two series of different
+    units on one axis, when only their trends compare."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not config.progress, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, disable=not (config.progress and distributed.is_main()),
+                dynamic_ncols=True)
 
 
 def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
