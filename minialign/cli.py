@@ -3,6 +3,7 @@
     minialign pretrain --out runs/demo        # stage 1: base model
     minialign sft --out runs/demo             # stage 2: instruct model
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
+    minialign exercises make course/          # a copy with the equations' bodies to write
 
 Each stage module has a dataclass config (its flags) and ``main(config) -> summary``.
 """
@@ -15,6 +16,7 @@ import importlib
 import json
 import sys
 
+from . import exercises
 from .train import add_config_args, config_from_args
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of the stages, run in pipeline order")
+    exercises.add_parser(sub)
     return parser
 
 
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     if args.command == "pipeline":
         run_pipeline(args)
         return 0
+    if args.command == "exercises":
+        return exercises.cli_main(args)
     module, cls, _ = {**STAGES, **TOOLS}[args.command.replace("-", "_")]
     mod, config_cls = _load(module, cls)
     summary = mod.main(config_from_args(config_cls, args))

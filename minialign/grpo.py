@@ -97,6 +97,7 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
         raise ValueError(f"{rewards.numel()} rewards is not a (positive) multiple of group_size={group_size}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    # Exercise group_advantages (E11, E12): from here to the end of the function.
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
     advantages = r - baseline                                       # (Q, G)
@@ -142,6 +143,7 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match {logps.shape[0]} answers")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+    # Exercise kl_penalised_rewards (E14): from here to the end of the function.
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
     return rewards - beta * kl  # E14
 
@@ -185,6 +187,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
     logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
     A = advantages.to(dtype).detach()[:, None]                   # (B, 1): one advantage per answer
+    # Exercise grpo_loss (E13): from here to "End of exercise grpo_loss".
     ratio = torch.exp(logps - old_logps)                         # (B, T)  rho_{i,t}
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = torch.minimum(ratio * A, clipped * A)            # (B, T)  E13's surrogate
@@ -201,6 +204,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     else:                                                        # a constant: length-independent
         objective = masked_sum(per_token, mask) / (B * max_len)
     loss = -objective
+    # End of exercise grpo_loss.
 
     with torch.no_grad():
         m = mask.bool()

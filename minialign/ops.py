@@ -65,6 +65,7 @@ def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """E1: log pi(y | x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, (B,)."""
+    # Exercise sequence_logps (E1): from here to the end of the function.
     logps = model_token_logps(model, input_ids, attention_mask, temperature)  # (B, T-1)
     return masked_sum(logps, response_mask[:, 1:], dim=1)
 
@@ -119,16 +120,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """k1 = log p(x) - log q(x), per sample x ~ p."""
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return logp - logq
 
 
 def kl_k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """k2 = (log p(x) - log q(x))^2 / 2, per sample x ~ p."""
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """k3 = q(x)/p(x) - 1 - log(q(x)/p(x)), per sample x ~ p (GRPO's estimator)."""
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     log_r = logq - logp
     return torch.exp(log_r) - 1 - log_r
 

@@ -138,6 +138,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     if score.shape != (logps.shape[0],):
         raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
     _check_rows(mask)
+    # Exercise per_token_rewards (E2, E6): from here to the end of the function.
     m = mask.bool()
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
     rewards = -kl_coef * kl                                                   # (B, T)
@@ -159,6 +160,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     _check_rows(mask)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    # Exercise gae (GAE): from here to the end of the function.
     m = mask.bool()
     zero = torch.zeros_like(values[:, 0])
     next_value, next_adv = zero, zero                                         # (B,) past the end: 0
@@ -188,6 +190,7 @@ def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.T
     if score.shape != (values.shape[0],):
         raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
     _check_rows(mask)
+    # Exercise one_step_advantages (E6): from here to the end of the function.
     m = mask.bool()
     first = m.long().argmax(1)                                                # (B,) first response token
     v_x = values.gather(1, first[:, None]).squeeze(1)                         # (B,) V(x)
@@ -209,6 +212,7 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if mask.sum() == 0:
         raise ValueError("clipped_surrogate_loss over an empty mask: no response tokens")
+    # Exercise clipped_surrogate_loss (E5): from here to the end of the function.
     log_ratio = logps - old_logps.detach()
     ratio = torch.exp(log_ratio)                                              # (B, T) rho_t
     unclipped = ratio * advantages                                            # rho A
@@ -234,6 +238,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
     if mask.sum() == 0:
         raise ValueError("value_loss over an empty mask: no response tokens")
+    # Exercise value_loss (PPO value loss): from here to the end of the function.
     err = (values - returns) ** 2                                             # (B, T)
     if not clip_range:
         return 0.5 * masked_mean(err, mask), {"value_clip_frac": 0.0}

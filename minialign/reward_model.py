@@ -70,6 +70,7 @@ def _check_pair(r_w: torch.Tensor, r_l: torch.Tensor) -> None:
 def bradley_terry_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     """P(y_w preferred to y_l | x) = sigma(r_w - r_l), elementwise (E3)."""
     _check_pair(r_w, r_l)
+    # Exercise bradley_terry_probability (E3): from here to the end of the function.
     return torch.sigmoid(upcast(r_w) - upcast(r_l))  # E3
 
 
@@ -81,6 +82,7 @@ def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     Gradient: dL/dr_w = -(1 - sigma(r_w - r_l)) / B and dL/dr_l = +(1 - sigma(r_w - r_l)) / B.
     """
     _check_pair(r_w, r_l)
+    # Exercise reward_model_loss (E4): from here to the end of the function.
     margin = upcast(r_w) - upcast(r_l)  # (B,)
     return -F.logsigmoid(margin).mean()  # E4
 

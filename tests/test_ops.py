@@ -38,6 +38,7 @@ def test_token_logps_gradcheck():
     assert torch.autograd.gradcheck(lambda z: token_logps(z, tokens, 0.7), (logits,))
 
 
+@pytest.mark.exercise("sequence_logps")
 def test_model_and_sequence_logps_line_up(tiny_model):
     ids = torch.tensor([[1, 5, 6, 7, 2]])
     mask = torch.tensor([[0, 0, 1, 1, 1]])  # response = tokens 2..4
@@ -71,6 +72,7 @@ def test_masked_var_and_whiten():
     assert masked_whiten(x, m, shift_mean=False).tolist()[:3] == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
 
 
+@pytest.mark.exercise("kl_estimators")
 def test_kl_estimators_by_hand():
     logp, logq = torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))
     # k1 = log(0.5/0.25) = ln 2 = 0.6931
@@ -81,6 +83,7 @@ def test_kl_estimators_by_hand():
     assert kl_k3(logp, logq).item() == pytest.approx(0.1931, abs=1e-4)
 
 
+@pytest.mark.exercise("kl_estimators")
 def test_kl_estimators_expectations():
     # p = (0.5, 0.5), q = (0.25, 0.75): KL(p||q) = 0.5 ln 2 + 0.5 ln(2/3) = 0.3466 - 0.2027 = 0.1438
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])

@@ -30,6 +30,7 @@ def _e5_inputs(dtype=torch.float32):
     return logps, old_logps, torch.tensor(ADVS, dtype=dtype), torch.tensor(MASK)
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_by_hand():
     logps, old_logps, adv, mask = _e5_inputs()
     loss, stats = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
@@ -50,6 +51,7 @@ def test_clipped_surrogate_by_hand():
     assert stats["ratio"] == pytest.approx((1.5 + 1.5 + 0.5 + 0.5 + 1.0 + 1.1) / 6, abs=1e-6)
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     logps, old_logps, adv, mask = _e5_inputs()
     loss, _ = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
@@ -68,6 +70,7 @@ def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     assert binds.sum() == 2 and logps.grad[~response].abs().sum() == 0
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_gradcheck_float64():
     logps, old_logps, adv, mask = _e5_inputs(torch.float64)
     # finite differences must not straddle a kink: every ratio is >= 0.1 away from 0.8 and 1.2
@@ -82,6 +85,7 @@ def test_clipped_surrogate_gradcheck_float64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("gae")
 def test_gae_by_hand_three_steps_in_a_padded_batch():
     # row 0: two prompt columns (mask 0), three response tokens, one pad; row 1: one token (EOS)
     rewards = torch.tensor([[9.0, 9.0, 0.0, 0.0, 1.0, 9.0],
@@ -104,6 +108,8 @@ def test_gae_by_hand_three_steps_in_a_padded_batch():
                                                   [0, 0, 2.0, 0, 0, 0]]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.exercise("gae")
+@pytest.mark.exercise("one_step_advantages")
 def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
     torch.manual_seed(0)
     mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0],
@@ -137,6 +143,7 @@ def test_explained_variance():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("per_token_rewards")
 def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     # a padded batch as ``logps_values_entropy`` sees it: prompt column, response, then pads
     logps = torch.tensor([[7.0, -1.0, -2.0, -0.5, 7.0],
@@ -162,6 +169,7 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("value_loss")
 def test_value_loss_by_hand():
     values = torch.tensor([[1.0, 0.0, 2.0, 4.0]], requires_grad=True)
     old_values = torch.tensor([[0.5, 0.5, 2.0, 0.0]])
@@ -181,6 +189,7 @@ def test_value_loss_by_hand():
     assert plain.item() == pytest.approx(0.5 * (1 + 1 + 1) / 3)   # 0.5 mean (V - R)^2 = 0.5
 
 
+@pytest.mark.exercise("value_loss")
 def test_value_loss_gradcheck_float64():
     values = torch.tensor([[1.0, 0.0, 2.05, 4.0], [0.3, -0.4, 0.6, 0.1]], dtype=torch.float64,
                           requires_grad=True)

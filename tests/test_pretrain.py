@@ -9,6 +9,7 @@ import torch
 from minialign.pretrain import PretrainConfig, lm_loss, main
 
 
+@pytest.mark.exercise("lm_loss")
 def test_lm_loss_by_hand():
     # V = 2, T = 3: positions 0 and 1 predict tokens 1 and 2
     logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, 5.0]]])
@@ -21,6 +22,7 @@ def test_lm_loss_by_hand():
     assert lm_loss(logits, ids, torch.tensor([[0, 0, 1]])).item() == pytest.approx(0.2877, abs=1e-4)
 
 
+@pytest.mark.exercise("lm_loss")
 def test_lm_loss_gradcheck():
     logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 5, (2, 4))

@@ -18,6 +18,7 @@ from minialign.train import save_policy
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("bradley_terry_probability")
 def test_bradley_terry_by_hand():
     r_w = torch.tensor([1.0, 0.0, 2.0, -1.0])
     r_l = torch.tensor([0.0, 0.0, 0.0, 1.0])
@@ -33,6 +34,7 @@ def test_bradley_terry_by_hand():
     assert torch.allclose(p, explicit, atol=1e-6)
 
 
+@pytest.mark.exercise("bradley_terry_probability")
 def test_adding_c_of_x_to_both_rewards_changes_no_probability():
     """Z(x) cancels: r + c(x) for any c(x) leaves every E3 probability (and E4) unchanged."""
     g = torch.Generator().manual_seed(0)
@@ -50,6 +52,7 @@ def test_adding_c_of_x_to_both_rewards_changes_no_probability():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_by_hand():
     r_w = torch.tensor([1.0, 0.0])
     r_l = torch.tensor([0.0, 2.0])
@@ -61,6 +64,7 @@ def test_reward_model_loss_by_hand():
     assert math.isclose(reward_model_loss(torch.zeros(3), torch.zeros(3)).item(), 0.693147, abs_tol=1e-6)
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_is_stable_for_large_gaps():
     # gap -200: sigma underflows in float32, but -log sigma(-200) = 200 + log(1 + e^-200) = 200
     loss = reward_model_loss(torch.tensor([0.0]), torch.tensor([200.0]))
@@ -69,6 +73,7 @@ def test_reward_model_loss_is_stable_for_large_gaps():
     assert reward_model_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == 0.0
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_gradient_by_hand():
     r_w = torch.tensor([1.0, 0.0], requires_grad=True)
     r_l = torch.tensor([0.0, 2.0], requires_grad=True)
@@ -80,6 +85,7 @@ def test_reward_model_loss_gradient_by_hand():
     assert torch.allclose(r_l.grad, torch.tensor([0.134471, 0.440399]), atol=1e-6)
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     r_w = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -88,6 +94,7 @@ def test_reward_model_loss_gradcheck_float64():
     assert torch.autograd.gradcheck(bradley_terry_probability, (r_w, r_l))
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_loss_is_float32_under_bfloat16():
     r = torch.tensor([0.3, -0.2], dtype=torch.bfloat16)
     assert reward_model_loss(r, torch.zeros_like(r)).dtype == torch.float32
