@@ -70,8 +70,7 @@ import torch.nn.functional as F
 from .data import collate, infinite_minibatches
 from .evaluate import review_eval
 from .generation import generate
-from .model import GPT, GPTConfig
-from .ops import masked_sum, response_logps, sequence_logps
+from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
@@ -141,20 +140,11 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     Returns ``(loss, chosen_rewards, rejected_rewards)``: the scalar mean of -log sigma(r_w - r_l),
     and the implicit rewards r_w, r_l (B,). Log-probs in bf16/fp16 are computed on in float32.
     """
-    inputs = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    for name, x in inputs.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 1 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty (B,) tensor of sequence log-probs, "
-                             f"got shape {tuple(x.shape)}")
-    shapes = {name: tuple(x.shape) for name, x in inputs.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"batch sizes differ: {shapes}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    pi_w, pi_l, ref_w, ref_l = (x if x.dtype == torch.float64 else x.float() for x in inputs.values())
+    check_sequence_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    check_positive(beta=beta)
+    pi_w, pi_l = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
+    ref_w, ref_l = upcast(ref_chosen_logps), upcast(ref_rejected_logps)
 
     # Exercise dpo_loss (E9, E10): from here to the end of the function.
     chosen_rewards = beta * (pi_w - ref_w)      # E10: r_w = beta log(pi_theta(y_w|x) / pi_ref(y_w|x)), (B,)
@@ -210,24 +200,27 @@ def preference_batch(prompts: list[list[int]], chosen: list[list[int]], rejected
     return collate(prompts + prompts, chosen + rejected, pad_id, block_size, device)
 
 
-def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_rejected_logps(model, batch: dict[str, torch.Tensor],
+                          share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """E1 for a ``preference_batch``: (log pi(y_w|x), log pi(y_l|x)), each (B,), float32.
 
     Only response tokens count: ``response_mask`` is 0 over the prompt and the padding.
+    ``share_prompt``: chosen and rejected answer the same x, so x runs once for both (``ops.prefill``).
     """
     response_mask = batch["response_mask"][:, 1:]                                    # (2B, T-1)
     if response_mask.shape[0] % 2:
         raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {response_mask.shape[0]}")
     if (response_mask.sum(1) == 0).any():
         raise ValueError("a response in the batch has no tokens")
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # (2B,) E1
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                           share_prompt=share_prompt)                                  # (2B,) E1
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
-               dtype: str = "float32", batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device, dtype: str = "float32",
+               batch_size: int = 256, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_w|x) and log pi(y_l|x) of every pair (``tokenize_pairs``), (N,) each, no gradient.
 
     With pi_ref this is the precomputation: the training pairs are fixed and pi_ref is frozen, so
@@ -242,7 +235,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
         b = preference_batch(pairs["prompt"][i:i + batch_size], pairs["chosen"][i:i + batch_size],
                              pairs["rejected"][i:i + batch_size], pad_id, model.config.block_size, device)
         with autocast(torch.device(device), dtype):
-            w, l = chosen_rejected_logps(model, b)
+            w, l = chosen_rejected_logps(model, b, share_prompt)
         logps_w.append(w)
         logps_l.append(l)
     model.train(was_training)
@@ -256,7 +249,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_per_prompt: int = 32,
-               max_new_tokens: int = 24, seed: int = 0) -> float:
+               max_new_tokens: int = 24, seed: int = 0, share_prompt: bool = True) -> float:
     """KL(pi_theta || pi_ref) per prompt, estimated by sampling y ~ pi_theta:
 
         KL ~= mean over samples of  sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)]
@@ -264,13 +257,15 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
     (the sequence-level k1 estimator: unbiased, and exactly 0 when the policy is the reference).
     """
     device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    g = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=gen)
+    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
+                       share_prompt=share_prompt)
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    logp = response_logps(policy, g.sequences, g.attention_mask, g.prompt_len)      # (B, T)
-    logq = response_logps(reference, g.sequences, g.attention_mask, g.prompt_len)   # (B, T)
-    return masked_sum(logp - logq, g.response_mask, dim=1).mean().item()              # mean of (B,)
+    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
+    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
+    return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +285,7 @@ class DPOConfig(TrainConfig):
     num_pairs: int = 10_000             # training pairs drawn from the toy world (Bradley-Terry labels)
     eval_pairs: int = 500               # held-out pairs for the implicit reward's accuracy
     precompute_ref_logps: bool = True   # compute log pi_ref once; the reference leaves memory
+    share_prompt: bool = True           # run x once for y_w and y_l (exact; ops.prefill)
     eval_every: int = 50                # steps between measurements of r* and KL (by sampling)
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
@@ -301,7 +297,7 @@ def main(config: DPOConfig) -> dict:
         raise ValueError(f"beta must be > 0, got {config.beta}")
     if config.steps < 1 or config.eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got {config.steps} and {config.eval_every}")
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -316,9 +312,10 @@ def main(config: DPOConfig) -> dict:
     # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
     reference, _ = load_policy(init, device, tok)
     reference.requires_grad_(False).eval()
-    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype)
+    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
     if config.precompute_ref_logps:
-        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype)            # (N,), (N,)
+        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype,
+                               share_prompt=config.share_prompt)                               # (N,), (N,)
         del reference  # not needed in memory while training; reloaded to measure the KL
 
     def get_reference():
@@ -333,8 +330,9 @@ def main(config: DPOConfig) -> dict:
         ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
                          max_new_tokens=config.max_new_tokens)
         kl = sampled_kl(policy, get_reference(), tok, world.review_prompts(), config.eval_samples_per_prompt,
-                        config.max_new_tokens, seed=config.seed + 1)
-        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype)
+                        config.max_new_tokens, seed=config.seed + 1, share_prompt=config.share_prompt)
+        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
+                                share_prompt=config.share_prompt)
         _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
         policy.train()
         # a tie (as at the start, where every implicit reward is 0) counts as half right
@@ -344,7 +342,7 @@ def main(config: DPOConfig) -> dict:
 
     before = truth()
     optimizer = make_optimizer(policy, config)
-    batches = infinite_minibatches(config.num_pairs, config.batch_size, gen)
+    batches = infinite_minibatches(config.num_pairs, config.batch_size, generator)
     policy.train()
     bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
     for step in bar:
@@ -353,12 +351,12 @@ def main(config: DPOConfig) -> dict:
         batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
                                  [train["rejected"][i] for i in rows], tok.pad_id, block, device)
         with autocast(device, config.dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)                    # (B,), (B,)
+            pi_w, pi_l = chosen_rejected_logps(policy, batch, config.share_prompt)   # (B,), (B,)
         if config.precompute_ref_logps:
             ref_w, ref_l = ref_train[0][idx.to(device)], ref_train[1][idx.to(device)]
         else:
             with torch.no_grad(), autocast(device, config.dtype):
-                ref_w, ref_l = chosen_rejected_logps(reference, batch)
+                ref_w, ref_l = chosen_rejected_logps(reference, batch, config.share_prompt)
         loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)          # E9, E10
         grad_norm = optimizer_step(policy, optimizer, loss, step, config)
 
@@ -398,49 +396,3 @@ def main(config: DPOConfig) -> dict:
                "seconds": round(time.time() - run.start, 1)}
     run.write_summary(summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed: seconds per DPO step on a fixed config (``minialign bench`` calls this)
-# ----------------------------------------------------------------------------------------------
-
-
-def dpo_step_time(model_config: GPTConfig, batch_size: int, seq_len: int, device="cpu",
-                  steps: int = 10, warmup: int = 3, precompute_ref: bool = False, dtype: str = "float32") -> float:
-    """Seconds per DPO optimizer step: B pairs of ``seq_len`` tokens (half prompt, half response).
-
-    ``precompute_ref=False`` (the default, as TRL's default) runs the reference forward in every
-    step; ``True`` times the step with log pi_ref read from a table.
-    """
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    policy = GPT(model_config).to(device)
-    reference = GPT(model_config).to(device).requires_grad_(False).eval()
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    ids = torch.randint(0, model_config.vocab_size, (2 * batch_size, seq_len), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "response_mask": (torch.arange(seq_len, device=device) >= seq_len // 2).long().expand(2 * batch_size, -1)}
-    with torch.no_grad():
-        ref_w, ref_l = chosen_rejected_logps(reference, batch)
-
-    def step():
-        with autocast(device, dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)
-        if precompute_ref:
-            rw, rl = ref_w, ref_l
-        else:
-            with torch.no_grad(), autocast(device, dtype):
-                rw, rl = chosen_rejected_logps(reference, batch)
-        loss, _, _ = dpo_loss(pi_w, pi_l, rw, rl, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # wait for the device
-
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps

@@ -69,10 +69,12 @@ EXERCISES = [
              "token t; count only the N tokens where response_mask (B, T) is 1 (every token for "
              "pre-training, E0a; the response for SFT, E0b) -> a scalar, nats per token",
              "01_pretrain.py"),
-    Exercise("sequence_logps", "ops.py", "E1", "the log-probability of a whole response",
-             (r"\log \pi_\theta(\mathbf{y} \mid \mathbf{x}) = \sum_t \log \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t})",),
-             "input_ids (B, T), attention_mask (B, T) or None, response_mask (B, T) -> (B,); "
-             "model_token_logps gives the (B, T-1) terms, column j for token j+1",
+    Exercise("token_logps", "ops.py", "E1", "the log-probability of each token, a factor of E1",
+             (r"\pi_\theta(\mathbf{y} \mid \mathbf{x}) = \prod_t \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t}),\qquad "
+              r"\log \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t}) = \log \mathrm{softmax}(z_t / \tau)_{y_t}",),
+             "logits z (B, T, V) at temperature tau, tokens y (B, T) -> (B, T), the log-prob of each "
+             "given token; in float32 at least (ops.upcast): under bf16 a log-softmax loses the small "
+             "differences that ratios are made of",
              "04_dpo.py"),
     Exercise("kl_estimators", "ops.py", "k1, k2, k3", "three estimators of KL(p || q) from samples x ~ p",
              (r"k_1 = \log\frac{p(x)}{q(x)},\qquad k_2 = \frac{1}{2}\Big(\log\frac{p(x)}{q(x)}\Big)^2,"

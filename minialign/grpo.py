@@ -66,7 +66,8 @@ import torch
 
 from .evaluate import arithmetic_eval, sample_texts
 from .generation import generate
-from .ops import check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps
+from .ops import (check_choice, check_nonempty_rows, check_nonnegative, check_per_sequence, check_positive,
+                  check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
                     resolve_device, save_policy, seed_everything)
@@ -87,16 +88,11 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
     (float64 stays float64). A group whose rewards are all equal gets advantage 0.
     """
     rewards = torch.as_tensor(rewards)
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
-    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards is not a (positive) multiple of group_size={group_size}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_groups(rewards.numel(), group_size)
+    check_positive(eps=eps)
     # Exercise group_advantages (E11, E12): from here to the end of the function.
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
@@ -123,8 +119,7 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
     The KL of two autoregressive distributions is the sum of the per-token KLs (chain rule).
     ``estimator`` "k3" (GRPO's, >= 0) or "k1" (log pi_theta/pi_ref: the sum is E2's log-ratio).
     """
-    if estimator not in ("k1", "k3"):
-        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    check_choice("estimator", estimator, ("k1", "k3"))
     per_token = kl_k3(logps, ref_logps) if estimator == "k3" else kl_k1(logps, ref_logps)  # (B, T)
     return masked_sum(per_token, mask, dim=1)
 
@@ -139,10 +134,8 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32  # float64 stays (theory lab)
     rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
-    if rewards.shape != logps.shape[:1]:
-        raise ValueError(f"rewards {tuple(rewards.shape)} do not match {logps.shape[0]} answers")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    check_per_sequence(logps.shape[0], rewards=rewards)
+    check_nonnegative(beta=beta)
     # Exercise kl_penalised_rewards (E14): from here to the end of the function.
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
     return rewards - beta * kl  # E14
@@ -160,40 +153,17 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     ``max_len`` is the constant of ``aggregation="constant"`` (e.g. max_new_tokens): the token
     sum is divided by B * max_len. ``group_size``, if given, checks that B is a multiple of it.
     """
-    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
-    B, T = logps.shape
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be (B,) = ({B},), got {tuple(advantages.shape)}")
-    if kl_in not in KL_IN:
-        raise ValueError(f"kl_in must be one of {KL_IN}, got {kl_in!r}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if kl_in == "loss" and beta > 0 and ref_logps is None:
-        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
-    if group_size is not None and (group_size < 2 or B % group_size != 0):
-        raise ValueError(f"batch of {B} answers is not a multiple of group_size={group_size} (>= 2)")
-    if aggregation == "constant" and (max_len is None or max_len < T):
-        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
-    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"answers {empty[:8]} have no response tokens in mask (an answer has at "
-                         "least its EOS, or its cut-off tokens)")
-
+    _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                            aggregation, group_size, max_len)
     # float32 even under bf16 autocast (ratios are differences of close log-probs); float64 stays
-    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    dtype = upcast(logps).dtype
     logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
     A = advantages.to(dtype).detach()[:, None]                   # (B, 1): one advantage per answer
     # Exercise grpo_loss (E13): from here to "End of exercise grpo_loss".
     ratio = torch.exp(logps - old_logps)                         # (B, T)  rho_{i,t}
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = torch.minimum(ratio * A, clipped * A)            # (B, T)  E13's surrogate
-    kl = None
-    if ref_logps is not None:
-        kl = kl_k3(logps, ref_logps.to(dtype).detach())            # (B, T)  k3 >= 0
+    kl = None if ref_logps is None else kl_k3(logps, ref_logps.to(dtype).detach())  # (B, T) k3 >= 0
     if kl_in == "loss" and beta > 0:
         per_token = per_token - beta * kl                        # E13: KL in the loss
 
@@ -202,20 +172,42 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     elif aggregation == "token_mean":                            # every token of the batch alike
         objective = masked_sum(per_token, mask) / mask.sum()
     else:                                                        # a constant: length-independent
-        objective = masked_sum(per_token, mask) / (B * max_len)
+        objective = masked_sum(per_token, mask) / (mask.shape[0] * max_len)
     loss = -objective
     # End of exercise grpo_loss.
 
-    with torch.no_grad():
-        m = mask.bool()
-        # clipping is active where the clipped term won the min: ratio out of range on the side
-        # that the advantage pushes it towards (those tokens get no gradient from the surrogate)
-        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
-        stats = {"loss": loss.item(),
-                 "clip_frac": masked_mean(is_clipped.float(), m).item(),
-                 "ratio": masked_mean(ratio, m).item(),
-                 "kl": masked_mean(kl, m).item() if kl is not None else float("nan")}
+    with torch.no_grad():  # the clip binds where the clipped term won the min: those tokens get no gradient
+        stats = {"loss": loss.item(), "clip_frac": masked_mean((clipped * A < ratio * A).float(), mask).item(),
+                 "ratio": masked_mean(ratio, mask).item(),
+                 "kl": float("nan") if kl is None else masked_mean(kl, mask).item()}
     return loss, stats
+
+
+def _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                            aggregation, group_size, max_len) -> None:
+    """``grpo_loss``'s input checks, each a ValueError that names the problem."""
+    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
+    B, T = logps.shape
+    check_per_sequence(B, advantages=advantages)
+    check_nonempty_rows(mask)
+    check_choice("kl_in", kl_in, KL_IN)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_positive(clip_eps=clip_eps)
+    check_nonnegative(beta=beta)
+    if kl_in == "loss" and beta > 0 and ref_logps is None:
+        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
+    if group_size is not None:
+        check_groups(B, group_size)
+    if aggregation == "constant" and (max_len is None or max_len < T):
+        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
+
+
+def check_groups(B: int, group_size: int) -> None:
+    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
+    if B == 0 or B % group_size != 0:
+        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
 
 
 def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -252,6 +244,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
+    share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
     eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
     eval_samples: int = 16          # samples per held-out question during training
     final_eval_samples: int = 64    # samples per held-out question before and after
@@ -282,23 +275,24 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 
     # sample y ~ pi_old = the current policy (frozen for the whole iteration)
     with autocast(device, config.dtype):
-        gen = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
-                       tok.pad_id, temperature=config.temperature, generator=generator)
-    texts = [tok.decode(r) for r in gen.responses()]
+        rollout = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
+    texts = [tok.decode(r) for r in rollout.responses()]
     rewards = torch.tensor([world.true_reward(p, y, bool(f)) for p, y, f in
-                            zip(prompts, texts, gen.finished.tolist())], device=device)  # (B,)
-    mask = gen.response_mask                                                              # (B, T)
+                            zip(prompts, texts, rollout.finished.tolist())], device=device)  # (B,)
+    mask = rollout.response_mask                                                              # (B, T)
 
     with torch.no_grad(), autocast(device, config.dtype):
         # pi_old's log-probs: the sampler's own (same temperature, 0 after EOS), or recomputed by
         # the training forward so that rho = 1 exactly at the first update (the sampler's cached
         # forward agrees to ~1e-6 in float32, less closely under bf16)
-        old_logps = gen.logps
+        old_logps = rollout.logps
         if config.recompute_old_logps:
-            old_logps = response_logps(model, gen.sequences, gen.attention_mask, gen.prompt_len,
-                                       config.temperature)
-        ref_logps = response_logps(ref_model, gen.sequences, gen.attention_mask, gen.prompt_len,
-                                   config.temperature)
+            old_logps = response_logps(model, rollout.sequences, rollout.attention_mask,
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
+        ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
+                                   rollout.prompt_len, config.temperature, config.share_prompt)
     if config.kl_in == "reward":
         scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
     else:
@@ -310,8 +304,8 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
     for _ in range(config.inner_updates):  # mu passes against the same pi_old
         for idx in torch.randperm(B, generator=generator, device=device).split(config.batch_size):
             with autocast(device, config.dtype):
-                logps = response_logps(model, gen.sequences[idx], gen.attention_mask[idx],
-                                       gen.prompt_len, config.temperature)
+                logps = response_logps(model, rollout.sequences[idx], rollout.attention_mask[idx],
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
             loss, s = grpo_loss(logps, old_logps[idx], ref_logps[idx], advantages[idx], mask[idx],
                                 config.clip_eps, config.beta, config.kl_in, config.aggregation,
                                 max_len=config.max_new_tokens)
@@ -327,7 +321,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
                "loss": sum(s["loss"] for s in stats) / len(stats),
                "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
                "answer_len": lengths.mean().item(),
-               "finished": gen.finished.float().mean().item(),
+               "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
     if config.kl_in == "reward":
         metrics["kl_penalised_reward"] = scored.mean().item()  # what E11-E12 saw
@@ -342,7 +336,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
     check_config(config)
-    generator_cpu = seed_everything(config.seed)
+    data_generator = seed_everything(config.seed)  # question order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -353,7 +347,7 @@ def main(config: GRPOConfig) -> dict:
     if config.questions > len(train_questions):
         raise ValueError(f"questions={config.questions} per step, but the train split has only "
                          f"{len(train_questions)}")
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
     optimizer = make_optimizer(model, config)
 
     def heldout(samples: int) -> float:  # sampled at temperature 1: the policy's own distribution
@@ -369,7 +363,7 @@ def main(config: GRPOConfig) -> dict:
     for step in bar:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(ref_model, model)  # E14's option
-        pick = torch.randperm(len(train_questions), generator=generator_cpu)[:config.questions].tolist()
+        pick = torch.randperm(len(train_questions), generator=data_generator)[:config.questions].tolist()
         metrics = grpo_iteration(model, ref_model, optimizer, tok, world,
                                  [train_questions[i] for i in pick], config, step, generator)
         history.append(metrics)
@@ -408,45 +402,8 @@ def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, sampl
     """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
     questions = world.arithmetic_questions("heldout")[:n]
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     prompts = [q["prompt"] for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, gen)
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
     return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
             for i, q in enumerate(questions)]
-
-
-def grpo_step_time(model_config, group_size: int = 8, questions: int = 32, device="cpu",
-                   steps: int = 5, warmup: int = 1, config: GRPOConfig | None = None) -> float:
-    """Seconds per GRPO iteration (sampling, scoring, E11-E13 updates) of a fresh model, median.
-
-    ``model_config`` is a ``GPTConfig``; its vocab_size is set from the toy world's tokenizer.
-    """
-    import dataclasses
-    import statistics
-
-    from .model import GPT
-
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    world = ToyWorld(WorldConfig(seed=0))
-    tok = world.tokenizer
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(model_config, vocab_size=tok.vocab_size)).to(device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    config = config or GRPOConfig(device=str(device), progress=False)
-    config = dataclasses.replace(config, group_size=group_size, questions=questions,
-                                 batch_size=max(config.batch_size, group_size * questions))
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator(device=device).manual_seed(0)
-    qs = world.arithmetic_questions("train")
-    qs = (qs * (questions // len(qs) + 1))[:questions]
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        grpo_iteration(model, ref_model, optimizer, tok, world, qs, config, i, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)

@@ -98,29 +98,17 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .data import collate, minibatches
+from .data import minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
-from .ops import (check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
-                  token_logps)
+from .ops import (check_in_range, check_nonempty_rows, check_per_sequence, check_positive, check_token_tensors,
+                  entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, response_hidden,
+                  response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
                     resolve_device, save_policy, seed_everything)
-
-# ----------------------------------------------------------------------------------------------
-# input checks shared by the pure functions
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_rows(mask: torch.Tensor) -> None:
-    """Every row must hold at least one response token (the EOS at least)."""
-    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"response(s) {empty[:8]} of the rollout are empty (no response token in the "
-                         f"mask): there is no EOS to put the reward on")
-
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -128,20 +116,19 @@ def _check_rows(mask: torch.Tensor) -> None:
 
 
 def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """E2/E6 per token: -kl_coef * (logp - ref_logp) on every response token, plus ``score`` (B,)
+                      mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """E2/E6 per token: -beta * (logp - ref_logp) on every response token, plus ``score`` (B,)
     on the last response token of each row (the EOS). Returns (B, T), 0 outside ``mask``.
 
-    Summed over a row: score - kl_coef * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
+    Summed over a row: score - beta * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
     """
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
-    if score.shape != (logps.shape[0],):
-        raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
-    _check_rows(mask)
+    check_per_sequence(logps.shape[0], score=score)
+    check_nonempty_rows(mask)
     # Exercise per_token_rewards (E2, E6): from here to the end of the function.
     m = mask.bool()
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
-    rewards = -kl_coef * kl                                                   # (B, T)
+    rewards = -beta * kl                                                      # (B, T)
     last = last_token_index(mask)                                             # (B,) the EOS column
     eos = torch.zeros_like(rewards).scatter(1, last[:, None], 1.0)            # (B, T) one-hot at EOS
     return rewards + eos * score.to(rewards.dtype)[:, None]                   # E2: score at the EOS
@@ -157,9 +144,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     The response must be contiguous in each row (it is: prompt, response, then padding).
     """
     check_token_tensors(rewards=rewards, values=values, mask=mask)
-    _check_rows(mask)
-    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
-        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    check_nonempty_rows(mask)
+    check_in_range(0, 1, gamma=gamma, lam=lam)
     # Exercise gae (GAE): from here to the end of the function.
     m = mask.bool()
     zero = torch.zeros_like(values[:, 0])
@@ -177,25 +163,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 @torch.no_grad()
-def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """E6 as the source writes it: A(x, y) = r(x, y) - V(x), one number per answer.
 
-    ``score`` (B,) is the whole answer's reward r(x, y) (in ``main``: r_phi minus the summed KL
-    penalty, i.e. the row sum of ``per_token_rewards``); V(x) is the value at the first response
-    token (read from the hidden state of the prompt's last token). The advantage is copied onto
-    every response token; the returns (the value targets) are r(x, y) on every response token.
+    ``total_reward`` (B,) is the whole answer's KL-penalised reward r(x, y) = r_phi(x, y) -
+    beta log(pi(y|x) / pi_ref(y|x)), the row sum of ``per_token_rewards``; V(x) is the value at the
+    first response token (read from the hidden state of the prompt's last token). The advantage is
+    copied onto every response token; the returns (the value targets) are r(x, y) on every one.
     """
     check_token_tensors(values=values, mask=mask)
-    if score.shape != (values.shape[0],):
-        raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
-    _check_rows(mask)
+    check_per_sequence(values.shape[0], total_reward=total_reward)
+    check_nonempty_rows(mask)
     # Exercise one_step_advantages (E6): from here to the end of the function.
     m = mask.bool()
     first = m.long().argmax(1)                                                # (B,) first response token
     v_x = values.gather(1, first[:, None]).squeeze(1)                         # (B,) V(x)
-    advantages = torch.where(m, (score - v_x)[:, None].expand_as(values), torch.zeros_like(values))  # E6
-    returns = torch.where(m, score[:, None].expand_as(values).to(values.dtype), torch.zeros_like(values))
+    r = total_reward.to(values.dtype)[:, None].expand_as(values)              # (B, T) r(x, y) on every token
+    advantages = torch.where(m, r - v_x[:, None], torch.zeros_like(values))   # E6: A = r - V(x)
+    returns = torch.where(m, r, torch.zeros_like(values))
     return advantages, returns
 
 
@@ -208,10 +194,8 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
     tokens) and ``ratio`` (mean rho). Every token of the batch weighs the same (token-level mean).
     """
     check_token_tensors(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if mask.sum() == 0:
-        raise ValueError("clipped_surrogate_loss over an empty mask: no response tokens")
+    check_nonempty_rows(mask)
+    check_positive(clip_eps=clip_eps)
     # Exercise clipped_surrogate_loss (E5): from here to the end of the function.
     log_ratio = logps - old_logps.detach()
     ratio = torch.exp(log_ratio)                                              # (B, T) rho_t
@@ -236,8 +220,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     ``value_clip_frac``, the fraction of tokens where the clipped error is the larger.
     """
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
-    if mask.sum() == 0:
-        raise ValueError("value_loss over an empty mask: no response tokens")
+    check_nonempty_rows(mask)
     # Exercise value_loss (PPO value loss): from here to the end of the function.
     err = (values - returns) ** 2                                             # (B, T)
     if not clip_range:
@@ -261,14 +244,14 @@ class AdaptiveKLController:
     ``target=None`` beta stays fixed.
     """
 
-    def __init__(self, kl_coef: float, target: float | None = None, horizon: int = 10_000):
-        self.value, self.target, self.horizon = kl_coef, target, horizon
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10_000):
+        self.beta, self.target, self.horizon = beta, target, horizon
 
     def update(self, kl: float, n: int) -> float:
         if self.target is not None:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.value *= 1 + error * n / self.horizon
-        return self.value
+            self.beta *= 1 + error * n / self.horizon
+        return self.beta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,26 +276,27 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, L, V) and values (B, L) float32: V at position j is the value of the state
-        after tokens 0..j, i.e. before the token at j+1 is chosen."""
-        h = self.policy.hidden(input_ids, attention_mask)                     # (B, L, C)
-        logits = self.policy.lm_head(h)                                       # (B, L, V)
-        h_v = h if self.critic is None else self.critic.hidden(input_ids, attention_mask)
-        values = self.value_head(h_v).squeeze(-1).float()                     # (B, L)
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) float32 for the response columns of ``generate``'s
+        sequences (prompt in the first ``prompt_len`` columns): column t is the state before
+        response token t is chosen. ``share_prompt``: see ``ops.prefill`` (the same numbers)."""
+        h = response_hidden(self.policy, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]  # (B, T, C)
+        logits = self.policy.lm_head(h)                                       # (B, T, V)
+        if self.critic is not None:
+            h = response_hidden(self.critic, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]
+        values = self.value_head(h).squeeze(-1).float()                       # (B, T)
         return logits, values
 
 
-def logps_values_entropy(model: PolicyWithValueHead, batch: dict, temperature: float = 1.0):
-    """log pi(token j+1 | tokens <= j), V(state j) and the entropy at j: three (B, L-1) tensors,
-    aligned with ``input_ids[:, 1:]`` and ``response_mask[:, 1:]`` (as ``ops.model_token_logps``)."""
-    ids = batch["input_ids"]
-    logits, values = model(ids, batch["attention_mask"])
-    logits = logits[:, :-1]
-    logps = token_logps(logits, ids[:, 1:], temperature)                      # (B, L-1) E1 factors
-    entropy = entropy_from_logits(logits.float() / temperature)               # (B, L-1)
-    return logps, values[:, :-1], entropy
+def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_len: int, temperature: float = 1.0, share_prompt: bool = True):
+    """log pi(y_t | x, y_<t), V(state before y_t) and the entropy there: three (B, T) tensors,
+    aligned with ``Generation.response_mask``."""
+    logits, values = model(sequences, attention_mask, prompt_len, share_prompt)  # (B, T, V), (B, T)
+    logps = token_logps(logits, sequences[:, prompt_len:], temperature)       # (B, T) E1 factors
+    entropy = entropy_from_logits(logits.float() / temperature)               # (B, T)
+    return logps, values, entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +323,7 @@ class PPOConfig(TrainConfig):
     min_lr_ratio: float = 1.0           # constant learning rate
     max_new_tokens: int = 24
     temperature: float = 1.0            # sampling and log-prob temperature (must be the same)
-    kl_coef: float = 0.1                # beta of E2 (the initial one if adaptive)
+    beta: float = 0.1                   # KL strength of E2 (the initial one if adaptive)
     kl_target: float | None = None      # None: fixed beta; a number: adaptive, target KL (nats/response)
     kl_horizon: int = 320               # adaptive: beta moves <= 0.2 * batch_size / kl_horizon per iteration
     advantage: Literal["gae", "source"] = "gae"  # per-token GAE, or the source's A = r - V(x) (E6)
@@ -352,22 +336,11 @@ class PPOConfig(TrainConfig):
     ent_coef: float = 0.0               # entropy bonus
     shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
     missing_eos_score: float = -7.0     # score of a response cut off before its EOS
+    share_prompt: bool = True           # run each prompt once for all its samples (exact; ops.prefill)
     log_every: int = 1
     eval_every: int = 10                # iterations between review_eval measurements of r*
     eval_samples: int = 16              # samples per review prompt in those measurements
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
-
-
-def _rollout_batch(gen, tok, block_size: int, device) -> dict:
-    """Re-collate a generation right-padded: ``<bos> ... <assistant> y_1 .. y_T(=EOS) <pad>..``.
-
-    Every consumer (policy, reference, reward model) then sees the same right-padded layout, in
-    which the reward model reads its score at the last real token, the EOS.
-    """
-    prompts = [row[m.bool()].tolist() for row, m in zip(gen.sequences[:, :gen.prompt_len],
-                                                       gen.attention_mask[:, :gen.prompt_len])]
-    responses = [ids[:int(n)].tolist() for ids, n in zip(gen.response_ids, gen.response_mask.sum(1))]
-    return collate(prompts, responses, tok.pad_id, block_size, device)
 
 
 def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
@@ -386,7 +359,7 @@ def main(config: PPOConfig) -> dict:
     if config.minibatch_size <= 0 or config.minibatch_size > config.batch_size:
         raise ValueError(f"minibatch_size must be in [1, batch_size={config.batch_size}], "
                          f"got {config.minibatch_size}")
-    gen_cpu = seed_everything(config.seed)
+    data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -396,11 +369,10 @@ def main(config: PPOConfig) -> dict:
     rm = _load_reward_model(config.reward_model or f"{config.out}/reward_model/model.pt", device, tok)
     model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
     optimizer = make_optimizer(model, config)
-    kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
     run = Run(config, "ppo")
-    sampler = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
     prompts = world.review_prompts()
-    block = policy.config.block_size
 
     def truth(samples_per_prompt: int) -> dict:
         ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
@@ -412,29 +384,30 @@ def main(config: PPOConfig) -> dict:
     bar = progress(range(config.steps), config, "ppo")
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
-        pick = torch.randint(len(prompts), (config.batch_size,), generator=gen_cpu).tolist()
+        pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
         texts = [prompts[i] for i in pick]
-        g = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
-                     tok.pad_id, temperature=config.temperature, generator=sampler)
-        batch = _rollout_batch(g, tok, block, device)
-        mask = batch["response_mask"][:, 1:]                                  # (B, L-1) response tokens
-        finished = g.finished                                                 # (B,) emitted EOS
+        rollout = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
+        seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
+        mask = rollout.response_mask                                          # (B, T) response tokens
+        finished = rollout.finished                                           # (B,) emitted EOS
 
         # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ------------------
         model.eval()
         with torch.no_grad(), autocast(device, config.dtype):
-            old_logps, old_values, _ = logps_values_entropy(model, batch, config.temperature)
-            ref_logps = token_logps(ref(batch["input_ids"], batch["attention_mask"])[:, :-1],
-                                    batch["input_ids"][:, 1:], config.temperature)
-            rm_score = rm(batch["input_ids"], batch["attention_mask"]).float()  # (B,) read at the EOS
+            old_logps, old_values, _ = logps_values_entropy(model, seqs, attn, P, config.temperature, share)
+            ref_logps = response_logps(ref, seqs, attn, P, config.temperature, share)  # (B, T)
+            rm_score = rm(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) read at the EOS
         # a response with no EOS has no place to read r_phi: it gets the penalty score instead
         score = torch.where(finished, rm_score, torch.full_like(rm_score, config.missing_eos_score))
-        beta = kl_ctl.value
-        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, L-1)
+        beta = kl_ctl.beta
+        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, T)
         if config.advantage == "gae":
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         else:
-            advantages, returns = one_step_advantages(rewards.sum(1), old_values, mask)  # E6
+            total_reward = rewards.sum(1)                                      # (B,) r(x, y) of E6
+            advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
@@ -442,11 +415,11 @@ def main(config: PPOConfig) -> dict:
         model.train()
         logs = []
         for _ in range(config.ppo_epochs):
-            for idx in minibatches(config.batch_size, config.minibatch_size, gen_cpu):
+            for idx in minibatches(config.batch_size, config.minibatch_size, data_generator):
                 idx = idx.to(device)
-                mb = {k: v[idx] for k, v in batch.items()}
                 with autocast(device, config.dtype):
-                    logps, values, entropy = logps_values_entropy(model, mb, config.temperature)
+                    logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
+                                                                  config.temperature, share)
                 m = mask[idx]
                 pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
                                                            config.clip_eps)                      # E5
@@ -462,13 +435,13 @@ def main(config: PPOConfig) -> dict:
             kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
             kl = kl_seq.mean().item()
             true = [world.true_reward(p, tok.decode(r), bool(f))
-                    for p, r, f in zip(texts, g.responses(), finished.tolist())]
+                    for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
             metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             metrics.update({
                 "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
                 "score": score.mean().item(),                                  # learned reward r_phi
                 "true_reward": sum(true) / len(true),                          # hidden r* of the rollout
-                "kl": kl, "kl_coef": beta,
+                "kl": kl, "beta": beta,
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.float().mean().item(),
@@ -501,7 +474,7 @@ def main(config: PPOConfig) -> dict:
         "malformed_before": before["eval_malformed"], "malformed": final["eval_malformed"],
         "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
         "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
-        "kl_coef_last": rows[-1]["kl_coef"], "explained_variance_last": rows[-1]["explained_variance"],
+        "beta_last": rows[-1]["beta"], "explained_variance_last": rows[-1]["explained_variance"],
         "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
     }
     run.write_summary(summary)

@@ -58,10 +58,10 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
     Shared by pre-training (prompt = ``<bos>``) and SFT (prompt = the chat prompt).
     """
     device = next(model.parameters()).device
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # data order
     optimizer = make_optimizer(model, config)
     prompts, responses = train
-    batches = infinite_minibatches(len(prompts), config.batch_size, gen)
+    batches = infinite_minibatches(len(prompts), config.batch_size, generator)
     block, pad = model.config.block_size, 0
 
     def held_out_loss() -> float:

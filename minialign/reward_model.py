@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .data import collate, infinite_minibatches
 from .model import GPT, GPTConfig, load_checkpoint
-from .ops import upcast
+from .ops import align_responses, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, checkpoint_tokenizer, load_policy, make_optimizer,
@@ -120,13 +120,23 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score_head.weight, std=1.0 / (config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token.
+
+        With ``response_mask`` (1 on response tokens) rows that share a prompt compute it once
+        (``ops.prefill``; the same rewards): the two answers of a pair, the samples of a prompt.
+        """
         if input_ids.shape != attention_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} differ in shape")
-        h = self.body.hidden(input_ids, attention_mask)            # (B, T, C)
-        last = last_token_index(attention_mask)                    # (B,)
+        if response_mask is None:
+            h = self.body.hidden(input_ids, attention_mask)        # (B, T, C)
+            last = last_token_index(attention_mask)                # (B,)
+        else:
+            ids, mask, P = align_responses(input_ids, attention_mask, response_mask)
+            h = response_hidden(self.body, ids, mask, P)           # (B, 1 + T', C) from the prompt's last token
+            last = mask[:, P:].sum(1)                              # (B,) the last response token's column
         h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C): the EOS position
         return self.score_head(h_last).squeeze(-1).float()         # (B,)
 
@@ -218,17 +228,21 @@ def collate_pairs(prompts_w: list[list[int]], chosen: list[list[int]], prompts_l
                    device)
 
 
-def pair_rewards(model: RewardModel, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass."""
+def pair_rewards(model: RewardModel, pairs, pad_id: int, device,
+                 share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass.
+
+    ``share_prompt``: x runs once for both answers (``ops.prefill``).
+    """
     x, y_w, y_l = zip(*pairs)
     b = collate_pairs(x, y_w, x, y_l, pad_id, model.config.block_size, device)
-    rewards = model(b["input_ids"], b["attention_mask"])  # (2B,)
+    rewards = model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None)  # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):]
 
 
 @torch.no_grad()
 def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-          batch_size: int = 512) -> torch.Tensor:
+          batch_size: int = 512, share_prompt: bool = True) -> torch.Tensor:
     """r_phi of (prompt ids, response ids) lists, (N,) float32 on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -237,7 +251,7 @@ def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int
     for i in range(0, len(prompts), batch_size):
         b = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id,
                     model.config.block_size, device)
-        out.append(model(b["input_ids"], b["attention_mask"]).cpu())
+        out.append(model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -266,6 +280,7 @@ class RewardModelConfig(TrainConfig):
     eval_pairs: int = 2_000       # fresh held-out pairs
     eval_every: int = 250
     center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+    share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
 
 
 @torch.no_grad()
@@ -336,7 +351,7 @@ def plot_scatter(learned, true, path, title: str = "") -> Path:
 
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = config.init or f"{config.out}/sft/model.pt"
@@ -358,13 +373,13 @@ def main(config: RewardModelConfig) -> dict:
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
-    batches = infinite_minibatches(len(train_pairs), config.batch_size, gen)
+    batches = infinite_minibatches(len(train_pairs), config.batch_size, generator)
     model.train()
     bar = progress(range(config.steps), config, "reward model")
     for step in bar:
         batch = [train_pairs[i] for i in next(batches).tolist()]
         with autocast(device, config.dtype):
-            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device)  # (B,), (B,)
+            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device, config.share_prompt)  # (B,), (B,)
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
         if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes

@@ -65,6 +65,15 @@ def field_comments(config_cls) -> dict[str, str]:
     return comments
 
 
+def parse_bool(text: str) -> bool:
+    """``true/false`` (also ``yes/no``, ``1/0``, ``on/off``) for boolean flags: ``--share-prompt false``."""
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
     """One ``--flag`` per dataclass field: type and default from the field, help from its comment."""
     hints = typing.get_type_hints(config_cls)
@@ -76,9 +85,11 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{comments.get(f.name, '')} (default: {default})".strip())
+        if tp is bool:  # --x, --x true, --x false, --no-x
+            parser.add_argument(flag, dest=f.name, type=parse_bool, nargs="?", const=True, default=default,
+                                metavar="true|false", help=f"{comments.get(f.name, '')} "
+                                f"(default: {default}; --no-{flag[2:]} = {flag} false)".strip())
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
             continue
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
         conv = type(choices[0]) if choices else tp

@@ -110,7 +110,7 @@ def test_every_exercise_has_its_marker_and_its_tests():
 
 def test_select_by_name_or_file():
     assert [e.name for e in exercises.select(["dpo"])] == ["optimal_policy", "implied_reward", "dpo_loss"]
-    assert [e.name for e in exercises.select(["grpo_loss", "ops"])] == ["sequence_logps", "kl_estimators",
+    assert [e.name for e in exercises.select(["grpo_loss", "ops"])] == ["token_logps", "kl_estimators",
                                                                        "grpo_loss"]
     assert len(exercises.select(None)) == len(exercises.EXERCISES)
     with pytest.raises(ValueError, match="unknown exercise"):
@@ -210,3 +210,27 @@ return torch.where(spread, advantages, torch.zeros_like(advantages)).reshape(-1)
 def test_check_names_a_missing_copy(tmp_path):
     with pytest.raises(FileNotFoundError, match="exercises make"):
         exercises.check(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_train_runs_the_tutorial_with_the_copy_beside_the_reference(tiny_run, tmp_path, capsys):
+    copy = tmp_path / "student"
+    exercises.make(copy, ["dpo_loss"])
+    solve(copy, "dpo_loss", """
+print("dpo_loss written by the student")
+chosen_rewards = beta * (pi_w - ref_w)
+rejected_rewards = beta * (pi_l - ref_l)
+loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+return loss, chosen_rewards, rejected_rewards
+""")
+    flags = "--steps 2 --batch-size 8 --samples 1 --eval-pairs 8 --eval-every 1"
+    assert cli(["exercises", "check", str(copy), "dpo_loss", "--train", "--runs", str(tiny_run),
+                "--train-args", flags]) == 0
+    out = capsys.readouterr().out
+    # both ran from the same SFT model; the same math gives the same seeded figures
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\s+(\w+)\s+(-?[\d.]+)\s+(-?[\d.]+)$", out, re.M)}
+    assert set(rows) == {"true_reward_before", "true_reward", "kl", "heldout_accuracy"}
+    assert all(ref == yours for ref, yours in rows.values()), rows
+    # and the student's run really ran the student's code
+    assert "written by the student" in (copy / "runs" / "yours" / "04_dpo.log").read_text()
+    assert "written by the student" not in (copy / "runs" / "reference" / "04_dpo.log").read_text()
