@@ -1,58 +1,72 @@
-r"""GRPO, group relative policy optimisation (E11-E14): PPO without a value head.
+r"""GRPO, group relative policy optimisation (E11-E14): PPO without a value head. The source
+post's section 3.
 
-PPO (``ppo.py``) needs a critic V(x) for its baseline, a second network as large as the policy.
-GRPO (DeepSeekMath, Shao et al. 2024) drops it: it samples G answers to the same question and
-uses their mean reward as the baseline. The group *is* the value estimate.
+PPO (``ppo.py``) needs a critic $V(x)$ for its baseline, a second network as large as the policy.
+GRPO (DeepSeekMath, Shao et al. 2024) drops it: it samples $G$ answers to the same question and
+uses their mean reward as the baseline. The group is the value estimate.
 
-For a question x, sample G answers y_1..y_G ~ pi_old(. | x) and score them, r_i = r(x, y_i)
-(here the verifiable reward of the toy world: 1 if the arithmetic answer is right, else 0).
+For a question $x$, sample $G$ answers $y_1, \dots, y_G \sim \pi_{old}(\cdot\mid x)$ and score them,
+$r_i = r(x, y_i)$: here the toy world's verifiable reward, 1 if the arithmetic answer is right,
+else 0.
 
-E11, the group baseline:
+**E11, the group baseline:**
 
-.. math::  \bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)
+$$\bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)$$
 
-E12, the normalised advantage, one number per answer, given to every one of its tokens:
+**E12, the normalised advantage,** one number per answer, given to every one of its tokens:
 
-.. math::  \hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}
+$$\hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}$$
 
 A group whose answers all score the same (all right, or all wrong) carries no signal about which
-answer is better: its advantage is exactly 0, never 0/0 = NaN.
+answer is better: its advantage is exactly 0, never $0/0$ = NaN (``group_advantages``).
 
-E13, the objective, with the per-token ratio
-:math:`\rho_{i,t} = \pi_\theta(y_{i,t} \mid x, y_{i,<t}) / \pi_{old}(y_{i,t} \mid x, y_{i,<t})`:
+**E13, the objective,** with the per-token ratio
+$\rho_{i,t} = \pi_\theta(y_{i,t}\mid x, y_{i,<t}) / \pi_{old}(y_{i,t}\mid x, y_{i,<t})$ (``grpo_loss``):
 
-.. math::  J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G \frac{1}{|y_i|}\sum_{t=1}^{|y_i|}
-           \Big(\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\hat A_i\big)
-           - \beta\, D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t}\Big)\Big]
+$$J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G\Big(\frac{1}{|y_i|}\sum_{t=1}^{|y_i|}
+\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\,\hat A_i\big)
+- \beta\, D_{KL}(\pi_\theta\Vert\pi_{ref})\Big)\Big]$$
 
-with the per-token KL estimated by k3 (``ops.kl_k3``), unbiased and never negative:
+with the KL estimated per token by k3 (``ops.kl_k3``), unbiased and never negative:
 
-.. math::  D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t} \approx
-           \frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)}
-           - \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1
+$$D_{KL}(\pi_\theta\Vert\pi_{ref})_{i,t} \approx \frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)}
+- \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1$$
 
-E14, one iteration: optionally reset :math:`\pi_{ref} \leftarrow \pi_\theta`; set
-:math:`\pi_{old} \leftarrow \pi_\theta`; sample G answers per question; reward
-:math:`r_i = r(x, y_i) - \beta D_{KL}` (when the KL goes in the reward); E11-E12; several gradient
-steps on E13 against the same :math:`\pi_{old}` samples.
+**E14, one iteration** (``grpo_iteration``): optionally reset $\pi_{ref} \leftarrow \pi_\theta$; set
+$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question; reward
+$r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps on
+E13 against the same samples of $\pi_{old}$.
 
 Choices the source leaves open, each an option of ``GRPOConfig``:
 
-- ``kl_in``: ``"loss"`` (default) puts beta * k3 in the loss per token, as E13 and DeepSeekMath
+- ``kl_in``: ``"loss"`` (default) puts $\beta\cdot$k3 in the loss per token, as E13 and DeepSeekMath
   do: the reward stays the plain verifiable 0/1, so E12's normalisation is not disturbed by the
-  KL, and the KL's gradient is exact rather than a REINFORCE estimate. ``"reward"`` subtracts
-  beta * (summed k3 of the answer) from r_i before E11-E12, as E14 writes it (and as PPO, E6, does).
-- ``aggregation``: ``"answer_mean"`` is E13: mean over each answer's tokens, then over answers,
+  KL, and the KL's gradient is back-propagated rather than estimated by the policy gradient.
+  ``"reward"`` subtracts $\beta\cdot$(the answer's summed k3) from $r_i$ before E11-E12, as E14
+  writes it (and as PPO's E6 does).
+- ``aggregation``: ``"answer_mean"`` is E13: the mean over each answer's tokens, then over answers,
   so a token of a short answer weighs more than a token of a long one. ``"token_mean"`` (DAPO)
-  averages over all tokens of the batch, so every token weighs the same. ``"constant"``
-  (Dr. GRPO) divides the token sum by a constant, B * max_len, so the gradient does not depend
-  on the answers' lengths at all.
+  averages over all tokens of the batch. ``"constant"`` (Dr. GRPO) divides the token sum by
+  $B\cdot$``max_new_tokens``, so the gradient does not depend on the answers' lengths.
 - ``scale_by_std``: E12 divides by the group's std; Dr. GRPO shows this up-weights questions that
-  are nearly always right or wrong and drops it (``False``: advantage = r - mean). Default: E12
-  as written; on this task the two measured within seed noise of each other (docs/grpo.md).
-- ``ref_reset_every``: E14's pi_ref <- pi_theta every N iterations (0: the SFT model stays pi_ref).
+  are nearly always right or wrong and drops it (``False``: $\hat A = r - \bar R$). Default: E12 as
+  written.
+- ``ref_reset_every``: E14's $\pi_{ref} \leftarrow \pi_\theta$ every N iterations (0: the SFT model
+  stays $\pi_{ref}$).
 
-The std in E12 is the sample std (divides by G - 1), as ``torch.std`` and common trainers compute it.
+**Where this differs from the source**
+
+- E13's KL term sits inside the per-token mean: $\beta\cdot$k3 is averaged with the surrogate over
+  each answer's tokens. Its expected gradient is that of $\mathrm{KL}(\pi_{ref}\Vert\pi_\theta)$, the
+  other direction from the $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ it estimates (``docs/theory.md``
+  derives it, ``tests/test_theory.py`` checks it).
+- E14's KL (``kl_in="reward"``) is the sum of the per-token k3 over the answer (the KL of two
+  autoregressive distributions is the sum of the per-token KLs).
+- E14 scores with a reward model $r_\phi$; here the reward is the toy world's verifiable one.
+- E12's std is the sample std (divides by $G - 1$), as ``torch.std`` and common trainers compute
+  it; $\epsilon = 10^{-4}$ (``adv_eps``).
+- $\log\pi_{old}$ is the sampler's own (at the sampling temperature); ``recompute_old_logps``
+  recomputes it with the training forward.
 """
 
 from __future__ import annotations
@@ -82,7 +96,7 @@ AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: bool = True) -> torch.Tensor:
-    """E11 and E12: the advantage of each of B answers, rows grouped G = ``group_size`` at a time.
+    r"""E11 and E12: the advantage $\hat A_i$ of each of B answers, rows grouped $G$ = ``group_size`` at a time.
 
     ``rewards`` (B,): rows i*G .. i*G + G - 1 are the G answers to question i. Returns (B,) float32
     (float64 stays float64). A group whose rewards are all equal gets advantage 0.
@@ -114,10 +128,10 @@ def zero_spread_fraction(rewards, group_size: int) -> float:
 
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                 estimator: str = "k3") -> torch.Tensor:
-    """KL(pi_theta || pi_ref) of each answer: the sum over its tokens of a per-token estimate, (B,).
+    r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ of each answer: the sum over its tokens of a per-token estimate, (B,).
 
     The KL of two autoregressive distributions is the sum of the per-token KLs (chain rule).
-    ``estimator`` "k3" (GRPO's, >= 0) or "k1" (log pi_theta/pi_ref: the sum is E2's log-ratio).
+    ``estimator`` "k3" (GRPO's, $\ge 0$) or "k1" ($\log\pi_\theta/\pi_{ref}$: the sum is E2's log-ratio).
     """
     check_choice("estimator", estimator, ("k1", "k3"))
     per_token = kl_k3(logps, ref_logps) if estimator == "k3" else kl_k1(logps, ref_logps)  # (B, T)
@@ -126,7 +140,7 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
 
 def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                          beta: float, estimator: str = "k3") -> torch.Tensor:
-    """E14: r_i = r(x, y_i) - beta * KL_i, the KL summed over answer i's tokens; (B,), no gradient.
+    r"""E14: $r_i = r(x, y_i) - \beta\,\mathrm{KL}_i$, the KL summed over answer $i$'s tokens; (B,), no gradient.
 
     Used with ``kl_in="reward"``: these rewards go into ``group_advantages`` (E11-E12), and the
     loss then has no KL term of its own.
@@ -145,7 +159,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
               kl_in: str = "loss", aggregation: str = "answer_mean", group_size: int | None = None,
               max_len: int | None = None) -> tuple[torch.Tensor, dict]:
-    """E13: the negative GRPO objective (a loss to minimise) and a dict of statistics.
+    r"""E13: $-J_{GRPO}$ (a loss to minimise) and a dict of statistics.
 
     logps, old_logps, ref_logps, mask: (B, T), one column per response token (EOS included in
     ``mask``: the policy must learn to stop). advantages: (B,) from ``group_advantages``.
@@ -211,7 +225,7 @@ def check_groups(B: int, group_size: int) -> None:
 
 
 def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
-    """E14's option pi_ref <- pi_theta: copy the policy's weights into the reference (no sharing)."""
+    r"""E14's option $\pi_{ref} \leftarrow \pi_\theta$: copy the policy's weights into the reference (no sharing)."""
     ref_model.load_state_dict(model.state_dict())  # load_state_dict copies values into ref's own tensors
 
 

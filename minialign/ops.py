@@ -1,18 +1,21 @@
-"""The math that several algorithms share: token log-probs (E1), masked reductions, whitening,
-KL estimators and entropy.
+r"""The math that several algorithms share: token log-probs (E1), input checks, masked
+reductions, whitening, KL estimators and entropy.
 
 Every function takes and returns tensors; none knows which algorithm calls it. Log-probs are
 computed in float32 whatever the model's dtype: under bf16 a log-softmax over the vocabulary
-loses the small differences that ratios such as pi_theta / pi_old are made of.
+loses the small differences that ratios such as $\pi_\theta/\pi_{old}$ are made of.
 
-KL estimators (J. Schulman, "Approximating KL divergence", 2020). For tokens sampled from p
-(the policy pi_theta) and q the reference pi_ref, with log r = log q(x) - log p(x):
+**KL estimators** (J. Schulman, "Approximating KL divergence", 2020). For tokens $x$ sampled
+from $p$ (the policy $\pi_\theta$) and $q$ the reference $\pi_{ref}$, with
+$\log\rho = \log q(x) - \log p(x)$:
 
-    k1 = -log r                 unbiased, high variance, can be negative
-    k2 = (log r)^2 / 2          biased, low variance, >= 0
-    k3 = (r - 1) - log r        unbiased, low variance, >= 0 (0 exactly when p = q at x)
+| estimator | formula | bias, variance |
+|---|---|---|
+| k1 | $-\log\rho$ | unbiased, high variance, can be negative |
+| k2 | $\frac12(\log\rho)^2$ | biased, low variance, $\ge 0$ |
+| k3 | $(\rho - 1) - \log\rho$ | unbiased, low variance, $\ge 0$ (0 exactly where $p = q$ at $x$) |
 
-k3 is the estimator of GRPO (DeepSeekMath): pi_ref/pi_theta - log(pi_ref/pi_theta) - 1.
+k3 is GRPO's estimator (DeepSeekMath): $\frac{\pi_{ref}}{\pi_\theta} - \log\frac{\pi_{ref}}{\pi_\theta} - 1$.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | context) of the given ``tokens`` (B, T) from ``logits`` (B, T, V), at ``temperature``.
+    r"""$\log\pi(y_t\mid\text{context})$ of the given ``tokens`` (B, T) from ``logits`` (B, T, V), at ``temperature``.
 
-    One factor of E1: log pi_theta(y | x) = sum_t log pi_theta(y_t | x, y_<t).
+    One factor of E1: $\log\pi_\theta(y\mid x) = \sum_t \log\pi_\theta(y_t\mid x, y_{<t})$.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align")
@@ -42,7 +45,7 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
 
 def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       temperature: float = 1.0) -> torch.Tensor:
-    """log pi(input_ids[:, t] | input_ids[:, :t]) for t >= 1: a (B, T-1) tensor.
+    r"""$\log\pi$(``input_ids[:, t]`` | ``input_ids[:, :t]``) for t >= 1: a (B, T-1) tensor.
 
     Column j holds the log-prob of token j+1, predicted from the logits at position j, so it
     lines up with ``input_ids[:, 1:]`` and with ``response_mask[:, 1:]``.
@@ -103,7 +106,7 @@ def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor
 
 def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                    temperature: float = 1.0, share_prompt: bool = True) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every response column of ``generate``'s sequences: (B, T).
+    r"""$\log\pi(y_t\mid x, y_{<t})$ of every response column of ``generate``'s sequences: (B, T).
 
     The prompt fills the first ``prompt_len`` columns (left-padded); the result lines up with
     ``Generation.response_mask``. ``share_prompt``: see ``response_hidden`` (the same numbers).
@@ -149,7 +152,7 @@ def align_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    response_mask: torch.Tensor, temperature: float = 1.0,
                    share_prompt: bool = True) -> torch.Tensor:
-    """E1: log pi(y | x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, (B,).
+    r"""E1: $\log\pi(y\mid x) = \sum_t \log\pi(y_t\mid x, y_{<t})$ over each row's response tokens, (B,).
 
     ``share_prompt``: rows with the same prompt compute it once (``response_hidden``).
     """
@@ -267,7 +270,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; ``shift_mean=False`` keeps the mean (only scales)."""
+    r"""$(x - \text{mean})/\text{std}$ over the masked entries; ``shift_mean=False`` keeps the mean (only scales)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -275,26 +278,31 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
+# ----------------------------------------------------------------------------------------------
+# KL estimators and entropy
+# ----------------------------------------------------------------------------------------------
+
+
 def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k1 = log p(x) - log q(x), per sample x ~ p."""
+    r"""k1 $= \log p(x) - \log q(x)$, per sample $x\sim p$."""
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return logp - logq
 
 
 def kl_k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k2 = (log p(x) - log q(x))^2 / 2, per sample x ~ p."""
+    r"""k2 $= \frac12(\log p(x) - \log q(x))^2$, per sample $x\sim p$."""
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k3 = q(x)/p(x) - 1 - log(q(x)/p(x)), per sample x ~ p (GRPO's estimator)."""
+    r"""k3 $= \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}$, per sample $x\sim p$ (GRPO's estimator)."""
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     log_r = logq - logp
     return torch.exp(log_r) - 1 - log_r
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(pi(. | context)) = -sum_v p_v log p_v for each position: (..., V) -> (...)."""
+    r"""$H(\pi(\cdot\mid\text{context})) = -\sum_v p_v\log p_v$ for each position: (..., V) -> (...)."""
     logp = F.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)

@@ -1,92 +1,80 @@
-r"""PPO with a value head: the RLHF loop against the learned reward model (E2, E5, E6).
+r"""PPO with a value head: the RLHF loop against the learned reward model (E2, E5, E6). The source
+post's sections 0 (E2) and 1 (E5, E6).
 
-**The objective (E2).** Sample a response from the policy and score it with the reward model,
-minus a KL penalty that keeps the policy near the SFT model it started from:
+**The objective (E2).** Sample a response from the policy, score it with the reward model, and
+subtract a KL penalty that keeps the policy near the SFT model it started from:
 
-.. math::
+$$J_r(\pi_\theta) = \mathbb{E}_{x,\ y\sim\pi_\theta}\Big[r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}\Big]$$
 
-    J_r(\pi_\theta) = \mathbb{E}_{x,\ y\sim\pi_\theta}\Big[\, r_\phi(x,y)
-        - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)} \Big]
+**Per-token rewards (E2 token by token, E6).** A response is a sequence of actions
+$y_1, \dots, y_T$ (the last one is EOS). Each action pays the KL penalty of its own token, and the
+last one also receives the reward model's score, read at the EOS (``per_token_rewards``):
 
-**Per-token rewards (E2 written token by token, E6).** A response is a sequence of actions
-y_1..y_T (the last one is EOS). Each action pays the KL penalty of its own token, and the last one
-also receives the reward model's score, read at the EOS token (``per_token_rewards``):
+$$r_t = -\beta\big(\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big) + [t = T]\, r_\phi(x,y),$$
 
-.. math::
+so that $\sum_t r_t = r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}$, exactly the
+quantity inside E2's expectation ($\log\pi(y\mid x)$ is a sum over tokens, E1).
 
-    r_t = -\beta\,(\log\pi_\theta(y_t\mid x,y_{<t}) - \log\pi_{ref}(y_t\mid x,y_{<t}))
-          + [t = T]\; r_\phi(x, y)
+**Advantages (E6).** The source gives the whole answer one advantage, with a learned baseline
+$V(x)$ (``advantage="source"``, ``one_step_advantages``):
 
-so that :math:`\sum_t r_t = r_\phi(x,y) - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}`,
-exactly the quantity inside E2's expectation (``log pi(y|x)`` is a sum over tokens, E1).
-
-**Advantages.** The source (E6) uses one number per answer, with a learned baseline V(x):
-
-.. math::
-
-    A(x,y) = r(x,y) - V(x) \qquad (\text{``advantage="source"``, } \texttt{one\_step\_advantages})
+$$A(x,y) = r(x,y) - V(x).$$
 
 Practice (Ziegler et al. 2019, InstructGPT) uses generalised advantage estimation per token, with
-V(s_t) read at every response position (``advantage="gae"``, the default, ``gae``):
+$V(s_t)$ read at every response position (``advantage="gae"``, the default, ``gae``):
 
-.. math::
+$$\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t),\qquad \hat A_t = \sum_{l\ge 0}(\gamma\lambda)^l\,\delta_{t+l},\qquad \hat R_t = \hat A_t + V(s_t),$$
 
-    \delta_t = r_t + \gamma V(s_{t+1}) - V(s_t), \qquad
-    \hat A_t = \sum_{l\ge 0} (\gamma\lambda)^l \delta_{t+l}, \qquad
-    \hat R_t = \hat A_t + V(s_t)
-
-with V(s_{T+1}) = 0 after the EOS. With gamma = lambda = 1 the sum telescopes:
-A_1 = sum_t r_t - V(s_1) = r(x, y) - V(x), the source's advantage, at the first response token
-(``tests/test_ppo.py`` checks it). GAE with lambda < 1 trades that unbiased but noisy signal for
-a lower-variance one that trusts the value head's V(s_{t+1}) for the tokens still to come, and it
+with $V(s_{T+1}) = 0$ after the EOS. With $\gamma = \lambda = 1$ the sum telescopes to
+$\hat A_1 = \sum_t r_t - V(s_1) = r(x,y) - V(x)$ at the first response token: the source's
+advantage (``tests/test_ppo.py`` checks it). With $\lambda < 1$, GAE trades that unbiased but
+noisy signal for a lower-variance one that trusts $V(s_{t+1})$ for the tokens still to come, and
 gives each token its own advantage (a token that raised the KL pays for it, not its neighbours).
 
 **The clipped surrogate (E5).** With the ratio of new to old (rollout-time) probabilities
 
-.. math::
+$$\rho_t(\theta) = \frac{\pi_\theta(y_t\mid x, y_{<t})}{\pi_{old}(y_t\mid x, y_{<t})},\qquad
+L^{CLIP} = \mathbb{E}_t\big[\min\big(\rho_t\hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\,\hat A_t\big)\big],$$
 
-    \rho_t(\theta) = \frac{\pi_\theta(y_t\mid x,y_{<t})}{\pi_{old}(y_t\mid x,y_{<t})}, \qquad
-    L^{CLIP} = \mathbb{E}_t\big[\min(\rho_t \hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)\big]
+we minimise $-L^{CLIP}$ (``clipped_surrogate_loss``): a token whose ratio has already moved past
+$1\pm\epsilon$ in the direction its advantage pushes gets no more gradient, so several epochs over
+one rollout cannot move the policy far from the one that sampled it.
 
-we minimise -L^CLIP: a token whose ratio has already moved past 1 +/- eps in the direction its
-advantage pushes gets no more gradient, so several epochs over one rollout cannot move the
-policy far from the one that sampled it.
+**The value loss** (clipped, as in the PPO2 baselines), with the rollout-time values $V_{old}$
+(``value_loss``):
 
-**The value loss (clipped, as in the PPO2 baselines).** With the rollout-time values V_old,
+$$L^V = \tfrac12\,\mathbb{E}_t\Big[\max\Big((V_t - \hat R_t)^2,\ \big(V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t\big)^2\Big)\Big]$$
 
-.. math::
+**One PPO iteration (E6).** Sample $y\sim\pi_\theta$ for a batch of prompts; score them with
+$r_\phi$ at the EOS; per-token rewards with the KL to $\pi_{ref}$; advantages (GAE or the source's
+$r - V(x)$), whitened; then ``ppo_epochs`` passes over the rollout in minibatches, minimising
+$-L^{CLIP} + c_V L^V - c_H H(\pi_\theta)$ (``vf_coef``, ``ent_coef``).
 
-    L^V = \tfrac12\,\mathbb{E}_t\big[\max\big((V_t - \hat R_t)^2,\
-          (V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)\big]
+**The value head has its own trunk** by default (``shared_trunk=False``): the critic is a copy of
+the SFT model's trunk with a linear head on its final hidden states, trained by the value loss only
+(InstructGPT initialised it from the reward model). With a shared trunk the value loss's gradient
+also moves the policy's features, and when the returns jump it swamps the policy gradient under
+the common norm clip; ``docs/ppo.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
+variant (one forward for logits and values). Either way the head starts at zero, so $V = 0$ at first.
 
-**One PPO iteration (E6).** sample y ~ pi_theta for a batch of prompts; score them with r_phi at
-the EOS; compute the per-token rewards with the KL to pi_ref; advantages (GAE or the source's
-r - V(x)), whitened; then ``ppo_epochs`` passes over the rollout in minibatches, minimising
--L^CLIP + vf_coef L^V - ent_coef H(pi_theta).
+**Where this differs from the source**
 
-**The value head does not share the policy's trunk** (``shared_trunk=False``, the default): the
-critic is a copy of the SFT GPT's trunk with a linear head on its final hidden states, trained by
-the value loss only (as InstructGPT did, there initialised from the reward model). Why: with a
-shared trunk the value loss's gradient also moves the policy's features, and when the returns
-jump (a rollout with a large KL penalty gives value errors of tens of nats squared) that gradient
-swamps the policy gradient under the common norm clip. On the toy world the shared variant
-collapsed with the source's advantage (KL to pi_ref above 400 nats per response, every review
-malformed), its critic explained less of the returns' variance, and with GAE it found a reward
-hack on another seed; the separate critic did neither (``docs/ppo.md`` has the runs). Its price is
-a second trunk forward and backward (12.5 s of CPU time against 11.7 s for ten iterations with
-their evaluations, default sizes, one thread). ``shared_trunk=True``
-gives the cheaper shared variant (one forward for logits and values; TRL's old
-``AutoModelForCausalLMWithValueHead``). Either way the head starts at zero, so V = 0 at first.
-
-**Responses that never emit EOS** (cut off at ``max_new_tokens``): the reward model was trained
-only on finished responses and reads its score at the EOS token, which such a response does not
-have, so its reading there means nothing. Their score is replaced by ``missing_eos_score`` (a
-penalty, default -7.0, the hidden world's own score of a malformed review); they are still
-terminal (nothing is bootstrapped after the last sampled token).
+- The probability ratio is called $\rho_t$ (the source writes $r_t(\theta)$), because $r$ is the reward here.
+- The advantage is per-token GAE by default; the source's one-number $A = r - V(x)$ is
+  ``advantage="source"``. Either is whitened over the rollout's response tokens
+  (``whiten_advantages``, default on), which the source does not do.
+- E2's KL penalty is paid token by token (its sum is E2's log-ratio, so the total is the same).
+- The source does not say how $V$ is trained: here by the clipped value loss above, on a separate
+  trunk by default.
+- A response cut off before its EOS has no place to read $r_\phi$ (the reward model saw only
+  finished responses): it scores ``missing_eos_score`` (default $-7$, the world's own score of a
+  malformed review) and is still terminal.
+- Options the source does not have: an entropy bonus (``ent_coef``, off), an adaptive $\beta$
+  (``kl_target``, Ziegler et al. 2019; off).
 
 Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
-``one_step_advantages`` (E6 and GAE), ``clipped_surrogate_loss`` (E5), ``value_loss``,
-``AdaptiveKLController``, and ``main`` (the loop).
+``one_step_advantages`` (E6), ``clipped_surrogate_loss`` (E5), ``value_loss``,
+``AdaptiveKLController``; then the value head and the training loop ``main``.
 """
 
 from __future__ import annotations
@@ -117,10 +105,11 @@ from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, opt
 
 def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
                       mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """E2/E6 per token: -beta * (logp - ref_logp) on every response token, plus ``score`` (B,)
-    on the last response token of each row (the EOS). Returns (B, T), 0 outside ``mask``.
+    r"""E2/E6 per token: $r_t = -\beta(\log\pi_\theta(y_t\mid\cdot) - \log\pi_{ref}(y_t\mid\cdot))$ on every
+    response token, plus ``score`` $r_\phi(x,y)$ (B,) on the last one of each row (the EOS).
+    Returns (B, T), 0 outside ``mask``.
 
-    Summed over a row: score - beta * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
+    Summed over a row: $r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}$, the inside of E2.
     """
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     check_per_sequence(logps.shape[0], score=score)
@@ -137,11 +126,11 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
 @torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each row's response tokens: (advantages, returns).
+    r"""Generalised advantage estimation over each row's response tokens: (advantages, returns).
 
-    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last response token),
-    A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t. Both are 0 outside ``mask``.
-    The response must be contiguous in each row (it is: prompt, response, then padding).
+    $\delta_t = r_t + \gamma V_{t+1} - V_t$ ($V = 0$ after the last response token),
+    $\hat A_t = \delta_t + \gamma\lambda\hat A_{t+1}$, returns $\hat R_t = \hat A_t + V_t$; both 0
+    outside ``mask``. The response must be contiguous in each row (it is: prompt, response, padding).
     """
     check_token_tensors(rewards=rewards, values=values, mask=mask)
     check_nonempty_rows(mask)
@@ -165,12 +154,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 @torch.no_grad()
 def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E6 as the source writes it: A(x, y) = r(x, y) - V(x), one number per answer.
+    r"""E6 as the source writes it: $A(x,y) = r(x,y) - V(x)$, one number per answer.
 
-    ``total_reward`` (B,) is the whole answer's KL-penalised reward r(x, y) = r_phi(x, y) -
-    beta log(pi(y|x) / pi_ref(y|x)), the row sum of ``per_token_rewards``; V(x) is the value at the
-    first response token (read from the hidden state of the prompt's last token). The advantage is
-    copied onto every response token; the returns (the value targets) are r(x, y) on every one.
+    ``total_reward`` (B,) is the whole answer's KL-penalised reward
+    $r(x,y) = r_\phi(x,y) - \beta\log\frac{\pi(y\mid x)}{\pi_{ref}(y\mid x)}$, the row sum of
+    ``per_token_rewards``; $V(x)$ is the value at the first response token (read from the hidden
+    state of the prompt's last token). The advantage is copied onto every response token; the
+    returns (the value targets) are $r(x,y)$ on every one.
     """
     check_token_tensors(values=values, mask=mask)
     check_per_sequence(values.shape[0], total_reward=total_reward)
@@ -187,11 +177,12 @@ def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: 
 
 def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """E5: loss = -masked mean over tokens of min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old.
+    r"""E5: loss $= -\operatorname{mean}_t \min(\rho_t\hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)$,
+    $\rho_t = \pi_\theta(y_t\mid\cdot)/\pi_{old}(y_t\mid\cdot)$, over the tokens of ``mask`` (each weighs the same).
 
     Returns (loss, stats): ``clip_frac`` (fraction of tokens where the clipped term is the smaller,
-    so their gradient is 0), ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) on the rollout's
-    tokens) and ``ratio`` (mean rho). Every token of the batch weighs the same (token-level mean).
+    so their gradient is 0), ``approx_kl`` (k3 estimate of $\mathrm{KL}(\pi_{old}\Vert\pi_\theta)$ on
+    the rollout's tokens) and ``ratio`` (mean $\rho_t$).
     """
     check_token_tensors(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
     check_nonempty_rows(mask)
@@ -214,9 +205,9 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                mask: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+    r"""Clipped value loss: $\frac12\operatorname{mean}_t \max\big((V_t - \hat R_t)^2,\ (V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)$.
 
-    ``clip_range=None`` (or 0) is the plain 0.5 (V - R)^2. Returns (loss, stats) with
+    ``clip_range=None`` (or 0) is the plain $\frac12(V_t - \hat R_t)^2$. Returns (loss, stats) with
     ``value_clip_frac``, the fraction of tokens where the clipped error is the larger.
     """
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
@@ -232,16 +223,16 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over the response tokens: 1 is a perfect critic, 0 a constant one."""
+    r"""$1 - \mathrm{Var}(\hat R - V)/\mathrm{Var}(\hat R)$ over the response tokens: 1 is a perfect critic, 0 a constant one."""
     var_r = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+    r"""Ziegler et al. (2019): $\beta \leftarrow \beta\,(1 + \mathrm{clip}(\mathrm{KL}/\mathrm{target} - 1, -0.2, 0.2)\cdot n/\mathrm{horizon})$.
 
-    KL here is the rollout's mean of log pi(y|x) - log pi_ref(y|x) (nats per response). With
-    ``target=None`` beta stays fixed.
+    KL is the rollout's mean of $\log\pi(y\mid x) - \log\pi_{ref}(y\mid x)$ (nats per response). With
+    ``target=None`` $\beta$ stays fixed.
     """
 
     def __init__(self, beta: float, target: float | None = None, horizon: int = 10_000):
@@ -260,12 +251,12 @@ class AdaptiveKLController:
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy pi_theta (a GPT) and a critic V(s_t), a linear head on final hidden states.
+    r"""The policy $\pi_\theta$ (a GPT) and a critic $V(s_t)$, a linear head on final hidden states.
 
     ``shared_trunk=False`` (the default): the critic is a separate copy of the initial GPT's trunk,
     so the value loss cannot move the policy (see the module docstring for why).
     ``shared_trunk=True``: the head reads the policy's own hidden states (one forward for both).
-    The head starts at zero, so V = 0 at first.
+    The head starts at zero, so $V = 0$ at first.
     """
 
     def __init__(self, policy: GPT, shared_trunk: bool = False):
