@@ -76,7 +76,7 @@ EXERCISES = [
              "given token; in float32 at least (ops.upcast): under bf16 a log-softmax loses the small "
              "differences that ratios are made of",
              "04_dpo.py"),
-    Exercise("kl_estimators", "ops.py", "k1, k2, k3", "three estimators of KL(p || q) from samples x ~ p",
+    Exercise("kl_estimators", "ops.py", "k1, k2, k3", "three estimators of the KL divergence from samples",
              (r"k_1 = \log\frac{p(x)}{q(x)},\qquad k_2 = \frac{1}{2}\Big(\log\frac{p(x)}{q(x)}\Big)^2,"
               r"\qquad k_3 = \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}",),
              "logp = log p(x), logq = log q(x): tensors of one shape -> that shape (one estimate per sample)",
@@ -383,7 +383,7 @@ def run_tests(dest, exercises: list[Exercise], timeout: float = 600) -> dict:
     files = sorted({str(repo / e.test_file) for e in exercises})
     report = dest / ".exercise_report.json"
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
            "--exercise", ",".join(e.name for e in exercises), "--exercise-report", str(report), *files]
     env = {**os.environ, "PYTHONPATH": str(dest), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
@@ -444,8 +444,9 @@ def format_table(rows: list[dict]) -> str:
         if not failed and not r["errors"]:
             continue
         out += ["", f"--- {r['exercise'].name} ({r['exercise'].equations}) " + "-" * 40]
-        for x in r["errors"]:
-            out.append(x["message"].rstrip())
+        for x in r["errors"]:   # pytest's "E" lines: where the copy fails to import, and why
+            out.append(f"{Path(x['file']).name} does not import:")
+            out += ["  " + line[1:].strip() for line in x["message"].splitlines() if line.startswith("E ")]
         for t in failed:
             out.append(t["nodeid"].split("tests/")[-1])
             if "hand-worked case:" in t["message"]:          # minialign.testing.expect's message

@@ -168,7 +168,7 @@ def test_check_passes_an_unmodified_copy(tmp_path, capsys):
 
 def test_wrong_solutions_are_reported_with_expected_and_received(tmp_path, capsys):
     copy = tmp_path / "student"
-    exercises.make(copy, ["dpo_loss", "group_advantages", "kl_estimators"])
+    exercises.make(copy, ["dpo_loss", "group_advantages", "kl_estimators", "value_loss", "lm_loss"])
     solve(copy, "dpo_loss", """
 chosen_rewards = beta * (pi_w - ref_w)
 rejected_rewards = beta * (pi_l - ref_l)
@@ -180,11 +180,16 @@ r = rewards.view(-1, group_size)
 advantages = r / (r.std(dim=1, keepdim=True) + eps)              # no baseline: r, not r - mean
 return advantages.reshape(-1)
 """)
+    solve(copy, "value_loss", "return values.squared()")             # an error in the student's code
+    solve(copy, "lm_loss", "loss = (")                                 # a file that does not compile
     assert cli(["exercises", "check", str(copy)]) == 1
     out = capsys.readouterr().out
     table = {row[0]: row[-1] for row in (re.split(r"\s{2,}", line) for line in out.split("\n\n")[0].splitlines())}
     assert table["dpo_loss"].startswith("FAILED") and table["group_advantages"].startswith("FAILED")
     assert table["kl_estimators"] == "not written yet (NotImplementedError)"
+    assert table["lm_loss"] == "FAILED: test_pretrain.py does not import"   # and the others still ran
+    assert "SyntaxError: '(' was never closed" in out
+    assert re.search(r"AttributeError: .*squared.*\n  \(raised at minialign/ppo\.py:\d+\)", out)
     # the DPO case of tests/test_dpo.py::test_e9_e10_by_hand, its numbers
     dpo = out[out.index("--- dpo_loss"):out.index("--- group_advantages")]
     assert "mean = (0.313262 + 0.974077) / 2 = 0.643669" in dpo
