@@ -3,6 +3,8 @@
     minialign pretrain --out runs/demo        # stage 1: base model
     minialign sft --out runs/demo             # stage 2: instruct model
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
+    minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
+    torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
     minialign exercises make course/          # a copy with the equations' bodies to write
 
 Each stage module has a dataclass config (its flags) and ``main(config) -> summary``.
@@ -16,7 +18,7 @@ import importlib
 import json
 import sys
 
-from . import exercises
+from . import distributed, exercises
 from .train import add_config_args, config_from_args
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
@@ -59,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of the stages, run in pipeline order")
+    p = sub.add_parser("export", help="write a trained model as a Hugging Face folder",
+                       description="Write the model of a stage folder (e.g. runs/demo/dpo) as a Hugging Face "
+                                   "folder that transformers loads (GPT-2 format for minialign's GPT).")
+    p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
+    p.add_argument("dest", help="the new folder to write")
     exercises.add_parser(sub)
     return parser
 
@@ -91,12 +98,18 @@ def main(argv=None) -> int:
     if args.command == "pipeline":
         run_pipeline(args)
         return 0
+    if args.command == "export":
+        from .export import export
+
+        print(f"wrote {export(args.source, args.dest)}")
+        return 0
     if args.command == "exercises":
         return exercises.cli_main(args)
     module, cls, _ = {**STAGES, **TOOLS}[args.command.replace("-", "_")]
     mod, config_cls = _load(module, cls)
-    summary = mod.main(config_from_args(config_cls, args))
-    print(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
+    with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
+        summary = mod.main(config_from_args(config_cls, args))
+    distributed.print_main(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
     return 0
 
 

@@ -72,15 +72,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import collate, infinite_minibatches
+from .datafiles import preference_data
 from .evaluate import review_eval
 from .generation import generate
 from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
+from .loading import load_model, save_model, start_path
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
+                    seed_everything)
 
 # ----------------------------------------------------------------------------------------------
 # E7 and E8 on a discrete set of responses (one prompt): the closed form DPO starts from
@@ -264,7 +267,8 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
     """
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
+    # prompts as text (through the chat template) or as token ids already
+    ids = [p if isinstance(p, list) else tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
     rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
                        share_prompt=share_prompt)
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
@@ -298,7 +302,12 @@ class DPOConfig(TrainConfig):
 
 
 def main(config: DPOConfig) -> dict:
-    """Train the policy with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary."""
+    """Train the policy with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary.
+
+    ``--model`` starts policy and reference from a Hugging Face folder; ``--data`` trains on your
+    pairs, and the truth plotted is then what can be measured without r*: the implicit reward's
+    held-out accuracy (``--eval-data``) and KL(pi || pi_ref) of samples.
+    """
     if config.beta <= 0:
         raise ValueError(f"beta must be > 0, got {config.beta}")
     if config.steps < 1 or config.eval_every < 1:
@@ -306,19 +315,34 @@ def main(config: DPOConfig) -> dict:
     generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
-    policy, tok = load_policy(init, device, world.tokenizer)
-    run = Run(config, "dpo")
+    init = start_path(config, "sft")
+    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
     block = policy.config.block_size
 
-    train = tokenize_pairs(tok, world.preference_dataset(config.num_pairs, seed=config.seed))
-    held_out_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
-    held_out = tokenize_pairs(tok, held_out_rows)
+    reports, held_out_rows = {}, None
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        train, reports["data"] = preference_data(config.data, tok, block, config.max_length)
+        held_out = None
+        if config.eval_data:
+            held_out, reports["eval_data"] = preference_data(config.eval_data, tok, block, config.max_length)
+        for r in reports.values():
+            distributed.print_main(r.describe())
+        # KL(pi || pi_ref) is measured on samples for a few distinct prompts that leave room to answer
+        fits = [x for x in (held_out or train)["prompt"] if len(x) + config.max_new_tokens <= block]
+        kl_prompts = list({tuple(x): x for x in fits}.values())[:8]
+        run = Run(config, "dpo")
+    else:
+        run = Run(config, "dpo")
+        train = tokenize_pairs(tok, world.preference_dataset(config.num_pairs, seed=config.seed))
+        held_out_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
+        held_out = tokenize_pairs(tok, held_out_rows)
+        kl_prompts = world.review_prompts()
 
     # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
-    reference, _ = load_policy(init, device, tok)
+    reference, _ = load_model(init, config.model_impl, device, tok if not config.data else None)
     reference.requires_grad_(False).eval()
-    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
+    ref_eval = (pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
+                if held_out else None)
     if config.precompute_ref_logps:
         ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype,
                                share_prompt=config.share_prompt)                               # (N,), (N,)
@@ -326,70 +350,95 @@ def main(config: DPOConfig) -> dict:
 
     def get_reference():
         if config.precompute_ref_logps:
-            ref, _ = load_policy(init, device, tok)
+            ref, _ = load_model(init, config.model_impl, device, tok if not config.data else None)
             return ref.requires_grad_(False).eval()
         return reference
 
     def truth() -> dict:
-        """r* and KL of sampled reviews, and the implicit reward's held-out accuracy."""
+        """r* (toy world) and KL of sampled reviews, and the implicit reward's held-out accuracy."""
         policy.eval()
-        ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
-                         max_new_tokens=config.max_new_tokens)
-        kl = sampled_kl(policy, get_reference(), tok, world.review_prompts(), config.eval_samples_per_prompt,
-                        config.max_new_tokens, seed=config.seed + 1, share_prompt=config.share_prompt)
-        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
-                                share_prompt=config.share_prompt)
-        _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
+        out = {}
+        if held_out_rows is not None:  # the toy world knows r*
+            ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
+                             max_new_tokens=config.max_new_tokens)
+            out.update(true_reward=ev["true_reward"], malformed=ev["malformed"])
+        if kl_prompts:
+            out["kl"] = sampled_kl(policy, get_reference(), tok, kl_prompts, config.eval_samples_per_prompt,
+                                   config.max_new_tokens, seed=config.seed + 1,
+                                   share_prompt=config.share_prompt)
+        if held_out is not None:
+            pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
+                                    share_prompt=config.share_prompt)
+            _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
+            # a tie (as at the start, where every implicit reward is 0) counts as half right
+            out["heldout/accuracy"] = ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean().item()
         policy.train()
-        # a tie (as at the start, where every implicit reward is 0) counts as half right
-        accuracy = ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean().item()
-        return {"true_reward": ev["true_reward"], "malformed": ev["malformed"], "kl": kl,
-                "heldout/accuracy": accuracy, "examples": ev["examples"]}
+        if held_out_rows is not None:
+            out["examples"] = ev["examples"]
+        return out
 
     before = truth()
     optimizer = make_optimizer(policy, config)
-    batches = infinite_minibatches(config.num_pairs, config.batch_size, generator)
-    policy.train()
-    bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
-    for step in bar:
-        idx = next(batches)
-        rows = idx.tolist()
+    parallel = distributed.wrap(policy)  # DDP under torchrun
+    distributed.check_divisible(config.batch_size, config.grad_accum)
+    batches = infinite_minibatches(len(train["prompt"]), config.batch_size, generator)
+
+    def loss_of(rows: list[int]):
         batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
                                  [train["rejected"][i] for i in rows], tok.pad_id, block, device)
         with autocast(device, config.dtype):
             pi_w, pi_l = chosen_rejected_logps(policy, batch, config.share_prompt)   # (B,), (B,)
         if config.precompute_ref_logps:
-            ref_w, ref_l = ref_train[0][idx.to(device)], ref_train[1][idx.to(device)]
+            idx = torch.tensor(rows, device=device)
+            ref_w, ref_l = ref_train[0][idx], ref_train[1][idx]
         else:
             with torch.no_grad(), autocast(device, config.dtype):
                 ref_w, ref_l = chosen_rejected_logps(reference, batch, config.share_prompt)
         loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)          # E9, E10
-        grad_norm = optimizer_step(policy, optimizer, loss, step, config)
+        return loss, len(rows), config.batch_size, [t.detach() for t in (loss, r_w, r_l, pi_w, pi_l)]
+
+    policy.train()
+    bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
+    for step in bar:
+        micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
+        grad_norm, parts = accumulated_step(policy, parallel, optimizer, micro, loss_of, step, config)
+        loss = distributed.global_mean([(p[0], len(p[1])) for p in parts], config.batch_size)
+        r_w, r_l, pi_w, pi_l = (torch.cat([p[k] for p in parts]) for k in range(1, 5))
 
         last = step == config.steps - 1
         evaluate_now = (step + 1) % config.eval_every == 0 or last
         if step % config.log_every == 0 or evaluate_now:
-            metrics = {"loss": loss.item(), "rewards/chosen": r_w.mean().item(),
-                       "rewards/rejected": r_l.mean().item(),
-                       "rewards/accuracies": (r_w > r_l).float().mean().item(),
-                       "rewards/margins": (r_w - r_l).mean().item(),
-                       "logps/chosen": pi_w.mean().item(), "logps/rejected": pi_l.mean().item(),
-                       "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+            metrics = distributed.mean_over_ranks({
+                "loss": loss, "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
+                "rewards/accuracies": (r_w > r_l).float().mean().item(),
+                "rewards/margins": (r_w - r_l).mean().item(),
+                "logps/chosen": pi_w.mean().item(), "logps/rejected": pi_l.mean().item()})
+            metrics.update(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
             if step == 0:  # the SFT model's truth, measured before the first update (KL 0)
                 metrics.update({k: v for k, v in before.items() if k != "examples"})
             if evaluate_now:
                 latest = truth()
                 metrics.update({k: v for k, v in latest.items() if k != "examples"})
             run.log(step, **metrics)
-            bar.set_postfix(loss=f"{loss.item():.3f}", margin=f"{metrics['rewards/margins']:.2f}")
+            bar.set_postfix(loss=f"{loss:.3f}", margin=f"{metrics['rewards/margins']:.2f}")
 
-    save_policy(policy, tok, run.dir / "model.pt")
+    save_model(policy, tok, run.dir)
     after = latest  # measured at the last step
     run.plot(["loss"], "loss.png", f"DPO loss (E9), beta={config.beta}",
              hlines={"ln 2 (policy = reference)": 0.6931}, ylabel="nats")
     run.plot(["rewards/chosen", "rewards/rejected", "rewards/margins"], "rewards.png",
              "implicit rewards (E10) on training pairs", ylabel="beta log(pi / pi_ref)")
     run.plot(["logps/chosen", "logps/rejected"], "logps.png", "log pi_theta(y|x) of training pairs", ylabel="nats")
+    if held_out_rows is None:  # your own data: what can be measured without r*
+        run.plot(["kl"], "kl.png", "KL(pi || pi_ref) of samples", ylabel="nats per response")
+        run.plot(["heldout/accuracy"], "accuracy.png", "implicit-reward accuracy on held-out pairs",
+                 ylabel="fraction of pairs")
+        summary = {"beta": config.beta, "kl": after.get("kl"),
+                   "heldout_accuracy_before": before.get("heldout/accuracy"),
+                   "heldout_accuracy": after.get("heldout/accuracy"), "final_loss": run.rows[-1]["loss"],
+                   "seconds": round(time.time() - run.start, 1), **{k: r.as_dict() for k, r in reports.items()}}
+        run.write_summary(summary)
+        return summary
     run.plot(["true_reward", "kl"], "truth.png", "hidden truth: r* and KL(pi || pi_ref) of samples",
              hlines={f"SFT r* {before['true_reward']:.2f}": before["true_reward"]})
     summary = {"beta": config.beta, "true_reward_before": before["true_reward"],

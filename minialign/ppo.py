@@ -86,17 +86,20 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .data import minibatches
+from .datafiles import prompt_data
 from .evaluate import review_eval
 from .generation import generate
+from .loading import load_model, load_reward_model, same_tokenizer, save_model, stage_model, start_path
 from .model import GPT
 from .ops import (check_in_range, check_nonempty_rows, check_per_sequence, check_positive, check_token_tensors,
                   entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, response_hidden,
                   response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
+                    seed_everything)
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -334,38 +337,54 @@ class PPOConfig(TrainConfig):
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
 
 
-def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
+def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
     """The frozen r_phi of ``reward_model.py``; it must share the policy's tokenizer."""
-    rm, rm_tok = RewardModel.load(path, device)
-    if rm_tok != tokenizer:
+    rm, rm_tok = load_reward_model(path, impl, device)
+    if not same_tokenizer(rm_tok, tokenizer):
         raise ValueError(f"reward model {path} was trained with another tokenizer than the policy")
-    rm.eval()
-    for p in rm.parameters():
-        p.requires_grad_(False)
     return rm
 
 
 def main(config: PPOConfig) -> dict:
-    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``."""
+    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``.
+
+    ``--model`` starts the policy, pi_ref and the critic from a Hugging Face folder; ``--data``
+    samples your prompts (``{"prompt"}``), and with no r* the plots show the reward model's score
+    and the KL to pi_ref.
+    """
     if config.minibatch_size <= 0 or config.minibatch_size > config.batch_size:
         raise ValueError(f"minibatch_size must be in [1, batch_size={config.batch_size}], "
                          f"got {config.minibatch_size}")
+    distributed.check_divisible(config.batch_size, 1)
+    distributed.check_divisible(config.minibatch_size, config.grad_accum, "minibatch_size")
     data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
-    policy, tok = load_policy(init, device, world.tokenizer)
-    ref, _ = load_policy(init, device, world.tokenizer)          # pi_ref: the frozen SFT model
+    init = start_path(config, "sft")
+    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
+    ref, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen SFT model
     ref.eval().requires_grad_(False)
-    rm = _load_reward_model(config.reward_model or f"{config.out}/reward_model/model.pt", device, tok)
+    rm = _load_reward_model(config.reward_model or stage_model(config.out, "reward_model"), config.model_impl,
+                            device, tok)
+    reports = {}
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        rows, reports["data"] = prompt_data(config.data, tok, policy.config.block_size, config.max_new_tokens,
+                                            config.max_length)
+        distributed.print_main(reports["data"].describe())
+        prompts = [r["prompt_ids"] for r in rows]
     model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
     optimizer = make_optimizer(model, config)
+    parallel = distributed.wrap(model)  # DDP under torchrun
     kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
     run = Run(config, "ppo")
-    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
-    prompts = world.review_prompts()
+    # sampling; under torchrun each rank samples its own share, rank 0 as one process would
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
+    if not config.data:
+        prompts = world.review_prompts()
 
     def truth(samples_per_prompt: int) -> dict:
+        if config.data:  # your own prompts have no hidden r*
+            return {}
         ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
                          max_new_tokens=config.max_new_tokens)
         return {"eval_true_reward": ev["true_reward"], "eval_malformed": ev["malformed"],
@@ -376,8 +395,9 @@ def main(config: PPOConfig) -> dict:
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
         pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
-        texts = [prompts[i] for i in pick]
-        rollout = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
+        texts = [prompts[i] for i in distributed.local_share(pick)]  # this rank's share of the rollout
+        rollout = generate(policy, [tok.prompt(p) if isinstance(p, str) else p for p in texts],
+                           config.max_new_tokens, tok.eos_id,
                            tok.pad_id, temperature=config.temperature, generator=generator,
                            share_prompt=config.share_prompt)
         seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
@@ -400,73 +420,90 @@ def main(config: PPOConfig) -> dict:
             total_reward = rewards.sum(1)                                      # (B,) r(x, y) of E6
             advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask)  # over this rank's rollout, as TRL does
 
         # ---- 3. PPO epochs over the rollout, in minibatches (E5 + value loss) ---------------
         model.train()
         logs = []
+
+        def loss_of(idx):  # one micro-batch of rollout rows; a mean over its response tokens
+            with autocast(device, config.dtype):
+                logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
+                                                              config.temperature, share)
+            m = mask[idx]
+            pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
+                                                       config.clip_eps)                      # E5
+            v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
+            ent = masked_mean(entropy, m)
+            loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
+            return loss, float(m.sum()), minibatch_tokens, ({"pg_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                                                             "entropy": ent.item()}, {**pg_stats, **v_stats})
+
+        n_local = config.batch_size // distributed.world_size()
         for _ in range(config.ppo_epochs):
-            for idx in minibatches(config.batch_size, config.minibatch_size, data_generator):
+            for idx in minibatches(n_local, config.minibatch_size // distributed.world_size(), data_generator):
                 idx = idx.to(device)
-                with autocast(device, config.dtype):
-                    logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
-                                                                  config.temperature, share)
-                m = mask[idx]
-                pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
-                                                           config.clip_eps)                      # E5
-                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
-                ent = masked_mean(entropy, m)
-                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
-                grad_norm = optimizer_step(model, optimizer, loss, it, config)
-                logs.append({"pg_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": ent.item(),
-                             "grad_norm": grad_norm, **pg_stats, **v_stats})
+                minibatch_tokens = float(mask[idx].sum()) * distributed.world_size()
+                grad_norm, parts = accumulated_step(model, parallel, optimizer,
+                                                    distributed.split(idx, config.grad_accum), loss_of, it, config)
+                logs += [{**log, "grad_norm": grad_norm, **stats} for log, stats in parts]
 
         # ---- 4. measure: the objective, KL, the hidden truth r* ----------------------------
         with torch.no_grad():
             kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
-            kl = kl_seq.mean().item()
-            true = [world.true_reward(p, tok.decode(r), bool(f))
-                    for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
             metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             metrics.update({
                 "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
                 "score": score.mean().item(),                                  # learned reward r_phi
-                "true_reward": sum(true) / len(true),                          # hidden r* of the rollout
-                "kl": kl, "beta": beta,
+            })
+            if not config.data:  # the hidden r* of the rollout
+                true = [world.true_reward(p, tok.decode(r), bool(f))
+                        for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
+                metrics["true_reward"] = sum(true) / len(true)
+            metrics.update({
+                "kl": kl_seq.mean().item(), "beta": beta,
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.float().mean().item(),
             })
+            metrics = distributed.mean_over_ranks(metrics)
+            kl = metrics["kl"]
         kl_ctl.update(kl, config.batch_size)
         last = it == config.steps - 1
         if (it + 1) % config.eval_every == 0 or last:
             ev = truth(config.eval_samples)
-            metrics.update(eval_true_reward=ev["eval_true_reward"], eval_malformed=ev["eval_malformed"])
+            metrics.update({k: v for k, v in ev.items() if k != "examples"})
         if it % config.log_every == 0 or (it + 1) % config.eval_every == 0 or last:
             run.log(it, **metrics)
-        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics['true_reward']:.2f}", kl=f"{kl:.2f}")
+        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics.get('true_reward', float('nan')):.2f}",
+                        kl=f"{kl:.2f}")
 
-    save_policy(policy, tok, run.dir / "model.pt")
-    torch.save({"value_head": model.value_head.state_dict(),
-                "critic": None if model.critic is None else model.critic.state_dict()},
-               run.dir / "value_head.pt")
+    save_model(policy, tok, run.dir)
+    if run.writes:
+        torch.save({"value_head": model.value_head.state_dict(),
+                    "critic": None if model.critic is None else model.critic.state_dict()},
+                   run.dir / "value_head.pt")
     final = truth(config.final_eval_samples)
-    hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
-    run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
-             "learned r_phi (score) beside hidden r* (hacking parts them)",
-             hlines=hline, ylabel="reward")
+    if config.data:
+        run.plot(["score"], "reward.png", "learned reward r_phi of the rollouts", ylabel="reward")
+    else:
+        hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
+        run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
+                 "learned r_phi (score) beside hidden r* (hacking parts them)",
+                 hlines=hline, ylabel="reward")
     run.plot(["kl"], "kl.png", "KL(pi_theta || pi_ref) per response (E2's penalty)", ylabel="nats")
     run.plot(["objective"], "objective.png", "E2 objective on the rollouts: r_phi - beta KL")
     run.plot(["clip_frac", "approx_kl", "entropy", "explained_variance"], "ppo_stats.png", "PPO statistics")
     run.plot(["pg_loss", "value_loss"], "losses.png", "policy (E5) and value losses")
     rows = run.rows
     summary = {
-        "true_reward_before": before["eval_true_reward"], "true_reward": final["eval_true_reward"],
-        "malformed_before": before["eval_malformed"], "malformed": final["eval_malformed"],
+        "true_reward_before": before.get("eval_true_reward"), "true_reward": final.get("eval_true_reward"),
+        "malformed_before": before.get("eval_malformed"), "malformed": final.get("eval_malformed"),
         "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
         "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
         "beta_last": rows[-1]["beta"], "explained_variance_last": rows[-1]["explained_variance"],
-        "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
+        "examples_before": before.get("examples"), "examples": final.get("examples"), "seconds": rows[-1]["time"],
+        **{k: r.as_dict() for k, r in reports.items()},
     }
     run.write_summary(summary)
     return summary

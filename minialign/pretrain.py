@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .data import collate, infinite_minibatches
+from .datafiles import text_data
+from .loading import load_model, save_model
 from .model import GPT, GPTConfig
 from .ops import masked_mean, token_logps
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device, seed_everything
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -56,16 +58,20 @@ class PretrainConfig(TrainConfig):
     eval_every: int = 200
 
 
-def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], config: TrainConfig,
+def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | None, config: TrainConfig,
            run: Run, desc: str, eval_every: int, extra_metrics=None) -> dict:
     """Minimise ``lm_loss`` on (prompts, responses) token lists; log train and held-out loss.
 
-    Shared by pre-training (prompt = ``<bos>``) and SFT (prompt = the chat prompt).
+    Shared by pre-training (prompt = ``<bos>``) and SFT (prompt = the chat prompt). Each step's
+    ``batch_size`` rows are shared out over the ranks and ``grad_accum`` micro-batches; the
+    loss is the mean over every response token of the global batch (``distributed``).
     """
     device = next(model.parameters()).device
     generator = seed_everything(config.seed)  # data order
     optimizer = make_optimizer(model, config)
+    parallel = distributed.wrap(model)  # DDP under torchrun
     prompts, responses = train
+    distributed.check_divisible(config.batch_size, config.grad_accum)
     batches = infinite_minibatches(len(prompts), config.batch_size, generator)
     block, pad = model.config.block_size, 0
 
@@ -82,50 +88,80 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
         model.train()
         return total / count
 
-    model.train()
-    bar = progress(range(config.steps), config, desc)
-    for step in bar:
-        idx = next(batches).tolist()
-        b = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad, block, device)
+    def loss_of(rows: list[int]):
+        b = collate([prompts[i] for i in rows], [responses[i] for i in rows], pad, block, device)
         with autocast(device, config.dtype):
             logits = model(b["input_ids"], b["attention_mask"])
         loss = lm_loss(logits, b["input_ids"], b["response_mask"])
-        grad_norm = optimizer_step(model, optimizer, loss, step, config)
+        n = sum(len(responses[i]) for i in rows)  # = response_mask[:, 1:].sum(): tokens in the mean
+        return loss, n, total_tokens, (loss.detach(), n)
+
+    model.train()
+    bar = progress(range(config.steps), config, desc)
+    for step in bar:
+        idx = next(batches).tolist()  # the global batch, the same on every rank
+        total_tokens = sum(len(responses[i]) for i in idx)
+        micro = distributed.split(distributed.local_share(idx), config.grad_accum)
+        grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
+        loss = distributed.global_mean(parts, total_tokens)
         last = step == config.steps - 1
         if step % config.log_every == 0 or last:
-            metrics = {"loss": loss.item(), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
-            if step % eval_every == 0 or last:
+            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+            if (step % eval_every == 0 or last) and held_out is not None:
                 metrics["heldout_loss"] = held_out_loss()
-                if extra_metrics is not None:
-                    metrics.update(extra_metrics(model))
+            if (step % eval_every == 0 or last) and extra_metrics is not None:
+                metrics.update(extra_metrics(model))
             run.log(step, **metrics)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
     return run.rows[-1]
 
 
 def main(config: PretrainConfig) -> dict:
-    """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``."""
+    """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``.
+
+    With ``--data`` (rows ``{"text"}``): pre-train on that file instead, from scratch with the
+    toy tokenizer, or continuing a ``--model`` folder with its own tokenizer.
+    """
     seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    tok = world.tokenizer
-    run = Run(config, "pretrain")
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-                          n_head=config.n_head, n_embd=config.n_embd)).to(device)
+    if config.model and not config.data:
+        raise ValueError("continuing the pre-training of --model needs --data (rows {\"text\"})")
+    if config.model:
+        model, tok = load_model(config.model, config.model_impl, device)
+    else:
+        tok = world.tokenizer
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                              n_head=config.n_head, n_embd=config.n_embd)).to(device)
 
     def docs(lines):  # a document is a "response" to the prompt <bos>
         return [[tok.bos_id]] * len(lines), [tok.document(s)[1:] for s in lines]
 
-    train = docs(world.pretrain_corpus(config.corpus_size, seed=config.seed))
-    held_out = docs(world.pretrain_corpus(config.eval_size, seed=config.seed + 10_000))
-    floor = world.corpus_entropy()["nats_per_token"]
+    reports, floor = {}, None
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        *train, reports["data"] = text_data(config.data, tok, model.config.block_size, config.max_length)
+        held_out = None
+        if config.eval_data:
+            *held_out, reports["eval_data"] = text_data(config.eval_data, tok, model.config.block_size,
+                                                        config.max_length)
+        for r in reports.values():
+            distributed.print_main(r.describe())
+    else:
+        train = docs(world.pretrain_corpus(config.corpus_size, seed=config.seed))
+        held_out = docs(world.pretrain_corpus(config.eval_size, seed=config.seed + 10_000))
+        floor = world.corpus_entropy()["nats_per_token"]
+    run = Run(config, "pretrain")
     last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
-    save_policy(model, tok, run.dir / "model.pt")
+    save_model(model, tok, run.dir)
     run.plot(["loss", "heldout_loss"], "loss.png", "pre-training loss (E0a)",
-             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",
-             ylim=(0.95 * floor, 1.5 * floor))  # zoom on the approach to the floor
-    summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
-               "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
-               "seconds": last["time"]}
+             hlines={f"entropy floor {floor:.3f}": floor} if floor else None, ylabel="nats / token",
+             ylim=(0.95 * floor, 1.5 * floor) if floor else None)  # zoom on the approach to the floor
+    if floor is not None:
+        summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
+                   "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
+                   "seconds": last["time"]}
+    else:  # your own text: no known floor
+        summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "params": model.num_params(),
+                   "seconds": last["time"], **{k: r.as_dict() for k, r in reports.items()}}
     run.write_summary(summary)
     return summary

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import distributed
+from .datafiles import sft_data
 from .evaluate import arithmetic_eval, review_eval
+from .loading import load_model, save_model, start_path
 from .pretrain import fit_lm
 from .toyworld import ToyWorld, WorldConfig
-from .train import Run, TrainConfig, load_policy, resolve_device, save_policy, seed_everything
+from .train import Run, TrainConfig, resolve_device, seed_everything
 
 
 @dataclass
@@ -43,17 +46,39 @@ class SFTConfig(TrainConfig):
 
 
 def main(config: SFTConfig) -> dict:
-    """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``."""
+    """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``.
+
+    ``--model`` starts from a Hugging Face folder instead of the base model; ``--data`` trains
+    on your rows (``{"prompt", "completion"}`` or ``{"messages"}``) instead of the toy world's,
+    and then only what can be measured without r* is plotted: train and held-out loss.
+    """
     seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/pretrain/model.pt"
-    model, tok = load_policy(init, device, world.tokenizer)
-    run = Run(config, "sft")
+    model, tok = load_model(start_path(config, "pretrain"), config.model_impl, device, world.tokenizer)
 
     def pairs(rows):
         return [tok.prompt(r["prompt"]) for r in rows], [tok.response(r["response"]) for r in rows]
 
+    reports = {}
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        block = model.config.block_size
+        *train, reports["data"] = sft_data(config.data, tok, block, config.max_length)
+        held_out = None
+        if config.eval_data:
+            *held_out, reports["eval_data"] = sft_data(config.eval_data, tok, block, config.max_length)
+        for r in reports.values():
+            distributed.print_main(r.describe())
+        run = Run(config, "sft")
+        last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every)
+        save_model(model, tok, run.dir)
+        run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)", ylabel="nats / token")
+        summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "seconds": last["time"],
+                   **{k: r.as_dict() for k, r in reports.items()}}
+        run.write_summary(summary)
+        return summary
+
+    run = Run(config, "sft")
     train = pairs(world.sft_dataset(config.num_examples, seed=config.seed))
     held_out = pairs(world.sft_dataset(config.eval_size, seed=config.seed + 10_000))
 
@@ -63,7 +88,7 @@ def main(config: SFTConfig) -> dict:
 
     before = truth(model)
     last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
-    save_policy(model, tok, run.dir / "model.pt")
+    save_model(model, tok, run.dir)
     floor = world.sft_entropy()["nats_per_token"]
     run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)",
              hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",

@@ -20,10 +20,12 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from . import distributed
 from .model import GPT, load_checkpoint
 from .tokenizer import Tokenizer
 
@@ -45,6 +47,13 @@ class TrainConfig:
     grad_clip: float = 1.0       # max global gradient norm (0 = off)
     log_every: int = 10
     progress: bool = True        # tqdm progress bars
+    # real models and your own data (docs/real_models.md); with none of these, the toy world
+    model: str = ""              # a local Hugging Face model folder to start from instead of the run folder's model
+    model_impl: Literal["minialign", "hf"] = "minialign"  # run --model in minialign's GPT (GPT-2 folders) or transformers
+    data: str = ""               # training data (.jsonl or .parquet) in TRL's format for this stage, instead of the toy world
+    eval_data: str = ""          # held-out data in the same format (for the held-out metrics)
+    max_length: int | None = None  # longest prompt + response in tokens (None: the model's context); longer rows are cut as TRL does
+    grad_accum: int = 1          # micro-batches per optimizer step; batch_size stays the global batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,16 +127,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device named (``auto``: CUDA, else MPS, else CPU); under torchrun, this rank's GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.device_for_rank(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
+    return distributed.device_for_rank(device)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -177,6 +187,25 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return _clip_and_step(model, optimizer, config)
+
+
+def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     micro_batches: list, loss_of, step: int, config: TrainConfig) -> tuple[float, list]:
+    """``optimizer_step`` for a global batch in micro-batches, on this rank and the others.
+
+    ``parallel`` is ``distributed.wrap(model)`` (the model itself in one process);
+    ``loss_of(micro_batch) -> (mean loss, units, total units, extra)`` as ``distributed.accumulate``.
+    Returns the pre-clip gradient norm and each micro-batch's ``extra``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    extras = distributed.accumulate(parallel, micro_batches, loss_of)
+    return _clip_and_step(model, optimizer, config), extras
+
+
+def _clip_and_step(model, optimizer, config: TrainConfig) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if config.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -192,14 +221,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
 
 
 class Run:
-    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``."""
+    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``.
+
+    Under torchrun only rank 0 writes (``writes``); the other ranks keep their rows in memory.
+    """
 
     def __init__(self, config: TrainConfig, stage: str):
         self.dir = Path(config.out) / stage
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writes = distributed.is_main()
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")  # a rerun starts a fresh log
-        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        if self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.write_text("")  # a rerun starts a fresh log
+            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         self.start = time.time()
         self.rows: list[dict] = []
 
@@ -207,17 +241,21 @@ class Run:
         row = {"step": step, "time": round(time.time() - self.start, 3)}
         row.update({k: float(v) for k, v in metrics.items()})
         self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writes:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
 
     def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
-             ylabel: str = "", ylim: tuple | None = None) -> Path:
+             ylabel: str = "", ylim: tuple | None = None) -> Path | None:
         """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
+        if not self.writes:
+            return None
         return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel, ylim)
 
     def write_summary(self, summary: dict) -> None:
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.writes:
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
@@ -238,7 +276,8 @@ def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
     ax.set_title(title)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a series may be absent (no held-out data)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -273,7 +312,8 @@ def plot_panels(path, panels: list[dict], width: float = 5.0) -> Path:
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not config.progress, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, disable=not (config.progress and distributed.is_main()),
+                dynamic_ncols=True)
 
 
 def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
