@@ -275,6 +275,20 @@ def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int
     return torch.cat(out)
 
 
+def reward_function(model: RewardModel, tokenizer: Tokenizer, missing_eos_score: float = -7.0):
+    r"""$r_\phi$ as a reward function with TRL's signature (``rewards.py``), for GRPO on a task with no
+    verifiable answer, as the source's E14 writes it: $r_i = r_\phi(x, y_i) - \beta D_{KL}$.
+
+    An answer cut off before its EOS scores ``missing_eos_score``: the reward model reads its score
+    at the EOS, which such an answer lacks (PPO does the same, ``PPOConfig.missing_eos_score``).
+    """
+    def reward(prompts, completions, finished, **columns) -> list[float]:
+        rewards = score(model, [tokenizer.prompt(x) for x in prompts], [tokenizer.response(y) for y in completions],
+                        tokenizer.pad_id)
+        return [r if done else missing_eos_score for r, done in zip(rewards.tolist(), finished)]
+    return reward
+
+
 def pearson(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.std() == 0 or b.std() == 0:

@@ -10,7 +10,7 @@ from minialign.data import collate, left_pad
 from minialign.model import GPT
 from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability,
                                     collate_pairs, encode_pairs, last_token_index, main,
-                                    pair_rewards, reward_model_loss)
+                                    pair_rewards, reward_function, reward_model_loss, score)
 from minialign.train import save_policy
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +225,19 @@ def test_save_load_round_trip_and_mismatches(world, tiny_rm, tiny_model, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # Bad preference data
 # ----------------------------------------------------------------------------------------------
+
+
+def test_reward_function_scores_finished_answers_with_r_phi(world, tiny_rm):
+    """GRPO's reward on reviews (tutorial 09): r_phi of each finished answer, the penalty without EOS."""
+    tok = world.tokenizer
+    prompts = ["review the movie", "review the song", "review the book"]
+    answers = ["the movie was good .", "the song was bad .", "the book was"]
+    reward = reward_function(tiny_rm, tok, missing_eos_score=-7.0)
+    got = reward(prompts=prompts, completions=answers, finished=[True, True, False], answer=[None] * 3)
+    with torch.no_grad():
+        r_phi = score(tiny_rm, [tok.prompt(x) for x in prompts], [tok.response(y) for y in answers], tok.pad_id)
+    assert got[:2] == pytest.approx(r_phi[:2].tolist(), abs=1e-6) and got[0] != got[1]
+    assert got[2] == -7.0                       # cut off before its EOS: no place to read r_phi
 
 
 def test_empty_response_is_an_error(world):

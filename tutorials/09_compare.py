@@ -66,7 +66,8 @@ def measure(policy_path, sft_path, samples: int, seed: int, device: str) -> dict
     device = resolve_device(device)
     policy, tok = load_policy(policy_path, device, world.tokenizer)
     reference, _ = load_policy(sft_path, device, world.tokenizer)
-    policy.eval(), reference.eval()
+    policy.eval()
+    reference.eval()
     ev = review_eval(policy, tok, world, samples, seed=seed)
     kl = sampled_kl(policy, reference, tok, world.review_prompts(), samples, seed=seed + 1)
     return {"true_reward": ev["true_reward"], "malformed": ev["malformed"], "kl": kl,
@@ -76,9 +77,11 @@ def measure(policy_path, sft_path, samples: int, seed: int, device: str) -> dict
 # %% [markdown]
 # ## 2. Training: each algorithm at each beta, from the same SFT model
 #
-# The settings are each stage's defaults except the step counts, chosen so that the whole sweep
-# fits in a few minutes on a laptop CPU. Each run writes its own stage folder under
-# ``<out>/compare/<algorithm>_beta<beta>/``.
+# PPO and DPO run their stage's ``main`` with its defaults except the step counts, chosen so that
+# the whole sweep fits in a few minutes on a laptop CPU. GRPO's stage trains on arithmetic; here
+# it runs E14's loop itself on the review prompts, each iteration one ``grpo.grpo_iteration``
+# whose reward is the reward model's score (``reward_model.reward_function``: r_phi at the EOS,
+# -7 for an answer cut off before it). Each run writes ``<out>/compare/<algorithm>_beta<beta>/``.
 
 # %%
 def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
@@ -88,16 +91,45 @@ def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
         from minialign.ppo import PPOConfig, main
         main(PPOConfig(reward_model=str(rm), steps=args.ppo_steps, eval_every=args.ppo_steps,
                        eval_samples=2, final_eval_samples=2, **common))
-    elif algorithm == "dpo":
+        return out / "ppo" / "model.pt"
+    if algorithm == "dpo":
         from minialign.dpo import DPOConfig, main
         main(DPOConfig(steps=args.dpo_steps, lr=args.dpo_lr, num_pairs=args.dpo_steps * 64,
                        eval_every=args.dpo_steps, eval_pairs=16, eval_samples_per_prompt=2, **common))
-    else:
-        from minialign.grpo import GRPOConfig, main
-        main(GRPOConfig(reward_model=str(rm), steps=args.grpo_steps, questions=6, group_size=args.group_size,
-                        batch_size=6 * args.group_size, max_new_tokens=24, eval_every=0, eval_samples=2,
-                        final_eval_samples=2, **common))
-    return out / algorithm / "model.pt"
+        return out / "dpo" / "model.pt"
+    return train_grpo_on_reviews(args, sft, rm, **common)
+
+
+def train_grpo_on_reviews(args, sft: Path, rm: Path, **common) -> Path:
+    """E14 on the six review prompts: G answers each, scored by r_phi, group baseline, clipped update."""
+    import copy
+
+    import torch
+
+    from minialign.grpo import GRPOConfig, grpo_iteration
+    from minialign.reward_model import RewardModel, reward_function
+    from minialign.toyworld import ToyWorld
+    from minialign.train import load_policy, make_optimizer, progress, resolve_device, save_policy, seed_everything
+
+    world = ToyWorld()
+    prompts = world.review_prompts()
+    config = GRPOConfig(steps=args.grpo_steps, questions=len(prompts), group_size=args.group_size,
+                        batch_size=len(prompts) * args.group_size, max_new_tokens=24, lr=args.grpo_lr, **common)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model, tok = load_policy(sft, device, world.tokenizer)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)             # pi_ref: the SFT model
+    reward_model, _ = RewardModel.load(rm, device, tok)
+    reward = reward_function(reward_model.eval(), tok)                          # r_phi, not the hidden r*
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    model.train()
+    for step in progress(range(config.steps), config, f"grpo beta={config.beta:g}"):
+        grpo_iteration(model, reference, optimizer, tok, reward, [{"prompt": p} for p in prompts], config,
+                       step, generator)
+    path = Path(config.out) / "grpo" / "model.pt"
+    save_policy(model, tok, path)
+    return path
 
 
 # %% [markdown]
@@ -150,6 +182,7 @@ def main() -> None:
     parser.add_argument("--dpo-steps", type=int, default=60, help="DPO steps of 64 pairs")
     parser.add_argument("--dpo-lr", type=float, default=5e-4, help="DPO peak learning rate")
     parser.add_argument("--grpo-steps", type=int, default=30, help="GRPO iterations (6 prompts x G answers)")
+    parser.add_argument("--grpo-lr", type=float, default=1e-4, help="GRPO peak learning rate")
     parser.add_argument("--group-size", type=int, default=4, help="GRPO's G answers per prompt")
     parser.add_argument("--samples", type=int, default=32, help="samples per prompt for r* and KL")
     args = parser.parse_args()
