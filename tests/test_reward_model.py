@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign.data import collate, left_pad
 from minialign.model import GPT
@@ -27,9 +28,8 @@ def test_bradley_terry_by_hand():
     # sigma(0) = 0.5
     # sigma(2) = 1 / (1 + e^-2) = 1 / 1.135335 = 0.880797
     # sigma(-2) = 1 - sigma(2) = 0.119203
-    assert torch.allclose(p, torch.tensor([0.731059, 0.5, 0.880797, 0.119203]), atol=1e-6)
-    # E3's first form: e^{r_w} / (e^{r_w} + e^{r_l}); for (1, 0): e / (e + 1) = 2.71828 / 3.71828 = 0.731059
-    assert math.isclose(math.e / (math.e + 1), 0.731059, abs_tol=1e-6)
+    expect(p, [0.731059, 0.5, 0.880797, 0.119203], abs=1e-6)
+    # E3's first form, e^{r_w} / (e^{r_w} + e^{r_l}): for (1, 0), e / (e + 1) = 2.71828 / 3.71828 = 0.731059
     explicit = torch.exp(r_w) / (torch.exp(r_w) + torch.exp(r_l))
     assert torch.allclose(p, explicit, atol=1e-6)
 
@@ -59,18 +59,18 @@ def test_reward_model_loss_by_hand():
     # pair 1: gap 1, -log sigma(1) = -log 0.731059 = 0.313262
     # pair 2: gap -2, -log sigma(-2) = -log 0.119203 = 2.126928
     # mean = (0.313262 + 2.126928) / 2 = 1.220095
-    assert math.isclose(reward_model_loss(r_w, r_l).item(), 1.220095, abs_tol=1e-5)
+    expect(reward_model_loss(r_w, r_l), 1.220095, abs=1e-5)
     # equal rewards: -log sigma(0) = log 2 = 0.693147
-    assert math.isclose(reward_model_loss(torch.zeros(3), torch.zeros(3)).item(), 0.693147, abs_tol=1e-6)
+    expect(reward_model_loss(torch.zeros(3), torch.zeros(3)), 0.693147, abs=1e-6)
 
 
 @pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_is_stable_for_large_gaps():
     # gap -200: sigma underflows in float32, but -log sigma(-200) = 200 + log(1 + e^-200) = 200
     loss = reward_model_loss(torch.tensor([0.0]), torch.tensor([200.0]))
-    assert torch.isfinite(loss) and math.isclose(loss.item(), 200.0, rel_tol=1e-6)
+    expect(loss, 200.0, rel=1e-6)
     # gap +200: the loss is log(1 + e^-200) = 0 (not NaN)
-    assert reward_model_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == 0.0
+    expect(reward_model_loss(torch.tensor([200.0]), torch.tensor([0.0])), 0.0, abs=0)
 
 
 @pytest.mark.exercise("reward_model_loss")
@@ -81,8 +81,8 @@ def test_reward_model_loss_gradient_by_hand():
     # dL/dr_w = -(1 - sigma(r_w - r_l)) / B, dL/dr_l = +(1 - sigma(r_w - r_l)) / B, B = 2
     # pair 1: 1 - sigma(1) = 0.268941, / 2 = 0.134471
     # pair 2: 1 - sigma(-2) = 0.880797, / 2 = 0.440399
-    assert torch.allclose(r_w.grad, torch.tensor([-0.134471, -0.440399]), atol=1e-6)
-    assert torch.allclose(r_l.grad, torch.tensor([0.134471, 0.440399]), atol=1e-6)
+    expect(r_w.grad, [-0.134471, -0.440399], abs=1e-6)
+    expect(r_l.grad, [0.134471, 0.440399], abs=1e-6)
 
 
 @pytest.mark.exercise("reward_model_loss")
@@ -279,6 +279,7 @@ def test_collate_pairs_layout(world, tiny_rm):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_main_end_to_end_tiny(tiny_run, tmp_path, world):
     config = RewardModelConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=40,
                                batch_size=32, lr=3e-3, num_pairs=1280, eval_pairs=200, eval_every=20,
