@@ -66,6 +66,7 @@ of chosen and rejected responses, the sampled KL, then the training loop ``main`
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -421,23 +422,40 @@ def main(config: DPOConfig) -> dict:
 
     save_model(policy, tok, run.dir)
     after = latest  # measured at the last step
-    run.plot(["loss"], "loss.png", f"DPO loss (E9), beta={config.beta}",
-             hlines={"ln 2 (policy = reference)": 0.6931}, ylabel="nats")
-    run.plot(["rewards/chosen", "rewards/rejected", "rewards/margins"], "rewards.png",
-             "implicit rewards (E10) on training pairs", ylabel="beta log(pi / pi_ref)")
-    run.plot(["logps/chosen", "logps/rejected"], "logps.png", "log pi_theta(y|x) of training pairs", ylabel="nats")
+    x = f"DPO step (batches of {config.batch_size} pairs)"
+    run.plot({"loss": "training batch"}, "loss.png", f"DPO loss (E9), beta = {config.beta:g}",
+             hlines={"ln 2: the policy equals the reference": math.log(2)}, ylabel="loss, nats per pair",
+             xlabel=x, caption="The loss starts at ln 2 (every implicit reward is 0) and falls as the "
+                               "implicit rewards order the training pairs.")
+    run.plot({"rewards/chosen": "chosen responses", "rewards/rejected": "rejected responses",
+              "rewards/margins": "margin, chosen minus rejected"}, "rewards.png",
+             "implicit rewards on training pairs (E10)", ylabel="beta x log(pi_theta / pi_ref), nats x beta",
+             xlabel=x, caption="DPO widens the margin; both rewards may fall: it asks only that chosen "
+                               "beat rejected.")
+    run.plot({"logps/chosen": "chosen responses", "logps/rejected": "rejected responses"}, "logps.png",
+             "log pi_theta(y | x) of training pairs", ylabel="log-probability, nats per response", xlabel=x,
+             caption="Watch the chosen log-prob: when it falls too, probability goes to responses no pair showed.")
     if held_out_rows is None:  # your own data: what can be measured without r*
-        run.plot(["kl"], "kl.png", "KL(pi || pi_ref) of samples", ylabel="nats per response")
-        run.plot(["heldout/accuracy"], "accuracy.png", "implicit-reward accuracy on held-out pairs",
-                 ylabel="fraction of pairs")
+        run.plot({"kl": "KL(pi_theta || pi_ref), sampled"}, "kl.png", "distance from the reference",
+                 ylabel="KL, nats per response", xlabel=x,
+                 caption="What DPO never sees: how far the policy moved from the reference on its own samples.")
+        run.plot({"heldout/accuracy": "held-out pairs"}, "accuracy.png", "implicit-reward accuracy (E10)",
+                 ylabel="fraction of pairs with r_w > r_l", xlabel=x, ylim=(0, 1),
+                 caption="Pairs it never trained on, ordered by the implicit reward like their labels (ties count half).")
         summary = {"beta": config.beta, "kl": after.get("kl"),
                    "heldout_accuracy_before": before.get("heldout/accuracy"),
                    "heldout_accuracy": after.get("heldout/accuracy"), "final_loss": run.rows[-1]["loss"],
                    "seconds": round(time.time() - run.start, 1), **{k: r.as_dict() for k, r in reports.items()}}
         run.write_summary(summary)
         return summary
-    run.plot(["true_reward", "kl"], "truth.png", "hidden truth: r* and KL(pi || pi_ref) of samples",
-             hlines={f"SFT r* {before['true_reward']:.2f}": before["true_reward"]})
+    run.plot_panels("truth.png", [
+        {"title": "hidden reward of the policy's samples", "metrics": {"true_reward": "mean r* of sampled reviews"},
+         "hlines": [(before["true_reward"], f"SFT model, {before['true_reward']:.3f}")],
+         "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
+        {"title": "distance from the reference", "metrics": {"kl": "KL(pi_theta || pi_ref), sampled"},
+         "xlabel": x, "ylabel": "KL, nats per response"}],
+        caption=f"What DPO never sees, measured on {config.eval_samples_per_prompt} samples per review prompt: "
+                "the hidden reward it gained, and the KL it paid for it.")
     summary = {"beta": config.beta, "true_reward_before": before["true_reward"],
                "true_reward": after["true_reward"], "malformed_before": before["malformed"],
                "malformed": after["malformed"], "kl": after["kl"],

@@ -365,6 +365,17 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
 # ----------------------------------------------------------------------------------------------
 
 
+def _examples(model, tok, questions: list[dict], config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
+    """[question, right answer, ``samples`` sampled answers] for the first ``n`` ``questions``."""
+    questions = questions[:n]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    prompts = [q.get("prompt_ids", q["prompt"]) for q in questions for _ in range(samples)]
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
+    return [[q["prompt"], q.get("answer"), [y for y, _ in texts[i * samples:(i + 1) * samples]]]
+            for i, q in enumerate(questions)]
+
+
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``.
 
@@ -442,13 +453,25 @@ def main(config: GRPOConfig) -> dict:
     seconds = time.time() - run.start
 
     save_model(model, tok, run.dir)
-    heldout_label = ("held-out" if not config.data else
+    heldout_label = ("held-out questions (never trained on)" if not config.data else
                      "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
-    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png",
-             f"GRPO: accuracy of sampled answers (train rollouts; {heldout_label})", ylabel="accuracy")
-    run.plot(["answer_len"], "answer_len.png", "answer length (tokens, EOS included)", ylabel="tokens")
-    run.plot(["kl", "clip_frac", "zero_spread"], "kl_clip.png",
-             "KL to pi_ref per token (k3), clip fraction, zero-spread groups")
+    x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
+    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
+              "heldout_accuracy": heldout_label}, "accuracy.png",
+             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
+             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
+    run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
+             ylabel="tokens per answer", xlabel=x,
+             caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")
+    run.plot_panels("kl_clip.png", [
+        {"title": "distance from pi_ref", "metrics": {"kl": "KL(pi_old || pi_ref) per token, k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "clipping (E13)", "metrics": {"clip_frac": "tokens whose clip binds"},
+         "xlabel": x, "ylabel": "fraction of answer tokens"},
+        {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
+         "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL "
+                "stays small.")
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)
@@ -464,14 +487,3 @@ def main(config: GRPOConfig) -> dict:
                **{k: r.as_dict() for k, r in reports.items()}}
     run.write_summary(summary)
     return summary
-
-
-def _examples(model, tok, questions: list[dict], config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
-    """[question, right answer, ``samples`` sampled answers] for the first ``n`` ``questions``."""
-    questions = questions[:n]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    prompts = [q.get("prompt_ids", q["prompt"]) for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
-    return [[q["prompt"], q.get("answer"), [y for y, _ in texts[i * samples:(i + 1) * samples]]]
-            for i, q in enumerate(questions)]

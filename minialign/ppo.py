@@ -80,6 +80,7 @@ Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,7 +100,7 @@ from .ops import (check_in_range, check_nonempty_rows, check_per_sequence, check
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
-                    seed_everything)
+                    seed_everything, standardise)
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -465,8 +466,8 @@ def main(config: PPOConfig) -> dict:
             kl = metrics["kl"]
         kl_ctl.update(kl, config.batch_size)
         last = it == config.steps - 1
-        if (it + 1) % config.eval_every == 0 or last:
-            ev = truth(config.eval_samples)
+        if (it + 1) % config.eval_every == 0 or last:  # the last one is the summary's, with more samples
+            ev = truth(config.final_eval_samples if last else config.eval_samples)
             metrics.update({k: v for k, v in ev.items() if k != "examples"})
         if it % config.log_every == 0 or (it + 1) % config.eval_every == 0 or last:
             run.log(it, **metrics)
@@ -478,27 +479,67 @@ def main(config: PPOConfig) -> dict:
         torch.save({"value_head": model.value_head.state_dict(),
                     "critic": None if model.critic is None else model.critic.state_dict()},
                    run.dir / "value_head.pt")
-    final = truth(config.final_eval_samples)
-    if config.data:
-        run.plot(["score"], "reward.png", "learned reward r_phi of the rollouts", ylabel="reward")
-    else:
-        hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
-        run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
-                 "learned r_phi (score) beside hidden r* (hacking parts them)",
-                 hlines=hline, ylabel="reward")
-    run.plot(["kl"], "kl.png", "KL(pi_theta || pi_ref) per response (E2's penalty)", ylabel="nats")
-    run.plot(["objective"], "objective.png", "E2 objective on the rollouts: r_phi - beta KL")
-    run.plot(["clip_frac", "approx_kl", "entropy", "explained_variance"], "ppo_stats.png", "PPO statistics")
-    run.plot(["pg_loss", "value_loss"], "losses.png", "policy (E5) and value losses")
+    final = ev  # measured after the last update, with final_eval_samples per prompt
+    plots(run, config, before.get("eval_true_reward"))
     rows = run.rows
+    last10 = [r["explained_variance"] for r in rows[-10:] if math.isfinite(r["explained_variance"])]
     summary = {
         "true_reward_before": before.get("eval_true_reward"), "true_reward": final.get("eval_true_reward"),
         "malformed_before": before.get("eval_malformed"), "malformed": final.get("eval_malformed"),
         "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
-        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
-        "beta_last": rows[-1]["beta"], "explained_variance_last": rows[-1]["explained_variance"],
+        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows), "beta_last": rows[-1]["beta"],
+        "explained_variance_last10": sum(last10) / len(last10) if last10 else float("nan"),
         "examples_before": before.get("examples"), "examples": final.get("examples"), "seconds": rows[-1]["time"],
         **{k: r.as_dict() for k, r in reports.items()},
     }
     run.write_summary(summary)
     return summary
+
+
+def plots(run: Run, config: PPOConfig, sft_true_reward: float | None) -> None:
+    """The stage's figures (drawn by ``train.plot_panels``), one panel per unit: r*, r_phi beside r*,
+    the KL, PPO's statistics, losses. With your own prompts (no hidden r*) the reward plot is r_phi's."""
+    x = f"PPO iteration (a rollout of {config.batch_size} responses)"
+    r_star = "hidden reward r* (-7 malformed, up to +6)"
+    steps, score = run.series("score")
+    _, true = run.series("true_reward")
+    if sft_true_reward is None:
+        run.plot({"score": "mean r_phi of the rollout"}, "reward.png", "learned reward r_phi of the rollouts",
+                 ylabel="reward-model units per response", xlabel=x,
+                 caption="What PPO maximises, before the KL penalty; your prompts have no hidden reward to check it by.")
+    else:
+        run.plot_panels("reward.png", [
+            {"title": "hidden reward r* of the policy's reviews", "xlabel": x, "ylabel": r_star,
+             "metrics": {"true_reward": "each rollout (noisy)",
+                         "eval_true_reward": "fresh samples of every review prompt"},
+             "hlines": [(sft_true_reward, f"SFT model, {sft_true_reward:.3f}")]},
+            {"title": "learned r_phi beside hidden r*, each standardised", "xlabel": x,
+             "ylabel": "standard deviations from the run's mean",
+             "curves": [(steps, standardise(score), "learned r_phi (what PPO maximises)"),
+                        (steps, standardise(true), "hidden r*")]}],
+            caption="r_phi's scale is arbitrary (E3 sees only differences), so the right panel standardises both: "
+                    "reward hacking would show as r_phi rising while r* falls.")
+    run.plot({"kl": "KL(pi_theta || pi_ref) of the rollout"}, "kl.png", "distance from the SFT model (E2's penalty)",
+             ylabel="KL, nats per response", xlabel=x,
+             caption="Each response pays beta times this in its reward: the KL stays bounded as the reward rises.")
+    run.plot({"objective": "r_phi - beta KL of the rollout"}, "objective.png", "E2's objective on the rollouts",
+             ylabel="reward-model units per response", xlabel=x,
+             caption="What PPO maximises: the learned reward minus the KL penalty (E2).")
+    run.plot_panels("ppo_stats.png", [
+        {"title": "clipping (E5)", "metrics": {"clip_frac": "tokens whose clip binds"}, "xlabel": x,
+         "ylabel": "fraction of response tokens"},
+        {"title": "movement within an iteration", "metrics": {"approx_kl": "KL(pi_old || pi_theta), k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "policy entropy", "metrics": {"entropy": "entropy of pi_theta"}, "xlabel": x,
+         "ylabel": "nats per token"},
+        {"title": "critic", "metrics": {"explained_variance": "explained variance of the returns"},
+         "xlabel": x, "ylabel": "1 - Var(R - V) / Var(R)"}],
+        caption="A few percent of tokens clipped and a small KL per iteration mean the updates stay near the "
+                "sampler; the critic explains part of the returns.")
+    run.plot_panels("losses.png", [
+        {"title": "policy loss -L^CLIP (E5)", "metrics": {"pg_loss": "mean over minibatches"}, "xlabel": x,
+         "ylabel": "whitened advantage units"},
+        {"title": "value loss", "metrics": {"value_loss": "mean over minibatches"}, "xlabel": x,
+         "ylabel": "squared reward units"}],
+        caption="The policy loss hovers near 0 (whitened advantages have mean 0); the value loss follows "
+                "how fast the returns move.")

@@ -152,9 +152,12 @@ def main(config: PretrainConfig) -> dict:
     run = Run(config, "pretrain")
     last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
     save_model(model, tok, run.dir)
-    run.plot(["loss", "heldout_loss"], "loss.png", "pre-training loss (E0a)",
-             hlines={f"entropy floor {floor:.3f}": floor} if floor else None, ylabel="nats / token",
-             ylim=(0.95 * floor, 1.5 * floor) if floor else None)  # zoom on the approach to the floor
+    run.plot({"loss": "training batch", "heldout_loss": "held-out text"}, "loss.png", "pre-training loss (E0a)",
+             hlines={f"exact entropy floor {floor:.3f}": floor} if floor else None,
+             ylabel="loss, nats per token", xlabel="optimizer step",
+             ylim=(0.95 * floor, 1.5 * floor) if floor else None,  # zoom on the approach to the floor
+             caption="The loss falls towards the corpus's exact entropy (dashed): no model can go below it."
+             if floor else "The language-modelling loss on your text, training batches and held-out text.")
     if floor is not None:
         summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
                    "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),

@@ -58,8 +58,8 @@ from .model import GPT, GPTConfig, load_checkpoint
 from .ops import align_responses, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, checkpoint_tokenizer, make_optimizer, progress,
-                    resolve_device, seed_everything)
+from .train import (Run, TrainConfig, accumulated_step, autocast, checkpoint_tokenizer, make_optimizer, plot_scatter,
+                    progress, resolve_device, running_mean, seed_everything)
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -355,24 +355,6 @@ def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: l
     }
 
 
-def plot_scatter(learned, true, path, title: str = "") -> Path:
-    """Learned reward r_phi against the hidden r*, one point per held-out response."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    jitter = np.random.default_rng(0).uniform(-0.06, 0.06, len(true))  # r* takes few values
-    ax.scatter(np.asarray(true) + jitter, learned, s=6, alpha=0.4)
-    ax.set_xlabel("hidden reward r*(x, y)")
-    ax.set_ylabel("learned reward r_phi(x, y)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``.
 
@@ -459,8 +441,13 @@ def main(config: RewardModelConfig) -> dict:
     save_reward_model(model, tok, run.dir)
     final = dict(last_eval)  # the evaluation after the last update
     if held_out is None:  # your own data: what can be measured without r*
-        run.plot(["loss", "heldout_loss"], "loss.png", "reward-model loss (E4)", ylabel="nats / pair")
-        run.plot(["accuracy", "heldout_accuracy"], "accuracy.png", "preference accuracy", ylabel="fraction of pairs")
+        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
+                 ylabel="loss, nats per pair", xlabel="optimizer step",
+                 caption="ln 2 = 0.693 is chance; your labels' noise sets how far below it the held-out loss can go.")
+        run.plot({"accuracy": "training batch", "heldout_accuracy": "held-out pairs"}, "accuracy.png",
+                 "preference accuracy: r_phi(chosen) > r_phi(rejected)", ylabel="fraction of pairs",
+                 xlabel="optimizer step", caption="Held-out pairs are the honest measure; training batches are "
+                 "the pairs being fit.")
         summary = {**final, "heldout_accuracy_before": before.get("heldout_accuracy"),
                    "loss": run.rows[-1]["loss"], "seconds": run.rows[-1]["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
@@ -468,14 +455,26 @@ def main(config: RewardModelConfig) -> dict:
         return summary
     learned, true = final.pop("responses")
     bayes = final["bayes_optimal_accuracy"]
-    run.plot(["loss", "heldout_loss"], "loss.png", "reward-model loss (E4)",
-             hlines={f"E4 with the true r* ({final['true_reward_loss']:.3f})": final["true_reward_loss"]},
-             ylabel="nats / pair")
-    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png", "preference accuracy",
-             hlines={f"Bayes-optimal {bayes:.3f}": bayes}, ylabel="fraction of pairs")
-    run.plot(["pearson"], "pearson.png", "Pearson(r_phi, r*) on held-out responses", ylabel="correlation")
-    plot_scatter(learned, true, run.dir / "scatter.png",
-                 f"held-out responses: Pearson {final['pearson']:.3f}")
+    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
+             hlines={f"E4 of the true r* on the held-out pairs ({final['true_reward_loss']:.3f})":
+                     final["true_reward_loss"]}, ylabel="loss, nats per pair", xlabel="optimizer step",
+             caption="The held-out loss falls towards that of the hidden reward itself: the labels' own noise.")
+    steps, batch_accuracy = run.series("accuracy")
+    window = max(1, 100 // config.log_every)
+    run.plot_panels("accuracy.png", [{
+        "title": "preference accuracy: r_phi(chosen) > r_phi(rejected)", "xlabel": "optimizer step",
+        "ylabel": "fraction of pairs", "metrics": {"heldout_accuracy": f"held-out pairs ({config.eval_pairs})"},
+        "curves": [(steps, running_mean(batch_accuracy, window),
+                    f"training batches of {config.batch_size} pairs, mean of the last {window} logged", "-")],
+        "hlines": [(bayes, f"Bayes-optimal accuracy of the labels, {bayes:.3f}")]}],
+        caption="Held-out accuracy rises towards the ceiling no model can pass on these noisy labels; "
+                "training pairs are the ones being fit, so their accuracy can pass it.")
+    run.plot({"pearson": "held-out responses"}, "pearson.png", "Pearson(r_phi, r*): did it learn the hidden reward?",
+             ylabel="correlation", xlabel="optimizer step",
+             caption="1 would be the hidden reward up to scale and shift; the labels never show r* itself.")
+    plot_scatter(run.dir / "scatter.png", true, learned, "hidden reward r*(x, y)", "learned reward r_phi(x, y)",
+                 f"{len(true)} held-out responses: Pearson {final['pearson']:.3f}", jitter=0.06,
+                 caption="Each point is a review; r* takes few values, so they are spread a little sideways.")
     summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
                "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
                "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}

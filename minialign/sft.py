@@ -72,7 +72,9 @@ def main(config: SFTConfig) -> dict:
         run = Run(config, "sft")
         last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every)
         save_model(model, tok, run.dir)
-        run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)", ylabel="nats / token")
+        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+                 "SFT loss on response tokens (E0b)", ylabel="loss, nats per response token",
+                 xlabel="optimizer step", caption="The loss on your responses; held-out pairs are the honest measure.")
         summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "seconds": last["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
         run.write_summary(summary)
@@ -90,10 +92,18 @@ def main(config: SFTConfig) -> dict:
     last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
     save_model(model, tok, run.dir)
     floor = world.sft_entropy()["nats_per_token"]
-    run.plot(["loss", "heldout_loss"], "loss.png", "SFT loss on response tokens (E0b)",
-             hlines={f"entropy floor {floor:.3f}": floor}, ylabel="nats / token",
-             ylim=(0.95 * floor, 1.5 * floor))  # zoom on the approach to the floor
-    run.plot(["true_reward", "heldout_accuracy"], "truth.png", "hidden truth of sampled responses")
+    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+             "SFT loss on response tokens (E0b)", hlines={f"exact entropy floor {floor:.3f}": floor},
+             ylabel="loss, nats per response token", xlabel="optimizer step",
+             ylim=(0.95 * floor, 1.5 * floor),  # zoom on the approach to the floor
+             caption="The response loss falls towards its exact floor H(response | prompt) (dashed).")
+    run.plot_panels("truth.png", [
+        {"title": "reviews", "metrics": {"true_reward": "mean r* of sampled reviews"},
+         "xlabel": "optimizer step", "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
+        {"title": "arithmetic", "metrics": {"heldout_accuracy": "held-out questions, sampled at T = 1"},
+         "xlabel": "optimizer step", "ylabel": "fraction answered right", "ylim": (0, 1)}],
+        caption="Judged by the hidden truth (8 samples per review prompt, 4 per question): "
+                "the instruct model writes well-formed reviews and answers sums.")
     final = review_eval(model, tok, world, samples_per_prompt=32, seed=config.seed)
     acc = arithmetic_eval(model, tok, world, "heldout", 16, seed=config.seed)["accuracy"]
     summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor, "true_reward_before": before["true_reward"],

@@ -15,6 +15,7 @@ import json
 import math
 import random
 import re
+import textwrap
 import time
 import types
 import typing
@@ -257,68 +258,135 @@ class Run:
                 f.write(json.dumps(row) + "\n")
         return row
 
-    def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
-             ylabel: str = "", ylim: tuple | None = None) -> Path | None:
-        """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
+    def plot(self, keys, filename: str, title: str = "", hlines: dict | None = None, ylabel: str = "",
+             ylim: tuple | None = None, caption: str = "", xlabel: str = "step") -> Path | None:
+        """One panel of logged metrics against the step: ``keys`` maps each metric to its legend in
+        words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
+        horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
+        panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
+                 "hlines": list((hlines or {}).items()), "ylim": ylim}
+        return self.plot_panels(filename, [panel], caption)
+
+    def plot_panels(self, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:
+        """``plot_panels`` of logged metrics: a panel's ``metrics`` ({key: legend}) are drawn
+        against the step, beside any explicit ``curves`` it has. Only the writing rank draws."""
         if not self.writes:
             return None
-        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel, ylim)
+        drawn = []
+        for panel in panels:
+            metrics = panel.get("metrics") or {}
+            labels = metrics if isinstance(metrics, dict) else {k: k for k in metrics}
+            curves = [self.series(key) + (label,) for key, label in labels.items()]
+            drawn.append({**panel, "curves": curves + list(panel.get("curves", []))})
+        return plot_panels(self.dir / filename, drawn, caption, title)
+
+    def series(self, key: str) -> tuple[list, list]:
+        """(steps, values) of a logged metric, over the rows that have it."""
+        pts = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
     def write_summary(self, summary: dict) -> None:
         if self.writes:
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
-                hlines: dict | None = None, ylabel: str = "", ylim: tuple | None = None) -> Path:
+# ----------------------------------------------------------------------------------------------
+# plots: every figure of the stages and the tutorials is drawn by these two functions
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", width: float = 5.0,
+                height: float = 4.0) -> Path:
+    """Panels side by side in one PNG, with a one-line caption under them that says what to see.
+
+    One panel per unit. Each panel is a dict with ``title``, ``xlabel`` and ``ylabel`` (each naming
+    its unit) and ``curves``, a list of ``(x, y, label)`` or ``(x, y, label, fmt)`` whose labels are
+    words, not metric keys; optional ``hlines`` (a list of ``(y, label)``), ``bars`` (a list of
+    ``(x, heights, label)``), ``xlim``, ``ylim``, ``xscale``, ``yscale``, ``xticks`` (positions,
+    labels) and ``legend`` (a matplotlib legend location, or False). A series of at most 30 points
+    drawn without a ``fmt`` gets markers, so that each measurement shows.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:  # sparse series (periodic evaluations) get markers so each measurement shows
-            ax.plot(*zip(*pts), label=key, marker="o" if len(pts) <= 30 else None)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="gray", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    if ax.get_legend_handles_labels()[0]:  # a series may be absent (no held-out data)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_panels(path, panels: list[dict], width: float = 5.0) -> Path:
-    """Several plots side by side in one PNG. Each panel is a dict with ``title``, ``xlabel``,
-    ``curves`` (a list of ``(x, y, label)`` or ``(x, y, label, fmt)``), optional ``hlines`` (a
-    list of ``(y, label)``) and ``ylim``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
+    width = max(width * len(panels), 6.5)  # a lone panel gets room for its caption
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for x, y, label, *fmt in panel["curves"]:
+        for x, y, label, *fmt in panel.get("curves", []):
             if len(x):
-                ax.plot(x, y, *fmt, label=label)
+                style = {} if fmt or len(x) > 30 else {"marker": "o"}
+                ax.plot(x, y, *fmt, label=label, **style)
+        bars = panel.get("bars", [])
+        for i, (x, heights, label) in enumerate(bars):
+            w = 0.8 / len(bars)
+            ax.bar([xi + (i - (len(bars) - 1) / 2) * w for xi in x], heights, w, label=label)
         for y, label in panel.get("hlines", []):
             ax.axhline(y, linestyle="--", color="gray", label=label)
+        for key in ("xscale", "yscale"):
+            if panel.get(key):
+                getattr(ax, f"set_{key}")(panel[key])
+        if panel.get("xlim") is not None:
+            ax.set_xlim(*panel["xlim"])
         if panel.get("ylim") is not None:
             ax.set_ylim(*panel["ylim"])
-        ax.set_title(panel.get("title", ""))
+        if panel.get("xticks") is not None:
+            ax.set_xticks(*panel["xticks"])
+        ax.set_title(panel.get("title", ""), fontsize=10)
         ax.set_xlabel(panel.get("xlabel", ""))
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("legend", "best") and ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=panel.get("legend", "best"), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, caption)
     plt.close(fig)
     return Path(path)
+
+
+def _save(fig, path, caption: str) -> None:
+    """Write ``fig`` with ``caption`` in italics under it, wrapped to the figure's width."""
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(caption, int(width * 15)) if caption else []
+    if lines:
+        fig.text(0.5, 0.02, "\n".join(lines), ha="center", va="bottom", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, (0.08 + 0.17 * len(lines)) / height if lines else 0, 1, 1))
+    fig.savefig(path, dpi=100)
+
+
+def plot_scatter(path, x, y, xlabel: str, ylabel: str, title: str = "", caption: str = "",
+                 jitter: float = 0.0) -> Path:
+    """One point per item, ``y`` against ``x`` (``jitter`` spreads an ``x`` that takes few values)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    dx = np.random.default_rng(0).uniform(-jitter, jitter, len(x)) if jitter else 0.0
+    ax.scatter(np.asarray(x) + dx, y, s=6, alpha=0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path, caption)
+    plt.close(fig)
+    return Path(path)
+
+
+def standardise(values: list[float]) -> list[float]:
+    """(v - mean) / std over the list (all 0 if the values are all equal): two series of different
+    units on one axis, when only their trends compare."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):

@@ -45,6 +45,7 @@ def test_gpt2_preset_is_the_124m_shape():
     assert sum(math.prod(s) for s in shapes.values()) == 124_439_808
 
 
+@pytest.mark.slow
 def test_bench_runs_every_part_at_tiny_size(capsys):
     results = main(BenchConfig(**TINY_BENCH, pretrain_steps=2))
     out = capsys.readouterr().out
