@@ -124,9 +124,11 @@ def main() -> None:
     for stage, title in (("dpo", "DPO loss (E9)"), ("grpo", "GRPO loss (E13)")):
         curves = [([r["step"] for r in losses[impl][stage]], [r["loss"] for r in losses[impl][stage]],
                    f"--model-impl {impl}", fmt) for impl, fmt in (("hf", "-"), ("minialign", "o"))]
-        panels.append({"title": f"{title}: the same folder, two implementations", "xlabel": "step",
+        panels.append({"title": title, "xlabel": "step (optimizer step; GRPO: iteration)", "ylabel": "loss (nats)",
                        "curves": curves})
-    print(f"plot: {plot_panels(here / 'same_losses.png', panels)}")
+    caption = ("the same GPT-2 folder trained through transformers (line) and minialign's GPT (dots): "
+               "the curves lie on each other")
+    print(f"plot: {plot_panels(here / 'same_losses.png', panels, caption)}")
 
     # %% 4. the result is a Hugging Face model
     banner("4. transformers samples from the GRPO-trained folder")
