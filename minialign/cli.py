@@ -5,6 +5,7 @@
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
     minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
     torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
+    minialign exercises make course/          # a copy with the equations' bodies to write
 
 Each stage module has a dataclass config (its flags) and ``main(config) -> summary``.
 """
@@ -17,7 +18,7 @@ import importlib
 import json
 import sys
 
-from . import distributed
+from . import distributed, exercises
 from .train import add_config_args, config_from_args
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder that transformers loads (GPT-2 format for minialign's GPT).")
     p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
     p.add_argument("dest", help="the new folder to write")
+    exercises.add_parser(sub)
     return parser
 
 
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
 
         print(f"wrote {export(args.source, args.dest)}")
         return 0
+    if args.command == "exercises":
+        return exercises.cli_main(args)
     module, cls, _ = {**STAGES, **TOOLS}[args.command.replace("-", "_")]
     mod, config_cls = _load(module, cls)
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
