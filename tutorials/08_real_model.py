@@ -25,6 +25,7 @@ reward, held-out answer accuracy and KL.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ def cli(*args) -> None:
     """One ``minialign`` command, as a user types it (``python -m minialign.cli`` = ``minialign``)."""
     print("$ minialign " + " ".join(str(a) for a in args))
     subprocess.run([sys.executable, "-m", "minialign.cli", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 
 def rows(path: Path) -> list[dict]:
@@ -132,6 +133,7 @@ def main() -> None:
 
     # %% 4. the result is a Hugging Face model
     banner("4. transformers samples from the GRPO-trained folder")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     trained = here / "hf" / "grpo" / "model"
     model = transformers.AutoModelForCausalLM.from_pretrained(str(trained))
     tok = transformers.AutoTokenizer.from_pretrained(str(trained))
