@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import collate, infinite_minibatches
+from .data import InfiniteMinibatches, collate
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT, GPTConfig
@@ -75,8 +75,8 @@ from .ops import masked_sum, response_logps, sequence_logps
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer, optimizer_step,
+                    require, resolve_device, save_policy, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # E7 and E8 on a discrete set of responses (one prompt): the closed form DPO starts from
@@ -277,7 +277,10 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO (E9) from the SFT checkpoint on the toy world's preference pairs; the SFT model is pi_ref."""
+    """Align the SFT model with DPO (E7-E10) on the toy world's preference pairs; it is also pi_ref.
+
+    Reads OUT/sft/model.pt (or --init). Writes OUT/dpo/: model.pt (the aligned policy),
+    metrics.jsonl, loss.png, rewards.png, logps.png, truth.png, summary.json, status.json."""
     init: str = ""                      # policy and reference checkpoint; default: out/sft/model.pt
     beta: float = 0.1                   # KL strength of E2; the implicit reward's scale (E10)
     steps: int = 200
@@ -291,17 +294,23 @@ class DPOConfig(TrainConfig):
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
 
+    INPUTS = {"init": "sft"}
 
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "beta", 0, low_open=True)
+        for name in ("eval_pairs", "eval_every", "eval_samples_per_prompt", "max_new_tokens"):
+            check_range(self, name, 1)
+        require(self, "num_pairs", self.num_pairs >= self.batch_size, f">= --batch-size ({self.batch_size})")
+
+
+@stage("dpo")
 def main(config: DPOConfig) -> dict:
     """Train pi_theta with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary."""
-    if config.beta <= 0:
-        raise ValueError(f"beta must be > 0, got {config.beta}")
-    if config.steps < 1 or config.eval_every < 1:
-        raise ValueError(f"steps and eval_every must be >= 1, got {config.steps} and {config.eval_every}")
     gen = seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
+    init = input_path(config, "init")  # out/sft/model.pt unless --init
     policy, tok = load_policy(init, device, world.tokenizer)
     run = Run(config, "dpo")
     block = policy.config.block_size
@@ -341,9 +350,9 @@ def main(config: DPOConfig) -> dict:
 
     before = truth()
     optimizer = make_optimizer(policy, config)
-    batches = infinite_minibatches(config.num_pairs, config.batch_size, gen)
+    batches = InfiniteMinibatches(config.num_pairs, config.batch_size, gen)
     policy.train()
-    bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
+    bar = run.loop(config.steps, f"dpo beta={config.beta}", policy=policy, optimizer=optimizer, batches=batches)
     for step in bar:
         idx = next(batches)
         rows = idx.tolist()
@@ -393,7 +402,7 @@ def main(config: DPOConfig) -> dict:
                "bayes_optimal_accuracy": world.bayes_optimal_accuracy(held_out_rows),
                "final_loss": run.rows[-1]["loss"], "examples": after["examples"],
                "seconds": round(time.time() - run.start, 1)}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary
 
 

@@ -66,10 +66,10 @@ import torch
 
 from .evaluate import arithmetic_eval, sample_texts
 from .generation import generate
-from .ops import check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps
+from .ops import check_finite, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (ConfigError, Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer,
+                    optimizer_step, resolve_device, save_policy, seed_everything, stage)
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
@@ -97,6 +97,7 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
         raise ValueError(f"{rewards.numel()} rewards is not a (positive) multiple of group_size={group_size}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    check_finite(rewards, "rewards")  # a NaN would make its group look all-equal: advantage 0
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
     advantages = r - baseline                                       # (Q, G)
@@ -140,6 +141,7 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
     if rewards.shape != logps.shape[:1]:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not match {logps.shape[0]} answers")
+    check_finite(rewards, "rewards")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
@@ -226,7 +228,11 @@ def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    """Group relative policy optimisation (E11-E14) on the toy world's verifiable arithmetic reward."""
+    """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
+
+    Reads OUT/sft/model.pt (or --init; also the first pi_ref). Writes OUT/grpo/: model.pt (the
+    aligned policy), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json,
+    status.json."""
     init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
     steps: int = 150                # iterations of E14 (sample, score, update)
     questions: int = 16             # questions per iteration
@@ -252,21 +258,17 @@ class GRPOConfig(TrainConfig):
     eval_samples: int = 16          # samples per held-out question during training
     final_eval_samples: int = 64    # samples per held-out question before and after
 
+    INPUTS = {"init": "sft"}
 
-def check_config(c: GRPOConfig) -> None:
-    if c.kl_in not in KL_IN:
-        raise ValueError(f"kl_in must be one of {KL_IN}, got {c.kl_in!r}")
-    if c.aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
-    if c.group_size < 2:
-        raise ValueError(f"group_size must be >= 2, got {c.group_size}")
-    for name in ("steps", "questions", "batch_size", "inner_updates", "max_new_tokens"):
-        if getattr(c, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-    if c.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (GRPO samples from pi_theta), got {c.temperature}")
-    if c.ref_reset_every < 0:
-        raise ValueError(f"ref_reset_every must be >= 0, got {c.ref_reset_every}")
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "group_size", 2)  # a group of one answer has no baseline (E11)
+        for name in ("questions", "inner_updates", "max_new_tokens", "eval_samples", "final_eval_samples"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
+            check_range(self, name, 0, low_open=True)
+        for name in ("beta", "ref_reset_every", "eval_every"):
+            check_range(self, name, 0)
 
 
 def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions: list[dict],
@@ -335,20 +337,19 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 # ----------------------------------------------------------------------------------------------
 
 
+@stage("grpo")
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
-    check_config(config)
     generator_cpu = seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
-    model, tok = load_policy(init, device, world.tokenizer)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
-    run = Run(config, "grpo")
     train_questions = world.arithmetic_questions("train")
     if config.questions > len(train_questions):
-        raise ValueError(f"questions={config.questions} per step, but the train split has only "
-                         f"{len(train_questions)}")
+        raise ConfigError(f"--questions must be <= {len(train_questions)} (the train split's size), "
+                          f"got {config.questions}")
+    model, tok = load_policy(input_path(config, "init"), device, world.tokenizer)  # out/sft unless --init
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
+    run = Run(config, "grpo")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
 
@@ -361,7 +362,8 @@ def main(config: GRPOConfig) -> dict:
     run.log(0, heldout_accuracy=before)
     model.train()
     history = []
-    bar = progress(range(config.steps), config, "grpo")
+    bar = run.loop(config.steps, "grpo", model=model, ref_model=ref_model, optimizer=optimizer,
+                   generator=generator, generator_cpu=generator_cpu, history=history)
     for step in bar:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(ref_model, model)  # E14's option
@@ -396,7 +398,7 @@ def main(config: GRPOConfig) -> dict:
                "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
                "seconds": seconds, "examples_before": examples_before,
                "examples": _examples(model, tok, world, config)}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary
 
 

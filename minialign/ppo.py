@@ -98,16 +98,17 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from . import files
 from .data import collate, minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
-from .ops import (check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
-                  token_logps)
+from .ops import (check_finite, check_mask, check_token_tensors, entropy_from_logits, masked_mean, masked_sum,
+                  masked_var, masked_whiten, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer, optimizer_step,
+                    resolve_device, save_policy, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # input checks shared by the pure functions
@@ -115,7 +116,8 @@ from .train import (Run, TrainConfig, autocast, load_policy, make_optimizer, opt
 
 
 def _check_rows(mask: torch.Tensor) -> None:
-    """Every row must hold at least one response token (the EOS at least)."""
+    """The mask is 0/1 and every row holds at least one response token (the EOS at least)."""
+    check_mask(mask)
     empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"response(s) {empty[:8]} of the rollout are empty (no response token in the "
@@ -137,6 +139,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     if score.shape != (logps.shape[0],):
         raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
+    check_finite(score, "score")
     _check_rows(mask)
     m = mask.bool()
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
@@ -156,6 +159,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     The response must be contiguous in each row (it is: prompt, response, then padding).
     """
     check_token_tensors(rewards=rewards, values=values, mask=mask)
+    check_finite(rewards, "rewards")
     _check_rows(mask)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
@@ -187,6 +191,7 @@ def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.T
     check_token_tensors(values=values, mask=mask)
     if score.shape != (values.shape[0],):
         raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
+    check_finite(score, "score")
     _check_rows(mask)
     m = mask.bool()
     first = m.long().argmax(1)                                                # (B,) first response token
@@ -265,6 +270,12 @@ class AdaptiveKLController:
             self.value *= 1 + error * n / self.horizon
         return self.value
 
+    def state_dict(self) -> dict:  # the current beta, for resuming a run
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
 
 # ----------------------------------------------------------------------------------------------
 # the policy with a value head
@@ -317,7 +328,12 @@ def logps_values_entropy(model: PolicyWithValueHead, batch: dict, temperature: f
 
 @dataclass
 class PPOConfig(TrainConfig):
-    """PPO with a value head against the learned reward model (E2, E5, E6).
+    """Align the SFT model with PPO and a value head against the learned reward model (E2, E5, E6).
+
+    Reads OUT/sft/model.pt (or --init; also pi_ref) and OUT/reward_model/model.pt (or
+    --reward-model). Writes OUT/ppo/: model.pt (the aligned policy), value_head.pt,
+    metrics.jsonl, reward.png, kl.png, objective.png, ppo_stats.png, losses.png, summary.json,
+    status.json.
 
     ``steps`` counts PPO iterations (one rollout each); each iteration makes
     ``ppo_epochs * ceil(batch_size / minibatch_size)`` optimizer steps; the learning-rate
@@ -352,6 +368,20 @@ class PPOConfig(TrainConfig):
     eval_samples: int = 16              # samples per review prompt in those measurements
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
 
+    INPUTS = {"init": "sft", "reward_model": "reward_model"}
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "minibatch_size", 1, self.batch_size)
+        for name in ("ppo_epochs", "max_new_tokens", "kl_horizon", "eval_every", "eval_samples", "final_eval_samples"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "kl_target"):
+            check_range(self, name, 0, low_open=True)
+        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef"):
+            check_range(self, name, 0)
+        check_range(self, "gamma", 0, 1)
+        check_range(self, "lam", 0, 1)
+
 
 def _rollout_batch(gen, tok, block_size: int, device) -> dict:
     """Re-collate a generation right-padded: ``<bos> ... <assistant> y_1 .. y_T(=EOS) <pad>..``.
@@ -376,19 +406,17 @@ def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
     return rm
 
 
+@stage("ppo")
 def main(config: PPOConfig) -> dict:
     """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``."""
-    if config.minibatch_size <= 0 or config.minibatch_size > config.batch_size:
-        raise ValueError(f"minibatch_size must be in [1, batch_size={config.batch_size}], "
-                         f"got {config.minibatch_size}")
     gen_cpu = seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
+    init = input_path(config, "init")  # out/sft/model.pt unless --init
     policy, tok = load_policy(init, device, world.tokenizer)
     ref, _ = load_policy(init, device, world.tokenizer)          # pi_ref: the frozen SFT model
     ref.eval().requires_grad_(False)
-    rm = _load_reward_model(config.reward_model or f"{config.out}/reward_model/model.pt", device, tok)
+    rm = _load_reward_model(input_path(config, "reward_model"), device, tok)
     model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
     optimizer = make_optimizer(model, config)
     kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -404,7 +432,8 @@ def main(config: PPOConfig) -> dict:
                 "examples": ev["examples"]}
 
     before = truth(config.final_eval_samples)                # the SFT model, measured as the final policy
-    bar = progress(range(config.steps), config, "ppo")
+    bar = run.loop(config.steps, "ppo", model=model, optimizer=optimizer, kl_ctl=kl_ctl, sampler=sampler,
+                   gen_cpu=gen_cpu)
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
         pick = torch.randint(len(prompts), (config.batch_size,), generator=gen_cpu).tolist()
@@ -449,7 +478,8 @@ def main(config: PPOConfig) -> dict:
                 ent = masked_mean(entropy, m)
                 loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
                 grad_norm = optimizer_step(model, optimizer, loss, it, config)
-                logs.append({"pg_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": ent.item(),
+                logs.append({"loss": loss.item(), "pg_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                             "entropy": ent.item(),
                              "grad_norm": grad_norm, **pg_stats, **v_stats})
 
         # ---- 4. measure: the objective, KL, the hidden truth r* ----------------------------
@@ -478,9 +508,9 @@ def main(config: PPOConfig) -> dict:
         bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics['true_reward']:.2f}", kl=f"{kl:.2f}")
 
     save_policy(policy, tok, run.dir / "model.pt")
-    torch.save({"value_head": model.value_head.state_dict(),
-                "critic": None if model.critic is None else model.critic.state_dict()},
-               run.dir / "value_head.pt")
+    files.torch_save({"value_head": model.value_head.state_dict(),
+                      "critic": None if model.critic is None else model.critic.state_dict()},
+                     run.dir / "value_head.pt")
     final = truth(config.final_eval_samples)
     hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
     run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
@@ -499,5 +529,5 @@ def main(config: PPOConfig) -> dict:
         "kl_coef_last": rows[-1]["kl_coef"], "explained_variance_last": rows[-1]["explained_variance"],
         "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
     }
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import collate, infinite_minibatches
+from .data import InfiniteMinibatches, collate
 from .model import GPT, GPTConfig
 from .ops import masked_mean, token_logps
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, make_optimizer, optimizer_step, progress,
-                    resolve_device, save_policy, seed_everything)
+from .train import (Run, TrainConfig, autocast, check_range, make_optimizer, optimizer_step, require,
+                    resolve_device, save_policy, seed_everything, stage)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,10 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    """Pre-train a base model from scratch on the toy world's text (E0a).
+
+    Reads nothing (the toy world is generated from --world-seed). Writes OUT/pretrain/: model.pt
+    (the base model and its tokenizer), metrics.jsonl, loss.png, summary.json, status.json."""
     steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
@@ -49,6 +53,14 @@ class PretrainConfig(TrainConfig):
     eval_size: int = 2_000       # fresh held-out lines for the loss against the floor
     eval_every: int = 200
 
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_layer", "n_head", "n_embd", "eval_size", "eval_every"):
+            check_range(self, name, 1)
+        require(self, "n_head", self.n_embd % self.n_head == 0, f"a divisor of --n-embd ({self.n_embd})")
+        check_range(self, "block_size", 2)
+        require(self, "corpus_size", self.corpus_size >= self.batch_size, f">= --batch-size ({self.batch_size})")
+
 
 def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], config: TrainConfig,
            run: Run, desc: str, eval_every: int, extra_metrics=None) -> dict:
@@ -60,7 +72,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
     gen = seed_everything(config.seed)
     optimizer = make_optimizer(model, config)
     prompts, responses = train
-    batches = infinite_minibatches(len(prompts), config.batch_size, gen)
+    batches = InfiniteMinibatches(len(prompts), config.batch_size, gen)
     block, pad = model.config.block_size, 0
 
     def held_out_loss() -> float:
@@ -77,7 +89,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
         return total / count
 
     model.train()
-    bar = progress(range(config.steps), config, desc)
+    bar = run.loop(config.steps, desc, model=model, optimizer=optimizer, batches=batches)
     for step in bar:
         idx = next(batches).tolist()
         b = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad, block, device)
@@ -97,6 +109,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
     return run.rows[-1]
 
 
+@stage("pretrain")
 def main(config: PretrainConfig) -> dict:
     """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``."""
     seed_everything(config.seed)
@@ -121,5 +134,5 @@ def main(config: PretrainConfig) -> dict:
     summary = {"heldout_loss": last["heldout_loss"], "entropy_floor": floor,
                "gap_to_floor": last["heldout_loss"] / floor - 1, "params": model.num_params(),
                "seconds": last["time"]}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -46,13 +46,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import collate, infinite_minibatches
+from . import files
+from .data import InfiniteMinibatches, collate
 from .model import GPT, GPTConfig, load_checkpoint
-from .ops import upcast
+from .ops import check_mask, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, checkpoint_tokenizer, load_policy, make_optimizer,
-                    optimizer_step, progress, resolve_device, seed_everything)
+from .train import (Run, TrainConfig, autocast, check_range, checkpoint_tokenizer, input_path, load_policy,
+                    make_optimizer, optimizer_step, require, resolve_device, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -97,6 +98,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+    check_mask(attention_mask, "attention_mask")
     real = attention_mask.bool()
     if not real.any(dim=1).all():
         raise ValueError("a row of attention_mask has no real token: there is nothing to score")
@@ -142,9 +144,8 @@ class RewardModel(nn.Module):
         if tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model "
                              f"{self.config.vocab_size}: they do not belong together")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
+        files.torch_save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
                     "tokenizer": tokenizer.state_dict()}, path)
 
     @classmethod
@@ -254,7 +255,11 @@ def pearson(a, b) -> float:
 
 @dataclass
 class RewardModelConfig(TrainConfig):
-    """Train a Bradley-Terry reward model (E3, E4) on the toy world's preference pairs."""
+    """Train a Bradley-Terry reward model r_phi (E3, E4) on the toy world's preference pairs.
+
+    Reads OUT/sft/model.pt (or --init), whose trunk it starts from. Writes OUT/reward_model/:
+    model.pt (the reward model), metrics.jsonl, loss.png, accuracy.png, pearson.png, scatter.png,
+    summary.json, status.json."""
     init: str = ""                # SFT checkpoint the trunk starts from; default: out/sft/model.pt
     steps: int = 1000
     batch_size: int = 32          # preference pairs per step (2 x batch_size sequences)
@@ -264,6 +269,15 @@ class RewardModelConfig(TrainConfig):
     eval_pairs: int = 2_000       # fresh held-out pairs
     eval_every: int = 250
     center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+
+    INPUTS = {"init": "sft"}
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("eval_pairs", "eval_every"):
+            check_range(self, name, 1)
+        check_range(self, "center_rewards_coefficient", 0)
+        require(self, "num_pairs", self.num_pairs >= self.batch_size, f">= --batch-size ({self.batch_size})")
 
 
 @torch.no_grad()
@@ -332,12 +346,13 @@ def plot_scatter(learned, true, path, title: str = "") -> Path:
     return Path(path)
 
 
+@stage("reward_model")
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
     gen = seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/sft/model.pt"
+    init = input_path(config, "init")  # out/sft/model.pt unless --init
     policy, tok = load_policy(init, device, world.tokenizer)
     model = RewardModel.from_policy(policy)
     del policy
@@ -356,9 +371,10 @@ def main(config: RewardModelConfig) -> dict:
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
-    batches = infinite_minibatches(len(train_pairs), config.batch_size, gen)
+    batches = InfiniteMinibatches(len(train_pairs), config.batch_size, gen)
     model.train()
-    bar = progress(range(config.steps), config, "reward model")
+    bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
+                   last_eval=last_eval)
     for step in bar:
         batch = [train_pairs[i] for i in next(batches).tolist()]
         with autocast(device, config.dtype):
@@ -400,5 +416,5 @@ def main(config: RewardModelConfig) -> dict:
     summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
                "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
                "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

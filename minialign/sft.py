@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from .evaluate import arithmetic_eval, review_eval
 from .pretrain import fit_lm
 from .toyworld import ToyWorld, WorldConfig
-from .train import Run, TrainConfig, load_policy, resolve_device, save_policy, seed_everything
+from .train import (Run, TrainConfig, check_range, input_path, load_policy, require, resolve_device, save_policy,
+                    seed_everything, stage)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: the base model learns to answer instructions (E0b).
+
+    Reads OUT/pretrain/model.pt (or --init). Writes OUT/sft/: model.pt (the instruct model),
+    metrics.jsonl, loss.png, truth.png, summary.json, status.json."""
     init: str = ""               # base model checkpoint; default: out/pretrain/model.pt
     steps: int = 800
     batch_size: int = 64
@@ -34,13 +39,22 @@ class SFTConfig(TrainConfig):
     eval_size: int = 1_000
     eval_every: int = 200
 
+    INPUTS = {"init": "pretrain"}
 
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "eval_size", 1)
+        check_range(self, "eval_every", 1)
+        require(self, "num_examples", self.num_examples >= self.batch_size, f">= --batch-size ({self.batch_size})")
+
+
+@stage("sft")
 def main(config: SFTConfig) -> dict:
     """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = config.init or f"{config.out}/pretrain/model.pt"
+    init = input_path(config, "init")  # out/pretrain/model.pt unless --init
     model, tok = load_policy(init, device, world.tokenizer)
     run = Run(config, "sft")
 
@@ -68,5 +82,5 @@ def main(config: SFTConfig) -> dict:
                "true_reward": final["true_reward"], "malformed": final["malformed"],
                "heldout_accuracy_before": before["heldout_accuracy"], "heldout_accuracy": acc,
                "examples": final["examples"], "seconds": last["time"]}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary
