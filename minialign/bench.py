@@ -12,8 +12,8 @@ weights with ``--gpt2-path``), device and dtype, it prints:
    fraction of the machine's *measured* matmul FLOP/s in the same dtype (``matmul_flops``; and,
    on a known GPU in bf16, of its datasheet peak). Model FLOPs per token: 6 N for the weights (forward 2 N, backward 4 N) plus
    12 L T C for attention (PaLM appendix B; nanoGPT's ``estimate_mfu``);
-4. ``dpo``: seconds per DPO step (``dpo.dpo_step_time``: policy and reference forwards, E9, update);
-5. ``grpo``: seconds per GRPO iteration (``grpo.grpo_step_time``: sample G answers per question,
+4. ``dpo``: seconds per DPO step (``dpo_step_time``: policy and reference forwards, E9, update);
+5. ``grpo``: seconds per GRPO iteration (``grpo_step_time``: sample G answers per question,
    score, E11-E13, update), on the toy world's arithmetic questions with this model's body.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset before each part, so it is
@@ -150,6 +150,92 @@ def model_config(cfg: BenchConfig) -> GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# the algorithm timers: one DPO step, one GRPO iteration, each on a fresh model
+# ----------------------------------------------------------------------------------------------
+
+
+def dpo_step_time(model_config: GPTConfig, batch_size: int, seq_len: int, device="cpu",
+                  steps: int = 10, warmup: int = 3, precompute_ref: bool = False, dtype: str = "float32") -> float:
+    """Seconds per DPO optimizer step: B pairs of ``seq_len`` tokens (half prompt, half response).
+
+    ``precompute_ref=False`` (the default, as TRL's default) runs the reference forward in every
+    step; ``True`` times the step with log pi_ref read from a table.
+    """
+    from .dpo import chosen_rejected_logps, dpo_loss
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    policy = GPT(model_config).to(device)
+    reference = GPT(model_config).to(device).requires_grad_(False).eval()
+    reference.load_state_dict(policy.state_dict())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    ids = torch.randint(0, model_config.vocab_size, (2 * batch_size, seq_len), generator=generator).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "response_mask": (torch.arange(seq_len, device=device) >= seq_len // 2).long().expand(2 * batch_size, -1)}
+    with torch.no_grad():
+        ref_w, ref_l = chosen_rejected_logps(reference, batch)
+
+    def step():
+        with autocast(device, dtype):
+            pi_w, pi_l = chosen_rejected_logps(policy, batch)
+        if precompute_ref:
+            rw, rl = ref_w, ref_l
+        else:
+            with torch.no_grad(), autocast(device, dtype):
+                rw, rl = chosen_rejected_logps(reference, batch)
+        loss, _, _ = dpo_loss(pi_w, pi_l, rw, rl, 0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # wait for the device
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def grpo_step_time(model_config: GPTConfig, group_size: int = 8, questions: int = 32, device="cpu",
+                   steps: int = 5, warmup: int = 1, config=None) -> float:
+    """Seconds per GRPO iteration (sampling, scoring, E11-E13 updates) of a fresh model, median.
+
+    ``model_config``'s vocab_size is set from the toy world's tokenizer; ``config`` is a
+    ``grpo.GRPOConfig`` (default: its defaults).
+    """
+    import copy
+    import statistics
+
+    from .grpo import GRPOConfig, grpo_iteration
+    from .toyworld import ToyWorld, WorldConfig
+    from .train import make_optimizer
+
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    world = ToyWorld(WorldConfig(seed=0))
+    tok = world.tokenizer
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(model_config, vocab_size=tok.vocab_size)).to(device)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    config = config or GRPOConfig(device=str(device), progress=False)
+    config = dataclasses.replace(config, group_size=group_size, questions=questions,
+                                 batch_size=max(config.batch_size, group_size * questions))
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(0)
+    qs = world.arithmetic_questions("train")
+    qs = (qs * (questions // len(qs) + 1))[:questions]
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t = time.perf_counter()
+        grpo_iteration(model, ref_model, optimizer, tok, world, qs, config, i, generator)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
 # the figures
 # ----------------------------------------------------------------------------------------------
 
@@ -194,11 +280,12 @@ def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
     out = {}
     _reset_peak_memory(device)
     for use_cache in (True, False):
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
         _sync(device)
         t = time.perf_counter()
         with autocast(device, cfg.dtype):
-            generate(model, prompts, cfg.new_tokens, eos_id=-1, pad_id=0, use_cache=use_cache, generator=g)
+            generate(model, prompts, cfg.new_tokens, eos_id=-1, pad_id=0, use_cache=use_cache,
+                     generator=generator)
         _sync(device)
         key = "cache" if use_cache else "no_cache"
         out[key] = time.perf_counter() - t
@@ -222,8 +309,6 @@ def pretrain_figure(cfg: BenchConfig, device) -> dict:
 
 
 def dpo_figure(config: GPTConfig, cfg: BenchConfig, device) -> dict:
-    from .dpo import dpo_step_time
-
     _reset_peak_memory(device)
     seconds = dpo_step_time(config, cfg.dpo_pairs, cfg.seq_len, device=device, steps=3, warmup=1,
                             dtype=cfg.dtype)
@@ -232,7 +317,7 @@ def dpo_figure(config: GPTConfig, cfg: BenchConfig, device) -> dict:
 
 
 def grpo_figure(config: GPTConfig, cfg: BenchConfig, device) -> dict:
-    from .grpo import GRPOConfig, grpo_step_time
+    from .grpo import GRPOConfig
 
     _reset_peak_memory(device)
     grpo_config = GRPOConfig(device=str(device), dtype=cfg.dtype, progress=False)
@@ -278,11 +363,11 @@ def main(cfg: BenchConfig) -> dict:
 
     if "generation" in parts:
         model.eval()
-        results["generation"] = gen = generation_speed(model, cfg, device)
-        verdict = "met" if gen["speedup"] >= 5 else "NOT met"
-        print(f"generation of {cfg.new_tokens} tokens x {cfg.gen_batch} rows: KV cache {gen['cache']:.2f} s "
-              f"({gen['cache_tokens_per_s']:,.0f} tokens/s), no cache {gen['no_cache']:.2f} s "
-              f"({gen['no_cache_tokens_per_s']:,.0f} tokens/s), speed-up {gen['speedup']:.1f}x "
+        results["generation"] = speed = generation_speed(model, cfg, device)
+        verdict = "met" if speed["speedup"] >= 5 else "NOT met"
+        print(f"generation of {cfg.new_tokens} tokens x {cfg.gen_batch} rows: KV cache {speed['cache']:.2f} s "
+              f"({speed['cache_tokens_per_s']:,.0f} tokens/s), no cache {speed['no_cache']:.2f} s "
+              f"({speed['no_cache_tokens_per_s']:,.0f} tokens/s), speed-up {speed['speedup']:.1f}x "
               f"(target >= 5x at 256 new tokens: {verdict if cfg.new_tokens >= 256 else 'n/a, fewer tokens'})")
 
     if "train" in parts:

@@ -1,62 +1,67 @@
-r"""Direct preference optimisation (DPO): alignment from preference pairs with no reward model.
+r"""DPO, direct preference optimisation (E7-E10): alignment from preference pairs, with no reward
+model and no sampling during training. The source post's section 2.
 
-The derivation, as the source walks it (E2 -> E7 -> E8 -> E3 -> E9).
+The derivation, as the source walks it: E2 $\to$ E7 $\to$ E8 $\to$ E3 $\to$ E9.
 
 **E7, the optimal KL-regularised policy.** The RLHF objective (E2)
 
-    J_r(pi) = E_{x, y ~ pi}[ r(x, y) - \beta \log \frac{\pi(y|x)}{\pi_{ref}(y|x)} ]
+$$J_r(\pi) = \mathbb{E}_{x,\ y\sim\pi}\Big[r(x,y) - \beta\log\frac{\pi(y\mid x)}{\pi_{ref}(y\mid x)}\Big]$$
 
-has, for every prompt x, a closed-form maximiser over all distributions on responses:
+has, for every prompt $x$, a closed-form maximiser over all distributions on responses:
 
-    \pi^*(y|x) = \frac{1}{Z(x)} \pi_{ref}(y|x) \exp(\frac{1}{\beta} r(x, y)),
-    Z(x) = \sum_y \pi_{ref}(y|x) \exp(\frac{1}{\beta} r(x, y)).
+$$\pi^*(y\mid x) = \frac{1}{Z(x)}\,\pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta}r(x,y)\Big),\qquad
+Z(x) = \sum_y \pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta}r(x,y)\Big).$$
 
-``optimal_policy`` computes it for a discrete set of responses of one prompt. Z(x) sums over
-every possible response, so for a language model it cannot be computed; that is the obstacle.
+$Z(x)$ sums over every possible response, so for a language model it cannot be computed: that is
+the obstacle. On a discrete set of responses of one prompt it can (``optimal_policy``,
+``log_partition``).
 
-**E8, the reward as a policy ratio.** Take the log of E7 and solve for r:
+**E8, the reward as a policy ratio.** Take the log of E7 and solve for $r$:
 
-    r(x, y) = \beta \log \frac{\pi^*(y|x)}{\pi_{ref}(y|x)} + \beta \log Z(x).
+$$r(x,y) = \beta\log\frac{\pi^*(y\mid x)}{\pi_{ref}(y\mid x)} + \beta\log Z(x).$$
 
-Any reward is, up to a term \beta \log Z(x) that depends on the prompt only, the log-ratio of its
-optimal policy to the reference (``implied_reward`` returns the first term, r - \beta \log Z).
+Every reward is, up to the prompt-only term $\beta\log Z(x)$, the log-ratio of its optimal policy
+to the reference (``implied_reward``).
 
-**E3, Bradley-Terry, where Z cancels.** Human preferences are modelled as
+**E3, Bradley-Terry, where $Z(x)$ cancels.** Preferences are modelled as
+$P(y_w \succ y_l\mid x) = \sigma(r(x,y_w) - r(x,y_l))$. Only a difference of two rewards of the
+same prompt enters, so $\beta\log Z(x)$ cancels: substituting E8 gives the preference probability
+in terms of $\pi^*$ and $\pi_{ref}$ alone (``preference_probability``).
 
-    P(y_w \succ y_l | x) = \sigma(r(x, y_w) - r(x, y_l)).
+**E9, the DPO loss.** Parametrise $\pi^*$ by the policy $\pi_\theta$ and maximise the likelihood of
+the observed preferences:
 
-Only a *difference* of rewards of the same prompt enters, so the unknown \beta \log Z(x) of E8
-cancels: substituting E8 gives the preference probability in terms of \pi^* and \pi_{ref} only.
+$$\mathcal{L}_{DPO}(\theta) = -\mathbb{E}_{(x,y_w,y_l)}\Big[\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w\mid x)}{\pi_{ref}(y_w\mid x)}
+- \beta\log\frac{\pi_\theta(y_l\mid x)}{\pi_{ref}(y_l\mid x)}\Big)\Big]$$
 
-**E9, the DPO loss.** Parametrise \pi^* by the policy \pi_\theta and maximise the likelihood of the
-observed preferences:
+**E10, the implicit rewards.** $r_w = \beta(\log\pi_\theta(y_w\mid x) - \log\pi_{ref}(y_w\mid x))$,
+$r_l$ likewise, and $\mathcal{L}_{DPO} = -\log\sigma(r_w - r_l)$ (``dpo_loss``). The policy is its own
+reward model: no $r_\phi$ is trained, no response is sampled, and E2's KL penalty is built in
+through $\pi_{ref}$. The gradient shows what DPO does (``dpo_loss_gradients``):
 
-    L_{DPO}(\theta) = -E_{(x, y_w, y_l)}[ \log \sigma( \beta \log \frac{\pi_\theta(y_w|x)}{\pi_{ref}(y_w|x)}
-                                                     - \beta \log \frac{\pi_\theta(y_l|x)}{\pi_{ref}(y_l|x)} ) ]
+$$\frac{\partial\mathcal{L}}{\partial\log\pi_\theta(y_w\mid x)} = -\beta\,\sigma(r_l - r_w),\qquad
+\frac{\partial\mathcal{L}}{\partial\log\pi_\theta(y_l\mid x)} = +\beta\,\sigma(r_l - r_w):$$
 
-**E10, the implicit rewards.** r_w = \beta(\log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)), r_l likewise,
-and L = -\log\sigma(r_w - r_l). The policy *is* its own reward model: no r_\phi is trained, no
-response is sampled during training, and the KL penalty of E2 is built in through \pi_{ref}.
+raise the chosen response, lower the rejected one, each pair weighted by how wrongly the implicit
+reward orders it (a pair already ordered by a wide margin has weight near 0).
 
-Its gradient shows what DPO does. With z = r_w - r_l,
+$\log\pi(y\mid x)$ is E1: the sum of the log-probs of the response tokens, the EOS included, the
+prompt and the padding masked out (``ops.sequence_logps``).
 
-    \partial L / \partial \log\pi_\theta(y_w|x) = -\beta \sigma(r_l - r_w),
-    \partial L / \partial \log\pi_\theta(y_l|x) = +\beta \sigma(r_l - r_w):
+**Where this differs from the source**
 
-raise the chosen response, lower the rejected one, weighted by how wrongly the implicit reward
-currently orders the pair (a pair already ordered by a wide margin has weight near 0).
+- Nothing in E9 and E10: ``dpo_loss`` computes them as written, the expectation as the mean over
+  a batch of pairs.
+- ``implied_reward`` returns E8 without its $\beta\log Z(x)$ term, which cannot be computed for a
+  language model and cancels in E3 anyway.
+- The source's step 2 runs $\pi_{ref}$ on every batch; here its log-probs of the fixed training
+  pairs are computed once before training (``precompute_ref_logps``, default on), which gives the
+  same losses.
+- What DPO never sees is measured beside it: the hidden reward $r^*$ of sampled reviews and
+  $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ on samples $y\sim\pi_\theta$ (``sampled_kl``).
 
-\log\pi(y|x) is E1: the sum of the log-probs of the response tokens (the EOS included), the
-prompt and padding masked out (``ops.sequence_logps``).
-
-Training. ``main`` starts from the SFT checkpoint, which is also \pi_{ref}. The reference's
-log-probs of the fixed training pairs never change, so with ``precompute_ref_logps`` they are
-computed once before training and the reference model is dropped (it is reloaded from disk only
-to measure the KL on fresh samples). Each step runs chosen and rejected responses through the
-policy in one forward pass of 2B rows. Metrics carry the names TRL users know
-(``rewards/chosen``, ``rewards/margins``, ...). What DPO never sees is measured too: the hidden
-true reward r* of sampled reviews and KL(\pi_\theta || \pi_{ref}), estimated on samples
-y ~ \pi_\theta as the mean of \log\pi_\theta(y|x) - \log\pi_{ref}(y|x).
+The file reads top to bottom: E7 and E8 on a discrete example, E9 and E10, sequence log-probs
+of chosen and rejected responses, the sampled KL, then the training loop ``main``.
 """
 
 from __future__ import annotations
@@ -70,8 +75,7 @@ import torch.nn.functional as F
 from .data import InfiniteMinibatches, collate
 from .evaluate import review_eval
 from .generation import generate
-from .model import GPT, GPTConfig
-from .ops import masked_sum, response_logps, sequence_logps
+from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
@@ -97,13 +101,13 @@ def _check_discrete(ref_probs: torch.Tensor, other: torch.Tensor, beta: float, o
 
 
 def log_partition(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """log Z(x) = log sum_y pi_ref(y|x) exp(r(x, y) / beta) (E7's normaliser), computed stably."""
+    r"""$\log Z(x) = \log\sum_y \pi_{ref}(y\mid x)\, e^{r(x,y)/\beta}$, E7's normaliser, computed stably."""
     _check_discrete(ref_probs, rewards, beta, "rewards")
     return torch.logsumexp(torch.log(ref_probs) + rewards / beta, dim=0)
 
 
 def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """E7: pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) over a discrete set of responses (K,)."""
+    r"""E7: $\pi^*(y\mid x) = \pi_{ref}(y\mid x)\, e^{r(x,y)/\beta} / Z(x)$ over K responses of one prompt, (K,)."""
     _check_discrete(ref_probs, rewards, beta, "rewards")
     # E7 in log space: log pi* = log pi_ref + r / beta - log Z (a softmax), so a large r / beta
     # cannot overflow exp(); a response with pi_ref = 0 keeps pi* = 0 (log 0 = -inf).
@@ -111,17 +115,17 @@ def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) 
 
 
 def implied_reward(pi_star: torch.Tensor, ref_probs: torch.Tensor, beta: float) -> torch.Tensor:
-    """E8 without its prompt-only term: beta log(pi*(y|x) / pi_ref(y|x)) = r(x, y) - beta log Z(x), (K,)."""
+    r"""E8 without its prompt-only term: $\beta\log\frac{\pi^*(y\mid x)}{\pi_{ref}(y\mid x)} = r(x,y) - \beta\log Z(x)$, (K,)."""
     _check_discrete(ref_probs, pi_star, beta, "pi_star")
     return beta * (torch.log(pi_star) - torch.log(ref_probs))  # E8
 
 
 def preference_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
-    """E3: P(y_w > y_l | x) = exp(r_w) / (exp(r_w) + exp(r_l)) = sigma(r_w - r_l).
+    r"""E3: $P(y_w \succ y_l\mid x) = \frac{e^{r_w}}{e^{r_w} + e^{r_l}} = \sigma(r_w - r_l)$.
 
-    Only the difference enters: adding beta log Z(x) (or any c(x)) to both rewards changes
-    nothing. That is why the intractable Z of E7 drops out of DPO. The same function the reward
-    model fits (``reward_model.bradley_terry_probability``).
+    Only the difference enters: adding $\beta\log Z(x)$ (or any $c(x)$) to both rewards changes
+    nothing, which is why the intractable $Z(x)$ of E7 drops out of DPO. The same function the
+    reward model fits (``reward_model.bradley_terry_probability``).
     """
     return bradley_terry_probability(r_w, r_l)  # E3
 
@@ -134,28 +138,20 @@ def preference_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """E9 and E10 on a batch of pairs; every input is (B,) log pi(y|x) summed over response tokens (E1).
+    r"""E9 and E10 on B pairs; every input is (B,) $\log\pi(y\mid x)$ summed over response tokens (E1).
 
-    Returns ``(loss, chosen_rewards, rejected_rewards)``: the scalar mean of -log sigma(r_w - r_l),
-    and the implicit rewards r_w, r_l (B,). Log-probs in bf16/fp16 are computed on in float32.
+    Returns ``(loss, chosen_rewards, rejected_rewards)``: the mean over pairs of
+    $-\log\sigma(r_w - r_l)$, and the implicit rewards $r_w$, $r_l$, each (B,). Log-probs in
+    bf16/fp16 are computed on in float32.
     """
-    inputs = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-              "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    for name, x in inputs.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 1 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty (B,) tensor of sequence log-probs, "
-                             f"got shape {tuple(x.shape)}")
-    shapes = {name: tuple(x.shape) for name, x in inputs.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"batch sizes differ: {shapes}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    pi_w, pi_l, ref_w, ref_l = (x if x.dtype == torch.float64 else x.float() for x in inputs.values())
+    check_sequence_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    check_positive(beta=beta)
+    pi_w, pi_l = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
+    ref_w, ref_l = upcast(ref_chosen_logps), upcast(ref_rejected_logps)
 
-    chosen_rewards = beta * (pi_w - ref_w)      # E10: r_w = beta log(pi_theta(y_w|x) / pi_ref(y_w|x)), (B,)
-    rejected_rewards = beta * (pi_l - ref_l)    # E10: r_l, (B,)
+    chosen_rewards = beta * (pi_w - ref_w)      # E10: r_w = beta (log pi_theta(y_w|x) - log pi_ref(y_w|x)), (B,)
+    rejected_rewards = beta * (pi_l - ref_l)    # E10: r_l likewise, (B,)
     # E9: -log sigma(r_w - r_l); logsigmoid stays finite where log(sigmoid(.)) would give -inf
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     return loss, chosen_rewards, rejected_rewards
@@ -164,10 +160,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 def dpo_loss_gradients(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The analytic gradient of ``dpo_loss`` (B,) w.r.t. log pi_theta(y_w|x) and log pi_theta(y_l|x).
+    r"""The analytic gradient of ``dpo_loss`` w.r.t. $\log\pi_\theta(y_w\mid x)$ and $\log\pi_\theta(y_l\mid x)$, (B,) each:
 
-    dL/d log pi(y_w) = -beta sigma(r_l - r_w) / B and dL/d log pi(y_l) = +beta sigma(r_l - r_w) / B
-    (the 1/B from the batch mean). Written out for the reader and the tests; training uses autograd.
+    $-\beta\,\sigma(r_l - r_w)/B$ and $+\beta\,\sigma(r_l - r_w)/B$ (the $1/B$ from the batch mean).
+    Written out for the reader and the tests; training uses autograd.
     """
     _, r_w, r_l = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                            ref_rejected_logps, beta)
@@ -207,29 +203,32 @@ def preference_batch(prompts: list[list[int]], chosen: list[list[int]], rejected
     return collate(prompts + prompts, chosen + rejected, pad_id, block_size, device)
 
 
-def chosen_rejected_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """E1 for a ``preference_batch``: (log pi(y_w|x), log pi(y_l|x)), each (B,), float32.
+def chosen_rejected_logps(model, batch: dict[str, torch.Tensor],
+                          share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""E1 for a ``preference_batch``: $(\log\pi(y_w\mid x), \log\pi(y_l\mid x))$, each (B,), float32.
 
     Only response tokens count: ``response_mask`` is 0 over the prompt and the padding.
+    ``share_prompt``: chosen and rejected answer the same x, so x runs once for both (``ops.prefill``).
     """
     response_mask = batch["response_mask"][:, 1:]                                    # (2B, T-1)
     if response_mask.shape[0] % 2:
         raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {response_mask.shape[0]}")
     if (response_mask.sum(1) == 0).any():
         raise ValueError("a response in the batch has no tokens")
-    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # (2B,) E1
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                           share_prompt=share_prompt)                                  # (2B,) E1
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
-               dtype: str = "float32", batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_w|x) and log pi(y_l|x) of every pair (``tokenize_pairs``), (N,) each, no gradient.
+def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device, dtype: str = "float32",
+               batch_size: int = 256, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""$\log\pi(y_w\mid x)$ and $\log\pi(y_l\mid x)$ of every pair (``tokenize_pairs``), (N,) each, no gradient.
 
-    With pi_ref this is the precomputation: the training pairs are fixed and pi_ref is frozen, so
-    its log-probs never change; computing them once saves a forward pass per step and lets the
-    reference leave memory.
+    With $\pi_{ref}$ this is the precomputation: the training pairs are fixed and $\pi_{ref}$ is
+    frozen, so its log-probs never change; computing them once saves a forward pass per step and
+    lets the reference leave memory.
     """
     was_training = model.training
     model.eval()
@@ -239,7 +238,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
         b = preference_batch(pairs["prompt"][i:i + batch_size], pairs["chosen"][i:i + batch_size],
                              pairs["rejected"][i:i + batch_size], pad_id, model.config.block_size, device)
         with autocast(torch.device(device), dtype):
-            w, l = chosen_rejected_logps(model, b)
+            w, l = chosen_rejected_logps(model, b, share_prompt)
         logps_w.append(w)
         logps_l.append(l)
     model.train(was_training)
@@ -253,21 +252,23 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device,
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_per_prompt: int = 32,
-               max_new_tokens: int = 24, seed: int = 0) -> float:
-    """KL(pi_theta || pi_ref) per prompt, estimated by sampling y ~ pi_theta:
+               max_new_tokens: int = 24, seed: int = 0, share_prompt: bool = True) -> float:
+    r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ per response, estimated on samples $y\sim\pi_\theta$:
 
-        KL ~= mean over samples of  sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)]
+    $$\mathrm{KL} \approx \operatorname{mean}_y \sum_t \big[\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big]$$
 
     (the sequence-level k1 estimator: unbiased, and exactly 0 when the policy is the reference).
     """
     device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     ids = [tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    g = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=gen)
+    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
+                       share_prompt=share_prompt)
     # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    logp = response_logps(policy, g.sequences, g.attention_mask, g.prompt_len)      # (B, T)
-    logq = response_logps(reference, g.sequences, g.attention_mask, g.prompt_len)   # (B, T)
-    return masked_sum(logp - logq, g.response_mask, dim=1).mean().item()              # mean of (B,)
+    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
+    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
+    return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +291,7 @@ class DPOConfig(TrainConfig):
     num_pairs: int = 10_000             # training pairs drawn from the toy world (Bradley-Terry labels)
     eval_pairs: int = 500               # held-out pairs for the implicit reward's accuracy
     precompute_ref_logps: bool = True   # compute log pi_ref once; the reference leaves memory
+    share_prompt: bool = True           # run x once for y_w and y_l (exact; ops.prefill)
     eval_every: int = 50                # steps between measurements of r* and KL (by sampling)
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
@@ -306,8 +308,8 @@ class DPOConfig(TrainConfig):
 
 @stage("dpo")
 def main(config: DPOConfig) -> dict:
-    """Train pi_theta with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary."""
-    gen = seed_everything(config.seed)
+    """Train the policy with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary."""
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = input_path(config, "init")  # out/sft/model.pt unless --init
@@ -322,9 +324,10 @@ def main(config: DPOConfig) -> dict:
     # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
     reference, _ = load_policy(init, device, tok)
     reference.requires_grad_(False).eval()
-    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype)
+    ref_eval = pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
     if config.precompute_ref_logps:
-        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype)            # (N,), (N,)
+        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype,
+                               share_prompt=config.share_prompt)                               # (N,), (N,)
         del reference  # not needed in memory while training; reloaded to measure the KL
 
     def get_reference():
@@ -339,8 +342,9 @@ def main(config: DPOConfig) -> dict:
         ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
                          max_new_tokens=config.max_new_tokens)
         kl = sampled_kl(policy, get_reference(), tok, world.review_prompts(), config.eval_samples_per_prompt,
-                        config.max_new_tokens, seed=config.seed + 1)
-        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype)
+                        config.max_new_tokens, seed=config.seed + 1, share_prompt=config.share_prompt)
+        pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
+                                share_prompt=config.share_prompt)
         _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
         policy.train()
         # a tie (as at the start, where every implicit reward is 0) counts as half right
@@ -350,7 +354,7 @@ def main(config: DPOConfig) -> dict:
 
     before = truth()
     optimizer = make_optimizer(policy, config)
-    batches = InfiniteMinibatches(config.num_pairs, config.batch_size, gen)
+    batches = InfiniteMinibatches(config.num_pairs, config.batch_size, generator)
     policy.train()
     bar = run.loop(config.steps, f"dpo beta={config.beta}", policy=policy, optimizer=optimizer, batches=batches)
     for step in bar:
@@ -359,12 +363,12 @@ def main(config: DPOConfig) -> dict:
         batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
                                  [train["rejected"][i] for i in rows], tok.pad_id, block, device)
         with autocast(device, config.dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)                    # (B,), (B,)
+            pi_w, pi_l = chosen_rejected_logps(policy, batch, config.share_prompt)   # (B,), (B,)
         if config.precompute_ref_logps:
             ref_w, ref_l = ref_train[0][idx.to(device)], ref_train[1][idx.to(device)]
         else:
             with torch.no_grad(), autocast(device, config.dtype):
-                ref_w, ref_l = chosen_rejected_logps(reference, batch)
+                ref_w, ref_l = chosen_rejected_logps(reference, batch, config.share_prompt)
         loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)          # E9, E10
         grad_norm = optimizer_step(policy, optimizer, loss, step, config)
 
@@ -404,49 +408,3 @@ def main(config: DPOConfig) -> dict:
                "seconds": round(time.time() - run.start, 1)}
     run.finish(summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed: seconds per DPO step on a fixed config (``minialign bench`` calls this)
-# ----------------------------------------------------------------------------------------------
-
-
-def dpo_step_time(model_config: GPTConfig, batch_size: int, seq_len: int, device="cpu",
-                  steps: int = 10, warmup: int = 3, precompute_ref: bool = False, dtype: str = "float32") -> float:
-    """Seconds per DPO optimizer step: B pairs of ``seq_len`` tokens (half prompt, half response).
-
-    ``precompute_ref=False`` (the default, as TRL's default) runs the reference forward in every
-    step; ``True`` times the step with log pi_ref read from a table.
-    """
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    policy = GPT(model_config).to(device)
-    reference = GPT(model_config).to(device).requires_grad_(False).eval()
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    ids = torch.randint(0, model_config.vocab_size, (2 * batch_size, seq_len), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "response_mask": (torch.arange(seq_len, device=device) >= seq_len // 2).long().expand(2 * batch_size, -1)}
-    with torch.no_grad():
-        ref_w, ref_l = chosen_rejected_logps(reference, batch)
-
-    def step():
-        with autocast(device, dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)
-        if precompute_ref:
-            rw, rl = ref_w, ref_l
-        else:
-            with torch.no_grad(), autocast(device, dtype):
-                rw, rl = chosen_rejected_logps(reference, batch)
-        loss, _, _ = dpo_loss(pi_w, pi_l, rw, rl, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # wait for the device
-
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps

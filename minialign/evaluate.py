@@ -21,9 +21,9 @@ def sample_texts(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer.prompt(p) for p in prompts[i:i + batch_size]]
-        g = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                     temperature=temperature, generator=generator)
-        out += [(tokenizer.decode(r), bool(f)) for r, f in zip(g.responses(), g.finished.tolist())]
+        rollout = generate(model, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                           temperature=temperature, generator=generator)
+        out += [(tokenizer.decode(r), bool(f)) for r, f in zip(rollout.responses(), rollout.finished.tolist())]
     return out
 
 
@@ -32,8 +32,8 @@ def review_eval(model, tokenizer: Tokenizer, world: ToyWorld, samples_per_prompt
     """Mean hidden reward r* of sampled reviews, and the fraction that are malformed."""
     prompts = [p for p in world.review_prompts() for _ in range(samples_per_prompt)]
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    texts = sample_texts(model, tokenizer, prompts, max_new_tokens, temperature, gen)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = sample_texts(model, tokenizer, prompts, max_new_tokens, temperature, generator)
     rewards = [world.true_reward(p, y, done) for p, (y, done) in zip(prompts, texts)]
     malformed = [r == world.config.malformed_reward for r in rewards]
     return {"true_reward": sum(rewards) / len(rewards), "malformed": sum(malformed) / len(malformed),
@@ -47,8 +47,8 @@ def arithmetic_eval(model, tokenizer: Tokenizer, world: ToyWorld, split: str = "
     questions = world.arithmetic_questions(split)
     prompts = [q["prompt"] for q in questions for _ in range(samples_per_question)]
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    texts = sample_texts(model, tokenizer, prompts, max_new_tokens, temperature, gen)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = sample_texts(model, tokenizer, prompts, max_new_tokens, temperature, generator)
     correct = [world.true_reward(p, y, done) == 1.0 for p, (y, done) in zip(prompts, texts)]
     return {"accuracy": sum(correct) / len(correct)}
 

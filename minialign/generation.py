@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import left_pad
-from .ops import token_logps
+from .ops import prefill, token_logps
 
 
 @dataclass
@@ -67,10 +67,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> Generation:
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             share_prompt: bool = True) -> Generation:
     """Sample one response per prompt (token-id lists, e.g. ``Tokenizer.prompt``).
 
     ``temperature=0`` is greedy decoding (its ``logps`` are then at temperature 1).
+    ``share_prompt`` (with ``use_cache``): a prompt given several times (GRPO's group) runs once
+    (``ops.prefill``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -86,8 +89,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     B, P = ids.shape
     logp_temperature = temperature if temperature > 0 else 1.0
 
-    cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1].float()  # (B, V)
+    if use_cache:  # the prompts' keys and values; with share_prompt each distinct prompt runs once
+        h_last, cache = prefill(model, ids, mask, P + max_new_tokens, share_prompt)
+        logits = model.lm_head(h_last).float()                          # (B, V)
+    else:
+        logits = model(ids, attention_mask=mask)[:, -1].float()         # (B, V)
     new_tokens, new_logps, new_mask = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):

@@ -1,58 +1,72 @@
-r"""GRPO, group relative policy optimisation (E11-E14): PPO without a value head.
+r"""GRPO, group relative policy optimisation (E11-E14): PPO without a value head. The source
+post's section 3.
 
-PPO (``ppo.py``) needs a critic V(x) for its baseline, a second network as large as the policy.
-GRPO (DeepSeekMath, Shao et al. 2024) drops it: it samples G answers to the same question and
-uses their mean reward as the baseline. The group *is* the value estimate.
+PPO (``ppo.py``) needs a critic $V(x)$ for its baseline, a second network as large as the policy.
+GRPO (DeepSeekMath, Shao et al. 2024) drops it: it samples $G$ answers to the same question and
+uses their mean reward as the baseline. The group is the value estimate.
 
-For a question x, sample G answers y_1..y_G ~ pi_old(. | x) and score them, r_i = r(x, y_i)
-(here the verifiable reward of the toy world: 1 if the arithmetic answer is right, else 0).
+For a question $x$, sample $G$ answers $y_1, \dots, y_G \sim \pi_{old}(\cdot\mid x)$ and score them,
+$r_i = r(x, y_i)$: here the toy world's verifiable reward, 1 if the arithmetic answer is right,
+else 0.
 
-E11, the group baseline:
+**E11, the group baseline:**
 
-.. math::  \bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)
+$$\bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)$$
 
-E12, the normalised advantage, one number per answer, given to every one of its tokens:
+**E12, the normalised advantage,** one number per answer, given to every one of its tokens:
 
-.. math::  \hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}
+$$\hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}$$
 
 A group whose answers all score the same (all right, or all wrong) carries no signal about which
-answer is better: its advantage is exactly 0, never 0/0 = NaN.
+answer is better: its advantage is exactly 0, never $0/0$ = NaN (``group_advantages``).
 
-E13, the objective, with the per-token ratio
-:math:`\rho_{i,t} = \pi_\theta(y_{i,t} \mid x, y_{i,<t}) / \pi_{old}(y_{i,t} \mid x, y_{i,<t})`:
+**E13, the objective,** with the per-token ratio
+$\rho_{i,t} = \pi_\theta(y_{i,t}\mid x, y_{i,<t}) / \pi_{old}(y_{i,t}\mid x, y_{i,<t})$ (``grpo_loss``):
 
-.. math::  J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G \frac{1}{|y_i|}\sum_{t=1}^{|y_i|}
-           \Big(\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\hat A_i\big)
-           - \beta\, D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t}\Big)\Big]
+$$J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G\Big(\frac{1}{|y_i|}\sum_{t=1}^{|y_i|}
+\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\,\hat A_i\big)
+- \beta\, D_{KL}(\pi_\theta\Vert\pi_{ref})\Big)\Big]$$
 
-with the per-token KL estimated by k3 (``ops.kl_k3``), unbiased and never negative:
+with the KL estimated per token by k3 (``ops.kl_k3``), unbiased and never negative:
 
-.. math::  D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t} \approx
-           \frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)}
-           - \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1
+$$D_{KL}(\pi_\theta\Vert\pi_{ref})_{i,t} \approx \frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)}
+- \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1$$
 
-E14, one iteration: optionally reset :math:`\pi_{ref} \leftarrow \pi_\theta`; set
-:math:`\pi_{old} \leftarrow \pi_\theta`; sample G answers per question; reward
-:math:`r_i = r(x, y_i) - \beta D_{KL}` (when the KL goes in the reward); E11-E12; several gradient
-steps on E13 against the same :math:`\pi_{old}` samples.
+**E14, one iteration** (``grpo_iteration``): optionally reset $\pi_{ref} \leftarrow \pi_\theta$; set
+$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question; reward
+$r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps on
+E13 against the same samples of $\pi_{old}$.
 
 Choices the source leaves open, each an option of ``GRPOConfig``:
 
-- ``kl_in``: ``"loss"`` (default) puts beta * k3 in the loss per token, as E13 and DeepSeekMath
+- ``kl_in``: ``"loss"`` (default) puts $\beta\cdot$k3 in the loss per token, as E13 and DeepSeekMath
   do: the reward stays the plain verifiable 0/1, so E12's normalisation is not disturbed by the
-  KL, and the KL's gradient is exact rather than a REINFORCE estimate. ``"reward"`` subtracts
-  beta * (summed k3 of the answer) from r_i before E11-E12, as E14 writes it (and as PPO, E6, does).
-- ``aggregation``: ``"answer_mean"`` is E13: mean over each answer's tokens, then over answers,
+  KL, and the KL's gradient is back-propagated rather than estimated by the policy gradient.
+  ``"reward"`` subtracts $\beta\cdot$(the answer's summed k3) from $r_i$ before E11-E12, as E14
+  writes it (and as PPO's E6 does).
+- ``aggregation``: ``"answer_mean"`` is E13: the mean over each answer's tokens, then over answers,
   so a token of a short answer weighs more than a token of a long one. ``"token_mean"`` (DAPO)
-  averages over all tokens of the batch, so every token weighs the same. ``"constant"``
-  (Dr. GRPO) divides the token sum by a constant, B * max_len, so the gradient does not depend
-  on the answers' lengths at all.
+  averages over all tokens of the batch. ``"constant"`` (Dr. GRPO) divides the token sum by
+  $B\cdot$``max_new_tokens``, so the gradient does not depend on the answers' lengths.
 - ``scale_by_std``: E12 divides by the group's std; Dr. GRPO shows this up-weights questions that
-  are nearly always right or wrong and drops it (``False``: advantage = r - mean). Default: E12
-  as written; on this task the two measured within seed noise of each other (docs/grpo.md).
-- ``ref_reset_every``: E14's pi_ref <- pi_theta every N iterations (0: the SFT model stays pi_ref).
+  are nearly always right or wrong and drops it (``False``: $\hat A = r - \bar R$). Default: E12 as
+  written.
+- ``ref_reset_every``: E14's $\pi_{ref} \leftarrow \pi_\theta$ every N iterations (0: the SFT model
+  stays $\pi_{ref}$).
 
-The std in E12 is the sample std (divides by G - 1), as ``torch.std`` and common trainers compute it.
+**Where this differs from the source**
+
+- E13's KL term sits inside the per-token mean: $\beta\cdot$k3 is averaged with the surrogate over
+  each answer's tokens. Its expected gradient is that of $\mathrm{KL}(\pi_{ref}\Vert\pi_\theta)$, the
+  other direction from the $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ it estimates (``docs/theory.md``
+  derives it, ``tests/test_theory.py`` checks it).
+- E14's KL (``kl_in="reward"``) is the sum of the per-token k3 over the answer (the KL of two
+  autoregressive distributions is the sum of the per-token KLs).
+- E14 scores with a reward model $r_\phi$; here the reward is the toy world's verifiable one.
+- E12's std is the sample std (divides by $G - 1$), as ``torch.std`` and common trainers compute
+  it; $\epsilon = 10^{-4}$ (``adv_eps``).
+- $\log\pi_{old}$ is the sampler's own (at the sampling temperature); ``recompute_old_logps``
+  recomputes it with the training forward.
 """
 
 from __future__ import annotations
@@ -66,7 +80,8 @@ import torch
 
 from .evaluate import arithmetic_eval, sample_texts
 from .generation import generate
-from .ops import check_finite, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps
+from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
+                  check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .toyworld import ToyWorld, WorldConfig
 from .train import (ConfigError, Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer,
                     optimizer_step, resolve_device, save_policy, seed_everything, stage)
@@ -81,22 +96,17 @@ AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: bool = True) -> torch.Tensor:
-    """E11 and E12: the advantage of each of B answers, rows grouped G = ``group_size`` at a time.
+    r"""E11 and E12: the advantage $\hat A_i$ of each of B answers, rows grouped $G$ = ``group_size`` at a time.
 
     ``rewards`` (B,): rows i*G .. i*G + G - 1 are the G answers to question i. Returns (B,) float32
     (float64 stays float64). A group whose rewards are all equal gets advantage 0.
     """
     rewards = torch.as_tensor(rewards)
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
-    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards is not a (positive) multiple of group_size={group_size}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_groups(rewards.numel(), group_size)
+    check_positive(eps=eps)
     check_finite(rewards, "rewards")  # a NaN would make its group look all-equal: advantage 0
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
@@ -118,20 +128,19 @@ def zero_spread_fraction(rewards, group_size: int) -> float:
 
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                 estimator: str = "k3") -> torch.Tensor:
-    """KL(pi_theta || pi_ref) of each answer: the sum over its tokens of a per-token estimate, (B,).
+    r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ of each answer: the sum over its tokens of a per-token estimate, (B,).
 
     The KL of two autoregressive distributions is the sum of the per-token KLs (chain rule).
-    ``estimator`` "k3" (GRPO's, >= 0) or "k1" (log pi_theta/pi_ref: the sum is E2's log-ratio).
+    ``estimator`` "k3" (GRPO's, $\ge 0$) or "k1" ($\log\pi_\theta/\pi_{ref}$: the sum is E2's log-ratio).
     """
-    if estimator not in ("k1", "k3"):
-        raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    check_choice("estimator", estimator, ("k1", "k3"))
     per_token = kl_k3(logps, ref_logps) if estimator == "k3" else kl_k1(logps, ref_logps)  # (B, T)
     return masked_sum(per_token, mask, dim=1)
 
 
 def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                          beta: float, estimator: str = "k3") -> torch.Tensor:
-    """E14: r_i = r(x, y_i) - beta * KL_i, the KL summed over answer i's tokens; (B,), no gradient.
+    r"""E14: $r_i = r(x, y_i) - \beta\,\mathrm{KL}_i$, the KL summed over answer $i$'s tokens; (B,), no gradient.
 
     Used with ``kl_in="reward"``: these rewards go into ``group_advantages`` (E11-E12), and the
     loss then has no KL term of its own.
@@ -139,11 +148,9 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32  # float64 stays (theory lab)
     rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
-    if rewards.shape != logps.shape[:1]:
-        raise ValueError(f"rewards {tuple(rewards.shape)} do not match {logps.shape[0]} answers")
+    check_per_sequence(logps.shape[0], rewards=rewards)
     check_finite(rewards, "rewards")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    check_nonnegative(beta=beta)
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
     return rewards - beta * kl  # E14
 
@@ -152,7 +159,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
               advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
               kl_in: str = "loss", aggregation: str = "answer_mean", group_size: int | None = None,
               max_len: int | None = None) -> tuple[torch.Tensor, dict]:
-    """E13: the negative GRPO objective (a loss to minimise) and a dict of statistics.
+    r"""E13: $-J_{GRPO}$ (a loss to minimise) and a dict of statistics.
 
     logps, old_logps, ref_logps, mask: (B, T), one column per response token (EOS included in
     ``mask``: the policy must learn to stop). advantages: (B,) from ``group_advantages``.
@@ -160,39 +167,16 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     ``max_len`` is the constant of ``aggregation="constant"`` (e.g. max_new_tokens): the token
     sum is divided by B * max_len. ``group_size``, if given, checks that B is a multiple of it.
     """
-    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
-    B, T = logps.shape
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be (B,) = ({B},), got {tuple(advantages.shape)}")
-    if kl_in not in KL_IN:
-        raise ValueError(f"kl_in must be one of {KL_IN}, got {kl_in!r}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if kl_in == "loss" and beta > 0 and ref_logps is None:
-        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
-    if group_size is not None and (group_size < 2 or B % group_size != 0):
-        raise ValueError(f"batch of {B} answers is not a multiple of group_size={group_size} (>= 2)")
-    if aggregation == "constant" and (max_len is None or max_len < T):
-        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
-    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"answers {empty[:8]} have no response tokens in mask (an answer has at "
-                         "least its EOS, or its cut-off tokens)")
-
+    _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                            aggregation, group_size, max_len)
     # float32 even under bf16 autocast (ratios are differences of close log-probs); float64 stays
-    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    dtype = upcast(logps).dtype
     logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
     A = advantages.to(dtype).detach()[:, None]                   # (B, 1): one advantage per answer
     ratio = torch.exp(logps - old_logps)                         # (B, T)  rho_{i,t}
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = torch.minimum(ratio * A, clipped * A)            # (B, T)  E13's surrogate
-    kl = None
-    if ref_logps is not None:
-        kl = kl_k3(logps, ref_logps.to(dtype).detach())            # (B, T)  k3 >= 0
+    kl = None if ref_logps is None else kl_k3(logps, ref_logps.to(dtype).detach())  # (B, T) k3 >= 0
     if kl_in == "loss" and beta > 0:
         per_token = per_token - beta * kl                        # E13: KL in the loss
 
@@ -201,23 +185,45 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     elif aggregation == "token_mean":                            # every token of the batch alike
         objective = masked_sum(per_token, mask) / mask.sum()
     else:                                                        # a constant: length-independent
-        objective = masked_sum(per_token, mask) / (B * max_len)
+        objective = masked_sum(per_token, mask) / (mask.shape[0] * max_len)
     loss = -objective
 
-    with torch.no_grad():
-        m = mask.bool()
-        # clipping is active where the clipped term won the min: ratio out of range on the side
-        # that the advantage pushes it towards (those tokens get no gradient from the surrogate)
-        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
-        stats = {"loss": loss.item(),
-                 "clip_frac": masked_mean(is_clipped.float(), m).item(),
-                 "ratio": masked_mean(ratio, m).item(),
-                 "kl": masked_mean(kl, m).item() if kl is not None else float("nan")}
+    with torch.no_grad():  # the clip binds where the clipped term won the min: those tokens get no gradient
+        stats = {"loss": loss.item(), "clip_frac": masked_mean((clipped * A < ratio * A).float(), mask).item(),
+                 "ratio": masked_mean(ratio, mask).item(),
+                 "kl": float("nan") if kl is None else masked_mean(kl, mask).item()}
     return loss, stats
 
 
+def _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                            aggregation, group_size, max_len) -> None:
+    """``grpo_loss``'s input checks, each a ValueError that names the problem."""
+    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
+    B, T = logps.shape
+    check_per_sequence(B, advantages=advantages)
+    check_nonempty_rows(mask)
+    check_choice("kl_in", kl_in, KL_IN)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_positive(clip_eps=clip_eps)
+    check_nonnegative(beta=beta)
+    if kl_in == "loss" and beta > 0 and ref_logps is None:
+        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
+    if group_size is not None:
+        check_groups(B, group_size)
+    if aggregation == "constant" and (max_len is None or max_len < T):
+        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
+
+
+def check_groups(B: int, group_size: int) -> None:
+    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
+    if B == 0 or B % group_size != 0:
+        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
+
+
 def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
-    """E14's option pi_ref <- pi_theta: copy the policy's weights into the reference (no sharing)."""
+    r"""E14's option $\pi_{ref} \leftarrow \pi_\theta$: copy the policy's weights into the reference (no sharing)."""
     ref_model.load_state_dict(model.state_dict())  # load_state_dict copies values into ref's own tensors
 
 
@@ -254,6 +260,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
+    share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
     eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
     eval_samples: int = 16          # samples per held-out question during training
     final_eval_samples: int = 64    # samples per held-out question before and after
@@ -280,23 +287,24 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 
     # sample y ~ pi_old = the current policy (frozen for the whole iteration)
     with autocast(device, config.dtype):
-        gen = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
-                       tok.pad_id, temperature=config.temperature, generator=generator)
-    texts = [tok.decode(r) for r in gen.responses()]
+        rollout = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
+    texts = [tok.decode(r) for r in rollout.responses()]
     rewards = torch.tensor([world.true_reward(p, y, bool(f)) for p, y, f in
-                            zip(prompts, texts, gen.finished.tolist())], device=device)  # (B,)
-    mask = gen.response_mask                                                              # (B, T)
+                            zip(prompts, texts, rollout.finished.tolist())], device=device)  # (B,)
+    mask = rollout.response_mask                                                              # (B, T)
 
     with torch.no_grad(), autocast(device, config.dtype):
         # pi_old's log-probs: the sampler's own (same temperature, 0 after EOS), or recomputed by
         # the training forward so that rho = 1 exactly at the first update (the sampler's cached
         # forward agrees to ~1e-6 in float32, less closely under bf16)
-        old_logps = gen.logps
+        old_logps = rollout.logps
         if config.recompute_old_logps:
-            old_logps = response_logps(model, gen.sequences, gen.attention_mask, gen.prompt_len,
-                                       config.temperature)
-        ref_logps = response_logps(ref_model, gen.sequences, gen.attention_mask, gen.prompt_len,
-                                   config.temperature)
+            old_logps = response_logps(model, rollout.sequences, rollout.attention_mask,
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
+        ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
+                                   rollout.prompt_len, config.temperature, config.share_prompt)
     if config.kl_in == "reward":
         scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
     else:
@@ -308,8 +316,8 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
     for _ in range(config.inner_updates):  # mu passes against the same pi_old
         for idx in torch.randperm(B, generator=generator, device=device).split(config.batch_size):
             with autocast(device, config.dtype):
-                logps = response_logps(model, gen.sequences[idx], gen.attention_mask[idx],
-                                       gen.prompt_len, config.temperature)
+                logps = response_logps(model, rollout.sequences[idx], rollout.attention_mask[idx],
+                                       rollout.prompt_len, config.temperature, config.share_prompt)
             loss, s = grpo_loss(logps, old_logps[idx], ref_logps[idx], advantages[idx], mask[idx],
                                 config.clip_eps, config.beta, config.kl_in, config.aggregation,
                                 max_len=config.max_new_tokens)
@@ -325,7 +333,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
                "loss": sum(s["loss"] for s in stats) / len(stats),
                "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
                "answer_len": lengths.mean().item(),
-               "finished": gen.finished.float().mean().item(),
+               "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
     if config.kl_in == "reward":
         metrics["kl_penalised_reward"] = scored.mean().item()  # what E11-E12 saw
@@ -340,7 +348,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 @stage("grpo")
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
-    generator_cpu = seed_everything(config.seed)
+    data_generator = seed_everything(config.seed)  # question order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     train_questions = world.arithmetic_questions("train")
@@ -350,7 +358,7 @@ def main(config: GRPOConfig) -> dict:
     model, tok = load_policy(input_path(config, "init"), device, world.tokenizer)  # out/sft unless --init
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
     run = Run(config, "grpo")
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
     optimizer = make_optimizer(model, config)
 
     def heldout(samples: int) -> float:  # sampled at temperature 1: the policy's own distribution
@@ -363,11 +371,11 @@ def main(config: GRPOConfig) -> dict:
     model.train()
     history = []
     bar = run.loop(config.steps, "grpo", model=model, ref_model=ref_model, optimizer=optimizer,
-                   generator=generator, generator_cpu=generator_cpu, history=history)
+                   generator=generator, data_generator=data_generator, history=history)
     for step in bar:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(ref_model, model)  # E14's option
-        pick = torch.randperm(len(train_questions), generator=generator_cpu)[:config.questions].tolist()
+        pick = torch.randperm(len(train_questions), generator=data_generator)[:config.questions].tolist()
         metrics = grpo_iteration(model, ref_model, optimizer, tok, world,
                                  [train_questions[i] for i in pick], config, step, generator)
         history.append(metrics)
@@ -406,45 +414,8 @@ def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, sampl
     """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
     questions = world.arithmetic_questions("heldout")[:n]
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     prompts = [q["prompt"] for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, gen)
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
     return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
             for i, q in enumerate(questions)]
-
-
-def grpo_step_time(model_config, group_size: int = 8, questions: int = 32, device="cpu",
-                   steps: int = 5, warmup: int = 1, config: GRPOConfig | None = None) -> float:
-    """Seconds per GRPO iteration (sampling, scoring, E11-E13 updates) of a fresh model, median.
-
-    ``model_config`` is a ``GPTConfig``; its vocab_size is set from the toy world's tokenizer.
-    """
-    import dataclasses
-    import statistics
-
-    from .model import GPT
-
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    world = ToyWorld(WorldConfig(seed=0))
-    tok = world.tokenizer
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(model_config, vocab_size=tok.vocab_size)).to(device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    config = config or GRPOConfig(device=str(device), progress=False)
-    config = dataclasses.replace(config, group_size=group_size, questions=questions,
-                                 batch_size=max(config.batch_size, group_size * questions))
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator(device=device).manual_seed(0)
-    qs = world.arithmetic_questions("train")
-    qs = (qs * (questions // len(qs) + 1))[:questions]
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        grpo_iteration(model, ref_model, optimizer, tok, world, qs, config, i, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)

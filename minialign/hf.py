@@ -7,6 +7,7 @@ the policy; they only call
     model.hidden(input_ids, attention_mask=None, cache=None) -> (B, T, C)   # reward / value heads
     model.lm_head(hidden) -> logits                                          # PPO's shared trunk
     model.new_cache(batch_size, max_len) -> a cache with ``.length``         # generation
+    cache.select(rows) -> the cache with row i = old row rows[i]             # shared prompts
     model.config.block_size / .vocab_size / .n_embd
     and the ``nn.Module`` basics: parameters(), train(), eval(), .training, state_dict()
 
@@ -33,7 +34,8 @@ Choices made here, each for a reason:
   numbers as no padding (the Hugging Face default already does this for some models, not all).
 - the cache is Hugging Face's own ``past_key_values`` (a ``DynamicCache`` that grows), held in
   ``HFCache`` with the ``length`` that ``generate`` and the checks need; ``max_len`` is checked,
-  not preallocated.
+  not preallocated. ``HFCache.select`` copies a prompt's cache to the rows that answer it
+  (``ops.response_hidden``), keeping it in the autograd graph.
 - dropout is switched off at load (``disable_dropout``): RL compares log-probs of the same tokens
   computed at different times (ratios to pi_old, KL to pi_ref); with dropout they would differ
   by noise. ``GPTConfig.dropout`` is 0 for the same reason.
@@ -98,6 +100,20 @@ class HFCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
         self.past = None  # set by the first forward (a DynamicCache, or tuples in old versions)
+
+    def select(self, rows: torch.Tensor) -> "HFCache":
+        """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place.
+
+        ``DynamicCache`` indexes its tensors (``keys[rows]``) and later concatenates new ones, so
+        gradients flow back into the cached keys and values (the shared-prompt forward needs it).
+        """
+        if self.past is not None:
+            if hasattr(self.past, "batch_select_indices"):
+                self.past.batch_select_indices(rows)
+            else:  # legacy tuples ((k, v) per layer)
+                self.past = tuple(tuple(t[rows] for t in layer) for layer in self.past)
+        self.batch_size = len(rows)
+        return self
 
 
 def disable_dropout(module: nn.Module) -> None:

@@ -41,23 +41,36 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``."""
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
+
+    Two uses. Generation (no gradient): one forward of the prompt, then one token at a time.
+    The shared-prompt forward (``ops.response_hidden``): the distinct prompts of a batch fill the
+    cache once, ``select`` copies each prompt's keys and values to every row that answers it, and
+    one forward of the responses extends it. Each layer has its own buffer and ``select`` makes
+    new ones, so every buffer is written once before autograd reads it: gradients flow back through
+    the cached keys and values into the prompt's forward.
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens already stored (the same for every row)
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
-        T = k.size(2)
-        end = self.length + T
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, S, hs)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, S, hs)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place."""
+        self.k = [k[rows] for k in self.k]  # (B', nh, max_len, hs): indexing, so gradients flow
+        self.v = [v[rows] for v in self.v]
+        return self
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,18 +1,21 @@
-"""The math that several algorithms share: token log-probs (E1), masked reductions, whitening,
-KL estimators and entropy.
+r"""The math that several algorithms share: token log-probs (E1), input checks, masked
+reductions, whitening, KL estimators and entropy.
 
 Every function takes and returns tensors; none knows which algorithm calls it. Log-probs are
 computed in float32 whatever the model's dtype: under bf16 a log-softmax over the vocabulary
-loses the small differences that ratios such as pi_theta / pi_old are made of.
+loses the small differences that ratios such as $\pi_\theta/\pi_{old}$ are made of.
 
-KL estimators (J. Schulman, "Approximating KL divergence", 2020). For tokens sampled from p
-(the policy pi_theta) and q the reference pi_ref, with log r = log q(x) - log p(x):
+**KL estimators** (J. Schulman, "Approximating KL divergence", 2020). For tokens $x$ sampled
+from $p$ (the policy $\pi_\theta$) and $q$ the reference $\pi_{ref}$, with
+$\log\rho = \log q(x) - \log p(x)$:
 
-    k1 = -log r                 unbiased, high variance, can be negative
-    k2 = (log r)^2 / 2          biased, low variance, >= 0
-    k3 = (r - 1) - log r        unbiased, low variance, >= 0 (0 exactly when p = q at x)
+| estimator | formula | bias, variance |
+|---|---|---|
+| k1 | $-\log\rho$ | unbiased, high variance, can be negative |
+| k2 | $\frac12(\log\rho)^2$ | biased, low variance, $\ge 0$ |
+| k3 | $(\rho - 1) - \log\rho$ | unbiased, low variance, $\ge 0$ (0 exactly where $p = q$ at $x$) |
 
-k3 is the estimator of GRPO (DeepSeekMath): pi_ref/pi_theta - log(pi_ref/pi_theta) - 1.
+k3 is GRPO's estimator (DeepSeekMath): $\frac{\pi_{ref}}{\pi_\theta} - \log\frac{\pi_{ref}}{\pi_\theta} - 1$.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | context) of the given ``tokens`` (B, T) from ``logits`` (B, T, V), at ``temperature``.
+    r"""$\log\pi(y_t\mid\text{context})$ of the given ``tokens`` (B, T) from ``logits`` (B, T, V), at ``temperature``.
 
-    One factor of E1: log pi_theta(y | x) = sum_t log pi_theta(y_t | x, y_<t).
+    One factor of E1: $\log\pi_\theta(y\mid x) = \sum_t \log\pi_\theta(y_t\mid x, y_{<t})$.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align")
@@ -41,7 +44,7 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
 
 def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       temperature: float = 1.0) -> torch.Tensor:
-    """log pi(input_ids[:, t] | input_ids[:, :t]) for t >= 1: a (B, T-1) tensor.
+    r"""$\log\pi$(``input_ids[:, t]`` | ``input_ids[:, :t]``) for t >= 1: a (B, T-1) tensor.
 
     Column j holds the log-prob of token j+1, predicted from the logits at position j, so it
     lines up with ``input_ids[:, 1:]`` and with ``response_mask[:, 1:]``.
@@ -50,23 +53,120 @@ def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return token_logps(logits[:, :-1], input_ids[:, 1:], temperature)
 
 
-def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every response column of ``generate``'s sequences: (B, T).
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_len: int,
+            share_prompt: bool = True):
+    """Run prompts (B, P), left-padded, into a new KV cache of ``max_len`` tokens per row.
 
-    The prompt fills the first ``prompt_len`` columns (left-padded), so column P-1 of the
-    token log-probs predicts the first response token; the result lines up with
-    ``Generation.response_mask``.
+    Returns ``(h_last, cache)``: the final hidden state (B, C) of each prompt's last column (it
+    predicts the first response token) and the cache holding the prompts' keys and values, ready
+    for the response tokens (``generate`` samples them, ``response_hidden`` scores them).
+
+    **The shared prompt.** Rows that answer the same prompt (GRPO's G answers to one question,
+    DPO's chosen and rejected, PPO's samples of one prompt) start with the same tokens, and a plain
+    forward computes those tokens again in every row. With ``share_prompt`` each distinct prompt
+    runs once and ``cache.select`` copies its keys and values to every row that answers it; only
+    the response tokens then run per row. Causal attention makes this exact: a prompt token never
+    attends to the response, so its keys and values are the same in every row. Gradients flow
+    back through the copies into the one prompt forward, summed over its rows, as they sum over the
+    identical rows of the plain forward.
     """
-    logps = model_token_logps(model, sequences, attention_mask, temperature)  # (B, P+T-1)
-    return logps[:, prompt_len - 1:]
+    P = prompt_ids.shape[1]
+    if not share_prompt:
+        cache = model.new_cache(prompt_ids.shape[0], max_len)
+        return model.hidden(prompt_ids, prompt_mask, cache=cache)[:, -1], cache   # (B, C)
+    # each distinct prompt (its ids and its padding) once; row b answers prompt group[b]
+    distinct, group = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0,
+                                   return_inverse=True)                          # (U, 2P), (B,)
+    cache = model.new_cache(distinct.shape[0], max_len)
+    h = model.hidden(distinct[:, :P], distinct[:, P:], cache=cache)              # (U, P, C)
+    cache.select(group)                                                          # U rows -> B rows
+    return h[group, -1], cache                                                   # (B, C)
+
+
+def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    share_prompt: bool = True) -> torch.Tensor:
+    """Final hidden states (B, 1 + T, C) at the prompt's last column and at every response column.
+
+    ``sequences`` (B, P + T) in generation's layout: prompts left-padded into the first
+    P = ``prompt_len`` columns, responses from column P on. Column j of the result is the state at
+    sequence column P - 1 + j: column 0 predicts the first response token, column T is the last.
+    ``share_prompt``: each distinct prompt is computed once (``prefill``); the same numbers.
+    """
+    P = prompt_len
+    if not 1 <= P < sequences.shape[1]:
+        raise ValueError(f"prompt_len={P} must leave at least one prompt and one response column "
+                         f"in sequences of width {sequences.shape[1]}")
+    if not share_prompt:
+        return model.hidden(sequences, attention_mask)[:, P - 1:]                # (B, 1 + T, C)
+    h_last, cache = prefill(model, sequences[:, :P], attention_mask[:, :P], sequences.shape[1])
+    h_response = model.hidden(sequences[:, P:], attention_mask, cache=cache)    # (B, T, C)
+    return torch.cat([h_last[:, None], h_response], 1)                           # (B, 1 + T, C)
+
+
+def response_logps(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   temperature: float = 1.0, share_prompt: bool = True) -> torch.Tensor:
+    r"""$\log\pi(y_t\mid x, y_{<t})$ of every response column of ``generate``'s sequences: (B, T).
+
+    The prompt fills the first ``prompt_len`` columns (left-padded); the result lines up with
+    ``Generation.response_mask``. ``share_prompt``: see ``response_hidden`` (the same numbers).
+    """
+    h = response_hidden(model, sequences, attention_mask, prompt_len, share_prompt)  # (B, 1 + T, C)
+    logits = model.lm_head(h[:, :-1])              # (B, T, V): column t predicts response token t
+    return token_logps(logits, sequences[:, prompt_len:], temperature)
+
+
+def align_responses(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Shift each row right so that every response starts in one column P: (ids, mask, P).
+
+    A collated batch (``data.collate``: prompt, response, padding) starts each response where
+    its own prompt ends; ``response_hidden`` needs generation's layout, prompts left-padded into
+    P columns. Positions count real tokens only, so the shift changes no log-prob. Each row's
+    response must be one run of real tokens after its prompt, with nothing real after it.
+    """
+    B, L = input_ids.shape
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    response = response_mask.bool()
+    if response.shape != (B, L) or real.shape != (B, L):
+        raise ValueError(f"input_ids {(B, L)}, attention_mask and response_mask "
+                         f"{tuple(response_mask.shape)} must have the same shape")
+    length = response.sum(1)                                               # (B,)
+    start = response.long().argmax(1)                                      # (B,) first response column
+    col = torch.arange(L, device=input_ids.device)[None]                   # (1, L)
+    run = (col >= start[:, None]) & (col < (start + length)[:, None])      # (B, L)
+    if (length == 0).any() or (response != run).any() or (response & ~real).any() \
+            or (real & (col >= (start + length)[:, None])).any():
+        raise ValueError("each row needs its prompt, then its response as one run of real tokens, "
+                         "then only padding (response_mask inside attention_mask)")
+    P = int(start.max())
+    width = P + int(length.max())
+    source = torch.arange(width, device=input_ids.device)[None] - (P - start)[:, None]  # (B, W)
+    inside = (source >= 0) & (source < L)
+    source = source.clamp(0, L - 1)
+    ids = input_ids.gather(1, source)                                       # (B, W) pads: any id
+    mask = (real.gather(1, source) & inside).long()                         # (B, W)
+    return ids, mask, P
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   response_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """E1: log pi(y | x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens, (B,)."""
-    logps = model_token_logps(model, input_ids, attention_mask, temperature)  # (B, T-1)
+                   response_mask: torch.Tensor, temperature: float = 1.0,
+                   share_prompt: bool = True) -> torch.Tensor:
+    r"""E1: $\log\pi(y\mid x) = \sum_t \log\pi(y_t\mid x, y_{<t})$ over each row's response tokens, (B,).
+
+    ``share_prompt``: rows with the same prompt compute it once (``response_hidden``).
+    """
+    if share_prompt:
+        ids, mask, P = align_responses(input_ids, attention_mask, response_mask)
+        logps = response_logps(model, ids, mask, P, temperature, share_prompt=True)  # (B, T)
+        return masked_sum(logps, mask[:, P:], dim=1)
+    logps = model_token_logps(model, input_ids, attention_mask, temperature)  # (B, L-1)
     return masked_sum(logps, response_mask[:, 1:], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks: each raises a ValueError that names the problem, so that a loss's body can be
+# its equation alone
+# ----------------------------------------------------------------------------------------------
 
 
 def check_same_shape(**tensors) -> None:
@@ -98,6 +198,67 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     if bad.any():
         raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN/inf value(s) at index "
                          f"{bad.nonzero()[0].tolist()}")
+
+
+def check_sequence_logps(**tensors) -> None:
+    """Every given tensor is a non-empty (B,) tensor of sequence log-probs, all of one shape."""
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 1 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (B,) tensor of sequence log-probs, "
+                             f"got shape {tuple(x.shape)}")
+    shapes = {name: tuple(x.shape) for name, x in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"batch sizes differ: {shapes}")
+
+
+def check_per_sequence(batch: int, **tensors) -> None:
+    """Every given tensor holds one number per sequence of a batch of ``batch``: shape (B,)."""
+    for name, x in tensors.items():
+        if tuple(x.shape) != (batch,):
+            raise ValueError(f"{name} must be (B,) = ({batch},), one per sequence, got {tuple(x.shape)}")
+
+
+def check_nonempty_rows(mask: torch.Tensor) -> None:
+    """A (B, T) response mask is 0/1 and every row holds at least one token (a response has its EOS)."""
+    check_mask(mask)
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"response(s) {empty[:8]} are empty: no response tokens in the mask "
+                         "(a response holds at least its EOS)")
+
+
+def check_positive(**values) -> None:
+    """Each given number is > 0 (NaN is refused too)."""
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def check_nonnegative(**values) -> None:
+    """Each given number is >= 0 (NaN is refused too)."""
+    for name, v in values.items():
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def check_in_range(low: float, high: float, **values) -> None:
+    """Each given number lies in [low, high] (NaN is refused too)."""
+    for name, v in values.items():
+        if not low <= v <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# masked reductions
+# ----------------------------------------------------------------------------------------------
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -132,7 +293,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; ``shift_mean=False`` keeps the mean (only scales)."""
+    r"""$(x - \text{mean})/\text{std}$ over the masked entries; ``shift_mean=False`` keeps the mean (only scales)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -140,26 +301,31 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
+# ----------------------------------------------------------------------------------------------
+# KL estimators and entropy
+# ----------------------------------------------------------------------------------------------
+
+
 def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k1 = log p(x) - log q(x), per sample x ~ p."""
+    r"""k1 $= \log p(x) - \log q(x)$, per sample $x\sim p$."""
     check_same_shape(logp=logp, logq=logq)
     return logp - logq
 
 
 def kl_k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k2 = (log p(x) - log q(x))^2 / 2, per sample x ~ p."""
+    r"""k2 $= \frac12(\log p(x) - \log q(x))^2$, per sample $x\sim p$."""
     check_same_shape(logp=logp, logq=logq)
     return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """k3 = q(x)/p(x) - 1 - log(q(x)/p(x)), per sample x ~ p (GRPO's estimator)."""
+    r"""k3 $= \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}$, per sample $x\sim p$ (GRPO's estimator)."""
     check_same_shape(logp=logp, logq=logq)
     log_r = logq - logp
     return torch.exp(log_r) - 1 - log_r
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(pi(. | context)) = -sum_v p_v log p_v for each position: (..., V) -> (...)."""
+    r"""$H(\pi(\cdot\mid\text{context})) = -\sum_v p_v\log p_v$ for each position: (..., V) -> (...)."""
     logp = F.log_softmax(upcast(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)

@@ -1,92 +1,80 @@
-r"""PPO with a value head: the RLHF loop against the learned reward model (E2, E5, E6).
+r"""PPO with a value head: the RLHF loop against the learned reward model (E2, E5, E6). The source
+post's sections 0 (E2) and 1 (E5, E6).
 
-**The objective (E2).** Sample a response from the policy and score it with the reward model,
-minus a KL penalty that keeps the policy near the SFT model it started from:
+**The objective (E2).** Sample a response from the policy, score it with the reward model, and
+subtract a KL penalty that keeps the policy near the SFT model it started from:
 
-.. math::
+$$J_r(\pi_\theta) = \mathbb{E}_{x,\ y\sim\pi_\theta}\Big[r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}\Big]$$
 
-    J_r(\pi_\theta) = \mathbb{E}_{x,\ y\sim\pi_\theta}\Big[\, r_\phi(x,y)
-        - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)} \Big]
+**Per-token rewards (E2 token by token, E6).** A response is a sequence of actions
+$y_1, \dots, y_T$ (the last one is EOS). Each action pays the KL penalty of its own token, and the
+last one also receives the reward model's score, read at the EOS (``per_token_rewards``):
 
-**Per-token rewards (E2 written token by token, E6).** A response is a sequence of actions
-y_1..y_T (the last one is EOS). Each action pays the KL penalty of its own token, and the last one
-also receives the reward model's score, read at the EOS token (``per_token_rewards``):
+$$r_t = -\beta\big(\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big) + [t = T]\, r_\phi(x,y),$$
 
-.. math::
+so that $\sum_t r_t = r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}$, exactly the
+quantity inside E2's expectation ($\log\pi(y\mid x)$ is a sum over tokens, E1).
 
-    r_t = -\beta\,(\log\pi_\theta(y_t\mid x,y_{<t}) - \log\pi_{ref}(y_t\mid x,y_{<t}))
-          + [t = T]\; r_\phi(x, y)
+**Advantages (E6).** The source gives the whole answer one advantage, with a learned baseline
+$V(x)$ (``advantage="source"``, ``one_step_advantages``):
 
-so that :math:`\sum_t r_t = r_\phi(x,y) - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}`,
-exactly the quantity inside E2's expectation (``log pi(y|x)`` is a sum over tokens, E1).
-
-**Advantages.** The source (E6) uses one number per answer, with a learned baseline V(x):
-
-.. math::
-
-    A(x,y) = r(x,y) - V(x) \qquad (\text{``advantage="source"``, } \texttt{one\_step\_advantages})
+$$A(x,y) = r(x,y) - V(x).$$
 
 Practice (Ziegler et al. 2019, InstructGPT) uses generalised advantage estimation per token, with
-V(s_t) read at every response position (``advantage="gae"``, the default, ``gae``):
+$V(s_t)$ read at every response position (``advantage="gae"``, the default, ``gae``):
 
-.. math::
+$$\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t),\qquad \hat A_t = \sum_{l\ge 0}(\gamma\lambda)^l\,\delta_{t+l},\qquad \hat R_t = \hat A_t + V(s_t),$$
 
-    \delta_t = r_t + \gamma V(s_{t+1}) - V(s_t), \qquad
-    \hat A_t = \sum_{l\ge 0} (\gamma\lambda)^l \delta_{t+l}, \qquad
-    \hat R_t = \hat A_t + V(s_t)
-
-with V(s_{T+1}) = 0 after the EOS. With gamma = lambda = 1 the sum telescopes:
-A_1 = sum_t r_t - V(s_1) = r(x, y) - V(x), the source's advantage, at the first response token
-(``tests/test_ppo.py`` checks it). GAE with lambda < 1 trades that unbiased but noisy signal for
-a lower-variance one that trusts the value head's V(s_{t+1}) for the tokens still to come, and it
+with $V(s_{T+1}) = 0$ after the EOS. With $\gamma = \lambda = 1$ the sum telescopes to
+$\hat A_1 = \sum_t r_t - V(s_1) = r(x,y) - V(x)$ at the first response token: the source's
+advantage (``tests/test_ppo.py`` checks it). With $\lambda < 1$, GAE trades that unbiased but
+noisy signal for a lower-variance one that trusts $V(s_{t+1})$ for the tokens still to come, and
 gives each token its own advantage (a token that raised the KL pays for it, not its neighbours).
 
 **The clipped surrogate (E5).** With the ratio of new to old (rollout-time) probabilities
 
-.. math::
+$$\rho_t(\theta) = \frac{\pi_\theta(y_t\mid x, y_{<t})}{\pi_{old}(y_t\mid x, y_{<t})},\qquad
+L^{CLIP} = \mathbb{E}_t\big[\min\big(\rho_t\hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\,\hat A_t\big)\big],$$
 
-    \rho_t(\theta) = \frac{\pi_\theta(y_t\mid x,y_{<t})}{\pi_{old}(y_t\mid x,y_{<t})}, \qquad
-    L^{CLIP} = \mathbb{E}_t\big[\min(\rho_t \hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)\big]
+we minimise $-L^{CLIP}$ (``clipped_surrogate_loss``): a token whose ratio has already moved past
+$1\pm\epsilon$ in the direction its advantage pushes gets no more gradient, so several epochs over
+one rollout cannot move the policy far from the one that sampled it.
 
-we minimise -L^CLIP: a token whose ratio has already moved past 1 +/- eps in the direction its
-advantage pushes gets no more gradient, so several epochs over one rollout cannot move the
-policy far from the one that sampled it.
+**The value loss** (clipped, as in the PPO2 baselines), with the rollout-time values $V_{old}$
+(``value_loss``):
 
-**The value loss (clipped, as in the PPO2 baselines).** With the rollout-time values V_old,
+$$L^V = \tfrac12\,\mathbb{E}_t\Big[\max\Big((V_t - \hat R_t)^2,\ \big(V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t\big)^2\Big)\Big]$$
 
-.. math::
+**One PPO iteration (E6).** Sample $y\sim\pi_\theta$ for a batch of prompts; score them with
+$r_\phi$ at the EOS; per-token rewards with the KL to $\pi_{ref}$; advantages (GAE or the source's
+$r - V(x)$), whitened; then ``ppo_epochs`` passes over the rollout in minibatches, minimising
+$-L^{CLIP} + c_V L^V - c_H H(\pi_\theta)$ (``vf_coef``, ``ent_coef``).
 
-    L^V = \tfrac12\,\mathbb{E}_t\big[\max\big((V_t - \hat R_t)^2,\
-          (V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)\big]
+**The value head has its own trunk** by default (``shared_trunk=False``): the critic is a copy of
+the SFT model's trunk with a linear head on its final hidden states, trained by the value loss only
+(InstructGPT initialised it from the reward model). With a shared trunk the value loss's gradient
+also moves the policy's features, and when the returns jump it swamps the policy gradient under
+the common norm clip; ``docs/ppo.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
+variant (one forward for logits and values). Either way the head starts at zero, so $V = 0$ at first.
 
-**One PPO iteration (E6).** sample y ~ pi_theta for a batch of prompts; score them with r_phi at
-the EOS; compute the per-token rewards with the KL to pi_ref; advantages (GAE or the source's
-r - V(x)), whitened; then ``ppo_epochs`` passes over the rollout in minibatches, minimising
--L^CLIP + vf_coef L^V - ent_coef H(pi_theta).
+**Where this differs from the source**
 
-**The value head does not share the policy's trunk** (``shared_trunk=False``, the default): the
-critic is a copy of the SFT GPT's trunk with a linear head on its final hidden states, trained by
-the value loss only (as InstructGPT did, there initialised from the reward model). Why: with a
-shared trunk the value loss's gradient also moves the policy's features, and when the returns
-jump (a rollout with a large KL penalty gives value errors of tens of nats squared) that gradient
-swamps the policy gradient under the common norm clip. On the toy world the shared variant
-collapsed with the source's advantage (KL to pi_ref above 400 nats per response, every review
-malformed), its critic explained less of the returns' variance, and with GAE it found a reward
-hack on another seed; the separate critic did neither (``docs/ppo.md`` has the runs). Its price is
-a second trunk forward and backward (12.5 s of CPU time against 11.7 s for ten iterations with
-their evaluations, default sizes, one thread). ``shared_trunk=True``
-gives the cheaper shared variant (one forward for logits and values; TRL's old
-``AutoModelForCausalLMWithValueHead``). Either way the head starts at zero, so V = 0 at first.
-
-**Responses that never emit EOS** (cut off at ``max_new_tokens``): the reward model was trained
-only on finished responses and reads its score at the EOS token, which such a response does not
-have, so its reading there means nothing. Their score is replaced by ``missing_eos_score`` (a
-penalty, default -7.0, the hidden world's own score of a malformed review); they are still
-terminal (nothing is bootstrapped after the last sampled token).
+- The probability ratio is called $\rho_t$ (the source writes $r_t(\theta)$), because $r$ is the reward here.
+- The advantage is per-token GAE by default; the source's one-number $A = r - V(x)$ is
+  ``advantage="source"``. Either is whitened over the rollout's response tokens
+  (``whiten_advantages``, default on), which the source does not do.
+- E2's KL penalty is paid token by token (its sum is E2's log-ratio, so the total is the same).
+- The source does not say how $V$ is trained: here by the clipped value loss above, on a separate
+  trunk by default.
+- A response cut off before its EOS has no place to read $r_\phi$ (the reward model saw only
+  finished responses): it scores ``missing_eos_score`` (default $-7$, the world's own score of a
+  malformed review) and is still terminal.
+- Options the source does not have: an entropy bonus (``ent_coef``, off), an adaptive $\beta$
+  (``kl_target``, Ziegler et al. 2019; off).
 
 Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
-``one_step_advantages`` (E6 and GAE), ``clipped_surrogate_loss`` (E5), ``value_loss``,
-``AdaptiveKLController``, and ``main`` (the loop).
+``one_step_advantages`` (E6), ``clipped_surrogate_loss`` (E5), ``value_loss``,
+``AdaptiveKLController``; then the value head and the training loop ``main``.
 """
 
 from __future__ import annotations
@@ -99,30 +87,17 @@ import torch
 import torch.nn as nn
 
 from . import files
-from .data import collate, minibatches
+from .data import minibatches
 from .evaluate import review_eval
 from .generation import generate
 from .model import GPT
-from .ops import (check_finite, check_mask, check_token_tensors, entropy_from_logits, masked_mean, masked_sum,
-                  masked_var, masked_whiten, token_logps)
+from .ops import (check_finite, check_in_range, check_nonempty_rows, check_per_sequence, check_positive,
+                  check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
+                  response_hidden, response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer, optimizer_step,
                     resolve_device, save_policy, seed_everything, stage)
-
-# ----------------------------------------------------------------------------------------------
-# input checks shared by the pure functions
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_rows(mask: torch.Tensor) -> None:
-    """The mask is 0/1 and every row holds at least one response token (the EOS at least)."""
-    check_mask(mask)
-    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"response(s) {empty[:8]} of the rollout are empty (no response token in the "
-                         f"mask): there is no EOS to put the reward on")
-
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -130,20 +105,20 @@ def _check_rows(mask: torch.Tensor) -> None:
 
 
 def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """E2/E6 per token: -kl_coef * (logp - ref_logp) on every response token, plus ``score`` (B,)
-    on the last response token of each row (the EOS). Returns (B, T), 0 outside ``mask``.
+                      mask: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""E2/E6 per token: $r_t = -\beta(\log\pi_\theta(y_t\mid\cdot) - \log\pi_{ref}(y_t\mid\cdot))$ on every
+    response token, plus ``score`` $r_\phi(x,y)$ (B,) on the last one of each row (the EOS).
+    Returns (B, T), 0 outside ``mask``.
 
-    Summed over a row: score - kl_coef * (log pi(y|x) - log pi_ref(y|x)), the inside of E2.
+    Summed over a row: $r_\phi(x,y) - \beta\log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}$, the inside of E2.
     """
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
-    if score.shape != (logps.shape[0],):
-        raise ValueError(f"score must be (B,) = ({logps.shape[0]},), got {tuple(score.shape)}")
+    check_per_sequence(logps.shape[0], score=score)
     check_finite(score, "score")
-    _check_rows(mask)
+    check_nonempty_rows(mask)
     m = mask.bool()
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
-    rewards = -kl_coef * kl                                                   # (B, T)
+    rewards = -beta * kl                                                      # (B, T)
     last = last_token_index(mask)                                             # (B,) the EOS column
     eos = torch.zeros_like(rewards).scatter(1, last[:, None], 1.0)            # (B, T) one-hot at EOS
     return rewards + eos * score.to(rewards.dtype)[:, None]                   # E2: score at the EOS
@@ -152,17 +127,16 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
 @torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each row's response tokens: (advantages, returns).
+    r"""Generalised advantage estimation over each row's response tokens: (advantages, returns).
 
-    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last response token),
-    A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t. Both are 0 outside ``mask``.
-    The response must be contiguous in each row (it is: prompt, response, then padding).
+    $\delta_t = r_t + \gamma V_{t+1} - V_t$ ($V = 0$ after the last response token),
+    $\hat A_t = \delta_t + \gamma\lambda\hat A_{t+1}$, returns $\hat R_t = \hat A_t + V_t$; both 0
+    outside ``mask``. The response must be contiguous in each row (it is: prompt, response, padding).
     """
     check_token_tensors(rewards=rewards, values=values, mask=mask)
     check_finite(rewards, "rewards")
-    _check_rows(mask)
-    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
-        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    check_nonempty_rows(mask)
+    check_in_range(0, 1, gamma=gamma, lam=lam)
     m = mask.bool()
     zero = torch.zeros_like(values[:, 0])
     next_value, next_adv = zero, zero                                         # (B,) past the end: 0
@@ -179,41 +153,41 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 @torch.no_grad()
-def one_step_advantages(score: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E6 as the source writes it: A(x, y) = r(x, y) - V(x), one number per answer.
+    r"""E6 as the source writes it: $A(x,y) = r(x,y) - V(x)$, one number per answer.
 
-    ``score`` (B,) is the whole answer's reward r(x, y) (in ``main``: r_phi minus the summed KL
-    penalty, i.e. the row sum of ``per_token_rewards``); V(x) is the value at the first response
-    token (read from the hidden state of the prompt's last token). The advantage is copied onto
-    every response token; the returns (the value targets) are r(x, y) on every response token.
+    ``total_reward`` (B,) is the whole answer's KL-penalised reward
+    $r(x,y) = r_\phi(x,y) - \beta\log\frac{\pi(y\mid x)}{\pi_{ref}(y\mid x)}$, the row sum of
+    ``per_token_rewards``; $V(x)$ is the value at the first response token (read from the hidden
+    state of the prompt's last token). The advantage is copied onto every response token; the
+    returns (the value targets) are $r(x,y)$ on every one.
     """
     check_token_tensors(values=values, mask=mask)
-    if score.shape != (values.shape[0],):
-        raise ValueError(f"score must be (B,) = ({values.shape[0]},), got {tuple(score.shape)}")
-    check_finite(score, "score")
-    _check_rows(mask)
+    check_per_sequence(values.shape[0], total_reward=total_reward)
+    check_finite(total_reward, "total_reward")
+    check_nonempty_rows(mask)
     m = mask.bool()
     first = m.long().argmax(1)                                                # (B,) first response token
     v_x = values.gather(1, first[:, None]).squeeze(1)                         # (B,) V(x)
-    advantages = torch.where(m, (score - v_x)[:, None].expand_as(values), torch.zeros_like(values))  # E6
-    returns = torch.where(m, score[:, None].expand_as(values).to(values.dtype), torch.zeros_like(values))
+    r = total_reward.to(values.dtype)[:, None].expand_as(values)              # (B, T) r(x, y) on every token
+    advantages = torch.where(m, r - v_x[:, None], torch.zeros_like(values))   # E6: A = r - V(x)
+    returns = torch.where(m, r, torch.zeros_like(values))
     return advantages, returns
 
 
 def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """E5: loss = -masked mean over tokens of min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old.
+    r"""E5: loss $= -\operatorname{mean}_t \min(\rho_t\hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\hat A_t)$,
+    $\rho_t = \pi_\theta(y_t\mid\cdot)/\pi_{old}(y_t\mid\cdot)$, over the tokens of ``mask`` (each weighs the same).
 
     Returns (loss, stats): ``clip_frac`` (fraction of tokens where the clipped term is the smaller,
-    so their gradient is 0), ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta) on the rollout's
-    tokens) and ``ratio`` (mean rho). Every token of the batch weighs the same (token-level mean).
+    so their gradient is 0), ``approx_kl`` (k3 estimate of $\mathrm{KL}(\pi_{old}\Vert\pi_\theta)$ on
+    the rollout's tokens) and ``ratio`` (mean $\rho_t$).
     """
     check_token_tensors(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if mask.sum() == 0:
-        raise ValueError("clipped_surrogate_loss over an empty mask: no response tokens")
+    check_nonempty_rows(mask)
+    check_positive(clip_eps=clip_eps)
     log_ratio = logps - old_logps.detach()
     ratio = torch.exp(log_ratio)                                              # (B, T) rho_t
     unclipped = ratio * advantages                                            # rho A
@@ -231,14 +205,13 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                mask: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
+    r"""Clipped value loss: $\frac12\operatorname{mean}_t \max\big((V_t - \hat R_t)^2,\ (V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)$.
 
-    ``clip_range=None`` (or 0) is the plain 0.5 (V - R)^2. Returns (loss, stats) with
+    ``clip_range=None`` (or 0) is the plain $\frac12(V_t - \hat R_t)^2$. Returns (loss, stats) with
     ``value_clip_frac``, the fraction of tokens where the clipped error is the larger.
     """
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
-    if mask.sum() == 0:
-        raise ValueError("value_loss over an empty mask: no response tokens")
+    check_nonempty_rows(mask)
     err = (values - returns) ** 2                                             # (B, T)
     if not clip_range:
         return 0.5 * masked_mean(err, mask), {"value_clip_frac": 0.0}
@@ -249,32 +222,32 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over the response tokens: 1 is a perfect critic, 0 a constant one."""
+    r"""$1 - \mathrm{Var}(\hat R - V)/\mathrm{Var}(\hat R)$ over the response tokens: 1 is a perfect critic, 0 a constant one."""
     var_r = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+    r"""Ziegler et al. (2019): $\beta \leftarrow \beta\,(1 + \mathrm{clip}(\mathrm{KL}/\mathrm{target} - 1, -0.2, 0.2)\cdot n/\mathrm{horizon})$.
 
-    KL here is the rollout's mean of log pi(y|x) - log pi_ref(y|x) (nats per response). With
-    ``target=None`` beta stays fixed.
+    KL is the rollout's mean of $\log\pi(y\mid x) - \log\pi_{ref}(y\mid x)$ (nats per response). With
+    ``target=None`` $\beta$ stays fixed.
     """
 
-    def __init__(self, kl_coef: float, target: float | None = None, horizon: int = 10_000):
-        self.value, self.target, self.horizon = kl_coef, target, horizon
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10_000):
+        self.beta, self.target, self.horizon = beta, target, horizon
 
     def update(self, kl: float, n: int) -> float:
         if self.target is not None:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.value *= 1 + error * n / self.horizon
-        return self.value
+            self.beta *= 1 + error * n / self.horizon
+        return self.beta
 
     def state_dict(self) -> dict:  # the current beta, for resuming a run
-        return {"value": self.value}
+        return {"beta": self.beta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
+        self.beta = state["beta"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,12 +256,12 @@ class AdaptiveKLController:
 
 
 class PolicyWithValueHead(nn.Module):
-    """The policy pi_theta (a GPT) and a critic V(s_t), a linear head on final hidden states.
+    r"""The policy $\pi_\theta$ (a GPT) and a critic $V(s_t)$, a linear head on final hidden states.
 
     ``shared_trunk=False`` (the default): the critic is a separate copy of the initial GPT's trunk,
     so the value loss cannot move the policy (see the module docstring for why).
     ``shared_trunk=True``: the head reads the policy's own hidden states (one forward for both).
-    The head starts at zero, so V = 0 at first.
+    The head starts at zero, so $V = 0$ at first.
     """
 
     def __init__(self, policy: GPT, shared_trunk: bool = False):
@@ -299,26 +272,27 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, L, V) and values (B, L) float32: V at position j is the value of the state
-        after tokens 0..j, i.e. before the token at j+1 is chosen."""
-        h = self.policy.hidden(input_ids, attention_mask)                     # (B, L, C)
-        logits = self.policy.lm_head(h)                                       # (B, L, V)
-        h_v = h if self.critic is None else self.critic.hidden(input_ids, attention_mask)
-        values = self.value_head(h_v).squeeze(-1).float()                     # (B, L)
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) float32 for the response columns of ``generate``'s
+        sequences (prompt in the first ``prompt_len`` columns): column t is the state before
+        response token t is chosen. ``share_prompt``: see ``ops.prefill`` (the same numbers)."""
+        h = response_hidden(self.policy, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]  # (B, T, C)
+        logits = self.policy.lm_head(h)                                       # (B, T, V)
+        if self.critic is not None:
+            h = response_hidden(self.critic, sequences, attention_mask, prompt_len, share_prompt)[:, :-1]
+        values = self.value_head(h).squeeze(-1).float()                       # (B, T)
         return logits, values
 
 
-def logps_values_entropy(model: PolicyWithValueHead, batch: dict, temperature: float = 1.0):
-    """log pi(token j+1 | tokens <= j), V(state j) and the entropy at j: three (B, L-1) tensors,
-    aligned with ``input_ids[:, 1:]`` and ``response_mask[:, 1:]`` (as ``ops.model_token_logps``)."""
-    ids = batch["input_ids"]
-    logits, values = model(ids, batch["attention_mask"])
-    logits = logits[:, :-1]
-    logps = token_logps(logits, ids[:, 1:], temperature)                      # (B, L-1) E1 factors
-    entropy = entropy_from_logits(logits.float() / temperature)               # (B, L-1)
-    return logps, values[:, :-1], entropy
+def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_len: int, temperature: float = 1.0, share_prompt: bool = True):
+    """log pi(y_t | x, y_<t), V(state before y_t) and the entropy there: three (B, T) tensors,
+    aligned with ``Generation.response_mask``."""
+    logits, values = model(sequences, attention_mask, prompt_len, share_prompt)  # (B, T, V), (B, T)
+    logps = token_logps(logits, sequences[:, prompt_len:], temperature)       # (B, T) E1 factors
+    entropy = entropy_from_logits(logits.float() / temperature)               # (B, T)
+    return logps, values, entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +324,7 @@ class PPOConfig(TrainConfig):
     min_lr_ratio: float = 1.0           # constant learning rate
     max_new_tokens: int = 24
     temperature: float = 1.0            # sampling and log-prob temperature (must be the same)
-    kl_coef: float = 0.1                # beta of E2 (the initial one if adaptive)
+    beta: float = 0.1                   # KL strength of E2 (the initial one if adaptive)
     kl_target: float | None = None      # None: fixed beta; a number: adaptive, target KL (nats/response)
     kl_horizon: int = 320               # adaptive: beta moves <= 0.2 * batch_size / kl_horizon per iteration
     advantage: Literal["gae", "source"] = "gae"  # per-token GAE, or the source's A = r - V(x) (E6)
@@ -363,6 +337,7 @@ class PPOConfig(TrainConfig):
     ent_coef: float = 0.0               # entropy bonus
     shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
     missing_eos_score: float = -7.0     # score of a response cut off before its EOS
+    share_prompt: bool = True           # run each prompt once for all its samples (exact; ops.prefill)
     log_every: int = 1
     eval_every: int = 10                # iterations between review_eval measurements of r*
     eval_samples: int = 16              # samples per review prompt in those measurements
@@ -377,22 +352,10 @@ class PPOConfig(TrainConfig):
             check_range(self, name, 1)
         for name in ("temperature", "clip_eps", "kl_target"):
             check_range(self, name, 0, low_open=True)
-        for name in ("kl_coef", "value_clip", "vf_coef", "ent_coef"):
+        for name in ("beta", "value_clip", "vf_coef", "ent_coef"):
             check_range(self, name, 0)
         check_range(self, "gamma", 0, 1)
         check_range(self, "lam", 0, 1)
-
-
-def _rollout_batch(gen, tok, block_size: int, device) -> dict:
-    """Re-collate a generation right-padded: ``<bos> ... <assistant> y_1 .. y_T(=EOS) <pad>..``.
-
-    Every consumer (policy, reference, reward model) then sees the same right-padded layout, in
-    which the reward model reads its score at the last real token, the EOS.
-    """
-    prompts = [row[m.bool()].tolist() for row, m in zip(gen.sequences[:, :gen.prompt_len],
-                                                       gen.attention_mask[:, :gen.prompt_len])]
-    responses = [ids[:int(n)].tolist() for ids, n in zip(gen.response_ids, gen.response_mask.sum(1))]
-    return collate(prompts, responses, tok.pad_id, block_size, device)
 
 
 def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
@@ -409,7 +372,7 @@ def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
 @stage("ppo")
 def main(config: PPOConfig) -> dict:
     """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``."""
-    gen_cpu = seed_everything(config.seed)
+    data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = input_path(config, "init")  # out/sft/model.pt unless --init
@@ -419,11 +382,10 @@ def main(config: PPOConfig) -> dict:
     rm = _load_reward_model(input_path(config, "reward_model"), device, tok)
     model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
     optimizer = make_optimizer(model, config)
-    kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
     run = Run(config, "ppo")
-    sampler = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
     prompts = world.review_prompts()
-    block = policy.config.block_size
 
     def truth(samples_per_prompt: int) -> dict:
         ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
@@ -432,33 +394,34 @@ def main(config: PPOConfig) -> dict:
                 "examples": ev["examples"]}
 
     before = truth(config.final_eval_samples)                # the SFT model, measured as the final policy
-    bar = run.loop(config.steps, "ppo", model=model, optimizer=optimizer, kl_ctl=kl_ctl, sampler=sampler,
-                   gen_cpu=gen_cpu)
+    bar = run.loop(config.steps, "ppo", model=model, optimizer=optimizer, kl_ctl=kl_ctl, generator=generator,
+                   data_generator=data_generator)
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
-        pick = torch.randint(len(prompts), (config.batch_size,), generator=gen_cpu).tolist()
+        pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
         texts = [prompts[i] for i in pick]
-        g = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
-                     tok.pad_id, temperature=config.temperature, generator=sampler)
-        batch = _rollout_batch(g, tok, block, device)
-        mask = batch["response_mask"][:, 1:]                                  # (B, L-1) response tokens
-        finished = g.finished                                                 # (B,) emitted EOS
+        rollout = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
+                           tok.pad_id, temperature=config.temperature, generator=generator,
+                           share_prompt=config.share_prompt)
+        seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
+        mask = rollout.response_mask                                          # (B, T) response tokens
+        finished = rollout.finished                                           # (B,) emitted EOS
 
         # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ------------------
         model.eval()
         with torch.no_grad(), autocast(device, config.dtype):
-            old_logps, old_values, _ = logps_values_entropy(model, batch, config.temperature)
-            ref_logps = token_logps(ref(batch["input_ids"], batch["attention_mask"])[:, :-1],
-                                    batch["input_ids"][:, 1:], config.temperature)
-            rm_score = rm(batch["input_ids"], batch["attention_mask"]).float()  # (B,) read at the EOS
+            old_logps, old_values, _ = logps_values_entropy(model, seqs, attn, P, config.temperature, share)
+            ref_logps = response_logps(ref, seqs, attn, P, config.temperature, share)  # (B, T)
+            rm_score = rm(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) read at the EOS
         # a response with no EOS has no place to read r_phi: it gets the penalty score instead
         score = torch.where(finished, rm_score, torch.full_like(rm_score, config.missing_eos_score))
-        beta = kl_ctl.value
-        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, L-1)
+        beta = kl_ctl.beta
+        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, T)
         if config.advantage == "gae":
             advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         else:
-            advantages, returns = one_step_advantages(rewards.sum(1), old_values, mask)  # E6
+            total_reward = rewards.sum(1)                                      # (B,) r(x, y) of E6
+            advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
@@ -466,11 +429,11 @@ def main(config: PPOConfig) -> dict:
         model.train()
         logs = []
         for _ in range(config.ppo_epochs):
-            for idx in minibatches(config.batch_size, config.minibatch_size, gen_cpu):
+            for idx in minibatches(config.batch_size, config.minibatch_size, data_generator):
                 idx = idx.to(device)
-                mb = {k: v[idx] for k, v in batch.items()}
                 with autocast(device, config.dtype):
-                    logps, values, entropy = logps_values_entropy(model, mb, config.temperature)
+                    logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
+                                                                  config.temperature, share)
                 m = mask[idx]
                 pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
                                                            config.clip_eps)                      # E5
@@ -487,13 +450,13 @@ def main(config: PPOConfig) -> dict:
             kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
             kl = kl_seq.mean().item()
             true = [world.true_reward(p, tok.decode(r), bool(f))
-                    for p, r, f in zip(texts, g.responses(), finished.tolist())]
+                    for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
             metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             metrics.update({
                 "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
                 "score": score.mean().item(),                                  # learned reward r_phi
                 "true_reward": sum(true) / len(true),                          # hidden r* of the rollout
-                "kl": kl, "kl_coef": beta,
+                "kl": kl, "beta": beta,
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.float().mean().item(),
@@ -526,7 +489,7 @@ def main(config: PPOConfig) -> dict:
         "malformed_before": before["eval_malformed"], "malformed": final["eval_malformed"],
         "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
         "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
-        "kl_coef_last": rows[-1]["kl_coef"], "explained_variance_last": rows[-1]["explained_variance"],
+        "beta_last": rows[-1]["beta"], "explained_variance_last": rows[-1]["explained_variance"],
         "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
     }
     run.finish(summary)

@@ -1,15 +1,20 @@
-"""Stage 1, pre-training: the base model learns the toy world's text (E0a).
+r"""Stage 1, pre-training: the base model learns the toy world's text (E0a). The source post's
+introduction names the stage (language modelling on unlabelled text, giving a base model).
 
 E0a, language modelling over every token of a document:
 
-    L_LM(theta) = - sum_t log pi_theta(x_t | x_<t)
-
-We minimise its mean per predicted token (the sum divided by the number of tokens), so that
-the loss reads in nats per token and can be compared with the corpus's exact entropy floor
-``ToyWorld.corpus_entropy()``: no model can do better on fresh text than H(line) / (E[len] + 1).
+$$\mathcal{L}_{LM}(\theta) = -\sum_t \log\pi_\theta(x_t\mid x_{<t})$$
 
 The same loss, counted on response tokens only, is SFT (E0b, ``sft.py``): a document here is a
 "response" to the one-token prompt ``<bos>``, so both stages share ``lm_loss`` and ``fit_lm``.
+
+**Where this differs from the source**
+
+- E0a is this project's: the source describes pre-training in words and states no formula.
+- ``lm_loss`` is the mean over predicted tokens, not the sum: the sum divided by the number of
+  tokens, so the loss reads in nats per token and can be compared with the corpus's exact entropy
+  floor ``ToyWorld.corpus_entropy()`` (no model can do better on fresh text than
+  $H(\text{line}) / (\mathbb{E}[\text{length}] + 1)$). The minimiser is the same.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .train import (Run, TrainConfig, autocast, check_range, make_optimizer, opt
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of -log pi_theta(x_t | x_<t) over the tokens where ``response_mask`` is 1 (E0a, E0b).
+    r"""E0a, E0b: the mean of $-\log\pi_\theta(x_t\mid x_{<t})$ over the tokens where ``response_mask`` is 1.
 
     logits (B, T, V) from the model on ``input_ids`` (B, T); position t-1 predicts token t.
     """
@@ -69,10 +74,10 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list], co
     Shared by pre-training (prompt = ``<bos>``) and SFT (prompt = the chat prompt).
     """
     device = next(model.parameters()).device
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # data order
     optimizer = make_optimizer(model, config)
     prompts, responses = train
-    batches = InfiniteMinibatches(len(prompts), config.batch_size, gen)
+    batches = InfiniteMinibatches(len(prompts), config.batch_size, generator)
     block, pad = model.config.block_size, 0
 
     def held_out_loss() -> float:

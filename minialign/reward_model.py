@@ -1,38 +1,41 @@
-r"""Stage 3, the reward model: learn r_phi(x, y) from human preferences (E3, E4).
+r"""The reward model: learn $r_\phi(x, y)$ from human preferences (E3, E4). The source post's
+section 0.
 
 People cannot write down the reward of an answer, but they can say which of two answers they
-prefer. The Bradley-Terry model turns such comparisons into a scalar reward: it says a
-preference is a coin flip whose bias grows with the reward gap,
+prefer. The Bradley-Terry model turns such comparisons into a scalar reward: a preference is a
+coin flip whose bias grows with the reward gap,
 
-    E3   P_phi(y_w \succ y_l | x) = exp r_phi(x, y_w) / (exp r_phi(x, y_w) + exp r_phi(x, y_l))
-                                  = \sigma(r_phi(x, y_w) - r_phi(x, y_l)),
+$$P_\phi(y_w \succ y_l\mid x) = \frac{e^{r_\phi(x,y_w)}}{e^{r_\phi(x,y_w)} + e^{r_\phi(x,y_l)}} = \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big) \qquad \text{(E3)}$$
 
-and the reward model maximises the likelihood of the observed labels (y_w the chosen answer,
-y_l the rejected one), a logistic regression on the reward gap:
+and the reward model maximises the likelihood of the observed labels ($y_w$ the chosen answer,
+$y_l$ the rejected one), a logistic regression on the reward gap:
 
-    E4   L_R(phi) = - E_{(x, y_w, y_l)} [ \log \sigma(r_phi(x, y_w) - r_phi(x, y_l)) ].
+$$\mathcal{L}_R(\phi) = -\mathbb{E}_{(x,y_w,y_l)}\big[\log\sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)\big] \qquad \text{(E4)}$$
 
-Only the gap enters E3, so adding any c(x) to both rewards of a prompt changes nothing: the
-reward is identified up to a per-prompt constant. That is the Z(x) of E7-E8 cancelling, and why
-DPO (``dpo.py``) needs no reward model at all. A consequence: the level of r_phi is arbitrary,
-so we optionally add TRL's ``center_rewards_coefficient * E[(r_w + r_l)^2]`` (Eisenstein et
-al., 2023), which pins the mean reward near 0 without changing any E3 probability. PPO then
-sees rewards of a known scale.
+Only the gap enters E3, so adding any $c(x)$ to both rewards of a prompt changes nothing: the
+reward is identified up to a per-prompt constant. That is the $Z(x)$ of E7-E8 cancelling, and why
+DPO (``dpo.py``) needs no reward model at all.
 
 **The model.** The SFT policy's transformer trunk (it already reads these texts) with its
-language-model head replaced by a linear scalar head. The reward is read at the *last real
-token* of each sequence, the EOS that ends the response: with causal attention it is the only
-position that has seen the whole prompt and the whole answer. The index of that token is found
-from ``attention_mask`` (the last position where it is 1), so left-padded batches (as
-generation makes them) and right-padded ones (as ``data.collate`` makes them) give the same
-rewards.
+language-model head replaced by a linear scalar head. The reward is read at the last real token
+of each sequence, the EOS that ends the response: with causal attention it is the only position
+that has seen the whole prompt and the whole answer. Its index is the last position where
+``attention_mask`` is 1, so left-padded batches (as generation makes them) and right-padded ones
+(as ``data.collate`` makes them) give the same rewards.
 
 **The toy world.** Preference pairs are two reviews of the same item, labelled by sampling E3
-with the hidden sentiment reward r*. Labels are noisy (the worse review wins with probability
-sigma(-|gap|)), so no model can agree with them on every pair: the ceiling is the
-Bayes-optimal accuracy E[sigma(|r*_w - r*_l|)] (``ToyWorld.bayes_optimal_accuracy``, about 0.75
-here). We report the held-out accuracy against that ceiling, and the Pearson correlation of r_phi
-with r* on held-out responses: the reward model's real job is to recover r*, not the labels.
+with the hidden sentiment reward $r^*$. The labels are noisy (the worse review wins with
+probability $\sigma(-|r^*_w - r^*_l|)$), so no model can agree with every label: the ceiling is the
+Bayes-optimal accuracy $\mathbb{E}[\sigma(|r^*_w - r^*_l|)]$ (``ToyWorld.bayes_optimal_accuracy``).
+The reward model's held-out accuracy is reported against that ceiling, and its Pearson
+correlation with $r^*$ on held-out responses: its real job is to recover $r^*$, not the labels.
+
+**Where this differs from the source**
+
+- E4 gets a centring term, TRL's ``center_rewards_coefficient`` $\cdot\,\mathbb{E}[(r_w + r_l)^2]$
+  (Eisenstein et al. 2023; default 0.01, 0 gives pure E4). It pins the mean reward near 0 without
+  changing any E3 probability, so PPO sees rewards of a known scale. The logged ``loss`` is E4 alone.
+- The expectation is a mean over a batch of pairs; the trunk starts from the SFT model.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from . import files
 from .data import InfiniteMinibatches, collate
 from .model import GPT, GPTConfig, load_checkpoint
-from .ops import check_mask, upcast
+from .ops import align_responses, check_mask, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
 from .train import (Run, TrainConfig, autocast, check_range, checkpoint_tokenizer, input_path, load_policy,
@@ -69,17 +72,17 @@ def _check_pair(r_w: torch.Tensor, r_l: torch.Tensor) -> None:
 
 
 def bradley_terry_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
-    """P(y_w preferred to y_l | x) = sigma(r_w - r_l), elementwise (E3)."""
+    r"""E3: $P(y_w \succ y_l\mid x) = \sigma(r_w - r_l)$, elementwise."""
     _check_pair(r_w, r_l)
     return torch.sigmoid(upcast(r_w) - upcast(r_l))  # E3
 
 
 def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
-    """L_R = mean over pairs of -log sigma(r_w - r_l) (E4); a scalar.
+    r"""E4: $\mathcal{L}_R = \operatorname{mean}_{\text{pairs}} -\log\sigma(r_w - r_l)$, a scalar.
 
     ``logsigmoid`` rather than ``log(sigmoid(.))``: for a gap of -100 the sigmoid underflows to 0
-    and its log is -inf, while logsigmoid returns -100 exactly.
-    Gradient: dL/dr_w = -(1 - sigma(r_w - r_l)) / B and dL/dr_l = +(1 - sigma(r_w - r_l)) / B.
+    and its log is -inf, while logsigmoid returns -100 exactly. Gradient:
+    $\partial\mathcal{L}_R/\partial r_w = -(1 - \sigma(r_w - r_l))/B$, $\partial\mathcal{L}_R/\partial r_l = +(1 - \sigma(r_w - r_l))/B$.
     """
     _check_pair(r_w, r_l)
     margin = upcast(r_w) - upcast(r_l)  # (B,)
@@ -108,7 +111,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    """r_phi(x, y): the GPT trunk ``body`` and a linear ``score_head`` on the final hidden state."""
+    r"""$r_\phi(x, y)$: the GPT trunk ``body`` and a linear ``score_head`` on the final hidden state."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -120,13 +123,23 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score_head.weight, std=1.0 / (config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.score_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) float32 of sequences ``prompt + response`` (B, T), read at the last real token.
+
+        With ``response_mask`` (1 on response tokens) rows that share a prompt compute it once
+        (``ops.prefill``; the same rewards): the two answers of a pair, the samples of a prompt.
+        """
         if input_ids.shape != attention_mask.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} differ in shape")
-        h = self.body.hidden(input_ids, attention_mask)            # (B, T, C)
-        last = last_token_index(attention_mask)                    # (B,)
+        if response_mask is None:
+            h = self.body.hidden(input_ids, attention_mask)        # (B, T, C)
+            last = last_token_index(attention_mask)                # (B,)
+        else:
+            ids, mask, P = align_responses(input_ids, attention_mask, response_mask)
+            h = response_hidden(self.body, ids, mask, P)           # (B, 1 + T', C) from the prompt's last token
+            last = mask[:, P:].sum(1)                              # (B,) the last response token's column
         h_last = h[torch.arange(h.size(0), device=h.device), last]  # (B, C): the EOS position
         return self.score_head(h_last).squeeze(-1).float()         # (B,)
 
@@ -217,18 +230,22 @@ def collate_pairs(prompts_w: list[list[int]], chosen: list[list[int]], prompts_l
                    device)
 
 
-def pair_rewards(model: RewardModel, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass."""
+def pair_rewards(model: RewardModel, pairs, pad_id: int, device,
+                 share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w, r_l), each (B,), for encoded ``pairs`` [(x, y_w, y_l)] in one forward pass.
+
+    ``share_prompt``: x runs once for both answers (``ops.prefill``).
+    """
     x, y_w, y_l = zip(*pairs)
     b = collate_pairs(x, y_w, x, y_l, pad_id, model.config.block_size, device)
-    rewards = model(b["input_ids"], b["attention_mask"])  # (2B,)
+    rewards = model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None)  # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):]
 
 
 @torch.no_grad()
 def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-          batch_size: int = 512) -> torch.Tensor:
-    """r_phi of (prompt ids, response ids) lists, (N,) float32 on the CPU."""
+          batch_size: int = 512, share_prompt: bool = True) -> torch.Tensor:
+    r"""$r_\phi$ of (prompt ids, response ids) lists, (N,) float32 on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -236,7 +253,7 @@ def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int
     for i in range(0, len(prompts), batch_size):
         b = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id,
                     model.config.block_size, device)
-        out.append(model(b["input_ids"], b["attention_mask"]).cpu())
+        out.append(model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -269,6 +286,7 @@ class RewardModelConfig(TrainConfig):
     eval_pairs: int = 2_000       # fresh held-out pairs
     eval_every: int = 250
     center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+    share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
 
     INPUTS = {"init": "sft"}
 
@@ -283,13 +301,13 @@ class RewardModelConfig(TrainConfig):
 @torch.no_grad()
 def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: list[dict],
              encoded=None) -> dict:
-    """Held-out metrics: E4 loss, accuracy, margin, and agreement of r_phi with the hidden r*.
+    r"""Held-out metrics: E4 loss, accuracy, margin, and agreement of $r_\phi$ with the hidden $r^*$.
 
-    - ``accuracy``: fraction of pairs where r_phi(chosen) > r_phi(rejected) (the labels are noisy);
-    - ``bayes_optimal_accuracy``: the best any model can do on these labels, E[sigma(|r*_w - r*_l|)];
-    - ``true_reward_loss``: E4 with r* itself, the floor of the loss in expectation;
-    - ``pearson``: correlation of r_phi and r* over the distinct held-out (prompt, response)s;
-      ``pearson_within_prompt`` first removes each prompt's mean (the c(x) E3 cannot see).
+    - ``accuracy``: fraction of pairs where $r_\phi(x, y_w) > r_\phi(x, y_l)$ (the labels are noisy);
+    - ``bayes_optimal_accuracy``: the best any model can do on these labels, $\mathbb{E}[\sigma(|r^*_w - r^*_l|)]$;
+    - ``true_reward_loss``: E4 with $r^*$ itself, the floor of the loss in expectation;
+    - ``pearson``: correlation of $r_\phi$ and $r^*$ over the distinct held-out (prompt, response)s;
+      ``pearson_within_prompt`` first removes each prompt's mean (the $c(x)$ E3 cannot see).
     """
     encoded = encoded if encoded is not None else encode_pairs(pairs, tokenizer)
     x, y_w, y_l = zip(*encoded)
@@ -349,7 +367,7 @@ def plot_scatter(learned, true, path, title: str = "") -> Path:
 @stage("reward_model")
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
-    gen = seed_everything(config.seed)
+    generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = input_path(config, "init")  # out/sft/model.pt unless --init
@@ -371,14 +389,14 @@ def main(config: RewardModelConfig) -> dict:
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
-    batches = InfiniteMinibatches(len(train_pairs), config.batch_size, gen)
+    batches = InfiniteMinibatches(len(train_pairs), config.batch_size, generator)
     model.train()
     bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
                    last_eval=last_eval)
     for step in bar:
         batch = [train_pairs[i] for i in next(batches).tolist()]
         with autocast(device, config.dtype):
-            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device)  # (B,), (B,)
+            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device, config.share_prompt)  # (B,), (B,)
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
         if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes

@@ -1,17 +1,24 @@
-"""Stage 2, supervised fine-tuning: the base model becomes an instruct model (E0b).
+r"""Stage 2, supervised fine-tuning: the base model becomes an instruct model (E0b). The source
+post's introduction: SFT maximises $P(\text{response}\mid\text{instruction})$.
 
-E0b maximises P(response | instruction): the language-modelling loss of E0a, counted on the
-response tokens only (the EOS included, so the model learns to stop):
+E0b is the language-modelling loss of E0a counted on the response tokens only (the EOS included,
+so the model learns to stop):
 
-    L_SFT(theta) = - sum_{t in response} log pi_theta(y_t | x, y_<t)
+$$\mathcal{L}_{SFT}(\theta) = -\frac{1}{N}\sum_{t\,\in\,\text{response}} \log\pi_\theta(y_t\mid x, y_{<t}),$$
 
-The prompt tokens are in the input, so the model conditions on them, but they are not targets:
-``response_mask`` is 0 over the prompt. That mask is the whole difference from pre-training,
-which is why this file reuses ``pretrain.lm_loss`` and ``pretrain.fit_lm``.
+with $N$ the number of response tokens in the batch. The prompt tokens are in the input, so the
+model conditions on them, but they are not targets: ``response_mask`` is 0 over the prompt. That
+mask is the whole difference from pre-training, which is why this file reuses ``pretrain.lm_loss``
+and ``pretrain.fit_lm``.
 
-The toy world's SFT data: ``review the ITEM`` -> a review of that item, and ``what is a + b ?``
--> the answer, wrong with probability ``arithmetic_noise`` as in the demonstrations (so the
-instruct model answers right only about 1 - noise of the time: what RL can improve on).
+The toy world's SFT data: ``review the ITEM`` $\to$ a review of that item, and ``what is a + b ?``
+$\to$ the answer, wrong with probability ``arithmetic_noise`` as in the demonstrations (so the
+instruct model answers right only about $1 -$ noise of the time: what RL can improve on).
+
+**Where this differs from the source**
+
+- The source states the goal, maximise $P(\text{response}\mid\text{instruction})$; the loss above
+  is its negative log, averaged per response token (the mean, not the sum, as in ``pretrain.py``).
 """
 
 from __future__ import annotations

@@ -3,63 +3,65 @@ r"""Theory lab: what each alignment objective converges to, computed exactly on 
 Sampling noise hides what an objective really optimises. Here the problem is small enough to
 enumerate: one prompt, K possible responses (single-token "responses", so a response is one
 token and the per-token losses of ``ppo.py`` / ``grpo.py`` apply with a (B, 1) mask), a reference
-policy pi_ref and a true reward r given as tables. Every expectation over samples is a weighted
-sum over all possible samples, so each algorithm's *expected* gradient is computed exactly and
-its loss functions (imported from the algorithm files, not copied) are run to convergence with
-a softmax policy pi_theta = softmax(theta), started at pi_ref.
+policy $\pi_{ref}$ and a true reward $r$ given as tables. Every expectation over samples is a
+weighted sum over all possible samples, so each algorithm's expected gradient is computed exactly
+and its loss functions (imported from the algorithm files, not copied) are run to convergence
+with a softmax policy $\pi_\theta = \mathrm{softmax}(\theta)$, started at $\pi_{ref}$.
 
-**E7, the target.** The maximiser of E2, J(pi) = E_pi[r] - beta KL(pi || pi_ref), is
+**E7, the target.** The maximiser of E2, $J(\pi) = \mathbb{E}_\pi[r] - \beta\,\mathrm{KL}(\pi\Vert\pi_{ref})$, is
 
-    \pi^*(y) = \pi_{ref}(y) \exp(r(y)/\beta) / Z,
+$$\pi^*(y) = \pi_{ref}(y)\, e^{r(y)/\beta} / Z$$
 
-(``dpo.optimal_policy``). As beta runs from infinity to 0, (KL(pi*||pi_ref), E_{pi*}[r]) traces the
-**reward-KL frontier**: no policy has more reward at the same KL (pi* maximises E r - beta KL), so
-every algorithm's landing point lies on or below it. End points: beta -> infinity gives pi_ref
-(KL 0, reward E_{pi_ref}[r]); beta -> 0 gives the argmax of r (KL -log pi_ref(argmax)).
+(``dpo.optimal_policy``). As $\beta$ runs from $\infty$ to 0, $(\mathrm{KL}(\pi^*\Vert\pi_{ref}), \mathbb{E}_{\pi^*}[r])$
+traces the **reward-KL frontier**: no policy has more reward at the same KL ($\pi^*$ maximises
+$\mathbb{E}\,r - \beta\,\mathrm{KL}$), so every algorithm's landing point lies on or below it. End points:
+$\beta\to\infty$ gives $\pi_{ref}$ (KL 0, reward $\mathbb{E}_{\pi_{ref}}[r]$); $\beta\to 0$ gives the
+argmax of $r$ (KL $-\log\pi_{ref}(\arg\max r)$).
 
-**KL estimators** (``ops.kl_k1/k2/k3``; samples x ~ pi, log rho = log pi_ref(x) - log pi(x)):
-k1 = -log rho and k3 = rho - 1 - log rho are unbiased for KL(pi||pi_ref), k2 = (log rho)^2 / 2 is
-biased. Used *as a loss* (the sample held fixed, the gradient through log pi(x)) their expected
-gradients w.r.t. the logits are, exactly:
+**KL estimators** (``ops.kl_k1/k2/k3``; samples $x\sim\pi$, $\log\rho = \log\pi_{ref}(x) - \log\pi(x)$):
+k1 $= -\log\rho$ and k3 $= \rho - 1 - \log\rho$ are unbiased for $\mathrm{KL}(\pi\Vert\pi_{ref})$,
+k2 $= \frac12(\log\rho)^2$ is biased. Used as a loss (the sample held fixed, the gradient through
+$\log\pi(x)$) their expected gradients w.r.t. the logits are, exactly:
 
-    E[\nabla k1] = E_\pi[\nabla\log\pi] = 0
-    E[\nabla k2] = E_\pi[\log(\pi/\pi_{ref}) \nabla\log\pi] = \nabla KL(\pi \Vert \pi_{ref})
-    E[\nabla k3] = E_\pi[(1 - \pi_{ref}/\pi) \nabla\log\pi] = -E_{\pi_{ref}}[\nabla\log\pi]
-                 = \nabla KL(\pi_{ref} \Vert \pi)   (= \pi - \pi_{ref} in logit coordinates)
+$$\mathbb{E}[\nabla k_1] = \mathbb{E}_\pi[\nabla\log\pi] = 0$$
+$$\mathbb{E}[\nabla k_2] = \mathbb{E}_\pi[\log(\pi/\pi_{ref})\,\nabla\log\pi] = \nabla\mathrm{KL}(\pi\Vert\pi_{ref})$$
+$$\mathbb{E}[\nabla k_3] = \mathbb{E}_\pi[(1 - \pi_{ref}/\pi)\,\nabla\log\pi] = -\mathbb{E}_{\pi_{ref}}[\nabla\log\pi] = \nabla\mathrm{KL}(\pi_{ref}\Vert\pi)\quad(= \pi - \pi_{ref}\text{ in logit coordinates})$$
 
-so k3 in the loss (E13, DeepSeekMath) regularises the *forward* KL. Used *in the reward*
-(detached, times the score \nabla\log\pi) k1 gives \nabla KL(\pi||\pi_{ref}) exactly (E2/E6), while
-k3 gives \nabla KL(\pi||\pi_{ref}) - \nabla KL(\pi_{ref}||\pi): only the sum of both paths is the
-gradient of E[k3] = KL.
+so k3 in the loss (E13, DeepSeekMath) regularises the other direction, $\mathrm{KL}(\pi_{ref}\Vert\pi)$.
+Used in the reward (detached, times the score $\nabla\log\pi$) k1 gives $\nabla\mathrm{KL}(\pi\Vert\pi_{ref})$
+exactly (E2/E6), while k3 gives $\nabla\mathrm{KL}(\pi\Vert\pi_{ref}) - \nabla\mathrm{KL}(\pi_{ref}\Vert\pi)$:
+only the sum of both paths is the gradient of $\mathbb{E}[k_3] = \mathrm{KL}$.
 
-**Where each algorithm lands** (derived in the docs page, checked in ``tests/test_theory.py``):
+**Where each algorithm lands** (derived in ``docs/theory.md``, checked in ``tests/test_theory.py``):
 
-- DPO (E9) on infinitely many Bradley-Terry pairs drawn from pi_ref: the expected loss is a
-  cross-entropy between the label probability sigma(r_i - r_j) and sigma(beta(h_i - h_j)),
-  h = log pi/pi_ref; it is minimised exactly when beta(h_i - h_j) = r_i - r_j for every pair, i.e.
-  at pi*. A response that never appears in a pair keeps its logit (the loss does not depend on
-  it), so with incomplete coverage the fixed point depends on the initialisation.
+- DPO (E9) on infinitely many Bradley-Terry pairs drawn from $\pi_{ref}$: the expected loss is a
+  cross-entropy between the label probability $\sigma(r_i - r_j)$ and $\sigma(\beta(h_i - h_j))$,
+  $h = \log\pi/\pi_{ref}$; it is minimised exactly when $\beta(h_i - h_j) = r_i - r_j$ for every pair,
+  i.e. at $\pi^*$. A response that never appears in a pair keeps its logit (the loss does not
+  depend on it), so with incomplete coverage the fixed point depends on the initialisation.
 - Policy gradient with the KL in the reward (E2/E6, ``ppo.per_token_rewards``, ``ppo.gae``,
-  ``ppo.clipped_surrogate_loss``): the expected gradient is \nabla J exactly, fixed point pi*.
-- GRPO with k1 in the reward: the group advantage of response y is 0 for all y only when
-  r(y) - beta log(pi/pi_ref)(y) is constant, i.e. at pi*, whether or not E12 divides by the std.
-  With the std the advantages are scale-free (they do not shrink as the penalised rewards become
-  equal), so a constant step chatters around pi* at a distance set by the step size.
-- GRPO with k3 in the loss (E13): stationary when pi(y) a(y) = beta (pi(y) - pi_ref(y)), where
-  a(y) = E[A_i | y_i = y] is the group advantage of y averaged over the rest of the group:
+  ``ppo.clipped_surrogate_loss``): the expected gradient is $\nabla J$ exactly, fixed point $\pi^*$.
+- GRPO with k1 in the reward: the group advantage of response $y$ is 0 for all $y$ only when
+  $r(y) - \beta\log(\pi/\pi_{ref})(y)$ is constant, i.e. at $\pi^*$, whether or not E12 divides by
+  the std. With the std the advantages are scale-free (they do not shrink as the penalised rewards
+  become equal), so a constant step chatters around $\pi^*$ at a distance set by the step size.
+- GRPO with k3 in the loss (E13): stationary when $\pi(y)\,a(y) = \beta(\pi(y) - \pi_{ref}(y))$,
+  where $a(y) = \mathbb{E}[A_i\mid y_i = y]$ is the group advantage of $y$ averaged over the rest of
+  the group:
 
-      \pi(y) = \pi_{ref}(y) / (1 - a(y)/\beta).
+  $$\pi(y) = \frac{\pi_{ref}(y)}{1 - a(y)/\beta}.$$
 
-  Without the std (``scale_by_std=False``) a(y) = (1 - 1/G)(r(y) - E_\pi r) and this is the
-  maximiser of E_pi[r] - beta' KL(pi_ref||pi) with beta' = beta G/(G-1): pi(y) = beta' pi_ref(y)/(lambda - r(y))
-  (``forward_kl_optimum``). With the std, a(y) ~ (r(y) - E_\pi r)/std_\pi(r): roughly the same
-  optimum at beta' ~ beta std_\pi(r) G/(G-1) (an approximation; the equation above is exact).
-- GRPO with k3 in the reward (E14 with GRPO's estimator): stationary when r(y) - beta k3(y) is the
-  same on the support; k3(y) = u - 1 - log u with u = pi_ref(y)/pi(y) grows as pi(y) -> 0, so an
-  under-sampled response is penalised *more* and dies: a response whose pi(y) falls below
-  pi_ref(y) is on the unstable branch. On the surviving set S, pi(y) > pi_ref(y) solves
-  r(y) - beta k3(y) = c (``grpo_k3_reward_fixed_point``); which responses survive is decided by
-  the path, not by pi_ref.
+  Without the std (``scale_by_std=False``) $a(y) = (1 - 1/G)(r(y) - \mathbb{E}_\pi r)$ and this is the
+  maximiser of $\mathbb{E}_\pi[r] - \beta'\,\mathrm{KL}(\pi_{ref}\Vert\pi)$ with $\beta' = \beta G/(G-1)$:
+  $\pi(y) = \beta'\pi_{ref}(y)/(\lambda - r(y))$ (``forward_kl_optimum``). With the std,
+  $a(y) \approx (r(y) - \mathbb{E}_\pi r)/\mathrm{std}_\pi(r)$: roughly the same optimum at
+  $\beta' \approx \beta\,\mathrm{std}_\pi(r)\,G/(G-1)$ (an approximation; the equation above is exact).
+- GRPO with k3 in the reward (E14 with GRPO's estimator): stationary when $r(y) - \beta\,k_3(y)$ is
+  the same on the support; $k_3(y) = u - 1 - \log u$ with $u = \pi_{ref}(y)/\pi(y)$ grows as
+  $\pi(y)\to 0$, so an under-sampled response is penalised more and dies: a response whose $\pi(y)$
+  falls below $\pi_{ref}(y)$ is on the unstable branch. On the surviving set $S$, $\pi(y) > \pi_{ref}(y)$
+  solves $r(y) - \beta\,k_3(y) = c$ (``grpo_k3_reward_fixed_point``); which responses survive is
+  decided by the path, not by $\pi_{ref}$.
 
 Every exact quantity is computed in float64.
 """
@@ -629,7 +631,6 @@ def landings(problem: Problem, G: int = 4, max_steps: int = 3000, lr: float = 0.
     star = pi_star(problem)
     groups = GroupEnumeration(problem.K, G)
     theta0 = torch.log(problem.ref_probs)             # every run starts at pi_theta = pi_ref
-    q = problem.ref_probs
     beta_prime = problem.beta * G / (G - 1)
 
     def grpo(kl_in, std, estimator="k3"):

@@ -178,6 +178,15 @@ def field_comments(config_cls) -> dict[str, str]:
     return comments
 
 
+def parse_bool(text: str) -> bool:
+    """``true/false`` (also ``yes/no``, ``1/0``, ``on/off``) for boolean flags: ``--share-prompt false``."""
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls, only=None) -> None:
     """One ``--flag`` per dataclass field (or per field named in ``only``): type and default from
     the field, help from its comment."""
@@ -186,22 +195,24 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, only=None) -> N
     for f in dataclasses.fields(config_cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        option = flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = hints[f.name]
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{comments.get(f.name, '')} (default: {default})".strip())
+        if tp is bool:  # --x, --x true, --x false, --no-x
+            parser.add_argument(option, dest=f.name, type=parse_bool, nargs="?", const=True, default=default,
+                                metavar="true|false", help=f"{comments.get(f.name, '')} "
+                                f"(default: {default}; --no-{option[2:]} = {option} false)".strip())
+            parser.add_argument("--no-" + option[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
             continue
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
         conv = type(choices[0]) if choices else tp
         if optional:
             base = conv
             conv = lambda s, base=base: None if s.lower() == "none" else base(s)  # noqa: E731
-        parser.add_argument(flag, dest=f.name, type=conv, default=default, choices=choices,
+        parser.add_argument(option, dest=f.name, type=conv, default=default, choices=choices,
                             help=f"{comments.get(f.name, '')} (default: {default})".strip())
 
 

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from minialign.bench import (GPT2_SHAPE, BenchConfig, flops_per_token, known_peak_flops, main, matmul_flops,
-                             model_config, peak_memory_bytes)
+from minialign import bench
+from minialign.bench import (GPT2_SHAPE, BenchConfig, dpo_step_time, flops_per_token, grpo_step_time,
+                             known_peak_flops, main, matmul_flops, model_config, peak_memory_bytes)
 from minialign.dpo import chosen_rejected_logps, dpo_loss
 from minialign.generation import generate
 from minialign.gpt2 import expected_gpt2_shapes, save_gpt2
@@ -74,6 +75,51 @@ def test_bench_times_a_gpt2_checkpoint_folder(tmp_path, capsys):
     assert results["generation"]["speedup"] > 0
 
 
+class FakeClock:
+    """``time.perf_counter`` that moves only when ``tick`` is called: a timed step lasts what the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_dpo_step_time_is_seconds_per_timed_step(monkeypatch):
+    """Warm-up steps are not timed and the total is divided by the timed steps: 2 warm-up steps of
+    10 s, then 3 steps of 1 s each, give exactly 1 s/step (a timer that counted the warm-up would
+    give 7.67, one that forgot to divide 3)."""
+    import minialign.dpo
+
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(bench, "time", clock)
+    real_loss = minialign.dpo.dpo_loss
+
+    def loss_that_takes_time(*args):
+        calls.append(1)
+        clock.tick(10.0 if len(calls) <= 2 else 1.0)
+        return real_loss(*args)
+
+    monkeypatch.setattr(minialign.dpo, "dpo_loss", loss_that_takes_time)
+    config = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    assert dpo_step_time(config, batch_size=2, seq_len=6, steps=3, warmup=2) == 1.0
+    assert len(calls) == 5
+
+
+def test_grpo_step_time_is_the_median_timed_iteration(monkeypatch):
+    """1 warm-up iteration of 100 s, then iterations of 3, 1, 2 s: the median of the timed ones is 2."""
+    import minialign.grpo
+
+    clock, durations = FakeClock(), iter([100.0, 3.0, 1.0, 2.0])
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(minialign.grpo, "grpo_iteration", lambda *args: clock.tick(next(durations)))
+    config = GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    assert grpo_step_time(config, group_size=2, questions=2, steps=3, warmup=1) == 2.0
+
+
 def test_memory_and_peak_helpers_on_cpu():
     assert peak_memory_bytes(torch.device("cpu")) > 0
     assert known_peak_flops(torch.device("cpu"), "bfloat16") is None
@@ -86,8 +132,8 @@ def test_memory_and_peak_helpers_on_cpu():
 
 
 def _pairs_batch(vocab: int, B: int = 3, T: int = 10):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2 * B, T), generator=g)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2 * B, T), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # a shorter (right-padded) row
     response_mask = (torch.arange(T) >= 4).long().expand(2 * B, T) * mask
@@ -122,8 +168,8 @@ def test_bf16_autocast_generation_on_cpu(tiny_model, world):
     tok = world.tokenizer
     prompts = [tok.prompt(q["prompt"]) for q in world.arithmetic_questions("train")[:3]]
     with autocast(torch.device("cpu"), "bfloat16"):
-        g = generate(tiny_model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
-    assert g.logps.dtype == torch.float32 and torch.isfinite(g.logps).all()
+        rollout = generate(tiny_model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    assert rollout.logps.dtype == torch.float32 and torch.isfinite(rollout.logps).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +230,6 @@ def test_cuda_hf_adapter_bf16(world):
     model = HFCausalLM(hf).to("cuda")
     prompts = [tok.prompt(q["prompt"]) for q in world.arithmetic_questions("train")[:4]]
     with autocast(torch.device("cuda"), "bfloat16"):
-        g = generate(model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator(device="cuda").manual_seed(0))
-        logps = model_token_logps(model, g.sequences, g.attention_mask)
+        rollout = generate(model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator(device="cuda").manual_seed(0))
+        logps = model_token_logps(model, rollout.sequences, rollout.attention_mask)
     assert logps.dtype == torch.float32 and torch.isfinite(logps).all()

@@ -34,10 +34,10 @@ def test_left_pad():
 
 
 def test_minibatches_cover_each_example_once():
-    g = torch.Generator().manual_seed(0)
-    seen = torch.cat(list(minibatches(10, 3, g)))
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.cat(list(minibatches(10, 3, generator)))
     assert sorted(seen.tolist()) == list(range(10))
-    it = InfiniteMinibatches(10, 4, g)
+    it = InfiniteMinibatches(10, 4, generator)
     assert all(len(next(it)) == 4 for _ in range(7))
     with pytest.raises(ValueError, match="smaller than batch_size"):
         next(InfiniteMinibatches(3, 4))

@@ -134,7 +134,7 @@ BAD_VALUES = [
     ("pretrain", ["--n-head", "3"], "--n-head must be a divisor of --n-embd"),
     ("pretrain", ["--seed", "-1"], "--seed must be in [0, "),
     ("pretrain", ["--device", "gpu"], "--device must be auto, cpu"),
-    ("ppo", ["--kl-coef", "-1"], "--kl-coef must be >= 0"),
+    ("ppo", ["--beta", "-1"], "--beta must be >= 0"),
     ("ppo", ["--value-clip", "-0.2"], "--value-clip must be >= 0"),
     ("ppo", ["--kl-target", "0"], "--kl-target must be > 0"),
     ("ppo", ["--ppo-epochs", "0"], "--ppo-epochs must be >= 1"),
@@ -444,7 +444,7 @@ def test_rewards_must_be_finite():
     mask = torch.ones(2, 3)
     with pytest.raises(ValueError, match="score must be finite"):
         per_token_rewards(torch.tensor([1.0, float("inf")]), torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.1)
-    with pytest.raises(ValueError, match="score must be finite"):
+    with pytest.raises(ValueError, match="total_reward must be finite"):
         one_step_advantages(torch.tensor([nan, 0.0]), torch.zeros(2, 3), mask)
     with pytest.raises(ValueError, match="rewards must be finite"):
         grpo.kl_penalised_rewards(torch.tensor([nan, 0.0]), torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.1)

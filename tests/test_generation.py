@@ -33,9 +33,9 @@ def test_seeded_sampling_reproduces():
 
 def test_eos_stops_and_everything_after_is_masked():
     model = make()
-    g = generate(model, PROMPTS * 20, 20, EOS, PAD, temperature=2.0, generator=torch.Generator().manual_seed(0))
-    assert g.finished.any() and (~g.finished).any()  # both kinds occur with 10 tokens, T=2
-    for ids, m, done in zip(g.response_ids.tolist(), g.response_mask.tolist(), g.finished.tolist()):
+    rollout = generate(model, PROMPTS * 20, 20, EOS, PAD, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert rollout.finished.any() and (~rollout.finished).any()  # both kinds occur with 10 tokens, T=2
+    for ids, m, done in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist(), rollout.finished.tolist()):
         n = sum(m)
         assert m == [1] * n + [0] * (len(m) - n)          # mask: ones, then zeros
         assert ids[n:] == [PAD] * (len(ids) - n)           # pads after the response
@@ -43,23 +43,23 @@ def test_eos_stops_and_everything_after_is_masked():
             assert ids[n - 1] == EOS and EOS not in ids[:n - 1]  # EOS is the last response token
         else:
             assert EOS not in ids[:n] and n == 20
-    assert (g.logps[g.response_mask == 0] == 0).all()
+    assert (rollout.logps[rollout.response_mask == 0] == 0).all()
     # responses() drops the EOS of finished rows
-    r = g.responses()
-    assert all(len(x) == int(m.sum()) - int(d) for x, m, d in zip(r, g.response_mask, g.finished))
+    r = rollout.responses()
+    assert all(len(x) == int(m.sum()) - int(d) for x, m, d in zip(r, rollout.response_mask, rollout.finished))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_returned_logps_equal_model_logps_at_sampling_temperature(temperature):
     model = make()
-    g = generate(model, PROMPTS * 3, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(1))
-    full = model_token_logps(model, g.sequences, g.attention_mask, temperature)  # (B, P+T-1)
-    mask = g.full_response_mask[:, 1:].bool()
-    assert torch.allclose(full[mask], g.logps[g.response_mask.bool()], atol=1e-5)
+    rollout = generate(model, PROMPTS * 3, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(1))
+    full = model_token_logps(model, rollout.sequences, rollout.attention_mask, temperature)  # (B, P+T-1)
+    mask = rollout.full_response_mask[:, 1:].bool()
+    assert torch.allclose(full[mask], rollout.logps[rollout.response_mask.bool()], atol=1e-5)
     # ops.response_logps is the same slice, aligned with response_mask
-    resp = response_logps(model, g.sequences, g.attention_mask, g.prompt_len, temperature)  # (B, T)
-    assert resp.shape == g.response_mask.shape
-    assert torch.allclose(resp[g.response_mask.bool()], g.logps[g.response_mask.bool()], atol=1e-5)
+    resp = response_logps(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, temperature)  # (B, T)
+    assert resp.shape == rollout.response_mask.shape
+    assert torch.allclose(resp[rollout.response_mask.bool()], rollout.logps[rollout.response_mask.bool()], atol=1e-5)
 
 
 def test_cache_and_no_cache_sample_the_same_tokens():

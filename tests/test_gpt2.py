@@ -19,15 +19,15 @@ TINY = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=16)
 
 def _scramble(module: torch.nn.Module, seed: int = 0) -> None:
     """Random values in every tensor (biases and LayerNorms too), so a wrong mapping shows."""
-    g = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
 def _left_padded_batch(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # row 0: 4 pads, then 8 real tokens
     mask[1, :1] = 0

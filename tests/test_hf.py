@@ -70,8 +70,8 @@ def test_both_models_have_the_interface(hf_model):
 
 def test_logits_match_transformers_with_left_padding(hf_model):
     model, _ = hf_model
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 53, (2, 10), generator=g)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 53, (2, 10), generator=generator)
     with torch.no_grad():
         plain = model(ids)                                   # (B, T, V)
         assert (plain - model.model(ids).logits).abs().max() < 1e-5
@@ -90,11 +90,11 @@ def test_generation_through_the_adapter_and_its_cache(hf_model, world):
     runs = [generate(model, prompts, 6, tok.eos_id, tok.pad_id, use_cache=c,
                      generator=torch.Generator().manual_seed(0)) for c in (True, False)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
-    g = runs[0]
+    rollout = runs[0]
     # the sampler's log-probs (cached, one token at a time) == a full forward over the sequences
-    recomputed = model_token_logps(model, g.sequences, g.attention_mask)[:, g.prompt_len - 1:]
-    m = g.response_mask.bool()
-    assert (recomputed - g.logps)[m].abs().max() < 1e-4
+    recomputed = model_token_logps(model, rollout.sequences, rollout.attention_mask)[:, rollout.prompt_len - 1:]
+    m = rollout.response_mask.bool()
+    assert (recomputed - rollout.logps)[m].abs().max() < 1e-4
 
 
 def test_adapter_errors_are_clear(hf_model, hf_folder, tmp_path):
@@ -200,28 +200,28 @@ def test_one_grpo_step_on_a_transformers_model(hf_model, world):
     G, clip_eps, beta = 4, 0.2, 0.04
     questions = world.arithmetic_questions("train")[:2]
     prompts = [tok.prompt(q["prompt"]) for q in questions for _ in range(G)]
-    gen = generate(model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
-    mask = gen.response_mask                                                      # (B, T)
+    rollout = generate(model, prompts, 4, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    mask = rollout.response_mask                                                      # (B, T)
     # rewards 1, 0, 1, 0 in each group: mean 0.5, sample std sqrt(4 * 0.25 / 3) = 0.5774,
     # advantage +-0.5 / 0.5774 = +-0.8660 (E11, E12)
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0] * 2)
     A = group_advantages(rewards, G)
     assert A[:2].tolist() == pytest.approx([0.8660, -0.8660], abs=1e-3)
     with torch.no_grad():
-        old_logps = response_logps(model, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0)
-        ref_logps = response_logps(ref_model, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0)
+        old_logps = response_logps(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 1.0)
+        ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 
     def losses():
-        logps = response_logps(model, gen.sequences, gen.attention_mask, gen.prompt_len, 1.0)  # (B, T)
+        logps = response_logps(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 1.0)  # (B, T)
         loss, stats = grpo_loss(logps, old_logps, ref_logps, A, mask, clip_eps, beta, "loss", "answer_mean")
         # E13 by hand from the Hugging Face model's own per-token log-probs (float64)
         with torch.no_grad():
-            pos = (gen.attention_mask.cumsum(1) - 1).clamp(min=0)
-            logits = model.model(input_ids=gen.sequences, attention_mask=gen.attention_mask,
+            pos = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
+            logits = model.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                                  position_ids=pos).logits.double()
-            own = F.log_softmax(logits[:, gen.prompt_len - 1:-1], -1).gather(
-                -1, gen.response_ids[..., None])[..., 0]                          # (B, T)
+            own = F.log_softmax(logits[:, rollout.prompt_len - 1:-1], -1).gather(
+                -1, rollout.response_ids[..., None])[..., 0]                          # (B, T)
             rho = torch.exp(own - old_logps.double())
             surrogate = torch.minimum(rho * A[:, None], rho.clamp(1 - clip_eps, 1 + clip_eps) * A[:, None])
             log_r = ref_logps.double() - own

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from minialign.ops import (entropy_from_logits, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum,
-                           masked_var, masked_whiten, model_token_logps, sequence_logps, token_logps)
+from minialign.ops import (check_choice, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
+                           check_positive, check_sequence_logps, check_token_tensors, entropy_from_logits, kl_k1,
+                           kl_k2, kl_k3, masked_mean, masked_sum, masked_var, masked_whiten, model_token_logps,
+                           sequence_logps, token_logps)
 
 
 def test_token_logps_by_hand():
@@ -98,3 +100,39 @@ def test_entropy_by_hand():
     assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))  # 1.3863
     # p = (1, 0): entropy 0 (a -inf logit contributes nothing, not NaN)
     assert entropy_from_logits(torch.tensor([0.0, -1e9])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_input_checks_name_the_problem():
+    x = torch.zeros(2, 3)
+    check_token_tensors(a=x, b=x, c=None)                     # None entries are skipped
+    with pytest.raises(ValueError, match=r"differ in shape.*'b': \(2, 4\)"):
+        check_token_tensors(a=x, b=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"must be \(B, T\)"):
+        check_token_tensors(a=torch.zeros(6))
+    check_sequence_logps(a=torch.zeros(2), b=torch.zeros(2))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        check_sequence_logps(a=torch.zeros(2), b=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"b must be a non-empty \(B,\) tensor"):
+        check_sequence_logps(a=torch.zeros(2), b=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="b must be a tensor"):
+        check_sequence_logps(a=torch.zeros(2), b=[0.0, 0.0])
+    check_per_sequence(2, score=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"score must be \(B,\) = \(2,\)"):
+        check_per_sequence(2, score=torch.zeros(3))
+    check_nonempty_rows(torch.tensor([[0, 1], [1, 1]]))
+    with pytest.raises(ValueError, match=r"response\(s\) \[1\] are empty"):
+        check_nonempty_rows(torch.tensor([[0, 1], [0, 0]]))
+    check_positive(beta=0.1)
+    check_nonnegative(beta=0.0)
+    check_in_range(0, 1, gamma=1.0, lam=0.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            check_positive(beta=bad)
+    for bad in (-1e-9, float("nan")):
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            check_nonnegative(beta=bad)
+        with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
+            check_in_range(0, 1, gamma=0.5, lam=bad)
+    check_choice("kl_in", "loss", ("loss", "reward"))
+    with pytest.raises(ValueError, match="kl_in must be one of"):
+        check_choice("kl_in", "value", ("loss", "reward"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, PPOConfig, _rollout_batch,
+from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, PPOConfig,
                            clipped_surrogate_loss, explained_variance, gae, logps_values_entropy,
                            one_step_advantages, per_token_rewards, value_loss)
 
@@ -111,7 +111,7 @@ def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
                          [0, 1, 1, 1, 1, 1, 1]])
     score = torch.tensor([1.5, -0.3, 2.0])
     logps, ref_logps, values = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)  # reward at the EOS + KL
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)  # reward at the EOS + KL
     r = rewards.sum(1)                                       # r(x, y) = r_phi - beta sum log ratio
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     # the sum telescopes: A_1 = sum_t r_t + sum_{t>1} V_t - sum_{t>=1} V_t = r - V_1 = r - V(x)
@@ -146,7 +146,7 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     mask = torch.tensor([[0, 1, 1, 1, 0],
                          [0, 1, 0, 0, 0]])
     score = torch.tensor([2.0, -1.0])
-    rewards = per_token_rewards(score, logps, ref_logps, mask, kl_coef=0.1)
+    rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)
     # row 0: -0.1 * (logp - ref) = -0.1 * 0.5 = -0.05, -0.1 * (-1) = 0.1, -0.1 * 0 = 0, + score 2 at EOS
     # row 1: its only token is the EOS: -0.1 * 0.5 + (-1) = -1.05
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 2.0, 0.0],
@@ -243,34 +243,40 @@ def test_adaptive_kl_controller():
 def test_value_head_policy_and_alignment(tiny_model, world, shared):
     tok = world.tokenizer
     model = PolicyWithValueHead(tiny_model, shared_trunk=shared)
-    ids = torch.tensor([tok.prompt("review the movie") + tok.response("the movie was good .")])
-    logits, values = model(ids)
-    torch.testing.assert_close(logits, tiny_model(ids))       # the policy is the GPT unchanged
-    assert values.shape == ids.shape and values.dtype == torch.float32
+    prompt, response = tok.prompt("review the movie"), tok.response("the movie was good .")
+    ids = torch.tensor([prompt + response])
+    P, T = len(prompt), len(response)
+    mask = torch.ones_like(ids)
+    logits, values = model(ids, mask, P)
+    torch.testing.assert_close(logits, tiny_model(ids)[:, P - 1:-1])  # the policy is the GPT unchanged
+    assert values.shape == (1, T) and values.dtype == torch.float32
     assert (values == 0).all()                                 # the head starts at zero
     head = {id(p) for p in model.value_head.parameters()}
     trunk = {id(p) for p in tiny_model.parameters()}
     critic = {id(p) for p in model.parameters()} - head - trunk
     assert bool(critic) != shared                              # a separate critic trunk iff not shared
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    logps, v, ent = logps_values_entropy(model, batch)
-    assert logps.shape == v.shape == ent.shape == (1, ids.shape[1] - 1)
-    torch.testing.assert_close(logps, torch.log_softmax(tiny_model(ids)[:, :-1], -1)
-                               .gather(-1, ids[:, 1:, None]).squeeze(-1))
+    logps, v, ent = logps_values_entropy(model, ids, mask, P)
+    assert logps.shape == v.shape == ent.shape == (1, T)       # one column per response token
+    torch.testing.assert_close(logps, torch.log_softmax(tiny_model(ids)[:, P - 1:-1], -1)
+                               .gather(-1, ids[:, P:, None]).squeeze(-1))
 
 
-def test_rollout_batch_ends_each_response_at_its_eos(tiny_model, world):
+def test_rollout_tensors_line_up_with_each_response(tiny_model, world):
+    """On a real rollout (prompts of different lengths, left-padded; responses ending at their EOS),
+    column t of the log-probs is log pi(y_t | x, y_<t) of that row alone, with or without sharing."""
     from minialign.generation import generate
     tok = world.tokenizer
-    prompts = [tok.prompt("review the movie"), tok.prompt("what is 3 + 4 ?")]   # different lengths
-    g = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
-    b = _rollout_batch(g, tok, tiny_model.config.block_size, "cpu")
-    for i, ids in enumerate(g.response_ids):
-        n = int(g.response_mask[i].sum())
-        resp = b["input_ids"][i][b["response_mask"][i].bool()]
-        assert resp.tolist() == ids[:n].tolist()               # the same response, now right-padded
-        assert (resp[-1] == tok.eos_id) == bool(g.finished[i])  # the last response token is the EOS
-        assert b["attention_mask"][i].sum() == len(prompts[i]) + n
+    prompts = [tok.prompt("review the movie"), tok.prompt("what is 3 + 4 ?")] * 2   # different lengths
+    rollout = generate(tiny_model, prompts, 6, tok.eos_id, tok.pad_id, generator=torch.Generator().manual_seed(0))
+    model = PolicyWithValueHead(tiny_model)
+    for share in (True, False):
+        logps, _, _ = logps_values_entropy(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len,
+                                           share_prompt=share)
+        for i, (x, y) in enumerate(zip(prompts, rollout.response_ids)):
+            n = int(rollout.response_mask[i].sum())
+            ids = torch.tensor([x + y[:n].tolist()])
+            alone = torch.log_softmax(tiny_model(ids)[0, len(x) - 1:-1], -1).gather(-1, ids[0, len(x):, None])[:, 0]
+            torch.testing.assert_close(logps[i, :n], alone, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------

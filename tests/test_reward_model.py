@@ -35,9 +35,9 @@ def test_bradley_terry_by_hand():
 
 def test_adding_c_of_x_to_both_rewards_changes_no_probability():
     """Z(x) cancels: r + c(x) for any c(x) leaves every E3 probability (and E4) unchanged."""
-    g = torch.Generator().manual_seed(0)
-    r_w, r_l = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
-    for c in (torch.full((16,), 5.0, dtype=torch.float64), 100 * torch.randn(16, generator=g, dtype=torch.float64)):
+    generator = torch.Generator().manual_seed(0)
+    r_w, r_l = torch.randn(16, generator=generator, dtype=torch.float64), torch.randn(16, generator=generator, dtype=torch.float64)
+    for c in (torch.full((16,), 5.0, dtype=torch.float64), 100 * torch.randn(16, generator=generator, dtype=torch.float64)):
         assert torch.allclose(bradley_terry_probability(r_w + c, r_l + c), bradley_terry_probability(r_w, r_l),
                               atol=1e-12)
         assert torch.allclose(reward_model_loss(r_w + c, r_l + c), reward_model_loss(r_w, r_l), atol=1e-12)
@@ -81,9 +81,9 @@ def test_reward_model_loss_gradient_by_hand():
 
 
 def test_reward_model_loss_gradcheck_float64():
-    g = torch.Generator().manual_seed(0)
-    r_w = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
-    r_l = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    r_w = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    r_l = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(reward_model_loss, (r_w, r_l))
     assert torch.autograd.gradcheck(bradley_terry_probability, (r_w, r_l))
 

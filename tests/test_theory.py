@@ -56,9 +56,9 @@ def test_pi_star_maximises_e2_and_bad_input():
     pb = small_problem()
     star = T.pi_star(pb)
     best = float(T.objective(star, pb))
-    g = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     for _ in range(50):  # no random policy does better than pi*
-        p = torch.softmax(torch.randn(3, generator=g, dtype=D) * 2, 0)
+        p = torch.softmax(torch.randn(3, generator=generator, dtype=D) * 2, 0)
         assert float(T.objective(p, pb)) <= best + 1e-12
     with pytest.raises(ValueError, match="sum to 1"):
         T.Problem(ref_probs=[0.5, 0.6], rewards=[0.0, 1.0])

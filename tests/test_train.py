@@ -30,6 +30,17 @@ def test_config_flags_roundtrip():
         parser.parse_args(["--kl-in", "elsewhere"])
 
 
+@pytest.mark.parametrize("flags, expected", [([], True), (["--progress"], True), (["--no-progress"], False),
+                                             (["--progress", "false"], False), (["--progress", "True"], True),
+                                             (["--progress", "no"], False)])
+def test_boolean_flags_take_every_spelling(flags, expected):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, DemoConfig)
+    assert parser.parse_args(flags).progress is expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--progress", "maybe"])
+
+
 def test_lr_schedule_by_hand():
     cfg = TrainConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)     # (0 + 1) / 10

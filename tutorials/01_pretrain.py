@@ -49,9 +49,9 @@ def main():
     banner("3. What the base model writes")
     device = resolve_device(args.device)
     model, tok = load_policy(f"{args.out}/pretrain/model.pt", device, world.tokenizer)
-    g = generate(model, [[tok.bos_id]] * 200, 24, tok.eos_id, tok.pad_id,
-                 generator=torch.Generator(device=device).manual_seed(args.seed))
-    lines = [tok.decode(r) for r in g.responses()]
+    rollout = generate(model, [[tok.bos_id]] * 200, 24, tok.eos_id, tok.pad_id,
+                       generator=torch.Generator(device=device).manual_seed(args.seed))
+    lines = [tok.decode(r) for r in rollout.responses()]
     ok = [world.corpus_grammar.logprob(Tokenizer.split(s)) > float("-inf") for s in lines]
     for s in random.Random(0).sample(lines, 5):
         print("  ", s)

@@ -9,7 +9,7 @@ missing), runs PPO, and shows:
    like (reward hacking), the two curves would part.
 
     python tutorials/05_ppo.py                 # 38 s on an idle 2-core CPU (after tutorials 02 and 03)
-    python tutorials/05_ppo.py --steps 100 --kl-coef 0.02
+    python tutorials/05_ppo.py --steps 100 --beta 0.02
 
 Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own
 ``reward.png``, ``kl.png``, ``objective.png``, ``ppo_stats.png``, ``losses.png``.
@@ -49,7 +49,7 @@ def main() -> None:
     d = PPOConfig()
     parser.add_argument("--steps", type=int, default=d.steps, help="PPO iterations (one rollout each)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="responses per rollout")
-    parser.add_argument("--kl-coef", type=float, default=d.kl_coef, help="beta of E2")
+    parser.add_argument("--beta", type=float, default=d.beta, help="KL strength of E2")
     parser.add_argument("--advantage", choices=["gae", "source"], default=d.advantage,
                         help="per-token GAE, or the source's one-number A = r - V(x)")
     parser.add_argument("--shared-trunk", action="store_true",
@@ -62,7 +62,7 @@ def main() -> None:
 
     banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
     config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
-                       steps=args.steps, batch_size=args.batch_size, kl_coef=args.kl_coef,
+                       steps=args.steps, batch_size=args.batch_size, beta=args.beta,
                        advantage=args.advantage, shared_trunk=args.shared_trunk, overwrite=True)
     summary = ppo(config)
     run = Path(args.out) / "ppo"
@@ -77,7 +77,7 @@ def main() -> None:
     print(f"learned reward r_phi on the rollouts:    first {summary['score_first']:+.3f} -> "
           f"last {summary['score_last']:+.3f}")
     print(f"KL(pi || pi_ref) per response:           last {summary['kl_last']:.3f} nats "
-          f"(max {summary['kl_max']:.3f}), beta = {summary['kl_coef_last']:.3f}")
+          f"(max {summary['kl_max']:.3f}), beta = {summary['beta_last']:.3f}")
     print(f"explained variance of the value head:    {summary['explained_variance_last']:.3f}")
     print("\nsamples of the SFT model, then of the PPO policy:")
     for (prompt, before), (_, after) in zip(summary["examples_before"], summary["examples"]):
