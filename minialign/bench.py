@@ -10,11 +10,21 @@ weights with ``--gpt2-path``), device and dtype, it prints:
    forward of the whole prefix, so at 256 new tokens the cache should be >= 5x faster;
 3. ``train``: training throughput in tokens/s, peak memory, and MFU, the model's FLOP/s as a
    fraction of the machine's *measured* matmul FLOP/s in the same dtype (``matmul_flops``; and,
-   on a known GPU in bf16, of its datasheet peak). Model FLOPs per token: 6 N for the weights (forward 2 N, backward 4 N) plus
-   12 L T C for attention (PaLM appendix B; nanoGPT's ``estimate_mfu``);
-4. ``dpo``: seconds per DPO step (``dpo_step_time``: policy and reference forwards, E9, update);
-5. ``grpo``: seconds per GRPO iteration (``grpo_step_time``: sample G answers per question,
-   score, E11-E13, update), on the toy world's arithmetic questions with this model's body.
+   on a known GPU in bf16, of its datasheet peak). Model FLOPs per token: 6 N for the weights
+   (forward 2 N, backward 4 N) plus 12 L T C for attention (PaLM appendix B; nanoGPT's ``estimate_mfu``);
+4. ``dpo``: a DPO step (``dpo_step``: policy forward and backward, reference forward, E9, AdamW)
+   with the prompt shared by chosen and rejected (``ops.prefill``) and with the plain forward;
+5. ``grpo``: a GRPO iteration (``grpo_step``: sample G answers per question, score, E11-E13,
+   updates) on the toy world's arithmetic questions, shared and plain.
+
+For DPO and GRPO it prints the model FLOPs each step runs (``FlopCounter``: the shared step runs
+fewer, each prompt once), the FLOP/s achieved and its fraction of the measured FLOP/s of the
+model's own largest matmul (the roofline of a step made of such matmuls).
+
+**Figures that hold still.** Every timed figure is repeated (``--repeats``, ``--steps``) and
+printed as its min and its median; a target is judged on the min, the least disturbed run. Two
+things compared (cache and no cache, shared and plain) run alternately (``time_alternately``),
+so load from other processes falls on both alike and their ratio holds on a busy machine.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset before each part, so it is
 that part's peak) and the process's peak resident set size (``ru_maxrss``) on the CPU, which only
@@ -23,20 +33,23 @@ grows: read it as "the largest so far".
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .generation import generate
 from .model import GPT, GPTConfig
-from .train import autocast, resolve_device, resolve_dtype
+from .train import Config, autocast, check_range, require, resolve_device, resolve_dtype
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -46,7 +59,7 @@ KNOWN_BF16_PEAKS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     """Print speed figures: pre-training vs the entropy floor, KV-cache speed-up, training tokens/s,
     MFU and peak memory, DPO and GRPO step times. --preset gpt2 times the 124M GPT-2 shape."""
     device: str = "auto"
@@ -61,15 +74,28 @@ class BenchConfig:
     parts: str = ",".join(PARTS)  # comma-separated subset of: pretrain, generation, train, dpo, grpo
     batch_size: int = 64
     seq_len: int = 32           # training sequence length for the throughput figure
-    steps: int = 10             # timed training steps
+    steps: int = 10             # timed training steps (each timed: min and median)
+    repeats: int = 5            # timed runs of the generation, DPO and GRPO figures (min and median; targets on the min)
     new_tokens: int = 256       # tokens generated for the KV-cache figure
     gen_batch: int = 8
     pretrain_steps: int = 200   # the toy pre-training run (800 = the pipeline's default)
-    dpo_pairs: int = 16         # preference pairs per DPO step (seq_len tokens each, half response)
+    dpo_pairs: int = 16         # preference pairs per DPO step (seq_len tokens each)
+    dpo_prompt_len: int = 8     # prompt tokens of each DPO pair, shared by chosen and rejected; the rest is response
     grpo_questions: int = 8     # questions per GRPO iteration
     grpo_group: int = 8         # answers per question (G)
     threads: int = 0            # CPU threads for torch (0: torch's default); 1 is steadier on a shared machine
     seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "steps", "repeats", "new_tokens",
+                     "gen_batch", "dpo_pairs", "dpo_prompt_len", "grpo_questions"):
+            check_range(self, name, 1)
+        for name in ("block_size", "pretrain_steps", "threads", "seed"):
+            check_range(self, name, 0)
+        require(self, "n_head", self.n_embd % self.n_head == 0, f"a divisor of --n-embd ({self.n_embd})")
+        check_range(self, "seq_len", 2)
+        check_range(self, "grpo_group", 2)  # a group of one answer has no baseline
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,19 +129,23 @@ def known_peak_flops(device, dtype: str) -> float | None:
     return next((peak for key, peak in KNOWN_BF16_PEAKS if key in name), None)
 
 
-def matmul_flops(device, dtype: str, n: int | None = None, repeats: int | None = None) -> float:
-    """Measured FLOP/s of an n x n matmul, the ceiling the MFU figure is a fraction of.
+def matmul_flops(device, dtype: str, n: int | None = None, repeats: int | None = None,
+                 shape: tuple[int, int, int] | None = None) -> float:
+    """Measured FLOP/s of a matmul, the ceiling the MFU figures are a fraction of.
 
+    ``shape`` (m, k, n): an (m, k) input times a (k, n) weight, e.g. a model's own largest matmul
+    (tokens x n_embd into 4 n_embd); default an n x n square, big enough to saturate the device.
     Run the way the model runs its matmuls: ``F.linear`` on float32 tensors under the same
     autocast (a CPU without bf16 units multiplies bf16 through a slower path than ``a @ b``'s
     fp32 one, and ``nn.Linear`` under autocast takes yet another). The best of 3 rounds, so a
     moment of contention from other processes does not lower the ceiling.
     """
     cuda = device.type == "cuda"
-    n = n or (4096 if cuda else 1024)  # big enough to saturate the device
-    repeats = repeats or (50 if cuda else 2)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    n = n or (4096 if cuda else 1024)
+    m, k, n = shape or (n, n, n)
+    repeats = repeats or max(2, int((50 if cuda else 2) * 1024 ** 3 / (m * k * n)))
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(n, k, device=device)
     best = 0.0
     with autocast(device, dtype):
         F.linear(a, b)  # warm-up (kernel selection, casts)
@@ -125,7 +155,7 @@ def matmul_flops(device, dtype: str, n: int | None = None, repeats: int | None =
             for _ in range(repeats):
                 F.linear(a, b)
             _sync(device)
-            best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t))
+            best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t))
     return best
 
 
@@ -150,89 +180,134 @@ def model_config(cfg: BenchConfig) -> GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm timers: one DPO step, one GRPO iteration, each on a fresh model
+# timing that holds still on a shared machine, and the FLOPs a step runs
 # ----------------------------------------------------------------------------------------------
 
 
-def dpo_step_time(model_config: GPTConfig, batch_size: int, seq_len: int, device="cpu",
-                  steps: int = 10, warmup: int = 3, precompute_ref: bool = False, dtype: str = "float32") -> float:
-    """Seconds per DPO optimizer step: B pairs of ``seq_len`` tokens (half prompt, half response).
+def time_alternately(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     device=None) -> dict[str, list[float]]:
+    """Seconds of each call of each function, the functions run in turn (a, b, a, b, ...).
 
-    ``precompute_ref=False`` (the default, as TRL's default) runs the reference forward in every
-    step; ``True`` times the step with log pi_ref read from a table.
+    Alternating puts any load from other processes on every function alike, so a ratio of two
+    of them holds while the absolute seconds move; ``warmup`` rounds are run first, untimed.
     """
-    from .dpo import chosen_rejected_logps, dpo_loss
-
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    policy = GPT(model_config).to(device)
-    reference = GPT(model_config).to(device).requires_grad_(False).eval()
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    ids = torch.randint(0, model_config.vocab_size, (2 * batch_size, seq_len), generator=generator).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "response_mask": (torch.arange(seq_len, device=device) >= seq_len // 2).long().expand(2 * batch_size, -1)}
-    with torch.no_grad():
-        ref_w, ref_l = chosen_rejected_logps(reference, batch)
-
-    def step():
-        with autocast(device, dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch)
-        if precompute_ref:
-            rw, rl = ref_w, ref_l
-        else:
-            with torch.no_grad(), autocast(device, dtype):
-                rw, rl = chosen_rejected_logps(reference, batch)
-        loss, _, _ = dpo_loss(pi_w, pi_l, rw, rl, 0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # wait for the device
-
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device or "cpu")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name, call in calls.items():
+            _sync(device)
+            t = time.perf_counter()
+            call()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
 
 
-def grpo_step_time(model_config: GPTConfig, group_size: int = 8, questions: int = 32, device="cpu",
-                   steps: int = 5, warmup: int = 1, config=None) -> float:
-    """Seconds per GRPO iteration (sampling, scoring, E11-E13 updates) of a fresh model, median.
+def spread(times: list[float]) -> dict[str, float]:
+    """min (the least disturbed run: targets are judged on it) and median of repeated timings."""
+    return {"min": min(times), "median": statistics.median(times)}
 
-    ``model_config``'s vocab_size is set from the toy world's tokenizer; ``config`` is a
-    ``grpo.GRPOConfig`` (default: its defaults).
+
+class FlopCounter:
+    """Model FLOPs of every forward (and its backward) that GPTs ``models`` run while the counter is on.
+
+    Counted from the tokens each forward sees, at ``model.hidden``, the one entry point of every
+    forward (logits, hidden states, cached prefills and decodes): per real token (attention mask
+    1) 2 N for the weights (N: parameters without the position table, which is a lookup) and
+    4 L C S for attention over S keys (QK^T and AV); three times that when the forward builds a
+    graph (the backward costs twice the forward). The convention of ``flops_per_token`` (PaLM
+    appendix B, nanoGPT): no recomputation, and S counts every key in view, not half of them.
     """
-    import copy
-    import statistics
 
-    from .grpo import GRPOConfig, grpo_iteration
-    from .toyworld import ToyWorld, WorldConfig
+    def __init__(self, *models):
+        self.models, self.flops = models, 0.0
+
+    def __enter__(self) -> "FlopCounter":
+        for model in self.models:
+            model.hidden = self._counting(model, model.hidden)  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for model in self.models:
+            del model.hidden
+
+    def _counting(self, model, hidden):
+        c = model.config
+        n_weights = sum(p.numel() for p in model.parameters()) - c.block_size * c.n_embd
+        n_layer = c.n_layer  # a minialign GPT (the bench's algorithm steps run on one)
+
+        def counted(idx, attention_mask=None, cache=None):
+            B, T = idx.shape
+            keys = (cache.length if cache is not None else 0) + T
+            real = B * T if attention_mask is None else int(attention_mask[:, -T:].sum())
+            forward = real * (2 * n_weights + 4 * n_layer * c.n_embd * keys)
+            backward = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+            self.flops += forward * (3 if backward else 1)
+            return hidden(idx, attention_mask, cache)
+        return counted
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm steps, as their training loops take them (``dpo.main``, ``grpo.main``)
+# ----------------------------------------------------------------------------------------------
+
+
+def random_preference_batch(vocab_size: int, pairs: int, prompt_len: int, response_len: int,
+                            generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """A ``dpo.preference_batch`` of random tokens: rows b and B + b share their prompt."""
+    prompts = torch.randint(0, vocab_size, (pairs, prompt_len), generator=generator)
+    responses = torch.randint(0, vocab_size, (2 * pairs, response_len), generator=generator)
+    ids = torch.cat([prompts.repeat(2, 1), responses], 1).to(device)            # (2B, P + R)
+    response_mask = (torch.arange(prompt_len + response_len, device=device) >= prompt_len).long()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "response_mask": response_mask.expand(2 * pairs, -1)}
+
+
+def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=None) -> Callable[[], float]:
+    """One DPO optimizer step of ``dpo.main`` per call, on ``batches`` in turn (cycled).
+
+    ``config`` (a ``dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
+    ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref is read from a table computed
+    here, untimed, as ``dpo.main`` precomputes its table; else the reference runs in every step).
+    """
+    from .dpo import DPOConfig, chosen_rejected_logps, dpo_loss
+    from .train import make_optimizer, optimizer_step
+
+    config = config or DPOConfig(progress=False)
+    device = batches[0]["input_ids"].device
+    optimizer = make_optimizer(policy, config)
+
+    def reference_logps(batch):
+        with torch.no_grad(), autocast(device, config.dtype):
+            return chosen_rejected_logps(reference, batch, config.share_prompt)
+    tables = [reference_logps(b) for b in batches] if config.precompute_ref_logps else None
+    order, steps = itertools.cycle(range(len(batches))), itertools.count()
+
+    def step() -> float:
+        i = next(order)
+        with autocast(device, config.dtype):
+            pi_w, pi_l = chosen_rejected_logps(policy, batches[i], config.share_prompt)
+        ref_w, ref_l = tables[i] if tables is not None else reference_logps(batches[i])
+        loss, _, _ = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)  # E9
+        return optimizer_step(policy, optimizer, loss, next(steps), config)
+    return step
+
+
+def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], config) -> Callable[[], dict]:
+    """One ``grpo.grpo_iteration`` (sample, score, E11-E13 updates) per call, on ``question_batches``
+    in turn (cycled)."""
+    from .grpo import grpo_iteration
     from .train import make_optimizer
 
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    world = ToyWorld(WorldConfig(seed=0))
-    tok = world.tokenizer
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(model_config, vocab_size=tok.vocab_size)).to(device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    config = config or GRPOConfig(device=str(device), progress=False)
-    config = dataclasses.replace(config, group_size=group_size, questions=questions,
-                                 batch_size=max(config.batch_size, group_size * questions))
+    device = next(model.parameters()).device
     optimizer = make_optimizer(model, config)
-    generator = torch.Generator(device=device).manual_seed(0)
-    qs = world.arithmetic_questions("train")
-    qs = (qs * (questions // len(qs) + 1))[:questions]
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        t = time.perf_counter()
-        grpo_iteration(model, ref_model, optimizer, tok, world, qs, config, i, generator)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    batches, steps = itertools.cycle(question_batches), itertools.count()
+    return lambda: grpo_iteration(model, ref_model, optimizer, tok, world, next(batches), config,
+                                  next(steps), generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +316,8 @@ def grpo_step_time(model_config: GPTConfig, group_size: int = 8, questions: int 
 
 
 def train_throughput(model: GPT, cfg: BenchConfig, device) -> dict:
-    """Tokens/s of AdamW steps on random tokens (batch_size x seq_len), MFU, peak memory."""
+    """Seconds per AdamW step on random tokens (batch_size x seq_len), each of ``steps`` steps timed:
+    tokens/s and MFU at the fastest step and the median one, peak memory."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
 
@@ -254,43 +330,41 @@ def train_throughput(model: GPT, cfg: BenchConfig, device) -> dict:
         opt.step()
 
     _reset_peak_memory(device)
-    for _ in range(2):
-        step()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(cfg.steps):
-        step()
-    _sync(device)
-    seconds = time.perf_counter() - t
+    seconds = spread(time_alternately({"train": step}, cfg.steps, warmup=2, device=device)["train"])
     memory = peak_memory_bytes(device)
-    tokens_per_s = cfg.batch_size * cfg.seq_len * cfg.steps / seconds
-    achieved = tokens_per_s * flops_per_token(model.config, cfg.seq_len, model.num_params())
+    tokens = cfg.batch_size * cfg.seq_len
+    flops = tokens * flops_per_token(model.config, cfg.seq_len, model.num_params())
     measured = matmul_flops(device, cfg.dtype)
-    out = {"tokens_per_s": tokens_per_s, "step_seconds": seconds / cfg.steps, "model_flops_per_s": achieved,
-           "matmul_flops_per_s": measured, "mfu": achieved / measured, "peak_memory_bytes": memory}
+    out = {"step_seconds": seconds["min"], "step_seconds_median": seconds["median"],
+           "tokens_per_s": tokens / seconds["min"], "tokens_per_s_median": tokens / seconds["median"],
+           "model_flops_per_s": flops / seconds["min"], "matmul_flops_per_s": measured,
+           "mfu": flops / seconds["min"] / measured, "mfu_median": flops / seconds["median"] / measured,
+           "peak_memory_bytes": memory}
     peak = known_peak_flops(device, cfg.dtype)
     if peak is not None:
-        out.update(datasheet_flops_per_s=peak, mfu_datasheet=achieved / peak)
+        out.update(datasheet_flops_per_s=peak, mfu_datasheet=out["model_flops_per_s"] / peak)
     return out
 
 
 def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
-    """Seconds and tokens/s to sample ``new_tokens`` tokens with and without the KV cache (no EOS stop)."""
+    """Seconds and tokens/s to sample ``new_tokens`` tokens with and without the KV cache (no EOS
+    stop), alternated ``repeats`` times; the speed-up is judged on the fastest run of each."""
     prompts = [[1, 3, 5, 6]] * cfg.gen_batch
-    out = {}
-    _reset_peak_memory(device)
-    for use_cache in (True, False):
+
+    def sample(use_cache: bool):
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        _sync(device)
-        t = time.perf_counter()
         with autocast(device, cfg.dtype):
-            generate(model, prompts, cfg.new_tokens, eos_id=-1, pad_id=0, use_cache=use_cache,
-                     generator=generator)
-        _sync(device)
-        key = "cache" if use_cache else "no_cache"
-        out[key] = time.perf_counter() - t
+            generate(model, prompts, cfg.new_tokens, eos_id=-1, pad_id=0, use_cache=use_cache, generator=generator)
+
+    _reset_peak_memory(device)
+    times = time_alternately({"cache": lambda: sample(True), "no_cache": lambda: sample(False)},
+                             cfg.repeats, warmup=1, device=device)
+    out = {}
+    for key, t in times.items():
+        out[key], out[key + "_median"] = spread(t)["min"], spread(t)["median"]
         out[key + "_tokens_per_s"] = cfg.gen_batch * cfg.new_tokens / out[key]
     out["speedup"] = out["no_cache"] / out["cache"]
+    out["speedup_median"] = out["no_cache_median"] / out["cache_median"]
     out["peak_memory_bytes"] = peak_memory_bytes(device)
     return out
 
@@ -308,23 +382,90 @@ def pretrain_figure(cfg: BenchConfig, device) -> dict:
             "entropy_floor": s["entropy_floor"], "gap_to_floor": s["heldout_loss"] / s["entropy_floor"] - 1}
 
 
-def dpo_figure(config: GPTConfig, cfg: BenchConfig, device) -> dict:
+def _sharing_figure(steps: dict[str, Callable], counters: dict[str, FlopCounter], cfg: BenchConfig,
+                    device, ceiling: float) -> dict:
+    """Time the shared and the plain step alternately; FLOPs per step and FLOP/s for each."""
     _reset_peak_memory(device)
-    seconds = dpo_step_time(config, cfg.dpo_pairs, cfg.seq_len, device=device, steps=3, warmup=1,
-                            dtype=cfg.dtype)
-    return {"step_seconds": seconds, "pairs": cfg.dpo_pairs, "seq_len": cfg.seq_len,
-            "peak_memory_bytes": peak_memory_bytes(device)}
+    for counter in counters.values():
+        counter.__enter__()
+    try:
+        times = time_alternately(steps, cfg.repeats, warmup=1, device=device)
+    finally:
+        for counter in counters.values():
+            counter.__exit__()
+    out = {"matmul_flops_per_s": ceiling, "peak_memory_bytes": peak_memory_bytes(device)}
+    for name, t in times.items():
+        flops = float(counters[name].flops) / (cfg.repeats + 1)  # the mean step (the warm-up counted too)
+        seconds = spread(t)
+        out[name] = {"seconds": seconds["min"], "seconds_median": seconds["median"], "flops": flops,
+                     "flops_per_s": flops / seconds["min"], "flops_per_s_median": flops / seconds["median"],
+                     "roofline": flops / seconds["min"] / ceiling}
+    out["speedup"] = out["plain"]["seconds"] / out["shared"]["seconds"]
+    out["speedup_median"] = out["plain"]["seconds_median"] / out["shared"]["seconds_median"]
+    return out
 
 
-def grpo_figure(config: GPTConfig, cfg: BenchConfig, device) -> dict:
+def model_matmul_flops(config: GPTConfig, device, dtype: str) -> float:
+    """The ceiling for the DPO and GRPO figures: the model's own MLP matmul, 4096 tokens x C -> 4C."""
+    return matmul_flops(device, dtype, shape=(4096, config.n_embd, 4 * config.n_embd))
+
+
+def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
+    """A DPO step (policy forward and backward, reference forward, E9, AdamW) with the shared
+    prompt and with the plain forward, alternated, from the same fresh model."""
+    from .dpo import DPOConfig
+
+    P = cfg.dpo_prompt_len
+    if not 1 <= P < cfg.seq_len:
+        raise ValueError(f"dpo_prompt_len must be in [1, seq_len={cfg.seq_len}), got {P}")
+    batch = random_preference_batch(config.vocab_size, cfg.dpo_pairs, P, cfg.seq_len - P,
+                                    torch.Generator().manual_seed(cfg.seed), device)
+    torch.manual_seed(cfg.seed)
+    start = GPT(config).to(device)
+    steps, counters = {}, {}
+    for name, share in (("shared", True), ("plain", False)):
+        policy, reference = copy.deepcopy(start), copy.deepcopy(start).requires_grad_(False).eval()
+        dpo_config = DPOConfig(dtype=cfg.dtype, share_prompt=share, precompute_ref_logps=False, progress=False)
+        steps[name], counters[name] = dpo_step(policy, reference, [batch], dpo_config), FlopCounter(policy, reference)
+    return {"pairs": cfg.dpo_pairs, "prompt_len": P, "seq_len": cfg.seq_len,
+            **_sharing_figure(steps, counters, cfg, device, ceiling)}
+
+
+def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
+    """A GRPO iteration (sample G answers per question, score, E11-E13 updates: ``grpo.grpo_iteration``
+    with its defaults, one minibatch of all answers) with the shared prompt and without, alternated."""
     from .grpo import GRPOConfig
+    from .toyworld import ToyWorld, WorldConfig
 
-    _reset_peak_memory(device)
-    grpo_config = GRPOConfig(device=str(device), dtype=cfg.dtype, progress=False)
-    seconds = grpo_step_time(config, group_size=cfg.grpo_group, questions=cfg.grpo_questions, device=device,
-                             steps=2, warmup=1, config=grpo_config)
-    return {"step_seconds": seconds, "questions": cfg.grpo_questions, "group_size": cfg.grpo_group,
-            "max_new_tokens": grpo_config.max_new_tokens, "peak_memory_bytes": peak_memory_bytes(device)}
+    world = ToyWorld(WorldConfig(seed=0))
+    tok = world.tokenizer
+    questions = world.arithmetic_questions("train")
+    questions = (questions * (cfg.grpo_questions // len(questions) + 1))[:cfg.grpo_questions]
+    torch.manual_seed(cfg.seed)
+    start = GPT(dataclasses.replace(config, vocab_size=tok.vocab_size)).to(device)
+    steps, counters = {}, {}
+    for name, share in (("shared", True), ("plain", False)):
+        model, ref_model = copy.deepcopy(start), copy.deepcopy(start).eval().requires_grad_(False)
+        grpo_config = GRPOConfig(device=str(device), dtype=cfg.dtype, progress=False, seed=cfg.seed,
+                                 group_size=cfg.grpo_group, questions=cfg.grpo_questions,
+                                 batch_size=cfg.grpo_group * cfg.grpo_questions, share_prompt=share)
+        steps[name] = grpo_step(model, ref_model, tok, world, [questions], grpo_config)
+        counters[name] = FlopCounter(model, ref_model)
+    return {"questions": cfg.grpo_questions, "group_size": cfg.grpo_group,
+            "max_new_tokens": GRPOConfig.max_new_tokens, "inner_updates": GRPOConfig.inner_updates,
+            **_sharing_figure(steps, counters, cfg, device, ceiling)}
+
+
+def _print_sharing(title: str, f: dict) -> None:
+    print(title)
+    for key, label in (("shared", "prompt shared"), ("plain", "plain forward")):
+        r = f[key]
+        print(f"  {label}: {r['seconds']:.3f} s min, {r['seconds_median']:.3f} s median; "
+              f"{r['flops'] / 1e9:.2f} GFLOP of model work -> {r['flops_per_s'] / 1e9:.1f} GFLOP/s at the min "
+              f"({r['flops_per_s_median'] / 1e9:.1f} at the median) = {100 * r['roofline']:.0f}% of the "
+              f"measured matmul {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"  plain / shared: {f['speedup']:.2f}x at the min, {f['speedup_median']:.2f}x at the median; "
+          f"peak memory {_gib(f['peak_memory_bytes'])}")
 
 
 def _gib(n: int) -> str:
@@ -365,30 +506,40 @@ def main(cfg: BenchConfig) -> dict:
         model.eval()
         results["generation"] = speed = generation_speed(model, cfg, device)
         verdict = "met" if speed["speedup"] >= 5 else "NOT met"
-        print(f"generation of {cfg.new_tokens} tokens x {cfg.gen_batch} rows: KV cache {speed['cache']:.2f} s "
-              f"({speed['cache_tokens_per_s']:,.0f} tokens/s), no cache {speed['no_cache']:.2f} s "
-              f"({speed['no_cache_tokens_per_s']:,.0f} tokens/s), speed-up {speed['speedup']:.1f}x "
-              f"(target >= 5x at 256 new tokens: {verdict if cfg.new_tokens >= 256 else 'n/a, fewer tokens'})")
+        print(f"generation of {cfg.new_tokens} tokens x {cfg.gen_batch} rows, {cfg.repeats} alternated runs each: "
+              f"KV cache {speed['cache']:.2f} s min, {speed['cache_median']:.2f} s median "
+              f"({speed['cache_tokens_per_s']:,.0f} tokens/s at the min); no cache {speed['no_cache']:.2f} s min, "
+              f"{speed['no_cache_median']:.2f} s median; speed-up {speed['speedup']:.1f}x at the min "
+              f"({speed['speedup_median']:.1f}x at the median; target >= 5x at 256 new tokens, judged on the min: "
+              f"{verdict if cfg.new_tokens >= 256 else 'n/a, fewer tokens'})")
 
     if "train" in parts:
         model.train()
         results["train"] = tr = train_throughput(model, cfg, device)
         datasheet = (f", {100 * tr['mfu_datasheet']:.1f}% of the datasheet {tr['datasheet_flops_per_s'] / 1e12:.0f} "
                      f"TFLOP/s" if "mfu_datasheet" in tr else "")
-        print(f"training: {tr['tokens_per_s']:,.0f} tokens/s = {tr['model_flops_per_s'] / 1e9:.2f} GFLOP/s, "
-              f"MFU {100 * tr['mfu']:.1f}% of the measured matmul {tr['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"
-              f"{datasheet} (batch {cfg.batch_size} x {cfg.seq_len}, {tr['step_seconds']:.3f} s/step), "
-              f"peak memory {_gib(tr['peak_memory_bytes'])}")
-    del model  # the DPO and GRPO timers build their own models
+        print(f"training (batch {cfg.batch_size} x {cfg.seq_len}, {cfg.steps} steps timed): "
+              f"{tr['step_seconds']:.3f} s/step min, {tr['step_seconds_median']:.3f} median; "
+              f"{tr['tokens_per_s']:,.0f} tokens/s = {tr['model_flops_per_s'] / 1e9:.2f} GFLOP/s at the min, "
+              f"MFU {100 * tr['mfu']:.1f}% ({100 * tr['mfu_median']:.1f}% at the median) of the measured matmul "
+              f"{tr['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s{datasheet}, peak memory {_gib(tr['peak_memory_bytes'])}")
+    del model  # the DPO and GRPO figures build their own models
 
+    if "dpo" in parts or "grpo" in parts:
+        ceiling = model_matmul_flops(config, device, cfg.dtype)
     if "dpo" in parts:
-        results["dpo"] = d = dpo_figure(config, cfg, device)
-        print(f"DPO: {d['step_seconds']:.3f} s/step ({cfg.dpo_pairs} pairs x {cfg.seq_len} tokens, policy + "
-              f"reference forward, E9, update), peak memory {_gib(d['peak_memory_bytes'])}")
+        results["dpo"] = d = dpo_figure(config, cfg, device, ceiling)
+        _print_sharing(f"DPO step ({cfg.dpo_pairs} pairs x {cfg.seq_len} tokens: {d['prompt_len']} prompt + "
+                       f"{cfg.seq_len - d['prompt_len']} response; policy forward and backward, reference "
+                       f"forward, E9, AdamW), {cfg.repeats} alternated steps each:", d)
 
     if "grpo" in parts:
-        results["grpo"] = g = grpo_figure(config, cfg, device)
-        print(f"GRPO: {g['step_seconds']:.3f} s/iteration ({cfg.grpo_questions} questions x G={cfg.grpo_group} "
-              f"answers of <= {g['max_new_tokens']} tokens: sample, score, E11-E13, update), "
-              f"peak memory {_gib(g['peak_memory_bytes'])}")
+        results["grpo"] = g = grpo_figure(config, cfg, device, ceiling)
+        _print_sharing(f"GRPO iteration ({cfg.grpo_questions} questions x G={cfg.grpo_group} answers of <= "
+                       f"{g['max_new_tokens']} tokens: sample, score, E11-E13, {g['inner_updates']} updates), "
+                       f"{cfg.repeats} alternated iterations each:", g)
+    if "dpo" in parts or "grpo" in parts:
+        print(f"  (the ceiling: the model's MLP matmul, 4096 tokens x {config.n_embd} -> {4 * config.n_embd}, "
+              f"best of 3; model work counted by bench.FlopCounter: 2N per real token, 4 L C S attention, "
+              f"x3 with the backward)")
     return results

@@ -4,6 +4,8 @@
     minialign sft --out runs/demo             # stage 2: instruct model
     minialign dpo --out runs/demo --with-prerequisites   # trains pretrain and sft first if needed
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
+    minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
+    torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
 
 Each stage module has a dataclass config (its flags, checked by its ``validate()``) and a
 ``main(config) -> summary`` wrapped by ``train.stage``. A command's module (and torch) is imported
@@ -82,6 +84,13 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                          "last checkpoint.")
         p.add_argument("--stages", default=",".join(STAGES),
                        help="comma-separated subset of the stages, run in pipeline order (default: %(default)s)")
+    p = sub.add_parser("export", help="write a trained model as a Hugging Face folder",
+                       description="Write the model of a stage folder (e.g. runs/demo/dpo) as a Hugging Face "
+                                   "folder that transformers loads (GPT-2 format for minialign's GPT).")
+    p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
+    p.add_argument("dest", help="the new folder to write")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
     return parser
 
 
@@ -110,11 +119,11 @@ def ensure_stage(name: str, **shared) -> Path:
     inputs that changed, train it now (its own inputs first). A missing stage runs with its
     defaults and ``shared`` settings, an interrupted one resumes, a stale one reruns with the
     settings recorded in its folder."""
-    from .train import RESUME, partial_dir, stage_problem
+    from .train import RESUME, partial_dir, stage_model, stage_problem
     final = Path(shared["out"]) / name
     problem = stage_problem(final)
     if problem is None:
-        return final / "model.pt"
+        return stage_model(shared["out"], name)
     mod, config_cls = _load(*STAGES[name][:2])
     fields = {f.name for f in dataclasses.fields(config_cls)}
     recorded = files.read_json(partial_dir(final) / "config.json") or files.read_json(final / "config.json")
@@ -126,7 +135,7 @@ def ensure_stage(name: str, **shared) -> Path:
     config = config_cls(**{**settings, "resume": resume, "overwrite": not resume})
     print(f"[{problem}: running {name} first]")
     run_stage(name, config, with_prerequisites=True)
-    return final / "model.pt"
+    return stage_model(shared["out"], name)
 
 
 def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
@@ -169,7 +178,7 @@ def _brief(summary: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 # errors whose message is written for the user: printed alone, without a traceback
-EXPECTED = (files.MinialignError, ValueError, FileNotFoundError, FloatingPointError)
+EXPECTED = (files.MinialignError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def error_line(e: BaseException) -> str:
@@ -213,17 +222,23 @@ def _run(argv: list[str]) -> int:
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)
     name = _canonical(args.command)
-    if name == "pipeline":
-        run_pipeline(args)
+    if name == "export":
+        from .export import export
+        print(f"wrote {export(args.source, args.dest)}")
         return 0
+    from . import distributed
     from .train import config_from_args
-    mod, config_cls = _load(*{**STAGES, **TOOLS}[name][:2])
-    config = config_from_args(config_cls, args)  # ConfigError here: a flag's value is out of range
-    if name in STAGES:
-        summary = run_stage(name, config, getattr(args, "with_prerequisites", False))
-    else:
-        summary = mod.main(config)
-    print(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
+    with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
+        if name == "pipeline":
+            run_pipeline(args)
+            return 0
+        mod, config_cls = _load(*{**STAGES, **TOOLS}[name][:2])
+        config = config_from_args(config_cls, args)  # ConfigError here: a flag's value is out of range
+        if name in STAGES:
+            summary = run_stage(name, config, getattr(args, "with_prerequisites", False))
+        else:
+            summary = mod.main(config)
+    distributed.print_main(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
     return 0
 
 

@@ -78,13 +78,17 @@ from typing import Literal
 
 import torch
 
-from .evaluate import arithmetic_eval, sample_texts
+from . import distributed
+from .datafiles import prompt_data
+from .evaluate import arithmetic_eval, reward_eval, sample_texts
 from .generation import generate
+from .loading import load_model, save_model
 from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
+from .rewards import exact_match_reward, load_reward, score_answers, toy_reward
 from .toyworld import ToyWorld, WorldConfig
-from .train import (ConfigError, Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer,
-                    optimizer_step, resolve_device, save_policy, seed_everything, stage)
+from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_range, input_path,
+                    make_optimizer, resolve_device, seed_everything, stage)
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
@@ -236,9 +240,9 @@ def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
 class GRPOConfig(TrainConfig):
     """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
 
-    Reads OUT/sft/model.pt (or --init; also the first pi_ref). Writes OUT/grpo/: model.pt (the
-    aligned policy), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json,
-    status.json."""
+    Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
+    questions with --data. Writes OUT/grpo/: model.pt (the aligned policy; a model/ folder after
+    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json."""
     init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
     steps: int = 150                # iterations of E14 (sample, score, update)
     questions: int = 16             # questions per iteration
@@ -259,6 +263,7 @@ class GRPOConfig(TrainConfig):
     ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
     temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
+    reward: str = ""                # your reward function module:function (default: r*, or exact match with --data)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
     share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
     eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
@@ -278,21 +283,28 @@ class GRPOConfig(TrainConfig):
             check_range(self, name, 0)
 
 
-def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions: list[dict],
-                   config: GRPOConfig, step: int, generator: torch.Generator) -> dict:
-    """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13)."""
+def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[dict],
+                   config: GRPOConfig, step: int, generator: torch.Generator, parallel=None) -> dict:
+    """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13).
+
+    ``reward_fn(prompts, completions, finished, **columns) -> list[float]`` (``rewards.py``);
+    ``parallel`` is ``distributed.wrap(model)`` under torchrun (DDP averages the ranks' gradients).
+    """
     device = next(model.parameters()).device
+    parallel = parallel or model
+    if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
+        reward_fn = toy_reward(reward_fn)
     G = config.group_size
-    prompts = [q["prompt"] for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
+    rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
+    prompts = [q["prompt_ids"] if "prompt_ids" in q else tok.prompt(q["prompt"]) for q in rows]
 
     # sample y ~ pi_old = the current policy (frozen for the whole iteration)
     with autocast(device, config.dtype):
-        rollout = generate(model, [tok.prompt(p) for p in prompts], config.max_new_tokens, tok.eos_id,
+        rollout = generate(model, prompts, config.max_new_tokens, tok.eos_id,
                            tok.pad_id, temperature=config.temperature, generator=generator,
                            share_prompt=config.share_prompt)
     texts = [tok.decode(r) for r in rollout.responses()]
-    rewards = torch.tensor([world.true_reward(p, y, bool(f)) for p, y, f in
-                            zip(prompts, texts, rollout.finished.tolist())], device=device)  # (B,)
+    rewards = score_answers(reward_fn, rows, texts, [bool(f) for f in rollout.finished.tolist()], device)  # (B,)
     mask = rollout.response_mask                                                              # (B, T)
 
     with torch.no_grad(), autocast(device, config.dtype):
@@ -312,17 +324,27 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
     advantages = group_advantages(scored, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
 
     B = len(prompts)
-    stats = []
+    per_step = config.batch_size // distributed.world_size()  # this rank's answers per optimizer step
+
+    def units(rows) -> float:  # what the loss averages over: answers, or tokens for token_mean
+        return float(mask[rows].sum()) if config.aggregation == "token_mean" else len(rows)
+
+    stats, norms = [], []
     for _ in range(config.inner_updates):  # mu passes against the same pi_old
-        for idx in torch.randperm(B, generator=generator, device=device).split(config.batch_size):
-            with autocast(device, config.dtype):
-                logps = response_logps(model, rollout.sequences[idx], rollout.attention_mask[idx],
-                                       rollout.prompt_len, config.temperature, config.share_prompt)
-            loss, s = grpo_loss(logps, old_logps[idx], ref_logps[idx], advantages[idx], mask[idx],
-                                config.clip_eps, config.beta, config.kl_in, config.aggregation,
-                                max_len=config.max_new_tokens)
-            s["grad_norm"] = optimizer_step(model, optimizer, loss, step, config)
-            stats.append(s)
+        for idx in torch.randperm(B, generator=generator, device=device).split(per_step):
+            def loss_of(micro):
+                with autocast(device, config.dtype):
+                    logps = response_logps(model, rollout.sequences[micro], rollout.attention_mask[micro],
+                                           rollout.prompt_len, config.temperature, config.share_prompt)
+                loss, s = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
+                                    config.clip_eps, config.beta, config.kl_in, config.aggregation,
+                                    max_len=config.max_new_tokens)
+                return loss, units(micro), units(idx) * distributed.world_size(), s
+
+            norm, micro_stats = accumulated_step(model, parallel, optimizer,
+                                                 distributed.split(idx, config.grad_accum), loss_of, step, config)
+            stats += micro_stats
+            norms.append(norm)
 
     lengths = mask.sum(1).float()
     metrics = {"reward": rewards.mean().item(),  # the verifiable reward (here = accuracy)
@@ -331,7 +353,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
                "kl": masked_mean(kl_k3(old_logps, ref_logps), mask).item(),
                "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
                "loss": sum(s["loss"] for s in stats) / len(stats),
-               "grad_norm": sum(s["grad_norm"] for s in stats) / len(stats),
+               "grad_norm": sum(norms) / len(norms),
                "answer_len": lengths.mean().item(),
                "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
@@ -345,29 +367,71 @@ def grpo_iteration(model, ref_model, optimizer, tok, world: ToyWorld, questions:
 # ----------------------------------------------------------------------------------------------
 
 
+def _examples(model, tok, questions: list[dict], config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
+    """[question, right answer, ``samples`` sampled answers] for the first ``n`` ``questions``."""
+    questions = questions[:n]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    prompts = [q.get("prompt_ids", q["prompt"]) for q in questions for _ in range(samples)]
+    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
+    return [[q["prompt"], q.get("answer"), [y for y, _ in texts[i * samples:(i + 1) * samples]]]
+            for i, q in enumerate(questions)]
+
+
 @stage("grpo")
 def main(config: GRPOConfig) -> dict:
-    """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``."""
+    """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``.
+
+    ``--model`` starts from a Hugging Face folder; ``--data`` samples your questions
+    (``{"prompt", "answer"}``, scored by exact match of the final number) or scores them with
+    ``--reward module:function``; the held-out figure is then the mean reward on ``--eval-data``.
+    """
     data_generator = seed_everything(config.seed)  # question order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    train_questions = world.arithmetic_questions("train")
-    if config.questions > len(train_questions):
-        raise ConfigError(f"--questions must be <= {len(train_questions)} (the train split's size), "
-                          f"got {config.questions}")
-    model, tok = load_policy(input_path(config, "init"), device, world.tokenizer)  # out/sft unless --init
+    model, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
+    reward_fn = load_reward(config.reward) if config.reward else None
+    reports, eval_questions = {}, None
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        need = () if config.reward else ("answer",)  # the built-in reward compares with the answer
+        block = model.config.block_size
+        train_questions, reports["data"] = prompt_data(config.data, tok, block, config.max_new_tokens,
+                                                       config.max_length, need)
+        if config.eval_data:
+            eval_questions, reports["eval_data"] = prompt_data(config.eval_data, tok, block, config.max_new_tokens,
+                                                               config.max_length, need)
+        for r in reports.values():
+            distributed.print_main(r.describe())
+        reward_fn = reward_fn or exact_match_reward
+    if not config.data:
+        train_questions = world.arithmetic_questions("train")
+        reward_fn = reward_fn or toy_reward(world)
+    if config.questions > len(train_questions):
+        raise ConfigError(f"--questions must be <= {len(train_questions)} (the questions there are to draw "
+                          f"from), got {config.questions}")
     run = Run(config, "grpo")
-    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
+    distributed.check_divisible(config.questions, 1, "questions")
+    distributed.check_divisible(config.batch_size, config.grad_accum)
+    # sampling; under torchrun each rank samples its own answers, rank 0 as one process would
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
     optimizer = make_optimizer(model, config)
+    parallel = distributed.wrap(model)  # DDP under torchrun
 
-    def heldout(samples: int) -> float:  # sampled at temperature 1: the policy's own distribution
-        return arithmetic_eval(model, tok, world, "heldout", samples, temperature=1.0, seed=config.seed,
-                               max_new_tokens=config.max_new_tokens)["accuracy"]
+    def heldout(samples: int) -> float | None:  # sampled at temperature 1: the policy's own distribution
+        if not config.data:
+            return arithmetic_eval(model, tok, world, "heldout", samples, temperature=1.0, seed=config.seed,
+                                   max_new_tokens=config.max_new_tokens)["accuracy"]
+        if eval_questions is None:
+            return None
+        return reward_eval(model, tok, eval_questions, reward_fn, samples, 1.0, config.seed,
+                           config.max_new_tokens)["reward"]
 
+    examples_from = eval_questions or (train_questions if config.data else world.arithmetic_questions("heldout"))
     before = heldout(config.final_eval_samples)
-    examples_before = _examples(model, tok, world, config)
-    run.log(0, heldout_accuracy=before)
+    examples_before = _examples(model, tok, examples_from, config)
+    if before is not None:
+        run.log(0, heldout_accuracy=before)
     model.train()
     history = []
     bar = run.loop(config.steps, "grpo", model=model, ref_model=ref_model, optimizer=optimizer,
@@ -376,24 +440,41 @@ def main(config: GRPOConfig) -> dict:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(ref_model, model)  # E14's option
         pick = torch.randperm(len(train_questions), generator=data_generator)[:config.questions].tolist()
-        metrics = grpo_iteration(model, ref_model, optimizer, tok, world,
-                                 [train_questions[i] for i in pick], config, step, generator)
+        mine = distributed.local_share(pick)  # this rank's questions: whole groups stay on one rank
+        metrics = grpo_iteration(model, ref_model, optimizer, tok, reward_fn, [train_questions[i] for i in mine],
+                                 config, step, generator, parallel)
+        metrics = distributed.mean_over_ranks(metrics)
         history.append(metrics)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before is not None:
             metrics["heldout_accuracy"] = heldout(config.eval_samples)
         if step % config.log_every == 0 or "heldout_accuracy" in metrics or step == config.steps - 1:
             run.log(step + 1, **metrics)  # step k = after k iterations
         bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", kl=f"{metrics['kl']:.3f}")
     after = heldout(config.final_eval_samples)
-    run.log(config.steps, heldout_accuracy=after)
+    if after is not None:
+        run.log(config.steps, heldout_accuracy=after)
     seconds = time.time() - run.start
 
-    save_policy(model, tok, run.dir / "model.pt")
-    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png",
-             "GRPO: accuracy of sampled answers (train rollouts; held-out)", ylabel="accuracy")
-    run.plot(["answer_len"], "answer_len.png", "answer length (tokens, EOS included)", ylabel="tokens")
-    run.plot(["kl", "clip_frac", "zero_spread"], "kl_clip.png",
-             "KL to pi_ref per token (k3), clip fraction, zero-spread groups")
+    save_model(model, tok, run.dir)
+    heldout_label = ("held-out questions (never trained on)" if not config.data else
+                     "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
+    x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
+    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
+              "heldout_accuracy": heldout_label}, "accuracy.png",
+             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
+             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
+    run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
+             ylabel="tokens per answer", xlabel=x,
+             caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")
+    run.plot_panels("kl_clip.png", [
+        {"title": "distance from pi_ref", "metrics": {"kl": "KL(pi_old || pi_ref) per token, k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "clipping (E13)", "metrics": {"clip_frac": "tokens whose clip binds"},
+         "xlabel": x, "ylabel": "fraction of answer tokens"},
+        {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
+         "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL "
+                "stays small.")
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)
@@ -405,17 +486,7 @@ def main(config: GRPOConfig) -> dict:
                "answer_len_last": mean("answer_len", history[-k:]),
                "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
                "seconds": seconds, "examples_before": examples_before,
-               "examples": _examples(model, tok, world, config)}
+               "examples": _examples(model, tok, examples_from, config),
+               **{k: r.as_dict() for k, r in reports.items()}}
     run.finish(summary)
     return summary
-
-
-def _examples(model, tok, world: ToyWorld, config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
-    """[question, right answer, ``samples`` sampled answers] for the first ``n`` held-out questions."""
-    questions = world.arithmetic_questions("heldout")[:n]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    prompts = [q["prompt"] for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
-    return [[q["prompt"], q["answer"], [y for y, _ in texts[i * samples:(i + 1) * samples]]]
-            for i, q in enumerate(questions)]

@@ -278,12 +278,19 @@ class HFTokenizer:
 
     def prompt(self, instruction: str) -> list[int]:
         if self.use_chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
-                                                     add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):  # newer versions return a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            return self.chat_prompt([{"role": "user", "content": instruction}])
         return ([self.bos_id] if self.bos_id is not None else []) + self.encode(instruction)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A conversation (``[{"role", "content"}]``) ending where the assistant answers next."""
+        if self.use_chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids if isinstance(ids, list) else ids["input_ids"])  # newer: a BatchEncoding
+        roles = [m.get("role") for m in messages]
+        if roles != ["user"]:
+            raise ValueError(f"the tokenizer has no chat template, so only one user message can be a "
+                             f"prompt; got roles {roles}")
+        return self.prompt(messages[0]["content"])
 
     def response(self, text: str) -> list[int]:
         return self.encode(text) + [self.eos_id]

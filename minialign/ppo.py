@@ -80,24 +80,27 @@ Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from . import files
+from . import distributed, files
 from .data import minibatches
+from .datafiles import prompt_data
 from .evaluate import review_eval
 from .generation import generate
+from .loading import load_model, load_reward_model, same_tokenizer, save_model
 from .model import GPT
 from .ops import (check_finite, check_in_range, check_nonempty_rows, check_per_sequence, check_positive,
                   check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
                   response_hidden, response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, check_range, input_path, load_policy, make_optimizer, optimizer_step,
-                    resolve_device, save_policy, seed_everything, stage)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, input_path, make_optimizer,
+                    resolve_device, seed_everything, stage, standardise)
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -304,10 +307,10 @@ def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, at
 class PPOConfig(TrainConfig):
     """Align the SFT model with PPO and a value head against the learned reward model (E2, E5, E6).
 
-    Reads OUT/sft/model.pt (or --init; also pi_ref) and OUT/reward_model/model.pt (or
-    --reward-model). Writes OUT/ppo/: model.pt (the aligned policy), value_head.pt,
-    metrics.jsonl, reward.png, kl.png, objective.png, ppo_stats.png, losses.png, summary.json,
-    status.json.
+    Reads OUT/sft/model.pt (or --init, or a --model folder; also pi_ref) and
+    OUT/reward_model/model.pt (or --reward-model), and your prompts with --data. Writes OUT/ppo/:
+    model.pt (the aligned policy; a model/ folder after --model), value_head.pt, metrics.jsonl,
+    the plots, summary.json, status.json.
 
     ``steps`` counts PPO iterations (one rollout each); each iteration makes
     ``ppo_epochs * ceil(batch_size / minibatch_size)`` optimizer steps; the learning-rate
@@ -358,36 +361,51 @@ class PPOConfig(TrainConfig):
         check_range(self, "lam", 0, 1)
 
 
-def _load_reward_model(path: str, device, tokenizer) -> RewardModel:
+def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
     """The frozen r_phi of ``reward_model.py``; it must share the policy's tokenizer."""
-    rm, rm_tok = RewardModel.load(path, device)
-    if rm_tok != tokenizer:
+    rm, rm_tok = load_reward_model(path, impl, device)
+    if not same_tokenizer(rm_tok, tokenizer):
         raise ValueError(f"reward model {path} was trained with another tokenizer than the policy")
-    rm.eval()
-    for p in rm.parameters():
-        p.requires_grad_(False)
     return rm
 
 
 @stage("ppo")
 def main(config: PPOConfig) -> dict:
-    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``."""
+    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``.
+
+    ``--model`` starts the policy, pi_ref and the critic from a Hugging Face folder; ``--data``
+    samples your prompts (``{"prompt"}``), and with no r* the plots show the reward model's score
+    and the KL to pi_ref.
+    """
+    distributed.check_divisible(config.batch_size, 1)
+    distributed.check_divisible(config.minibatch_size, config.grad_accum, "minibatch_size")
     data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft/model.pt unless --init
-    policy, tok = load_policy(init, device, world.tokenizer)
-    ref, _ = load_policy(init, device, world.tokenizer)          # pi_ref: the frozen SFT model
+    init = input_path(config, "init")  # out/sft's model unless --init or --model
+    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
+    ref, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen SFT model
     ref.eval().requires_grad_(False)
-    rm = _load_reward_model(input_path(config, "reward_model"), device, tok)
+    rm = _load_reward_model(input_path(config, "reward_model"), config.model_impl, device, tok)
+    reports = {}
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        rows, reports["data"] = prompt_data(config.data, tok, policy.config.block_size, config.max_new_tokens,
+                                            config.max_length)
+        distributed.print_main(reports["data"].describe())
+        prompts = [r["prompt_ids"] for r in rows]
     model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
     optimizer = make_optimizer(model, config)
+    parallel = distributed.wrap(model)  # DDP under torchrun
     kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
     run = Run(config, "ppo")
-    generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
-    prompts = world.review_prompts()
+    # sampling; under torchrun each rank samples its own share, rank 0 as one process would
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
+    if not config.data:
+        prompts = world.review_prompts()
 
     def truth(samples_per_prompt: int) -> dict:
+        if config.data:  # your own prompts have no hidden r*
+            return {}
         ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
                          max_new_tokens=config.max_new_tokens)
         return {"eval_true_reward": ev["true_reward"], "eval_malformed": ev["malformed"],
@@ -399,8 +417,9 @@ def main(config: PPOConfig) -> dict:
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
         pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
-        texts = [prompts[i] for i in pick]
-        rollout = generate(policy, [tok.prompt(p) for p in texts], config.max_new_tokens, tok.eos_id,
+        texts = [prompts[i] for i in distributed.local_share(pick)]  # this rank's share of the rollout
+        rollout = generate(policy, [tok.prompt(p) if isinstance(p, str) else p for p in texts],
+                           config.max_new_tokens, tok.eos_id,
                            tok.pad_id, temperature=config.temperature, generator=generator,
                            share_prompt=config.share_prompt)
         seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
@@ -423,74 +442,131 @@ def main(config: PPOConfig) -> dict:
             total_reward = rewards.sum(1)                                      # (B,) r(x, y) of E6
             advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask)  # over this rank's rollout, as TRL does
 
         # ---- 3. PPO epochs over the rollout, in minibatches (E5 + value loss) ---------------
         model.train()
         logs = []
+
+        def loss_of(idx):  # one micro-batch of rollout rows; a mean over its response tokens
+            with autocast(device, config.dtype):
+                logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
+                                                              config.temperature, share)
+            m = mask[idx]
+            pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
+                                                       config.clip_eps)                      # E5
+            v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
+            ent = masked_mean(entropy, m)
+            loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
+            return loss, float(m.sum()), minibatch_tokens, ({"loss": loss.item(), "pg_loss": pg_loss.item(),
+                                                             "value_loss": v_loss.item(), "entropy": ent.item()},
+                                                            {**pg_stats, **v_stats})
+
+        n_local = config.batch_size // distributed.world_size()
         for _ in range(config.ppo_epochs):
-            for idx in minibatches(config.batch_size, config.minibatch_size, data_generator):
+            for idx in minibatches(n_local, config.minibatch_size // distributed.world_size(), data_generator):
                 idx = idx.to(device)
-                with autocast(device, config.dtype):
-                    logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
-                                                                  config.temperature, share)
-                m = mask[idx]
-                pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
-                                                           config.clip_eps)                      # E5
-                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
-                ent = masked_mean(entropy, m)
-                loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
-                grad_norm = optimizer_step(model, optimizer, loss, it, config)
-                logs.append({"loss": loss.item(), "pg_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                             "entropy": ent.item(),
-                             "grad_norm": grad_norm, **pg_stats, **v_stats})
+                minibatch_tokens = float(mask[idx].sum()) * distributed.world_size()
+                grad_norm, parts = accumulated_step(model, parallel, optimizer,
+                                                    distributed.split(idx, config.grad_accum), loss_of, it, config)
+                logs += [{**log, "grad_norm": grad_norm, **stats} for log, stats in parts]
 
         # ---- 4. measure: the objective, KL, the hidden truth r* ----------------------------
         with torch.no_grad():
             kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
-            kl = kl_seq.mean().item()
-            true = [world.true_reward(p, tok.decode(r), bool(f))
-                    for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
             metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             metrics.update({
                 "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
                 "score": score.mean().item(),                                  # learned reward r_phi
-                "true_reward": sum(true) / len(true),                          # hidden r* of the rollout
-                "kl": kl, "beta": beta,
+            })
+            if not config.data:  # the hidden r* of the rollout
+                true = [world.true_reward(p, tok.decode(r), bool(f))
+                        for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
+                metrics["true_reward"] = sum(true) / len(true)
+            metrics.update({
+                "kl": kl_seq.mean().item(), "beta": beta,
                 "explained_variance": explained_variance(old_values, returns, mask),
                 "response_length": mask.sum(1).float().mean().item(),
                 "finished": finished.float().mean().item(),
             })
+            metrics = distributed.mean_over_ranks(metrics)
+            kl = metrics["kl"]
         kl_ctl.update(kl, config.batch_size)
         last = it == config.steps - 1
-        if (it + 1) % config.eval_every == 0 or last:
-            ev = truth(config.eval_samples)
-            metrics.update(eval_true_reward=ev["eval_true_reward"], eval_malformed=ev["eval_malformed"])
+        if (it + 1) % config.eval_every == 0 or last:  # the last one is the summary's, with more samples
+            ev = truth(config.final_eval_samples if last else config.eval_samples)
+            metrics.update({k: v for k, v in ev.items() if k != "examples"})
         if it % config.log_every == 0 or (it + 1) % config.eval_every == 0 or last:
             run.log(it, **metrics)
-        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics['true_reward']:.2f}", kl=f"{kl:.2f}")
+        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics.get('true_reward', float('nan')):.2f}",
+                        kl=f"{kl:.2f}")
 
-    save_policy(policy, tok, run.dir / "model.pt")
-    files.torch_save({"value_head": model.value_head.state_dict(),
-                      "critic": None if model.critic is None else model.critic.state_dict()},
-                     run.dir / "value_head.pt")
-    final = truth(config.final_eval_samples)
-    hline = {f"SFT r* = {before['eval_true_reward']:.2f}": before["eval_true_reward"]}
-    run.plot(["true_reward", "eval_true_reward", "score"], "reward.png",
-             "learned r_phi (score) beside hidden r* (hacking parts them)",
-             hlines=hline, ylabel="reward")
-    run.plot(["kl"], "kl.png", "KL(pi_theta || pi_ref) per response (E2's penalty)", ylabel="nats")
-    run.plot(["objective"], "objective.png", "E2 objective on the rollouts: r_phi - beta KL")
-    run.plot(["clip_frac", "approx_kl", "entropy", "explained_variance"], "ppo_stats.png", "PPO statistics")
-    run.plot(["pg_loss", "value_loss"], "losses.png", "policy (E5) and value losses")
+    save_model(policy, tok, run.dir)
+    if run.writes:
+        files.torch_save({"value_head": model.value_head.state_dict(),
+                          "critic": None if model.critic is None else model.critic.state_dict()},
+                         run.dir / "value_head.pt")
+    final = ev  # measured after the last update, with final_eval_samples per prompt
+    plots(run, config, before.get("eval_true_reward"))
     rows = run.rows
+    last10 = [r["explained_variance"] for r in rows[-10:] if math.isfinite(r["explained_variance"])]
     summary = {
-        "true_reward_before": before["eval_true_reward"], "true_reward": final["eval_true_reward"],
-        "malformed_before": before["eval_malformed"], "malformed": final["eval_malformed"],
+        "true_reward_before": before.get("eval_true_reward"), "true_reward": final.get("eval_true_reward"),
+        "malformed_before": before.get("eval_malformed"), "malformed": final.get("eval_malformed"),
         "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
-        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows),
-        "beta_last": rows[-1]["beta"], "explained_variance_last": rows[-1]["explained_variance"],
-        "examples_before": before["examples"], "examples": final["examples"], "seconds": rows[-1]["time"],
+        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows), "beta_last": rows[-1]["beta"],
+        "explained_variance_last10": sum(last10) / len(last10) if last10 else float("nan"),
+        "examples_before": before.get("examples"), "examples": final.get("examples"), "seconds": rows[-1]["time"],
+        **{k: r.as_dict() for k, r in reports.items()},
     }
     run.finish(summary)
     return summary
+
+
+def plots(run: Run, config: PPOConfig, sft_true_reward: float | None) -> None:
+    """The stage's figures (drawn by ``train.plot_panels``), one panel per unit: r*, r_phi beside r*,
+    the KL, PPO's statistics, losses. With your own prompts (no hidden r*) the reward plot is r_phi's."""
+    x = f"PPO iteration (a rollout of {config.batch_size} responses)"
+    r_star = "hidden reward r* (-7 malformed, up to +6)"
+    steps, score = run.series("score")
+    _, true = run.series("true_reward")
+    if sft_true_reward is None:
+        run.plot({"score": "mean r_phi of the rollout"}, "reward.png", "learned reward r_phi of the rollouts",
+                 ylabel="reward-model units per response", xlabel=x,
+                 caption="What PPO maximises, before the KL penalty; your prompts have no hidden reward to check it by.")
+    else:
+        run.plot_panels("reward.png", [
+            {"title": "hidden reward r* of the policy's reviews", "xlabel": x, "ylabel": r_star,
+             "metrics": {"true_reward": "each rollout (noisy)",
+                         "eval_true_reward": "fresh samples of every review prompt"},
+             "hlines": [(sft_true_reward, f"SFT model, {sft_true_reward:.3f}")]},
+            {"title": "learned r_phi beside hidden r*, each standardised", "xlabel": x,
+             "ylabel": "standard deviations from the run's mean",
+             "curves": [(steps, standardise(score), "learned r_phi (what PPO maximises)"),
+                        (steps, standardise(true), "hidden r*")]}],
+            caption="r_phi's scale is arbitrary (E3 sees only differences), so the right panel standardises both: "
+                    "reward hacking would show as r_phi rising while r* falls.")
+    run.plot({"kl": "KL(pi_theta || pi_ref) of the rollout"}, "kl.png", "distance from the SFT model (E2's penalty)",
+             ylabel="KL, nats per response", xlabel=x,
+             caption="Each response pays beta times this in its reward: the KL stays bounded as the reward rises.")
+    run.plot({"objective": "r_phi - beta KL of the rollout"}, "objective.png", "E2's objective on the rollouts",
+             ylabel="reward-model units per response", xlabel=x,
+             caption="What PPO maximises: the learned reward minus the KL penalty (E2).")
+    run.plot_panels("ppo_stats.png", [
+        {"title": "clipping (E5)", "metrics": {"clip_frac": "tokens whose clip binds"}, "xlabel": x,
+         "ylabel": "fraction of response tokens"},
+        {"title": "movement within an iteration", "metrics": {"approx_kl": "KL(pi_old || pi_theta), k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "policy entropy", "metrics": {"entropy": "entropy of pi_theta"}, "xlabel": x,
+         "ylabel": "nats per token"},
+        {"title": "critic", "metrics": {"explained_variance": "explained variance of the returns"},
+         "xlabel": x, "ylabel": "1 - Var(R - V) / Var(R)"}],
+        caption="A few percent of tokens clipped and a small KL per iteration mean the updates stay near the "
+                "sampler; the critic explains part of the returns.")
+    run.plot_panels("losses.png", [
+        {"title": "policy loss -L^CLIP (E5)", "metrics": {"pg_loss": "mean over minibatches"}, "xlabel": x,
+         "ylabel": "whitened advantage units"},
+        {"title": "value loss", "metrics": {"value_loss": "mean over minibatches"}, "xlabel": x,
+         "ylabel": "squared reward units"}],
+        caption="The policy loss hovers near 0 (whitened advantages have mean 0); the value loss follows "
+                "how fast the returns move.")

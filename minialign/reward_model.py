@@ -40,23 +40,25 @@ correlation with $r^*$ on held-out responses: its real job is to recover $r^*$, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import files
+from . import distributed, files
 from .data import InfiniteMinibatches, collate
+from .datafiles import preference_data
+from .loading import load_model, save_reward_model
 from .model import GPT, GPTConfig, load_checkpoint
 from .ops import align_responses, check_mask, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, autocast, check_range, checkpoint_tokenizer, input_path, load_policy,
-                    make_optimizer, optimizer_step, require, resolve_device, seed_everything, stage)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, checkpoint_tokenizer, input_path,
+                    make_optimizer, plot_scatter, require, resolve_device, running_mean, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -111,16 +113,22 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    r"""$r_\phi(x, y)$: the GPT trunk ``body`` and a linear ``score_head`` on the final hidden state."""
+    r"""$r_\phi(x, y)$: a trunk ``body`` and a linear ``score_head`` on its final hidden state.
 
-    def __init__(self, config: GPTConfig):
+    ``body`` is any model with the interface of ``hf.CausalLM`` (minialign's ``GPT`` or a
+    Hugging Face causal LM behind ``hf.HFCausalLM``): only ``body.hidden`` and
+    ``body.config.n_embd`` are used. A ``GPTConfig`` builds a fresh GPT trunk.
+    """
+
+    def __init__(self, body: "nn.Module | GPTConfig"):
         super().__init__()
-        self.config = config
-        self.body = GPT(config)
-        self.score_head = nn.Linear(config.n_embd, 1)
+        self.body = GPT(body) if isinstance(body, GPTConfig) else body
+        self.config = self.body.config
+        n_embd = self.config.n_embd
+        self.score_head = nn.Linear(n_embd, 1)
         # unit-variance rewards at the start (the final LayerNorm gives features of scale 1); a
         # much smaller head would starve the trunk of gradient, which flows through its weights
-        nn.init.normal_(self.score_head.weight, std=1.0 / (config.n_embd + 1) ** 0.5)
+        nn.init.normal_(self.score_head.weight, std=1.0 / (n_embd + 1) ** 0.5)
         nn.init.zeros_(self.score_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -144,22 +152,28 @@ class RewardModel(nn.Module):
         return self.score_head(h_last).squeeze(-1).float()         # (B,)
 
     @classmethod
-    def from_policy(cls, gpt: GPT) -> "RewardModel":
-        """A reward model whose trunk starts as a copy of the (SFT) policy ``gpt``; a fresh head."""
-        model = cls(gpt.config)
-        model.body.load_weights(gpt.state_dict(), source="the policy")
-        p = next(gpt.parameters())
+    def from_policy(cls, policy) -> "RewardModel":
+        """A reward model whose trunk starts as a copy of the (SFT) ``policy``; a fresh head."""
+        if isinstance(policy, GPT):
+            model = cls(policy.config)  # a fresh GPT, then the policy's weights into it
+            model.body.load_weights(policy.state_dict(), source="the policy")
+        else:
+            model = cls(copy.deepcopy(policy))
+        p = next(policy.parameters())
         return model.to(device=p.device, dtype=p.dtype)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, path, tokenizer: Tokenizer) -> None:
-        """Write config, weights and the tokenizer's state to ``path``."""
+        """Write config, weights and the tokenizer's state to ``path`` (a GPT body and the toy
+        tokenizer; ``loading.save_reward_model`` writes any other body as a folder)."""
+        if not isinstance(self.body, GPT):
+            raise ValueError("RewardModel.save writes a GPT body; use loading.save_reward_model")
         if tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model "
                              f"{self.config.vocab_size}: they do not belong together")
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         files.torch_save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
-                    "tokenizer": tokenizer.state_dict()}, path)
+                          "tokenizer": tokenizer.state_dict()}, path)  # atomic
 
     @classmethod
     def load(cls, path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple["RewardModel", Tokenizer]:
@@ -274,9 +288,10 @@ def pearson(a, b) -> float:
 class RewardModelConfig(TrainConfig):
     """Train a Bradley-Terry reward model r_phi (E3, E4) on the toy world's preference pairs.
 
-    Reads OUT/sft/model.pt (or --init), whose trunk it starts from. Writes OUT/reward_model/:
-    model.pt (the reward model), metrics.jsonl, loss.png, accuracy.png, pearson.png, scatter.png,
-    summary.json, status.json."""
+    Reads OUT/sft/model.pt (or --init, or a --model folder), whose trunk it starts from, and your
+    pairs with --data. Writes OUT/reward_model/: model.pt (the reward model; a model/ folder after
+    --model), metrics.jsonl, loss.png, accuracy.png, pearson.png, scatter.png, summary.json,
+    status.json."""
     init: str = ""                # SFT checkpoint the trunk starts from; default: out/sft/model.pt
     steps: int = 1000
     batch_size: int = 32          # preference pairs per step (2 x batch_size sequences)
@@ -295,7 +310,19 @@ class RewardModelConfig(TrainConfig):
         for name in ("eval_pairs", "eval_every"):
             check_range(self, name, 1)
         check_range(self, "center_rewards_coefficient", 0)
-        require(self, "num_pairs", self.num_pairs >= self.batch_size, f">= --batch-size ({self.batch_size})")
+        require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
+                f">= --batch-size ({self.batch_size})")
+
+
+@torch.no_grad()
+def heldout_metrics(model: RewardModel, encoded, pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """E4 loss, accuracy and margin on encoded pairs [(x, y_w, y_l)]: what real data can measure.
+    Also returns r_w and r_l, (N,) each."""
+    x, y_w, y_l = zip(*encoded)
+    r_w, r_l = score(model, list(x), list(y_w), pad_id), score(model, list(x), list(y_l), pad_id)  # (N,), (N,)
+    return {"heldout_loss": reward_model_loss(r_w, r_l).item(),
+            "heldout_accuracy": (r_w > r_l).float().mean().item(),
+            "heldout_margin": (r_w - r_l).mean().item()}, r_w, r_l
 
 
 @torch.no_grad()
@@ -310,9 +337,7 @@ def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: l
       ``pearson_within_prompt`` first removes each prompt's mean (the $c(x)$ E3 cannot see).
     """
     encoded = encoded if encoded is not None else encode_pairs(pairs, tokenizer)
-    x, y_w, y_l = zip(*encoded)
-    pad = tokenizer.pad_id
-    r_w, r_l = score(model, list(x), list(y_w), pad), score(model, list(x), list(y_l), pad)  # (N,), (N,)
+    measured, r_w, r_l = heldout_metrics(model, encoded, tokenizer.pad_id)
     true_w = torch.tensor([world.true_reward(p["prompt"], p["chosen"]) for p in pairs])
     true_l = torch.tensor([world.true_reward(p["prompt"], p["rejected"]) for p in pairs])
 
@@ -334,9 +359,7 @@ def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: l
     true_gap = true_w - true_l
     decided = true_gap != 0  # pairs where r* prefers one answer
     return {
-        "heldout_loss": reward_model_loss(r_w, r_l).item(),
-        "heldout_accuracy": (r_w > r_l).float().mean().item(),
-        "heldout_margin": (r_w - r_l).mean().item(),
+        **measured,
         "bayes_optimal_accuracy": world.bayes_optimal_accuracy(pairs),
         "true_reward_loss": reward_model_loss(true_w, true_l).item(),
         "true_order_accuracy": ((r_w - r_l).sign() == true_gap.sign())[decided].float().mean().item(),
@@ -346,91 +369,128 @@ def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: l
     }
 
 
-def plot_scatter(learned, true, path, title: str = "") -> Path:
-    """Learned reward r_phi against the hidden r*, one point per held-out response."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    jitter = np.random.default_rng(0).uniform(-0.06, 0.06, len(true))  # r* takes few values
-    ax.scatter(np.asarray(true) + jitter, learned, s=6, alpha=0.4)
-    ax.set_xlabel("hidden reward r*(x, y)")
-    ax.set_ylabel("learned reward r_phi(x, y)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
 @stage("reward_model")
 def main(config: RewardModelConfig) -> dict:
-    """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``."""
+    """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``.
+
+    ``--model`` takes the trunk from a Hugging Face folder; ``--data`` trains on your pairs
+    (``{"prompt", "chosen", "rejected"}``), and then the held-out metrics are those of
+    ``--eval-data`` without r*: E4 loss, accuracy and margin.
+    """
     generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft/model.pt unless --init
-    policy, tok = load_policy(init, device, world.tokenizer)
+    policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
     model = RewardModel.from_policy(policy)
     del policy
-    run = Run(config, "reward_model")
+    block = model.config.block_size
 
-    train_pairs = encode_pairs(world.preference_dataset(config.num_pairs, seed=config.seed), tok)
-    held_out = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
-    held_out_encoded = encode_pairs(held_out, tok)
+    reports, held_out = {}, None
+    if config.data:  # refused here, before the run folder exists, if a row is bad
+        data, reports["data"] = preference_data(config.data, tok, block, config.max_length, truncate=False)
+        train_pairs = list(zip(data["prompt"], data["chosen"], data["rejected"]))
+        held_out_encoded = None
+        if config.eval_data:
+            data, reports["eval_data"] = preference_data(config.eval_data, tok, block, config.max_length,
+                                                         truncate=False)
+            held_out_encoded = list(zip(data["prompt"], data["chosen"], data["rejected"]))
+        for r in reports.values():
+            distributed.print_main(r.describe())
+    run = Run(config, "reward_model")
+    if not config.data:
+        train_pairs = encode_pairs(world.preference_dataset(config.num_pairs, seed=config.seed), tok)
+        held_out = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
+        held_out_encoded = encode_pairs(held_out, tok)
 
     last_eval: dict = {}
 
     def held_out_metrics() -> dict:
         last_eval.clear()
-        last_eval.update(evaluate(model, world, tok, held_out, held_out_encoded))
+        if held_out is not None:  # the toy world: r* too
+            last_eval.update(evaluate(model, world, tok, held_out, held_out_encoded))
+        elif held_out_encoded is not None:
+            last_eval.update(heldout_metrics(model, held_out_encoded, tok.pad_id)[0])
         return {k: v for k, v in last_eval.items() if k != "responses"}
 
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
+    parallel = distributed.wrap(model, find_unused_parameters=True)  # DDP under torchrun; the LM head is unused
+    distributed.check_divisible(config.batch_size, config.grad_accum)
     batches = InfiniteMinibatches(len(train_pairs), config.batch_size, generator)
-    model.train()
-    bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
-                   last_eval=last_eval)
-    for step in bar:
-        batch = [train_pairs[i] for i in next(batches).tolist()]
+
+    def loss_of(rows: list[int]):
         with autocast(device, config.dtype):
-            r_w, r_l = pair_rewards(model, batch, tok.pad_id, device, config.share_prompt)  # (B,), (B,)
+            r_w, r_l = pair_rewards(model, [train_pairs[i] for i in rows], tok.pad_id, device,
+                                    config.share_prompt)  # (B,), (B,)
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
         if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
             loss = loss + config.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
-        grad_norm = optimizer_step(model, optimizer, loss, step, config)
+        return loss, len(rows), config.batch_size, (r_w.detach(), r_l.detach(), bt_loss.detach(), len(rows))
+
+    model.train()
+    bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
+                   last_eval=last_eval)
+    for step in bar:
+        micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
+        grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
+        r_w, r_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        bt_loss = distributed.global_mean([(p[2], p[3]) for p in parts], config.batch_size)
         last = step == config.steps - 1
         evaluate_now = step % config.eval_every == 0 or last
         if step % config.log_every == 0 or evaluate_now:
             with torch.no_grad():
-                metrics = {"loss": bt_loss.item(), "accuracy": (r_w > r_l).float().mean().item(),
-                           "margin": (r_w - r_l).mean().item(), "rewards/chosen": r_w.mean().item(),
-                           "rewards/rejected": r_l.mean().item(), "grad_norm": grad_norm,
-                           "lr": optimizer.param_groups[0]["lr"]}
+                metrics = distributed.mean_over_ranks({
+                    "loss": bt_loss, "accuracy": (r_w > r_l).float().mean().item(),
+                    "margin": (r_w - r_l).mean().item(), "rewards/chosen": r_w.mean().item(),
+                    "rewards/rejected": r_l.mean().item()})
+                metrics.update(loss=bt_loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
             if step == 0 and not last:  # the step-0 metrics are of the model before its first update, like `before`
                 metrics.update(before)
             elif evaluate_now:
                 metrics.update(held_out_metrics())
                 model.train()
             run.log(step, **metrics)
-            bar.set_postfix(loss=f"{bt_loss.item():.3f}", acc=f"{metrics['accuracy']:.2f}")
+            bar.set_postfix(loss=f"{bt_loss:.3f}", acc=f"{metrics['accuracy']:.2f}")
 
     model.eval()
+    save_reward_model(model, tok, run.dir)
     final = dict(last_eval)  # the evaluation after the last update
+    if held_out is None:  # your own data: what can be measured without r*
+        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
+                 ylabel="loss, nats per pair", xlabel="optimizer step",
+                 caption="ln 2 = 0.693 is chance; your labels' noise sets how far below it the held-out loss can go.")
+        run.plot({"accuracy": "training batch", "heldout_accuracy": "held-out pairs"}, "accuracy.png",
+                 "preference accuracy: r_phi(chosen) > r_phi(rejected)", ylabel="fraction of pairs",
+                 xlabel="optimizer step", caption="Held-out pairs are the honest measure; training batches are "
+                 "the pairs being fit.")
+        summary = {**final, "heldout_accuracy_before": before.get("heldout_accuracy"),
+                   "loss": run.rows[-1]["loss"], "seconds": run.rows[-1]["time"],
+                   **{k: r.as_dict() for k, r in reports.items()}}
+        run.finish(summary)
+        return summary
     learned, true = final.pop("responses")
-    model.save(run.dir / "model.pt", tok)
     bayes = final["bayes_optimal_accuracy"]
-    run.plot(["loss", "heldout_loss"], "loss.png", "reward-model loss (E4)",
-             hlines={f"E4 with the true r* ({final['true_reward_loss']:.3f})": final["true_reward_loss"]},
-             ylabel="nats / pair")
-    run.plot(["accuracy", "heldout_accuracy"], "accuracy.png", "preference accuracy",
-             hlines={f"Bayes-optimal {bayes:.3f}": bayes}, ylabel="fraction of pairs")
-    run.plot(["pearson"], "pearson.png", "Pearson(r_phi, r*) on held-out responses", ylabel="correlation")
-    plot_scatter(learned, true, run.dir / "scatter.png",
-                 f"held-out responses: Pearson {final['pearson']:.3f}")
+    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
+             hlines={f"E4 of the true r* on the held-out pairs ({final['true_reward_loss']:.3f})":
+                     final["true_reward_loss"]}, ylabel="loss, nats per pair", xlabel="optimizer step",
+             caption="The held-out loss falls towards that of the hidden reward itself: the labels' own noise.")
+    steps, batch_accuracy = run.series("accuracy")
+    window = max(1, 100 // config.log_every)
+    run.plot_panels("accuracy.png", [{
+        "title": "preference accuracy: r_phi(chosen) > r_phi(rejected)", "xlabel": "optimizer step",
+        "ylabel": "fraction of pairs", "metrics": {"heldout_accuracy": f"held-out pairs ({config.eval_pairs})"},
+        "curves": [(steps, running_mean(batch_accuracy, window),
+                    f"training batches of {config.batch_size} pairs, mean of the last {window} logged", "-")],
+        "hlines": [(bayes, f"Bayes-optimal accuracy of the labels, {bayes:.3f}")]}],
+        caption="Held-out accuracy rises towards the ceiling no model can pass on these noisy labels; "
+                "training pairs are the ones being fit, so their accuracy can pass it.")
+    run.plot({"pearson": "held-out responses"}, "pearson.png", "Pearson(r_phi, r*): did it learn the hidden reward?",
+             ylabel="correlation", xlabel="optimizer step",
+             caption="1 would be the hidden reward up to scale and shift; the labels never show r* itself.")
+    plot_scatter(run.dir / "scatter.png", true, learned, "hidden reward r*(x, y)", "learned reward r_phi(x, y)",
+                 f"{len(true)} held-out responses: Pearson {final['pearson']:.3f}", jitter=0.06,
+                 caption="Each point is a review; r* takes few values, so they are spread a little sideways.")
     summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
                "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
                "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}

@@ -84,6 +84,13 @@ class Tokenizer:
         """The response y: ``text <eos>``; EOS is part of y, so the policy learns to stop."""
         return self.encode(text) + [self.eos_id]
 
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """``prompt`` of a conversation (``[{"role", "content"}]``): the toy template has one user turn."""
+        roles = [m.get("role") for m in messages]
+        if roles != ["user"]:
+            raise ValueError(f"the toy chat template holds one user message, got roles {roles}")
+        return self.prompt(messages[0]["content"])
+
     def state_dict(self) -> dict:
         return {"itos": list(self.itos)}
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -30,12 +31,14 @@ import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from . import files
 from .files import CheckpointError, ConfigError, NonFiniteError, StageError  # noqa: F401 (re-exported)
+from . import distributed
 from .model import GPT, load_checkpoint
 from .tokenizer import Tokenizer
 
@@ -128,6 +131,13 @@ class TrainConfig(Config):
     resume: bool = False         # continue an interrupted run from its last resumable checkpoint
     overwrite: bool = False      # replace a finished run of this stage made with other settings
 
+    # real models and your own data (docs/real_models.md); with none of these, the toy world
+    model: str = ""              # a local Hugging Face model folder to start from instead of the run folder's model
+    model_impl: Literal["minialign", "hf"] = "minialign"  # run --model in minialign's GPT (GPT-2 folders) or transformers
+    data: str = ""               # training data (.jsonl or .parquet) in TRL's format for this stage, instead of the toy world
+    eval_data: str = ""          # held-out data in the same format (for the held-out metrics)
+    max_length: int | None = None  # longest prompt + response in tokens (None: the model's context); longer rows are cut as TRL does
+    grad_accum: int = 1          # micro-batches per optimizer step; batch_size stays the global batch
     # the checkpoints a stage reads: config field -> the stage whose out/<stage>/model.pt is its
     # default (``stage_input``); the CLI's --with-prerequisites trains them when missing
     INPUTS: typing.ClassVar[dict[str, str]] = {}
@@ -144,6 +154,15 @@ class TrainConfig(Config):
         check_range(self, "min_lr_ratio", 0, 1)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every"):
             check_range(self, name, 0)
+        check_range(self, "grad_accum", 1)
+        check_range(self, "max_length", 2)
+        require(self, "model", not (self.model and getattr(self, "init", "")),
+                "left out when --init names the model to start from")
+        for name in ("model", "data", "eval_data"):  # files given by hand must be there
+            require(self, name, not getattr(self, name) or Path(getattr(self, name)).exists(), "an existing path")
+        if distributed.launched():  # one checkpoint holds one process's generators
+            require(self, "save_every", self.save_every == 0, "0 under torchrun (resume works in one process)")
+            require(self, "resume", not self.resume, "off under torchrun (resume works in one process)")
 
 
 # settings that change how a run is watched or kept, never its numbers
@@ -234,16 +253,17 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device named (``auto``: CUDA, else MPS, else CPU); under torchrun, this rank's GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.device_for_rank(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but CUDA is not available here (try --device cpu)")
-    return device
+    return distributed.device_for_rank(device)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -299,6 +319,29 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return _clip_and_step(model, optimizer, step, config)
+
+
+def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     micro_batches: list, loss_of, step: int, config: TrainConfig) -> tuple[float, list]:
+    """``optimizer_step`` for a global batch in micro-batches, on this rank and the others.
+
+    ``parallel`` is ``distributed.wrap(model)`` (the model itself in one process);
+    ``loss_of(micro_batch) -> (mean loss, units, total units, extra)`` as ``distributed.accumulate``.
+    Returns the pre-clip gradient norm and each micro-batch's ``extra``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        extras = distributed.accumulate(parallel, micro_batches, loss_of)
+    except FloatingPointError as e:  # a NaN or inf loss, refused before its backward
+        raise NonFiniteError(f"at step {step}: {e}") from e
+    return _clip_and_step(model, optimizer, step, config), extras
+
+
+def _clip_and_step(model, optimizer, step: int, config: TrainConfig) -> float:
+    """Clip the gradients and step; a NaN or inf gradient stops here, before the weights change."""
     params = [p for p in model.parameters() if p.grad is not None]
     if config.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -356,28 +399,42 @@ def config_changes(saved: dict | None, config: TrainConfig) -> str:
     return "; ".join(diffs)
 
 
+def stage_model(out: str, stage: str) -> Path:
+    """What ``stage`` wrote in run folder ``out``: ``model.pt`` (toy) or ``model/`` (a HF folder)."""
+    stage_dir = Path(out) / stage
+    for candidate in (stage_dir / "model.pt", stage_dir / "model"):
+        if candidate.exists():
+            return candidate
+    return stage_dir / "model.pt"  # missing: the checks say so, naming this path
+
+
 def input_path(config: TrainConfig, field: str) -> Path:
-    """The checkpoint that ``field`` (e.g. ``init``) names, or by default out/<stage>/model.pt."""
+    """The model a stage reads through ``field`` (``init``, ``reward_model``): the flag's path, or
+    what the stage that ``INPUTS`` names wrote in the run folder. ``init`` is the model a stage
+    starts from, so ``--model`` (a Hugging Face folder) takes its place."""
+    if field == "init" and config.model:
+        return Path(config.model)
     value = getattr(config, field)
-    return Path(value) if value else Path(config.out) / type(config).INPUTS[field] / "model.pt"
+    return Path(value) if value else stage_model(config.out, type(config).INPUTS[field])
 
 
 def stage_input(config: TrainConfig, field: str) -> Path:
     """``input_path``, refused unless the stage that wrote it completed and nothing it was made
     from has changed since; the error says which command makes it."""
     path, stage = input_path(config, field), type(config).INPUTS[field]
+    given = getattr(config, field) or (field == "init" and config.model)
     folder = path.parent
     recorded = (folder / STATUS).is_file() or (partial_dir(folder) / STATUS).is_file()
     make = f"`minialign {stage.replace('_', '-')} --out {shlex.quote(config.out)}`"
-    if not recorded and not path.is_file():
-        raise StageError(f"no {stage} model at {path} ({flag(field)}): make it with {make}"
-                         + ("" if getattr(config, field) else ", or add --with-prerequisites to this command"))
-    if recorded or not getattr(config, field):  # a file given by hand outside a run folder is taken as is
+    if not recorded and not path.exists():
+        raise StageError(f"no {stage} model at {path}: make it with {make}"
+                         + ("" if given else ", or add --with-prerequisites to this command"))
+    if recorded or not given:  # a model given by hand outside a run folder is taken as it is
         problem = stage_problem(folder)
         if problem:
-            raise StageError(f"cannot use {path} ({flag(field)}): {problem}")
-    if not path.is_file():
-        raise StageError(f"no {stage} model at {path} ({flag(field)}): make it with {make}")
+            raise StageError(f"cannot use {path}: {problem}")
+    if not path.exists():
+        raise StageError(f"no {stage} model at {path}: make it with {make}")
     return path
 
 
@@ -402,8 +459,9 @@ def stage_problem(folder) -> str | None:
     command = files.recorded_command(folder)
     if status.get("status") != "complete":
         return f"{folder} is {status.get('status')}; run `{command}`"
-    for name, sha in status.get("outputs", {}).items():
-        if name.endswith(".pt") and ((folder / name).is_file() and files.fingerprint(folder / name) != sha):
+    for name, sha in status.get("outputs", {}).items():  # the checkpoints: model.pt, a model/ folder, ...
+        path = folder / name
+        if (name.endswith(".pt") or path.is_dir()) and path.exists() and files.fingerprint(path) != sha:
             return (f"{folder / name} changed after {folder.name} completed (its sha256 differs from the one "
                     f"in {STATUS}); rerun `{command}`")
     for field, rec in status.get("inputs", {}).items():
@@ -425,8 +483,11 @@ def input_fingerprints(config: TrainConfig) -> dict:
     """{field: {"path", "sha256"}} of the checkpoints a stage reads; paths inside the run folder
     are stored relative to it, so a copied run folder still checks out."""
     out = {}
-    for field in type(config).INPUTS:
-        path = input_path(config, field)
+    paths = {field: input_path(config, field) for field in type(config).INPUTS}
+    for field in ("model", "data", "eval_data"):  # files given by hand (--model may be init's already)
+        if getattr(config, field) and Path(getattr(config, field)) not in paths.values():
+            paths[field] = Path(getattr(config, field))
+    for field, path in paths.items():
         if path.exists():
             try:
                 rel = str(path.resolve().relative_to(Path(config.out).resolve()))
@@ -501,8 +562,9 @@ class Run:
         self.checkpoint = self.dir / RESUME
         self.command = command_line(stage, config)
         self.inputs = input_fingerprints(config)
+        self.writes = distributed.is_main()  # under torchrun only rank 0 writes; the others keep rows in memory
         resuming = check_run_folder(config, stage)
-        if not resuming:
+        if not resuming and self.writes:
             if config.resume:
                 print(f"nothing to resume in {self.dir}: {stage} starts from step 0")
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -524,8 +586,9 @@ class Run:
         row = {"step": step, "time": round(time.time() - self.start, 3)}
         row.update({k: float(v) for k, v in metrics.items()})
         self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writes:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         self._watch_divergence(row)
         return row
 
@@ -542,10 +605,32 @@ class Run:
             self.write_status()
             warnings.warn(message, DivergenceWarning, stacklevel=3)
 
-    def plot(self, keys: list[str], filename: str, title: str = "", hlines: dict | None = None,
-             ylabel: str = "", ylim: tuple | None = None) -> Path:
-        """Plot logged ``keys`` against step; ``hlines`` maps a label to a horizontal line."""
-        return plot_curves(self.rows, keys, self.dir / filename, title, hlines, ylabel, ylim)
+    def plot(self, keys, filename: str, title: str = "", hlines: dict | None = None, ylabel: str = "",
+             ylim: tuple | None = None, caption: str = "", xlabel: str = "step") -> Path | None:
+        """One panel of logged metrics against the step: ``keys`` maps each metric to its legend in
+        words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
+        horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
+        panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
+                 "hlines": list((hlines or {}).items()), "ylim": ylim}
+        return self.plot_panels(filename, [panel], caption)
+
+    def plot_panels(self, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:
+        """``plot_panels`` of logged metrics: a panel's ``metrics`` ({key: legend}) are drawn
+        against the step, beside any explicit ``curves`` it has. Only the writing rank draws."""
+        if not self.writes:
+            return None
+        drawn = []
+        for panel in panels:
+            metrics = panel.get("metrics") or {}
+            labels = metrics if isinstance(metrics, dict) else {k: k for k in metrics}
+            curves = [self.series(key) + (label,) for key, label in labels.items()]
+            drawn.append({**panel, "curves": curves + list(panel.get("curves", []))})
+        return plot_panels(self.dir / filename, drawn, caption, title)
+
+    def series(self, key: str) -> tuple[list, list]:
+        """(steps, values) of a logged metric, over the rows that have it."""
+        pts = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
     # --- resumable training loops -------------------------------------------------------------
     def loop(self, steps: int, desc: str, **state) -> "Steps":
@@ -555,6 +640,8 @@ class Run:
 
     def save_checkpoint(self, step: int, state: dict) -> None:
         """The loop's state after ``step`` steps, atomically, in ``resume.pt``."""
+        if not self.writes:
+            return
         files.torch_save({"step": step, "state": {k: _state_of(v) for k, v in state.items()}, "rng": rng_state(),
                           "rows": self.rows, "elapsed": time.time() - self.start}, self.checkpoint)
         self.checkpoint_step = step
@@ -569,8 +656,9 @@ class Run:
         for name, obj in state.items():
             _load_into(obj, ckpt["state"][name])
         set_rng_state(ckpt["rng"])
-        self.rows = ckpt["rows"]
-        files.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows = ckpt["rows"]  # the metrics logged after the checkpoint are dropped
+        if self.writes:
+            files.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.start = time.time() - ckpt["elapsed"]
         self.resume_from, self.step = None, ckpt["step"]
         print(f"resuming {self.stage} at step {ckpt['step']} of {self.steps} from {self.checkpoint}")
@@ -578,6 +666,8 @@ class Run:
 
     # --- the end: complete, failed or interrupted ---------------------------------------------
     def write_status(self, **extra) -> None:
+        if not self.writes:
+            return
         files.write_json(self.dir / STATUS, {
             "stage": self.stage, "status": self.status, "command": self.command, "error": self.error,
             "step": self.step, "steps": self.steps, "resumable": self.checkpoint.is_file(),
@@ -588,10 +678,13 @@ class Run:
 
     def finish(self, summary: dict) -> None:
         """Write the summary, mark the run complete, and move it into ``out/<stage>/``."""
+        _RUNS.remove(self)
+        if not self.writes:
+            return
         files.write_json(self.dir / "summary.json", summary)
         self.checkpoint.unlink(missing_ok=True)
         self.status, self.step = "complete", self.steps
-        outputs = {p.name: files.fingerprint(p) for p in sorted(self.dir.iterdir()) if p.is_file() and p.name != STATUS}
+        outputs = {p.name: files.fingerprint(p) for p in sorted(self.dir.iterdir()) if p.name != STATUS}
         self.write_status(outputs=outputs)
         old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
         if self.final.exists():
@@ -599,7 +692,6 @@ class Run:
         os.replace(self.dir, self.final)  # the two renames: see _finish_swap for a stop between them
         shutil.rmtree(old, ignore_errors=True)
         self.dir, self.metrics_path = self.final, self.final / "metrics.jsonl"
-        _RUNS.remove(self)
 
     def fail(self, error: BaseException) -> None:
         """Record why the run stopped: ``interrupted`` (Ctrl-C) or ``failed`` (with the error)."""
@@ -755,7 +847,9 @@ def _stop_loops_on_ctrl_c():
         print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
               "(Ctrl-C again to stop now)", file=sys.stderr)
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or distributed.launched():
+        # under torchrun every rank gets the signal at its own moment: stopping "after this step"
+        # could leave one rank waiting for the others' gradients, so Ctrl-C stops at once there
         yield
         return
     previous = signal.signal(signal.SIGINT, handler)
@@ -765,60 +859,109 @@ def _stop_loops_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def plot_curves(rows: list[dict], keys: list[str], path, title: str = "",
-                hlines: dict | None = None, ylabel: str = "", ylim: tuple | None = None) -> Path:
+# ----------------------------------------------------------------------------------------------
+# plots: every figure of the stages and the tutorials is drawn by these two functions
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", width: float = 5.0,
+                height: float = 4.0) -> Path:
+    """Panels side by side in one PNG, with a one-line caption under them that says what to see.
+
+    One panel per unit. Each panel is a dict with ``title``, ``xlabel`` and ``ylabel`` (each naming
+    its unit) and ``curves``, a list of ``(x, y, label)`` or ``(x, y, label, fmt)`` whose labels are
+    words, not metric keys; optional ``hlines`` (a list of ``(y, label)``), ``bars`` (a list of
+    ``(x, heights, label)``), ``xlim``, ``ylim``, ``xscale``, ``yscale``, ``xticks`` (positions,
+    labels) and ``legend`` (a matplotlib legend location, or False). A series of at most 30 points
+    drawn without a ``fmt`` gets markers, so that each measurement shows.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:  # sparse series (periodic evaluations) get markers so each measurement shows
-            ax.plot(*zip(*pts), label=key, marker="o" if len(pts) <= 30 else None)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="gray", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_panels(path, panels: list[dict], width: float = 5.0) -> Path:
-    """Several plots side by side in one PNG. Each panel is a dict with ``title``, ``xlabel``,
-    ``curves`` (a list of ``(x, y, label)`` or ``(x, y, label, fmt)``), optional ``hlines`` (a
-    list of ``(y, label)``) and ``ylim``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4), squeeze=False)
+    width = max(width * len(panels), 6.5)  # a lone panel gets room for its caption
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for x, y, label, *fmt in panel["curves"]:
+        for x, y, label, *fmt in panel.get("curves", []):
             if len(x):
-                ax.plot(x, y, *fmt, label=label)
+                style = {} if fmt or len(x) > 30 else {"marker": "o"}
+                ax.plot(x, y, *fmt, label=label, **style)
+        bars = panel.get("bars", [])
+        for i, (x, heights, label) in enumerate(bars):
+            w = 0.8 / len(bars)
+            ax.bar([xi + (i - (len(bars) - 1) / 2) * w for xi in x], heights, w, label=label)
         for y, label in panel.get("hlines", []):
             ax.axhline(y, linestyle="--", color="gray", label=label)
+        for key in ("xscale", "yscale"):
+            if panel.get(key):
+                getattr(ax, f"set_{key}")(panel[key])
+        if panel.get("xlim") is not None:
+            ax.set_xlim(*panel["xlim"])
         if panel.get("ylim") is not None:
             ax.set_ylim(*panel["ylim"])
-        ax.set_title(panel.get("title", ""))
+        if panel.get("xticks") is not None:
+            ax.set_xticks(*panel["xticks"])
+        ax.set_title(panel.get("title", ""), fontsize=10)
         ax.set_xlabel(panel.get("xlabel", ""))
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("legend", "best") and ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=panel.get("legend", "best"), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, caption)
     plt.close(fig)
     return Path(path)
+
+
+def _save(fig, path, caption: str) -> None:
+    """Write ``fig`` with ``caption`` in italics under it, wrapped to the figure's width."""
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(caption, int(width * 15)) if caption else []
+    if lines:
+        fig.text(0.5, 0.02, "\n".join(lines), ha="center", va="bottom", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, (0.08 + 0.17 * len(lines)) / height if lines else 0, 1, 1))
+    fig.savefig(path, dpi=100)
+
+
+def plot_scatter(path, x, y, xlabel: str, ylabel: str, title: str = "", caption: str = "",
+                 jitter: float = 0.0) -> Path:
+    """One point per item, ``y`` against ``x`` (``jitter`` spreads an ``x`` that takes few values)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    dx = np.random.default_rng(0).uniform(-jitter, jitter, len(x)) if jitter else 0.0
+    ax.scatter(np.asarray(x) + dx, y, s=6, alpha=0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path, caption)
+    plt.close(fig)
+    return Path(path)
+
+
+def standardise(values: list[float]) -> list[float]:
+    """(v - mean) / std over the list (all 0 if the values are all equal): two series of different
+    units on one axis, when only their trends compare."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not config.progress, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, initial=initial,
+                disable=not (config.progress and distributed.is_main()), dynamic_ncols=True)
 
 
 def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from minialign import bench
-from minialign.bench import (GPT2_SHAPE, BenchConfig, dpo_step_time, flops_per_token, grpo_step_time,
-                             known_peak_flops, main, matmul_flops, model_config, peak_memory_bytes)
+from minialign.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
+                             main, matmul_flops, model_config, peak_memory_bytes, random_preference_batch, spread,
+                             time_alternately)
 from minialign.dpo import chosen_rejected_logps, dpo_loss
 from minialign.generation import generate
 from minialign.gpt2 import expected_gpt2_shapes, save_gpt2
@@ -19,7 +20,8 @@ from minialign.ops import model_token_logps, sequence_logps
 from minialign.train import autocast
 
 TINY_BENCH = dict(device="cpu", n_layer=1, n_head=2, n_embd=16, vocab_size=32, batch_size=4, seq_len=8,
-                  steps=1, new_tokens=8, gen_batch=2, dpo_pairs=2, grpo_questions=2, grpo_group=2)
+                  steps=2, repeats=2, new_tokens=8, gen_batch=2, dpo_pairs=2, dpo_prompt_len=3, grpo_questions=2,
+                  grpo_group=2)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -43,15 +45,23 @@ def test_gpt2_preset_is_the_124m_shape():
     assert sum(math.prod(s) for s in shapes.values()) == 124_439_808
 
 
+@pytest.mark.slow
 def test_bench_runs_every_part_at_tiny_size(capsys):
     results = main(BenchConfig(**TINY_BENCH, pretrain_steps=2))
     out = capsys.readouterr().out
-    for key in ("pre-training", "KV cache", "tokens/s", "MFU", "peak memory", "DPO", "GRPO"):
+    for key in ("pre-training", "KV cache", "tokens/s", "MFU", "peak memory", "DPO", "GRPO", "min", "median",
+                "prompt shared", "plain forward", "GFLOP of model work", "of the measured matmul"):
         assert key in out
     assert results["train"]["tokens_per_s"] > 0 and results["train"]["mfu"] > 0
+    assert results["train"]["step_seconds"] <= results["train"]["step_seconds_median"]
     assert results["train"]["peak_memory_bytes"] > 2 ** 20  # a Python process with torch holds > 1 MiB
     assert results["generation"]["speedup"] > 0 and results["generation"]["cache_tokens_per_s"] > 0
-    assert results["dpo"]["step_seconds"] > 0 and results["grpo"]["step_seconds"] > 0
+    assert results["generation"]["cache"] <= results["generation"]["cache_median"]
+    for part in ("dpo", "grpo"):
+        shared, plain = results[part]["shared"], results[part]["plain"]
+        assert 0 < shared["seconds"] <= shared["seconds_median"] and 0 < plain["seconds"] <= plain["seconds_median"]
+        assert 0 < shared["flops"] < plain["flops"]  # each prompt once: less model work
+        assert shared["roofline"] == pytest.approx(shared["flops"] / shared["seconds"] / results[part]["matmul_flops_per_s"])
     assert results["pretrain"]["entropy_floor"] > 0
     assert "datasheet_flops_per_s" not in results["train"]  # the CPU has no datasheet peak here
 
@@ -88,36 +98,64 @@ class FakeClock:
         self.now += seconds
 
 
-def test_dpo_step_time_is_seconds_per_timed_step(monkeypatch):
-    """Warm-up steps are not timed and the total is divided by the timed steps: 2 warm-up steps of
-    10 s, then 3 steps of 1 s each, give exactly 1 s/step (a timer that counted the warm-up would
-    give 7.67, one that forgot to divide 3)."""
-    import minialign.dpo
-
-    clock, calls = FakeClock(), []
+def test_time_alternately_runs_the_calls_in_turn_and_times_each_after_the_warmup(monkeypatch):
+    """1 warm-up round (a 100 s, b 50 s, untimed), then a: 3, 1, 2 s and b: 6, 2, 4 s, run a, b, a, b:
+    each call's own seconds come back; min and median of a are 1 and 2, b twice a."""
+    clock, order = FakeClock(), []
+    durations = {"a": iter([100.0, 3.0, 1.0, 2.0]), "b": iter([50.0, 6.0, 2.0, 4.0])}
     monkeypatch.setattr(bench, "time", clock)
-    real_loss = minialign.dpo.dpo_loss
 
-    def loss_that_takes_time(*args):
-        calls.append(1)
-        clock.tick(10.0 if len(calls) <= 2 else 1.0)
-        return real_loss(*args)
+    def call(name):
+        order.append(name)
+        clock.tick(next(durations[name]))
+    times = time_alternately({"a": lambda: call("a"), "b": lambda: call("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert times == {"a": [3.0, 1.0, 2.0], "b": [6.0, 2.0, 4.0]}
+    assert spread(times["a"]) == {"min": 1.0, "median": 2.0}
+    with pytest.raises(ValueError, match="repeats"):
+        time_alternately({"a": lambda: None}, repeats=0)
 
-    monkeypatch.setattr(minialign.dpo, "dpo_loss", loss_that_takes_time)
-    config = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8)
-    assert dpo_step_time(config, batch_size=2, seq_len=6, steps=3, warmup=2) == 1.0
-    assert len(calls) == 5
+
+def test_flop_counter_by_hand():
+    # 1 layer, C = 8, vocab 10, block 6: N = 10*8 (wte, tied head) + 6*8 (wpe) + 12*64 + 13*8 (block) + 2*8 (ln_f)
+    # = 80 + 48 + 768 + 104 + 16 = 1016; without the position table N' = 968
+    model = GPT(GPTConfig(vocab_size=10, block_size=6, n_layer=1, n_head=2, n_embd=8))
+    assert model.num_params() == 1016
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with FlopCounter(model) as counter, torch.no_grad():
+        model(ids)                  # 8 tokens, 4 keys each: 8 * (2 * 968 + 4 * 1 * 8 * 4) = 8 * 2064 = 16512
+    assert counter.flops == 16512
+    with FlopCounter(model) as counter:
+        model(ids)                  # with a graph for the backward: 3 x 16512
+    assert counter.flops == 3 * 16512
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with FlopCounter(model) as counter, torch.no_grad():
+        cache = model.new_cache(2, 6)
+        model(ids, mask, cache)     # 7 real tokens, 4 keys: 7 * 2064 = 14448
+        model(ids[:, :1], torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache)
+        # 2 new tokens, 5 keys: 2 * (1936 + 4 * 8 * 5) = 2 * 2096 = 4192
+    assert counter.flops == 14448 + 4192
+    assert "hidden" not in vars(model)  # the counter leaves the model as it found it
 
 
-def test_grpo_step_time_is_the_median_timed_iteration(monkeypatch):
-    """1 warm-up iteration of 100 s, then iterations of 3, 1, 2 s: the median of the timed ones is 2."""
-    import minialign.grpo
-
-    clock, durations = FakeClock(), iter([100.0, 3.0, 1.0, 2.0])
-    monkeypatch.setattr(bench, "time", clock)
-    monkeypatch.setattr(minialign.grpo, "grpo_iteration", lambda *args: clock.tick(next(durations)))
-    config = GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=8)
-    assert grpo_step_time(config, group_size=2, questions=2, steps=3, warmup=1) == 2.0
+def test_dpo_step_cycles_its_batches_and_reads_a_precomputed_reference():
+    from minialign.dpo import DPOConfig
+    config = GPTConfig(vocab_size=20, block_size=12, n_layer=1, n_head=2, n_embd=8)
+    torch.manual_seed(0)
+    policy = GPT(config)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    batches = [random_preference_batch(20, 3, 4, 5, torch.Generator().manual_seed(i), "cpu") for i in range(2)]
+    for precompute, reference_flops in ((True, 0), (False, 1)):
+        step = dpo_step(policy, reference, batches, DPOConfig(precompute_ref_logps=precompute, progress=False))
+        with FlopCounter(reference) as ref_counter, FlopCounter(policy) as counter:
+            step()
+            first = counter.flops
+            step()
+        assert (ref_counter.flops > 0) == bool(reference_flops)  # the table, or a reference forward per step
+        assert counter.flops == 2 * first > 0                    # the same shapes, one forward and backward each
+    batch = batches[0]                                           # chosen and rejected share their prompt
+    assert torch.equal(batch["input_ids"][:3, :4], batch["input_ids"][3:, :4])
+    assert batch["response_mask"][:, 4:].all() and not batch["response_mask"][:, :4].any()
 
 
 def test_memory_and_peak_helpers_on_cpu():

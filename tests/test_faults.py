@@ -17,7 +17,7 @@ import torch
 from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
-from minialign.train import DivergenceWarning, Run, TrainConfig, optimizer_step, stage_problem
+from minialign.train import DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, stage_problem
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 FAST = dict(progress=False, device="cpu")
@@ -33,8 +33,7 @@ def inputs(tiny_run, tmp_path_factory):
     """{"pretrain", "sft", "reward_model"}: tiny checkpoints for the stages that read them."""
     rm_path = tmp_path_factory.mktemp("rm") / "model.pt"
     torch.manual_seed(0)
-    policy = GPT.load(tiny_run / "sft" / "model.pt")
-    tok = reward_model.load_policy(tiny_run / "sft" / "model.pt")[1]
+    policy, tok = load_policy(tiny_run / "sft" / "model.pt")
     reward_model.RewardModel.from_policy(policy).save(rm_path, tok)
     return {"pretrain": str(tiny_run / "pretrain" / "model.pt"), "sft": str(tiny_run / "sft" / "model.pt"),
             "reward_model": str(rm_path)}
@@ -64,21 +63,25 @@ def config(stage, out, inputs=None, **kw):
 
 
 MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo, "grpo": grpo}
-# where each stage's loop finds optimizer_step (sft trains with pretrain.fit_lm)
+# where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm)
 STEPPERS = {**MODULES, "sft": pretrain}
 
 
 def at_step(monkeypatch, stage, step, action):
-    """Call ``action(loss)`` once, in the stage's optimizer step number ``step``, before the update."""
+    """Call ``action(loss)`` once, on the first micro-batch loss of the stage's optimizer step
+    number ``step``, before its backward."""
     module = STEPPERS[stage]
-    real, fired = module.optimizer_step, []
+    real, fired = module.accumulated_step, []
 
-    def patched(model, optimizer, loss, i, cfg):
-        if i == step and not fired:
-            fired.append(i)
-            action(loss)
-        return real(model, optimizer, loss, i, cfg)
-    monkeypatch.setattr(module, "optimizer_step", patched)
+    def patched(model, parallel, optimizer, micro_batches, loss_of, i, cfg):
+        def watched(micro):
+            out = loss_of(micro)
+            if i == step and not fired:
+                fired.append(i)
+                action(out[0])
+            return out
+        return real(model, parallel, optimizer, micro_batches, watched, i, cfg)
+    monkeypatch.setattr(module, "accumulated_step", patched)
 
 
 def ctrl_c(loss):
@@ -448,3 +451,40 @@ def test_rewards_must_be_finite():
         one_step_advantages(torch.tensor([nan, 0.0]), torch.zeros(2, 3), mask)
     with pytest.raises(ValueError, match="rewards must be finite"):
         grpo.kl_penalised_rewards(torch.tensor([nan, 0.0]), torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# --with-prerequisites: what is missing is made, what is complete is kept, what is stale is redone
+# ----------------------------------------------------------------------------------------------
+
+
+def test_with_prerequisites_makes_missing_and_stale_inputs(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class TinyPretrain(pretrain.PretrainConfig):  # the defaults a prerequisite runs with, made tiny
+        steps: int = 6
+        batch_size: int = 8
+        corpus_size: int = 200
+        eval_size: int = 20
+        eval_every: int = 5
+        n_layer: int = 1
+        n_head: int = 2
+        n_embd: int = 32
+        block_size: int = 48
+    monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
+    sft_flags = ["--steps", "2", "--batch-size", "8", "--num-examples", "16", "--eval-size", "8", "--eval-every", "2",
+                 "--no-progress"]
+    assert cli.main(["sft", "--out", str(tmp_path), *sft_flags, "--with-prerequisites"]) == 0
+    assert f"[{tmp_path / 'pretrain'} does not exist: running pretrain first]" in capsys.readouterr().out
+    assert stage_problem(tmp_path / "pretrain") is None and stage_problem(tmp_path / "sft") is None
+
+    made = status(tmp_path / "pretrain")["started"], (tmp_path / "pretrain" / "model.pt").read_bytes()
+    assert cli.ensure_stage("pretrain", out=str(tmp_path)) == tmp_path / "pretrain" / "model.pt"
+    assert (status(tmp_path / "pretrain")["started"], (tmp_path / "pretrain" / "model.pt").read_bytes()) == made
+
+    pretrain.main(TinyPretrain(out=str(tmp_path), seed=1, overwrite=True, progress=False))  # sft is now stale
+    assert "which has changed since" in stage_problem(tmp_path / "sft")
+    cli.ensure_stage("sft", out=str(tmp_path), progress=False)  # rerun with the settings it was made with
+    assert stage_problem(tmp_path / "sft") is None
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["num_examples"] == 16

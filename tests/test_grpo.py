@@ -214,22 +214,35 @@ def test_grpo_loss_bad_input():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_main_tiny_end_to_end(tiny_run, tmp_path):
-    config = GRPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=3,
-                        questions=4, group_size=4, batch_size=8, inner_updates=2, eval_every=2,
-                        eval_samples=2, final_eval_samples=2, ref_reset_every=2, kl_in="reward",
-                        progress=False, device="cpu", lr=1e-3)
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(), dict(kl_in="reward", ref_reset_every=2)])
+def test_main_tiny_end_to_end(tiny_run, tmp_path, monkeypatch, options):
+    """GRPO raises the reward it is given. The tiny SFT model answers almost no sum right, so every
+    group would have zero spread; instead the reward is one the tiny model earns a fifth to a
+    third of the time: 1 for a finished one-word answer. (The arithmetic reward itself is
+    ``tests/test_toyworld.py``'s.)"""
+    from minialign.toyworld import ToyWorld
+
+    monkeypatch.setattr(ToyWorld, "true_reward",
+                        lambda self, prompt, response, finished=True: float(finished and len(response.split()) == 1))
+    config = GRPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=8,
+                        questions=8, group_size=4, batch_size=32, inner_updates=2, eval_every=4,
+                        eval_samples=2, final_eval_samples=4, progress=False, device="cpu", lr=3e-3, **options)
     summary = grpo.main(config)
     run = tmp_path / "grpo"
     for f in ("model.pt", "summary.json", "metrics.jsonl", "accuracy.png", "answer_len.png", "config.json"):
         assert (run / f).is_file(), f
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in rows for k in r}
-    for key in ("reward", "accuracy", "kl", "clip_frac", "answer_len", "zero_spread", "heldout_accuracy",
-                "kl_penalised_reward"):
+    for key in ("reward", "accuracy", "kl", "clip_frac", "answer_len", "zero_spread", "heldout_accuracy"):
         assert key in logged, key
+    assert ("kl_penalised_reward" in logged) == (config.kl_in == "reward")
     assert all(math.isfinite(v) for r in rows for v in r.values())
-    assert 0 <= summary["heldout_accuracy"] <= 1 and 0 <= summary["heldout_accuracy_before"] <= 1
+    # the result (seed 0; KL in the loss / in the reward): the rewarded fraction of the train rollouts rose
+    # from 0.41 / 0.27 over the first four iterations to 0.73 / 0.57 over the last four, and on held-out
+    # questions from 0.33 to 0.81 / 0.71
+    assert summary["train_accuracy_last"] > summary["train_accuracy_first"] + 0.2
+    assert summary["heldout_accuracy"] > summary["heldout_accuracy_before"] + 0.2
     # the trained policy differs from the SFT model it started from
     before = torch.load(tiny_run / "sft" / "model.pt", weights_only=True)["model"]
     after = torch.load(run / "model.pt", weights_only=True)["model"]

@@ -35,6 +35,7 @@ def run_tiny(tmp_path, seed=0):
     return main(cfg)
 
 
+@pytest.mark.slow
 def test_seeded_pretraining_reproduces_and_learns(tmp_path):
     a = run_tiny(tmp_path / "a")
     b = run_tiny(tmp_path / "b")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from minialign.data import collate
@@ -23,6 +24,7 @@ def test_sft_loss_ignores_prompt_tokens(world, tiny_model):
     assert b["response_mask"][0, -1] == 1 and b["input_ids"][0, -1] == tok.eos_id
 
 
+@pytest.mark.slow
 def test_tiny_sft_run_writes_checkpoint_metrics_and_truth(tiny_run):
     sft = tiny_run / "sft"
     assert (sft / "model.pt").is_file() and (sft / "loss.png").is_file() and (sft / "truth.png").is_file()

@@ -291,24 +291,32 @@ def test_grpo_k3_in_reward_drops_responses_and_lands_on_the_k3_fixed_point():
     # beta = 2: responses 1 and 2 survive, response 0 dies although pi_ref gives it 1/2
     pb = small_problem(beta=2.0)
     groups = T.GroupEnumeration(3, 3)
-    run = _run(lambda th: T.grpo_expected_loss(th, pb, groups, "reward", scale_by_std=False), pb, max_steps=600,
-               tol=1e-7)  # grpo.kl_penalised_rewards computes k3 in float32: a 1e-8 floor
+    run = _run(lambda th: T.grpo_expected_loss(th, pb, groups, "reward", scale_by_std=False), pb, max_steps=600)
     p = run.policy
     assert float(p[0]) < 1e-20
     predicted, c = T.grpo_k3_reward_fixed_point(pb, p > 1e-6)
-    assert float(T.tv(p, predicted)) < 1e-6
-    assert T.k3_penalised_spread(p, pb) < 1e-6
+    assert float(T.tv(p, predicted)) < 1e-9  # kl_penalised_rewards keeps float64: no float32 floor
+    assert T.k3_penalised_spread(p, pb) < 1e-9
     assert (predicted[1:] > pb.ref_probs[1:]).all()  # the stable branch: pi > pi_ref on the support
     with pytest.raises(ValueError, match="support"):
         T.grpo_k3_reward_fixed_point(pb, torch.zeros(3, dtype=torch.bool))
 
 
-def test_landing_points_lie_on_or_below_the_frontier():
+def test_kl_in_reward_lands_on_the_frontier_k3_in_the_loss_below_it():
+    # every policy lies on or below the frontier; what tells the algorithms apart is whether they reach it.
+    # The policy gradient with k1 in the reward lands on it (at pi*); GRPO with k3 in the loss lands
+    # 0.017 below it (1.4811 against the frontier's 1.4980 at the same KL): its KL term pulls towards
+    # KL(pi_ref || pi), so it buys less reward per nat of KL(pi || pi_ref)
     pb = small_problem(beta=0.5)
     groups = T.GroupEnumeration(3, 3)
-    for kl_in in ("loss", "reward"):
-        p = _run(lambda th: T.grpo_expected_loss(th, pb, groups, kl_in, scale_by_std=False), pb, max_steps=300).policy
-        assert float(T.expected_reward(p, pb.rewards)) <= T.frontier_reward_at(pb, float(T.kl(p, pb.ref_probs))) + 1e-9
+
+    def gap(p):  # the frontier's reward at p's KL, minus p's reward
+        return T.frontier_reward_at(pb, float(T.kl(p, pb.ref_probs))) - float(T.expected_reward(p, pb.rewards))
+
+    pg = _run(lambda th: T.pg_expected_loss(th, pb), pb, lr=0.5).policy
+    k3_loss = _run(lambda th: T.grpo_expected_loss(th, pb, groups, "loss", scale_by_std=False), pb, max_steps=300).policy
+    assert abs(gap(pg)) < 1e-9
+    assert gap(k3_loss) == pytest.approx(0.0169, abs=5e-4)
 
 
 def test_landings_table_on_a_small_problem():
@@ -323,5 +331,5 @@ def test_landings_table_on_a_small_problem():
     assert rows["GRPO G=2, k3 in loss, no std"]["tv_to_prediction"] < 1e-7
     assert rows["GRPO G=2, k3 in loss (E13)"]["residual"] < 1e-7
     assert rows["GRPO G=2, k3 in reward, no std"]["tv_to_prediction"] < 1e-6
-    for r in rows.values():  # nothing beats pi* on E2
-        assert r["objective"] <= float(T.objective(T.pi_star(pb), pb)) + 1e-9
+    for name in ("GRPO G=2, k3 in loss, no std", "GRPO G=2, k3 in loss (E13)"):  # they settle short of pi*'s E2
+        assert rows[name]["objective"] < float(T.objective(T.pi_star(pb), pb)) - 0.01, name

@@ -23,6 +23,7 @@ import torch
 from _common import banner, base_parser, ensure_sft
 
 from minialign.dpo import DPOConfig, implied_reward, log_partition, main as dpo, optimal_policy, preference_probability
+from minialign.train import plot_panels
 
 
 def closed_form() -> None:
@@ -84,24 +85,17 @@ compare the trend, not the second decimal."""
 
 
 def plot(results: dict[float, dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     r_sft = next(iter(results.values()))["summary"]["true_reward_before"]
-    for beta, res in results.items():
-        kls = [r["kl"] for r in res["rows"]]  # the first row: the SFT model before training, KL 0
-        rewards = [r["true_reward"] for r in res["rows"]]
-        ax.plot(kls, rewards, marker="o", label=f"beta = {beta:g}")
-    ax.axhline(r_sft, linestyle="--", color="gray", label="SFT model")
-    ax.set_xlabel("KL(pi_theta || pi_ref), nats per response (sampled)")
-    ax.set_ylabel("mean true reward r* of sampled reviews")
-    ax.set_title("DPO: true reward against KL, measured during training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_panels(path, [{
+        "title": "DPO: hidden reward against KL, measured during training",
+        "xlabel": "KL(pi_theta || pi_ref), nats per response (sampled)",
+        "ylabel": "mean hidden reward r* of sampled reviews",
+        # the first row of each run is the SFT model before training, at KL 0
+        "curves": [([r["kl"] for r in res["rows"]], [r["true_reward"] for r in res["rows"]], f"beta = {beta:g}", "o-")
+                   for beta, res in results.items()],
+        "hlines": [(r_sft, f"SFT model, r* = {r_sft:.3f}")]}], width=7,
+        caption="Each run starts at the SFT model (KL 0) and moves right as it trains: what each beta buys in r* "
+                "for the KL it spends.")
 
 
 def main() -> None:

@@ -23,23 +23,26 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_reward_model, ensure_sft
 
-from minialign.train import plot_panels
+from minialign.train import plot_panels, standardise
 
 
-def overview_plot(rows: list[dict], sft_true: float, path: Path) -> None:
+def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path) -> None:
     step = [r["step"] for r in rows]
     ev = [(r["step"], r["eval_true_reward"]) for r in rows if "eval_true_reward" in r]
+    x = f"PPO iteration (a rollout of {batch_size} responses)"
     plot_panels(path, [
-        {"title": "1. hidden true reward r*", "xlabel": "PPO iteration",
-         "curves": [(step, [r["true_reward"] for r in rows], "r* of the rollout (hidden)"),
-                    ([e[0] for e in ev], [e[1] for e in ev], "r* of fresh samples (review_eval)", "o-")],
-         "hlines": [(sft_true, f"SFT model r* = {sft_true:.2f}")]},
-        {"title": "2. KL to the SFT model (E2's penalty)", "xlabel": "PPO iteration",
-         "curves": [(step, [r["kl"] for r in rows], "KL(pi || pi_ref), nats per response")]},
-        {"title": "3. learned reward beside r* (hacking would part them)", "xlabel": "PPO iteration",
-         "curves": [(step, [r["score"] for r in rows], "learned r_phi (what PPO maximises)"),
-                    (step, [r["true_reward"] for r in rows], "hidden r*")]},
-    ])
+        {"title": "1. hidden true reward r*", "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)",
+         "curves": [(step, [r["true_reward"] for r in rows], "r* of each rollout (noisy)"),
+                    ([e[0] for e in ev], [e[1] for e in ev], "r* of fresh samples of every prompt", "o-")],
+         "hlines": [(sft_true, f"SFT model, r* = {sft_true:.3f}")]},
+        {"title": "2. KL to the SFT model (E2's penalty)", "xlabel": x, "ylabel": "KL, nats per response",
+         "curves": [(step, [r["kl"] for r in rows], "KL(pi_theta || pi_ref) of the rollout")]},
+        {"title": "3. learned r_phi beside hidden r*, standardised", "xlabel": x,
+         "ylabel": "standard deviations from the run's mean",
+         "curves": [(step, standardise([r["score"] for r in rows]), "learned r_phi (what PPO maximises)"),
+                    (step, standardise([r["true_reward"] for r in rows]), "hidden r*")]},
+    ], caption="r* climbs above the SFT model's while the KL levels off. r_phi's scale is arbitrary, so panel 3 "
+               "standardises both: reward hacking would show as r_phi rising while r* falls.")
 
 
 def main() -> None:
@@ -67,7 +70,7 @@ def main() -> None:
     summary = ppo(config)
     run = Path(args.out) / "ppo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    overview_plot(rows, summary["true_reward_before"], run / "overview.png")
+    overview_plot(rows, summary["true_reward_before"], args.batch_size, run / "overview.png")
 
     banner("what happened")
     print(f"hidden true reward r* of sampled reviews: SFT {summary['true_reward_before']:+.3f} -> "

@@ -5,12 +5,13 @@ given as tables (``minialign.theory``). Every expectation is a weighted sum over
 each algorithm's loss (imported from dpo.py, ppo.py, grpo.py) is run with its exact expected
 gradient until it stops moving. Printed and saved (into <out>/theory/):
 
-1. E7's pi* and the reward-KL frontier as beta varies (frontier.png, with every landing point);
+1. E7's pi* and the reward-KL frontier as beta varies;
 2. the KL estimators k1, k2, k3: exact bias and std, and the expected gradient of each when used
    as a loss or in the reward, against the gradient of the KL itself (estimators.png);
-3. the landing table: reward, KL, distance to pi*, and the fixed point derived for each
-   algorithm with the distance to it (landings.json, convergence.png, policies.png);
-4. two follow-ups: GRPO-k3-in-the-loss's effective beta against the group size, and which
+3. and 4. the landing tables, on a graded reward and on a verifiable 0/1 reward: reward, KL,
+   distance to pi*, and the fixed point derived for each algorithm with the distance to it
+   (landings.json, frontier_*.png with every landing point, convergence_*.png, policies_*.png);
+5. two follow-ups: GRPO-k3-in-the-loss's effective beta against the group size, and which
    responses survive GRPO-k3-in-the-reward as beta varies.
 
 Run:  python tutorials/07_theory_lab.py          (26 s on an idle 2-core CPU)
@@ -23,13 +24,10 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the source checkout on sys.path)
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from minialign import theory as T  # noqa: E402
+from minialign import theory as T
+from minialign.train import plot_panels
 
 
 def fmt_policy(p) -> str:
@@ -79,25 +77,30 @@ def estimator_section(pb: T.Problem, out: Path) -> None:
           "the forward KL(pi_ref || pi) (= pi - pi_ref); in the reward (score function) k1 is exact and k3 is\n"
           "grad KL(pi||pi_ref) - grad KL(pi_ref||pi); only k3's two paths together give the true gradient.")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     kls = [r["kl"] for r in rows]
-    for n in ("k1", "k2", "k3"):
-        axes[0].plot(kls, [r[f"{n}_std"] for r in rows], "o-", label=f"{n} std")
-    axes[0].plot(kls, [r["k2_bias"] for r in rows], "s--", label="k2 bias")
-    axes[0].set(xscale="log", yscale="log", xlabel="KL(pi || pi_ref)", ylabel="nats", title="one-sample bias and std")
-    axes[0].legend()
-    for n in names:
-        axes[1].plot(kls, [r[n + "_cos"] for r in rows], "o-", label=n)
-    axes[1].set(xscale="log", xlabel="KL(pi || pi_ref)", ylabel="cosine with grad KL",
-                title="expected gradient direction")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "estimators.png", dpi=110)
-    plt.close(fig)
+    x = "KL(pi || pi_ref), nats (log scale)"
+
+    def gradient_error(r, n):  # |E[grad k] - grad KL| / |grad KL| from the cosine and the norm ratio
+        return max(1 + r[n + "_norm"] ** 2 - 2 * r[n + "_norm"] * r[n + "_cos"], 0.0) ** 0.5
+
+    plot_panels(out / "estimators.png", [
+        {"title": "spread of one sample", "xlabel": x, "ylabel": "std / KL (log scale)", "xscale": "log",
+         "yscale": "log", "curves": [(kls, [r[f"{n}_std"] / r["kl"] for r in rows], n, fmt)
+                                     for n, fmt in (("k1", "o-"), ("k2", "s--"), ("k3", "^:"))]},
+        {"title": "bias of one sample", "xlabel": x, "ylabel": "bias / KL", "xscale": "log",
+         "curves": [(kls, [r["k2_bias"] / r["kl"] for r in rows], "k2 (k1 and k3 are unbiased: 0)", "s--")]},
+        {"title": "expected gradient, used as a loss or in the reward", "xlabel": x,
+         "ylabel": "|E grad - grad KL(pi || pi_ref)| / |grad KL|", "xscale": "log",
+         "curves": [(kls, [gradient_error(r, n) for r in rows], label, fmt) for n, label, fmt in (
+             ("k1_loss", "k1 as a loss (no gradient at all)", "o-"),
+             ("k3_loss", "k3 as a loss: grad KL(pi_ref || pi)", "^-"),
+             ("k3_reward", "k3 in the reward", "v--"))]},
+    ], caption="k1 is unbiased but spreads most near pi_ref, where k2 and k3 spread alike; k2 as a loss, k1 in the "
+               "reward and k3 by both paths have the exact gradient (error 0, not drawn).")
 
 
-def landing_section(pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
-    _common.banner(f"3. Where each algorithm lands: {pb.name} problem, beta = {pb.beta}, G = {G}")
+def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
+    _common.banner(f"{number}. Where each algorithm lands: {pb.name} problem, beta = {pb.beta}, G = {G}")
     t0 = time.time()
     results = T.landings(pb, G=G, max_steps=steps)
     rows = [T.landing_row(r, pb) for r in results]
@@ -115,58 +118,46 @@ def landing_section(pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> li
     # frontier with the landing points: the whole curve, and a zoom around pi*
     star = T.pi_star(pb)
     star_kl, star_r = float(T.kl(star, pb.ref_probs)), float(T.expected_reward(star, pb.rewards))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     markers = "os^vD<>ph"
-    for ax in axes:
-        ax.plot(f["kl"], f["reward"], "k-", lw=1.5, label="frontier: pi*(beta), E7")
-        ax.plot(star_kl, star_r, "k*", ms=16, label=f"pi* at beta={pb.beta}")
-        for i, r in enumerate(rows):
-            ax.plot(r["kl"], r["reward"], markers[i % len(markers)], ms=8, alpha=0.8, label=r["algorithm"])
-        ax.set(xlabel="KL(pi || pi_ref)", ylabel="E_pi[r]")
+    points = [([r["kl"]], [r["reward"]], r["algorithm"], markers[i % len(markers)]) for i, r in enumerate(rows)]
+    curves = [(f["kl"].tolist(), f["reward"].tolist(), "frontier: pi*(beta) of E7", "k-"),
+              ([star_kl], [star_r], f"pi* at beta = {pb.beta}", "k*")] + points
     near = [r for r in rows if abs(r["kl"] - star_kl) < 0.5]
     kls = [r["kl"] for r in near] + [star_kl]
     rws = [r["reward"] for r in near] + [star_r]
     pad_k, pad_r = max(0.02, 0.3 * (max(kls) - min(kls))), max(0.02, 0.3 * (max(rws) - min(rws)))
-    axes[1].set(xlim=(min(kls) - pad_k, max(kls) + pad_k), ylim=(min(rws) - pad_r, max(rws) + pad_r),
-                title="zoom around pi*")
-    axes[0].set(title=f"where each algorithm lands ({pb.name}, beta={pb.beta})")
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / f"frontier_{pb.name}.png", dpi=110)
-    plt.close(fig)
+    axes = {"xlabel": "KL(pi || pi_ref), nats", "ylabel": "expected reward E_pi[r]"}
+    plot_panels(out / f"frontier_{pb.name}.png", [
+        {"title": f"where each algorithm lands ({pb.name}, beta = {pb.beta})", **axes, "curves": curves,
+         "legend": "lower right"},
+        {"title": "zoom around pi*", **axes, "curves": curves, "legend": False,
+         "xlim": (min(kls) - pad_k, max(kls) + pad_k), "ylim": (min(rws) - pad_r, max(rws) + pad_r)}],
+        width=6.5, height=5,
+        caption="No policy lies above the frontier. DPO and the KL-in-reward policy gradients land on it at pi*; "
+                "each GRPO-k3 variant lands at its own derived fixed point, below the frontier with k3 in the loss.")
 
     # convergence: E2's objective along each run
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for res in results:
-        h = res.run.history
-        ax.plot([s for s, _, _ in h], [rw - pb.beta * k for _, rw, k in h], label=res.algorithm)
-    ax.axhline(float(T.objective(star, pb)), color="k", ls=":", label="E2 at pi*")
-    ax.set(xscale="log", xlabel="gradient step", ylabel="E[r] - beta KL(pi||pi_ref)",
-           title=f"exact gradient flows ({pb.name})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"convergence_{pb.name}.png", dpi=110)
-    plt.close(fig)
+    plot_panels(out / f"convergence_{pb.name}.png", [
+        {"title": f"exact gradient flows ({pb.name})", "xlabel": "gradient step (log scale)", "xscale": "log",
+         "ylabel": "E2: E[r] - beta KL(pi || pi_ref)", "hlines": [(float(T.objective(star, pb)), "E2 at pi*")],
+         "curves": [([s for s, _, _ in res.run.history], [rw - pb.beta * k for _, rw, k in res.run.history],
+                     res.algorithm, "-") for res in results]}],
+        width=8, caption="The runs that land on pi* climb to E2's maximum; the others settle below it.")
 
     # the policies themselves
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / (len(rows) + 2)
-    xs = torch.arange(pb.K, dtype=torch.float64)
-    ax.bar(xs, pb.ref_probs, width, label="pi_ref", color="0.7")
-    ax.bar(xs + width, star, width, label="pi*", color="k")
-    for i, r in enumerate(rows):
-        ax.bar(xs + (i + 2) * width, r["policy"], width, label=r["algorithm"])
-    ax.set_xticks(xs + 0.4, [f"y{k}\nr={float(v):g}" for k, v in enumerate(pb.rewards)])
-    ax.set(ylabel="probability", title=f"converged policies ({pb.name})")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / f"policies_{pb.name}.png", dpi=110)
-    plt.close(fig)
+    xs = list(range(pb.K))
+    plot_panels(out / f"policies_{pb.name}.png", [
+        {"title": f"converged policies ({pb.name})", "xlabel": "response y (its reward r)",
+         "ylabel": "probability pi(y)", "legend": "upper left",
+         "xticks": (xs, [f"y{k}, r = {float(v):g}" for k, v in enumerate(pb.rewards)]),
+         "bars": [(xs, pb.ref_probs.tolist(), "pi_ref"), (xs, star.tolist(), "pi*")]
+                 + [(xs, r["policy"], r["algorithm"]) for r in rows]}],
+        width=10, caption="Each bar is one algorithm's converged probability of a response, beside pi_ref and pi*.")
     return rows
 
 
 def followups(pb: T.Problem, steps: int) -> dict:
-    _common.banner("4a. GRPO, k3 in the loss: the effective beta against the group size G")
+    _common.banner("5a. GRPO, k3 in the loss: the effective beta against the group size G")
     theta0 = torch.log(pb.ref_probs)
     out = {"group_size": [], "k3_reward_beta": []}
     print(f"{'G':>3} {'std':>5} {'TV(pi*)':>8} {'fixed-pt res':>12} {'beta_eff':>9} {'TV(fwd-KL opt @ beta_eff)':>26}")
@@ -186,7 +177,7 @@ def followups(pb: T.Problem, steps: int) -> dict:
     print("no std: exactly argmax E r - beta G/(G-1) KL(pi_ref||pi). With std: the self-consistent\n"
           "pi = pi_ref / (1 - a(y)/beta) holds; beta * std_pi(r) * G/(G-1) is only an approximation.")
 
-    _common.banner("4b. GRPO, k3 in the reward: which responses survive, as beta varies")
+    _common.banner("5b. GRPO, k3 in the reward: which responses survive, as beta varies")
     print("(without E12's std, which converges fast; section 3 shows that at beta = 0.5 the std version lands at the same place)")
     print(f"{'beta':>5} {'std':>5} {'TV(pi*)':>8} {'c':>8} {'TV(pred)':>9}  policy")
     for beta in (0.25, 0.5, 1.0, 2.0, 4.0):
@@ -222,9 +213,9 @@ def main():
     graded = T.graded_problem(args.beta)
     f = frontier_section(graded, out)
     estimator_section(graded, out)
-    results = {"graded": landing_section(graded, args.group_size, args.steps, out, f)}
+    results = {"graded": landing_section(3, graded, args.group_size, args.steps, out, f)}
     verifiable = T.verifiable_problem()
-    results["verifiable"] = landing_section(verifiable, args.group_size, args.steps, out,
+    results["verifiable"] = landing_section(4, verifiable, args.group_size, args.steps, out,
                                             T.frontier(verifiable, torch.logspace(-3, 3, 121, dtype=torch.float64)))
     results["followups"] = followups(graded, args.steps)
     results["gaussian_estimators"] = T.gaussian_estimator_table()
