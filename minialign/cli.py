@@ -6,6 +6,7 @@
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
     minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
     torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
+    minialign exercises make course/          # a copy with the equations' bodies to write
 
 Each stage module has a dataclass config (its flags, checked by its ``validate()``) and a
 ``main(config) -> summary`` wrapped by ``train.stage``. A command's module (and torch) is imported
@@ -28,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import files
+from . import exercises, files
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
 STAGES = {
@@ -91,6 +92,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     p.add_argument("dest", help="the new folder to write")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+    exercises.add_parser(sub)
     return parser
 
 
@@ -226,6 +228,8 @@ def _run(argv: list[str]) -> int:
         from .export import export
         print(f"wrote {export(args.source, args.dest)}")
         return 0
+    if name == "exercises":
+        return exercises.cli_main(args)
     from . import distributed
     from .train import config_from_args
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks

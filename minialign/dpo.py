@@ -113,6 +113,7 @@ def log_partition(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -
 def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     r"""E7: $\pi^*(y\mid x) = \pi_{ref}(y\mid x)\, e^{r(x,y)/\beta} / Z(x)$ over K responses of one prompt, (K,)."""
     _check_discrete(ref_probs, rewards, beta, "rewards")
+    # Exercise optimal_policy (E7): from here to the end of the function.
     # E7 in log space: log pi* = log pi_ref + r / beta - log Z (a softmax), so a large r / beta
     # cannot overflow exp(); a response with pi_ref = 0 keeps pi* = 0 (log 0 = -inf).
     return torch.softmax(torch.log(ref_probs) + rewards / beta, dim=0)  # (K,)
@@ -121,6 +122,7 @@ def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) 
 def implied_reward(pi_star: torch.Tensor, ref_probs: torch.Tensor, beta: float) -> torch.Tensor:
     r"""E8 without its prompt-only term: $\beta\log\frac{\pi^*(y\mid x)}{\pi_{ref}(y\mid x)} = r(x,y) - \beta\log Z(x)$, (K,)."""
     _check_discrete(ref_probs, pi_star, beta, "pi_star")
+    # Exercise implied_reward (E8): from here to the end of the function.
     return beta * (torch.log(pi_star) - torch.log(ref_probs))  # E8
 
 
@@ -154,6 +156,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     pi_w, pi_l = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
     ref_w, ref_l = upcast(ref_chosen_logps), upcast(ref_rejected_logps)
 
+    # Exercise dpo_loss (E9, E10): from here to the end of the function.
     chosen_rewards = beta * (pi_w - ref_w)      # E10: r_w = beta (log pi_theta(y_w|x) - log pi_ref(y_w|x)), (B,)
     rejected_rewards = beta * (pi_l - ref_l)    # E10: r_l likewise, (B,)
     # E9: -log sigma(r_w - r_l); logsigmoid stays finite where log(sigmoid(.)) would give -inf

@@ -112,6 +112,7 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
     check_groups(rewards.numel(), group_size)
     check_positive(eps=eps)
     check_finite(rewards, "rewards")  # a NaN would make its group look all-equal: advantage 0
+    # Exercise group_advantages (E11, E12): from here to the end of the function.
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
     advantages = r - baseline                                       # (Q, G)
@@ -155,6 +156,7 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     check_per_sequence(logps.shape[0], rewards=rewards)
     check_finite(rewards, "rewards")
     check_nonnegative(beta=beta)
+    # Exercise kl_penalised_rewards (E14): from here to the end of the function.
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
     return rewards - beta * kl  # E14
 
@@ -177,6 +179,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     dtype = upcast(logps).dtype
     logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
     A = advantages.to(dtype).detach()[:, None]                   # (B, 1): one advantage per answer
+    # Exercise grpo_loss (E13): from here to "End of exercise grpo_loss".
     ratio = torch.exp(logps - old_logps)                         # (B, T)  rho_{i,t}
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = torch.minimum(ratio * A, clipped * A)            # (B, T)  E13's surrogate
@@ -191,6 +194,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     else:                                                        # a constant: length-independent
         objective = masked_sum(per_token, mask) / (mask.shape[0] * max_len)
     loss = -objective
+    # End of exercise grpo_loss.
 
     with torch.no_grad():  # the clip binds where the clipped term won the min: those tokens get no gradient
         stats = {"loss": loss.item(), "clip_frac": masked_mean((clipped * A < ratio * A).float(), mask).item(),

@@ -43,32 +43,37 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to ``max_len``.
 
-    Two uses. Generation (no gradient): one forward of the prompt, then one token at a time.
-    The shared-prompt forward (``ops.response_hidden``): the distinct prompts of a batch fill the
-    cache once, ``select`` copies each prompt's keys and values to every row that answers it, and
-    one forward of the responses extends it. Each layer has its own buffer and ``select`` makes
-    new ones, so every buffer is written once before autograd reads it: gradients flow back through
-    the cached keys and values into the prompt's forward.
+    Two uses. Generation (no gradient): one forward of the prompt, then one token at a time, each
+    written into the preallocated buffer. The shared-prompt forward (``ops.prefill``): the distinct
+    prompts of a batch fill the cache once, ``select`` copies each prompt's keys and values to
+    every row that answers it, and one forward of the responses extends it. When gradients are
+    recorded ``update`` concatenates instead of writing in place: autograd keeps the tensors it
+    saved unmodified, and gradients flow back through the cached keys and values into the prompt.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, max_len, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # empty, not zeros: a slot is always written before it is read (``update`` returns [:end])
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens already stored (the same for every row)
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
         end = self.length + k.size(2)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        if torch.is_grad_enabled() or self.k[layer].size(2) < end:  # training through the cache
+            self.k[layer] = torch.cat([self.k[layer][:, :, :self.length], k.to(self.k[layer].dtype)], 2)
+            self.v[layer] = torch.cat([self.v[layer][:, :, :self.length], v.to(self.v[layer].dtype)], 2)
+        else:                                                        # generation: write in place
+            self.k[layer][:, :, self.length:end] = k
+            self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, S, hs)
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place."""
-        self.k = [k[rows] for k in self.k]  # (B', nh, max_len, hs): indexing, so gradients flow
+        self.k = [k[rows] for k in self.k]  # indexing: gradients flow back to the selected rows
         self.v = [v[rows] for v in self.v]
         return self
 

@@ -38,6 +38,7 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    # Exercise token_logps (E1): from here to the end of the function.
     logp = F.log_softmax(upcast(logits) / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)    # (B, T)
 
@@ -309,18 +310,21 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k1 $= \log p(x) - \log q(x)$, per sample $x\sim p$."""
     check_same_shape(logp=logp, logq=logq)
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return logp - logq
 
 
 def kl_k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k2 $= \frac12(\log p(x) - \log q(x))^2$, per sample $x\sim p$."""
     check_same_shape(logp=logp, logq=logq)
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k3 $= \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}$, per sample $x\sim p$ (GRPO's estimator)."""
     check_same_shape(logp=logp, logq=logq)
+    # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     log_r = logq - logp
     return torch.exp(log_r) - 1 - log_r
 

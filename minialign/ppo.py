@@ -119,6 +119,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     check_per_sequence(logps.shape[0], score=score)
     check_finite(score, "score")
     check_nonempty_rows(mask)
+    # Exercise per_token_rewards (E2, E6): from here to the end of the function.
     m = mask.bool()
     kl = torch.where(m, logps - ref_logps, torch.zeros_like(logps))           # (B, T) k1 per token
     rewards = -beta * kl                                                      # (B, T)
@@ -140,6 +141,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     check_finite(rewards, "rewards")
     check_nonempty_rows(mask)
     check_in_range(0, 1, gamma=gamma, lam=lam)
+    # Exercise gae (GAE): from here to the end of the function.
     m = mask.bool()
     zero = torch.zeros_like(values[:, 0])
     next_value, next_adv = zero, zero                                         # (B,) past the end: 0
@@ -170,6 +172,7 @@ def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: 
     check_per_sequence(values.shape[0], total_reward=total_reward)
     check_finite(total_reward, "total_reward")
     check_nonempty_rows(mask)
+    # Exercise one_step_advantages (E6): from here to the end of the function.
     m = mask.bool()
     first = m.long().argmax(1)                                                # (B,) first response token
     v_x = values.gather(1, first[:, None]).squeeze(1)                         # (B,) V(x)
@@ -191,6 +194,7 @@ def clipped_surrogate_loss(logps: torch.Tensor, old_logps: torch.Tensor, advanta
     check_token_tensors(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask)
     check_nonempty_rows(mask)
     check_positive(clip_eps=clip_eps)
+    # Exercise clipped_surrogate_loss (E5): from here to the end of the function.
     log_ratio = logps - old_logps.detach()
     ratio = torch.exp(log_ratio)                                              # (B, T) rho_t
     unclipped = ratio * advantages                                            # rho A
@@ -215,6 +219,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
     check_nonempty_rows(mask)
+    # Exercise value_loss (PPO value loss): from here to the end of the function.
     err = (values - returns) ** 2                                             # (B, T)
     if not clip_range:
         return 0.5 * masked_mean(err, mask), {"value_clip_frac": 0.0}

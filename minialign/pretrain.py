@@ -39,6 +39,7 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.
 
     logits (B, T, V) from the model on ``input_ids`` (B, T); position t-1 predicts token t.
     """
+    # Exercise lm_loss (E0a, E0b): from here to the end of the function.
     logps = token_logps(logits[:, :-1], input_ids[:, 1:])  # (B, T-1), E1 per token
     return -masked_mean(logps, response_mask[:, 1:])
 

@@ -76,6 +76,7 @@ def _check_pair(r_w: torch.Tensor, r_l: torch.Tensor) -> None:
 def bradley_terry_probability(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     r"""E3: $P(y_w \succ y_l\mid x) = \sigma(r_w - r_l)$, elementwise."""
     _check_pair(r_w, r_l)
+    # Exercise bradley_terry_probability (E3): from here to the end of the function.
     return torch.sigmoid(upcast(r_w) - upcast(r_l))  # E3
 
 
@@ -87,6 +88,7 @@ def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     $\partial\mathcal{L}_R/\partial r_w = -(1 - \sigma(r_w - r_l))/B$, $\partial\mathcal{L}_R/\partial r_l = +(1 - \sigma(r_w - r_l))/B$.
     """
     _check_pair(r_w, r_l)
+    # Exercise reward_model_loss (E4): from here to the end of the function.
     margin = upcast(r_w) - upcast(r_l)  # (B,)
     return -F.logsigmoid(margin).mean()  # E4
 
@@ -270,6 +272,20 @@ def score(model: RewardModel, prompts: list[list[int]], responses: list[list[int
         out.append(model(b["input_ids"], b["attention_mask"], b["response_mask"] if share_prompt else None).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def reward_function(model: RewardModel, tokenizer: Tokenizer, missing_eos_score: float = -7.0):
+    r"""$r_\phi$ as a reward function with TRL's signature (``rewards.py``), for GRPO on a task with no
+    verifiable answer, as the source's E14 writes it: $r_i = r_\phi(x, y_i) - \beta D_{KL}$.
+
+    An answer cut off before its EOS scores ``missing_eos_score``: the reward model reads its score
+    at the EOS, which such an answer lacks (PPO does the same, ``PPOConfig.missing_eos_score``).
+    """
+    def reward(prompts, completions, finished, **columns) -> list[float]:
+        rewards = score(model, [tokenizer.prompt(x) for x in prompts], [tokenizer.response(y) for y in completions],
+                        tokenizer.pad_id)
+        return [r if done else missing_eos_score for r, done in zip(rewards.tolist(), finished)]
+    return reward
 
 
 def pearson(a, b) -> float:

@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny world and tiny pre-trained / SFT checkpoints, built once per session."""
+"""Shared fixtures (a tiny world, tiny pre-trained / SFT checkpoints built once per session) and the
+exercise options that ``minialign exercises check`` runs the tests with."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from handworked import hand_worked_case
 
 from minialign.model import GPT, GPTConfig
 from minialign.toyworld import ToyWorld, WorldConfig
@@ -35,3 +40,68 @@ def tiny_run(tmp_path_factory):
     sft(SFTConfig(out=str(out), steps=30, batch_size=32, num_examples=500, eval_size=100,
                   eval_every=15, progress=False, device="cpu"))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# exercises (``minialign exercises check``): --exercise NAMES runs only the tests marked
+# @pytest.mark.exercise(NAME); --exercise-report FILE writes their outcomes, the error and the
+# hand-worked case of each failure, and which minialign package they ran against
+# ----------------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("minialign exercises")
+    group.addoption("--exercise", default="", help="comma-separated exercise names: run only their tests")
+    group.addoption("--exercise-report", default="", help="write the exercise tests' outcomes here (JSON)")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = {n for n in config.getoption("--exercise").split(",") if n}
+    if not wanted:
+        return
+    keep = [i for i in items if {m.args[0] for m in i.iter_markers("exercise")} & wanted]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
+
+
+def pytest_configure(config):
+    path = config.getoption("--exercise-report")
+    if path:
+        config.pluginmanager.register(ExerciseReport(Path(path)), "minialign-exercise-report")
+
+
+class ExerciseReport:
+    """Each exercise test's outcome, its error, the hand-worked case and where it was raised."""
+
+    def __init__(self, path: Path):
+        self.path, self.tests, self.errors = path, {}, []
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.errors.append({"file": report.nodeid, "message": str(report.longrepr)[-2000:]})
+
+    def pytest_runtest_makereport(self, item, call):
+        entry = self.tests.setdefault(item.nodeid, {
+            "nodeid": item.nodeid, "exercises": [m.args[0] for m in item.iter_markers("exercise")],
+            "outcome": "passed", "error": "", "message": "", "case": [], "where": ""})
+        exc = call.excinfo
+        if exc is None or entry["outcome"] != "passed":
+            return
+        if exc.typename == "Skipped":
+            entry["outcome"] = "skipped"
+            return
+        entry.update(outcome="error" if call.when == "setup" else "failed", error=exc.typename,
+                     message=str(exc.value))
+        frames = list(exc.traceback)                 # TracebackEntry.lineno is 0-based
+        in_test = [f for f in frames if str(f.path) == str(item.path)]
+        if in_test:
+            entry["case"] = hand_worked_case(str(item.path), in_test[-1].lineno + 1)
+        in_package = [f for f in frames if Path(str(f.path)).parent.name == "minialign"]
+        if in_package:
+            entry["where"] = f"minialign/{Path(str(in_package[-1].path)).name}:{in_package[-1].lineno + 1}"
+
+    def pytest_sessionfinish(self, session):
+        import minialign
+        self.path.write_text(json.dumps({
+            "package": str(Path(minialign.__file__).parent), "tests_from": str(Path(__file__).parent),
+            "tests": list(self.tests.values()), "errors": self.errors}, indent=1))

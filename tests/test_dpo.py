@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign import dpo
 from minialign.data import collate
@@ -23,36 +24,42 @@ def t(*xs, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     logps_w, logps_l = t(-3.0, -10.0, -0.5), t(-4.0, -2.0, -7.5)
     loss, r_w, r_l = dpo_loss(logps_w, logps_l, logps_w.clone(), logps_l.clone(), beta=0.1)
     # every log-ratio is 0, so r_w = r_l = 0 and L = -log sigma(0) = -log(1/2) = ln 2 = 0.693147
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    assert torch.equal(r_w, torch.zeros(3)) and torch.equal(r_l, torch.zeros(3))
+    expect(loss, math.log(2), abs=1e-7)
+    expect(r_w, [0.0, 0.0, 0.0], abs=0)
+    expect(r_l, [0.0, 0.0, 0.0], abs=0)
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_e9_e10_by_hand():
     policy_w, policy_l = t(-2.0, -5.0), t(-4.0, -3.0)
     ref_w, ref_l = t(-3.0, -5.0), t(-3.0, -4.0)
     loss, r_w, r_l = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=0.5)
     # E10, pair 1: r_w = 0.5 * (-2 - -3) = 0.5,  r_l = 0.5 * (-4 - -3) = -0.5
     #      pair 2: r_w = 0.5 * (-5 - -5) = 0.0,  r_l = 0.5 * (-3 - -4) = 0.5
-    assert r_w.tolist() == pytest.approx([0.5, 0.0])
-    assert r_l.tolist() == pytest.approx([-0.5, 0.5])
+    expect(r_w, [0.5, 0.0])
+    expect(r_l, [-0.5, 0.5])
     # E9, pair 1: z = 0.5 - (-0.5) = 1,  sigma(1) = 0.731059,  -log(0.731059) = 0.313262
     #     pair 2: z = 0.0 - 0.5 = -0.5,  sigma(-0.5) = 0.377541, -log(0.377541) = 0.974077
     #     mean = (0.313262 + 0.974077) / 2 = 0.643669
-    assert loss.item() == pytest.approx(0.643669, abs=1e-5)
+    expect(loss, 0.643669, abs=1e-5)
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_loss_is_finite_for_huge_margins():
     # z = 0.1 * (0 - -2000) = 200 or -200: log(sigmoid(-200)) underflows to -inf, logsigmoid does not
     loss, _, _ = dpo_loss(t(0.0), t(-2000.0), t(0.0), t(0.0), beta=0.1)
-    assert loss.item() == pytest.approx(0.0, abs=1e-30)
+    expect(loss, 0.0, abs=1e-30)
+    # -log sigma(-200) = 200 + log(1 + e^-200) = 200
     loss, _, _ = dpo_loss(t(-2000.0), t(0.0), t(0.0), t(0.0), beta=0.1)
-    assert loss.item() == pytest.approx(200.0)  # -log sigma(-200) = 200 + log(1 + e^-200)
+    expect(loss, 200.0, rel=1e-6)
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_analytic_gradient_matches_autograd():
     policy_w = t(-2.0, -5.0, -1.0).requires_grad_()
     policy_l = t(-4.0, -3.0, -1.5).requires_grad_()
@@ -65,9 +72,10 @@ def test_analytic_gradient_matches_autograd():
     assert torch.allclose(policy_w.grad, -expected, atol=1e-7) and torch.allclose(g_w, -expected)
     assert torch.allclose(policy_l.grad, expected, atol=1e-7) and torch.allclose(g_l, expected)
     # pair 1 by hand: r_w - r_l = 1, sigma(-1) = 0.268941, * beta / B = 0.268941 * 0.5 / 3 = 0.044824
-    assert policy_l.grad[0].item() == pytest.approx(0.044824, abs=1e-6)
+    expect(policy_l.grad[0], 0.044824, abs=1e-6)
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_gradcheck_float64():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True) * 3 for _ in range(4)]
@@ -77,12 +85,13 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.3)[1:], inputs)
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_low_precision_inputs_are_computed_in_float32():
     x = t(-2.0, -3.0).to(torch.bfloat16)
     loss, r_w, _ = dpo_loss(x, x - 1, x, x, beta=1.0)
     assert loss.dtype == torch.float32 and r_w.dtype == torch.float32
     # z = 0 - (-1) = 1: -log sigma(1) = 0.313262
-    assert loss.item() == pytest.approx(0.313262, abs=1e-5)
+    expect(loss, 0.313262, abs=1e-5)
 
 
 def test_bad_input_is_a_clear_error():
@@ -104,16 +113,18 @@ def test_bad_input_is_a_clear_error():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("optimal_policy")
 def test_e7_optimal_policy_by_hand():
     ref = t(0.5, 0.25, 0.25, dtype=torch.float64)
     r = t(0.0, math.log(2), -math.log(2), dtype=torch.float64)
     # beta = 1: pi_ref * exp(r) = [0.5, 0.25 * 2, 0.25 / 2] = [0.5, 0.5, 0.125], Z = 1.125
     # pi* = [0.5, 0.5, 0.125] / 1.125 = [0.444444, 0.444444, 0.111111]
     pi = optimal_policy(ref, r, beta=1.0)
-    assert pi.tolist() == pytest.approx([0.444444, 0.444444, 0.111111], abs=1e-6)
-    assert log_partition(ref, r, 1.0).item() == pytest.approx(math.log(1.125))
+    expect(pi, [0.444444, 0.444444, 0.111111], abs=1e-6)
+    expect(log_partition(ref, r, 1.0), math.log(1.125), rel=1e-6)
 
 
+@pytest.mark.exercise("implied_reward")
 def test_e8_implied_reward_by_hand():
     # the E7 example above: pi_ref = [1/2, 1/4, 1/4], r = [0, ln 2, -ln 2], beta = 1, pi* = [4/9, 4/9, 1/9]
     # E8 without beta log Z: beta log(pi*/pi_ref) = [ln((4/9)/(1/2)), ln((4/9)/(1/4)), ln((1/9)/(1/4))]
@@ -121,20 +132,22 @@ def test_e8_implied_reward_by_hand():
     ref = t(0.5, 0.25, 0.25, dtype=torch.float64)
     pi = t(4 / 9, 4 / 9, 1 / 9, dtype=torch.float64)
     expected = [math.log(8 / 9), math.log(16 / 9), math.log(4 / 9)]
-    assert implied_reward(pi, ref, beta=1.0).tolist() == pytest.approx(expected, abs=1e-12)
+    expect(implied_reward(pi, ref, beta=1.0), [-0.117783, 0.575364, -0.810930], abs=1e-6)
     # each is r - beta log Z with log Z = ln 1.125 = 0.117783: 0 - 0.117783, ln 2 - 0.117783, -ln 2 - 0.117783
     assert expected == pytest.approx([-math.log(1.125), math.log(2) - math.log(1.125), -math.log(2) - math.log(1.125)])
     # beta scales it: beta = 2 doubles every implied reward
-    assert implied_reward(pi, ref, beta=2.0).tolist() == pytest.approx([2 * e for e in expected], abs=1e-12)
+    expect(implied_reward(pi, ref, beta=2.0), [2 * e for e in expected], abs=1e-12)
 
 
+@pytest.mark.exercise("optimal_policy")
+@pytest.mark.exercise("implied_reward")
 def test_e7_sums_to_one_and_e8_recovers_the_reward_up_to_beta_log_z():
     generator = torch.Generator().manual_seed(1)
     ref = torch.softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0)
     r = torch.randn(6, generator=generator, dtype=torch.float64) * 2
     for beta in (0.1, 0.5, 2.0):
         pi = optimal_policy(ref, r, beta)
-        assert pi.sum().item() == pytest.approx(1.0, abs=1e-12)
+        expect(pi.sum(), 1.0, abs=1e-12)
         # E8: r = beta log(pi*/pi_ref) + beta log Z, so implied_reward = r - beta log Z, exactly
         log_z = log_partition(ref, r, beta)
         assert torch.allclose(implied_reward(pi, ref, beta), r - beta * log_z, atol=1e-10)
@@ -146,20 +159,22 @@ def test_e7_sums_to_one_and_e8_recovers_the_reward_up_to_beta_log_z():
     assert torch.allclose(optimal_policy(ref, r, 1e6), ref, atol=1e-5)
 
 
+@pytest.mark.exercise("optimal_policy")
 def test_e7_handles_large_rewards_without_overflow():
     ref = t(0.5, 0.5, dtype=torch.float64)
     # exp(1000 / 0.01) overflows; the softmax form does not
     pi = optimal_policy(ref, t(1000.0, 999.0, dtype=torch.float64), beta=0.01)
-    assert torch.isfinite(pi).all() and pi[0].item() == pytest.approx(1.0)
+    expect(torch.isfinite(pi).all() and pi[0], 1.0, rel=1e-6)
 
 
+@pytest.mark.exercise("implied_reward")
 def test_z_cancels_in_bradley_terry():
     # E3 with E8's rewards: adding beta log Z(x) (or any c(x)) to both rewards changes nothing
     r_w, r_l = t(1.5, -0.2, 3.0), t(0.5, 0.7, 3.5)
     for c in (-100.0, -1.0, 0.0, 2.5, 40.0):
         assert torch.allclose(preference_probability(r_w + c, r_l + c), preference_probability(r_w, r_l), atol=1e-6)
     # sigma(1.5 - 0.5) = sigma(1) = 0.731059
-    assert preference_probability(r_w, r_l)[0].item() == pytest.approx(0.731059, abs=1e-6)
+    expect(preference_probability(r_w, r_l)[0], 0.731059, abs=1e-6)
     # hence DPO on implied rewards (without beta log Z) = Bradley-Terry on the true rewards
     ref = t(0.2, 0.3, 0.5, dtype=torch.float64)
     r = t(1.0, -1.0, 0.25, dtype=torch.float64)
@@ -212,6 +227,7 @@ def test_chosen_rejected_logps_count_response_tokens_only(world, tiny_model):
         assert torch.allclose(seq, torch.cat([logp_w, logp_l]))
 
 
+@pytest.mark.exercise("dpo_loss")
 def test_prompt_and_padding_token_logps_change_nothing_in_the_loss():
     # token log-probs of a 2-pair batch (4 rows: chosen then rejected); mask 1 = response token
     token_logps = torch.tensor([[-1.0, -2.0, -0.5, -0.25, 0.0],
@@ -229,7 +245,7 @@ def test_prompt_and_padding_token_logps_change_nothing_in_the_loss():
     # pair 2: z = -2.75 - (-0.6) = -2.15, -log sigma(-2.15) = log(1 + e^2.15) = log(9.584858) = 2.260185
     # mean = (0.100207 + 2.260185) / 2 = 1.180196
     base = loss_of(token_logps)
-    assert base.item() == pytest.approx(1.180196, abs=1e-5)
+    expect(base, 1.180196, abs=1e-5)
     junk = torch.where(mask.bool(), token_logps, torch.full_like(token_logps, float("nan")))
     assert loss_of(junk).item() == base.item()  # even NaN / -inf at masked positions stays out
     junk = torch.where(mask.bool(), token_logps, torch.full_like(token_logps, -1e9))

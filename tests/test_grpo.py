@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign import grpo
 from minialign.grpo import (GRPOConfig, group_advantages, grpo_loss, kl_penalised_rewards,
@@ -17,30 +18,27 @@ from minialign.ops import kl_k3
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("group_advantages")
 def test_e11_e12_by_hand_on_four_rewards():
     # rewards of one group of G = 4 answers: 1, 0, 0, 3
     # E11: mean = (1 + 0 + 0 + 3) / 4 = 1
     # deviations: 0, -1, -1, 2; sample std = sqrt((0 + 1 + 1 + 4) / 3) = sqrt(2) = 1.414214
     # E12: A = dev / (1.414214 + 1e-4) = 0, -0.707057, -0.707057, 1.414114
     A = group_advantages(torch.tensor([1.0, 0.0, 0.0, 3.0]), group_size=4)
-    expected = torch.tensor([0.0, -1.0, -1.0, 2.0]) / (math.sqrt(2) + 1e-4)
-    assert torch.allclose(A, expected, atol=1e-6)
-    assert A[3].item() == pytest.approx(1.414114, abs=1e-6)
+    expect(A, [0.0, -0.707057, -0.707057, 1.414114], abs=1e-6)
     # without E12's division (Dr. GRPO): A = r - mean = 0, -1, -1, 2
     A = group_advantages(torch.tensor([1.0, 0.0, 0.0, 3.0]), group_size=4, scale_by_std=False)
-    assert A.tolist() == [0.0, -1.0, -1.0, 2.0]
+    expect(A, [0.0, -1.0, -1.0, 2.0], abs=0)
 
 
+@pytest.mark.exercise("group_advantages")
 def test_groups_are_consecutive_rows_and_zero_spread_gives_zero():
-    # group 1: 1, 0 -> mean 0.5, std = sqrt((0.25 + 0.25) / 1) = 0.707107, A = +-0.5 / 0.707207 = +-0.707007
+    # group 1: 1, 0 -> mean 0.5, std = sqrt((0.25 + 0.25) / 1) = 0.707107, with eps = 1e-12: A = +-0.5 / 0.707107 = +-0.707107
     # group 2: all 0.1 (every answer the same): A = 0 exactly, never NaN
     # group 3: all 1 with eps tiny: still exactly 0
     r = torch.tensor([1.0, 0.0, 0.1, 0.1, 1.0, 1.0])
     A = group_advantages(r, group_size=2, eps=1e-12)
-    assert not torch.isnan(A).any()
-    assert A[2:].tolist() == [0.0, 0.0, 0.0, 0.0]
-    assert A[0].item() == pytest.approx(0.5 / math.sqrt(0.5), rel=1e-6)
-    assert A[1].item() == pytest.approx(-0.5 / math.sqrt(0.5), rel=1e-6)
+    expect(A, [0.707107, -0.707107, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
     # a group of 3 equal floats whose float mean is not exactly them (0.1 * 3 / 3 != 0.1)
     A = group_advantages(torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64), group_size=3)
     assert A.tolist() == [0.0, 0.0, 0.0]
@@ -77,24 +75,27 @@ def by_hand_surrogate():
     return [[1.2, 0.9], [-1.6, -2.2, -2.0]]
 
 
+@pytest.mark.exercise("grpo_loss")
 def test_e13_answer_mean_by_hand():
     # answer means: (1.2 + 0.9) / 2 = 1.05 ; (-1.6 - 2.2 - 2.0) / 3 = -1.933333
     # E13: objective = (1.05 - 1.933333) / 2 = -0.441667, loss = +0.441667
     loss, stats = grpo_loss(NEW, OLD, None, ADV, MASK, clip_eps=0.2, beta=0.0)
-    assert loss.item() == pytest.approx(0.441667, abs=1e-5)
+    expect(loss, 0.441667, abs=1e-5)
     # the padded column (rho = 7) does not count; clipped tokens: 1.5 (A>0) and 0.5 (A<0): 2 of 5
-    assert stats["clip_frac"] == pytest.approx(2 / 5)
+    expect(stats["clip_frac"], 2 / 5, rel=1e-6)
 
 
+@pytest.mark.exercise("grpo_loss")
 def test_token_mean_and_constant_by_hand():
     # token_mean: (1.2 + 0.9 - 1.6 - 2.2 - 2.0) / 5 = -3.7 / 5 = -0.74, loss 0.74
     loss, _ = grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="token_mean")
-    assert loss.item() == pytest.approx(0.74, abs=1e-6)
+    expect(loss, 0.74, abs=1e-6)
     # constant, B * max_len = 2 * 4 = 8: -3.7 / 8 = -0.4625, loss 0.4625
     loss, _ = grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, aggregation="constant", max_len=4)
-    assert loss.item() == pytest.approx(0.4625, abs=1e-6)
+    expect(loss, 0.4625, abs=1e-6)
 
 
+@pytest.mark.exercise("grpo_loss")
 def test_kl_in_loss_by_hand():
     # one answer of one token: rho = 1 (pi = pi_old = 0.5), A = 1, pi_ref = 0.25
     # k3 = pi_ref/pi - log(pi_ref/pi) - 1 = 0.5 - log 0.5 - 1 = 0.5 + 0.693147 - 1 = 0.193147
@@ -102,14 +103,15 @@ def test_kl_in_loss_by_hand():
     logp = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[0.25]]))
     loss, stats = grpo_loss(logp, logp, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1)
-    assert loss.item() == pytest.approx(-0.980685, abs=1e-6)
-    assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)
+    expect(loss, -0.980685, abs=1e-6)
+    expect(stats["kl"], 0.193147, abs=1e-6)
     # kl_in="reward": the loss has no KL term: loss = -1
     loss, stats = grpo_loss(logp, logp, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1, kl_in="reward")
-    assert loss.item() == pytest.approx(-1.0, abs=1e-6)
-    assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)  # still reported
+    expect(loss, -1.0, abs=1e-6)
+    expect(stats["kl"], 0.193147, abs=1e-6)  # still reported
 
 
+@pytest.mark.exercise("kl_penalised_rewards")
 def test_kl_in_reward_by_hand():
     # two answers of a group, rewards 1 and 1 (zero spread: no signal from the reward alone)
     # answer 0: 1 token, pi = 0.5, pi_ref = 0.25: k3 = 0.193147 (as above)
@@ -119,13 +121,14 @@ def test_kl_in_reward_by_hand():
     ref = torch.log(torch.tensor([[0.25, 1.0], [0.3, 0.6]]))
     mask = torch.tensor([[1, 0], [1, 1]])
     r = kl_penalised_rewards(torch.tensor([1.0, 1.0]), logps, ref, mask, beta=0.1)
-    assert r.tolist() == pytest.approx([0.980685, 1.0], abs=1e-6)
+    expect(r, [0.980685, 1.0], abs=1e-6)
     # E11 on them: mean = (0.980685 + 1) / 2 = 0.9903425; r - mean = -0.0096575, +0.0096575:
     # the answer closer to pi_ref now has the positive advantage
     A = group_advantages(r, 2, scale_by_std=False)
-    assert A.tolist() == pytest.approx([-0.0096575, 0.0096575], abs=1e-6)
+    expect(A, [-0.0096575, 0.0096575], abs=1e-6)
 
 
+@pytest.mark.exercise("grpo_loss")
 def test_gradcheck_float64():
     torch.manual_seed(0)
     B, T = 3, 4
@@ -143,6 +146,7 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(f, (new,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.exercise("grpo_loss")
 def test_loss_gradient_pushes_towards_better_answers():
     # A > 0 and rho inside the clip range: d loss / d logp = -A * rho / (count) < 0, so a step
     # against the gradient raises the log-prob of the good answer
@@ -150,7 +154,7 @@ def test_loss_gradient_pushes_towards_better_answers():
     loss, _ = grpo_loss(logp, torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.0)
     loss.backward()
     # d/dlogp of -(1/2) sum exp(logp - 0) * 1 = -0.5 * exp(0) = -0.5 per token
-    assert logp.grad.tolist() == [[-0.5, -0.5]]
+    expect(logp.grad, [[-0.5, -0.5]], abs=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign.ops import (check_choice, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
                            check_positive, check_sequence_logps, check_token_tensors, entropy_from_logits, kl_k1,
@@ -11,19 +12,21 @@ from minialign.ops import (check_choice, check_in_range, check_nonempty_rows, ch
                            sequence_logps, token_logps)
 
 
+@pytest.mark.exercise("token_logps")
 def test_token_logps_by_hand():
     logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])  # (B=1, T=2, V=3)
     tokens = torch.tensor([[0, 2]])
     # log softmax([2,1,0])[0] = 2 - log(e^2 + e^1 + e^0) = 2 - log(11.107) = 2 - 2.4076 = -0.4076
     # log softmax([0,0,0])[2] = -log 3 = -1.0986
     got = token_logps(logits, tokens)
-    assert torch.allclose(got, torch.tensor([[-0.4076, -1.0986]]), atol=1e-4)
+    expect(got, [[-0.4076, -1.0986]], abs=1e-4)
     # at temperature 2: log softmax([1, .5, 0])[0] = 1 - log(e + e^.5 + 1) = 1 - log(5.3670) = -0.6802
-    assert token_logps(logits, tokens, temperature=2.0)[0, 0].item() == pytest.approx(-0.6802, abs=1e-4)
+    expect(token_logps(logits, tokens, temperature=2.0)[0, 0], -0.6802, abs=1e-4)
     # E1: log pi(y|x) is the sum of the token terms: -0.4076 + -1.0986 = -1.5062
-    assert got.sum().item() == pytest.approx(-1.5062, abs=1e-4)
+    expect(got.sum(), -1.5062, abs=1e-4)
 
 
+@pytest.mark.exercise("token_logps")
 def test_token_logps_float32_under_bf16_and_errors():
     logits = torch.randn(2, 3, 5).bfloat16()
     assert token_logps(logits, torch.zeros(2, 3, dtype=torch.long)).dtype == torch.float32
@@ -33,6 +36,7 @@ def test_token_logps_float32_under_bf16_and_errors():
         token_logps(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0)
 
 
+@pytest.mark.exercise("token_logps")
 def test_token_logps_gradcheck():
     logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     tokens = torch.tensor([[0, 1, 3], [2, 2, 0]])
@@ -40,6 +44,7 @@ def test_token_logps_gradcheck():
     assert torch.autograd.gradcheck(lambda z: token_logps(z, tokens, 0.7), (logits,))
 
 
+@pytest.mark.exercise("token_logps")
 def test_model_and_sequence_logps_line_up(tiny_model):
     ids = torch.tensor([[1, 5, 6, 7, 2]])
     mask = torch.tensor([[0, 0, 1, 1, 1]])  # response = tokens 2..4
@@ -48,7 +53,7 @@ def test_model_and_sequence_logps_line_up(tiny_model):
     by_hand = torch.log_softmax(logits[0, 2], -1)[7] + torch.log_softmax(logits[0, 1], -1)[6] \
         + torch.log_softmax(logits[0, 3], -1)[2]
     assert per_token.shape == (1, 4)
-    assert sequence_logps(tiny_model, ids, None, mask).item() == pytest.approx(by_hand.item(), abs=1e-5)
+    expect(sequence_logps(tiny_model, ids, None, mask), by_hand.item(), abs=1e-5)
 
 
 def test_masked_sum_mean_by_hand():
@@ -73,26 +78,30 @@ def test_masked_var_and_whiten():
     assert masked_whiten(x, m, shift_mean=False).tolist()[:3] == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
 
 
+@pytest.mark.exercise("kl_estimators")
 def test_kl_estimators_by_hand():
     logp, logq = torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))
     # k1 = log(0.5/0.25) = ln 2 = 0.6931
-    assert kl_k1(logp, logq).item() == pytest.approx(0.6931, abs=1e-4)
+    expect(kl_k1(logp, logq), 0.6931, abs=1e-4)
     # k2 = (ln 2)^2 / 2 = 0.4805 / 2 = 0.2402
-    assert kl_k2(logp, logq).item() == pytest.approx(0.2402, abs=1e-4)
+    expect(kl_k2(logp, logq), 0.2402, abs=1e-4)
     # k3 = q/p - 1 - log(q/p) = 0.5 - 1 + 0.6931 = 0.1931
-    assert kl_k3(logp, logq).item() == pytest.approx(0.1931, abs=1e-4)
+    expect(kl_k3(logp, logq), 0.1931, abs=1e-4)
 
 
+@pytest.mark.exercise("kl_estimators")
 def test_kl_estimators_expectations():
     # p = (0.5, 0.5), q = (0.25, 0.75): KL(p||q) = 0.5 ln 2 + 0.5 ln(2/3) = 0.3466 - 0.2027 = 0.1438
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
     kl = (p * (p / q).log()).sum().item()
     assert kl == pytest.approx(0.1438, abs=1e-4)
-    expect = lambda k: (p * k(p.log(), q.log())).sum().item()  # noqa: E731  exact E_{x~p}
-    assert expect(kl_k1) == pytest.approx(kl)  # unbiased
-    assert expect(kl_k3) == pytest.approx(kl)  # unbiased: E_p[q/p - 1] = 0
+    def mean_under_p(k):  # the exact expectation E_{x~p}[k(x)]
+        return (p * k(p.log(), q.log())).sum()
+    # unbiased: E_p[k1] = KL; E_p[k3] = KL too, since E_p[q/p - 1] = 1 - 1 = 0
+    expect(mean_under_p(kl_k1), kl, rel=1e-6)
+    expect(mean_under_p(kl_k3), kl, rel=1e-6)
     # k2 is biased: 0.5 * (0.5 * 0.4805 + 0.5 * 0.1644) = 0.1612
-    assert expect(kl_k2) == pytest.approx(0.1612, abs=1e-4)
+    expect(mean_under_p(kl_k2), 0.1612, abs=1e-4)
     assert (kl_k3(p.log(), q.log()) >= 0).all() and (kl_k2(p.log(), q.log()) >= 0).all()
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, PPOConfig,
                            clipped_surrogate_loss, explained_variance, gae, logps_values_entropy,
@@ -30,6 +31,7 @@ def _e5_inputs(dtype=torch.float32):
     return logps, old_logps, torch.tensor(ADVS, dtype=dtype), torch.tensor(MASK)
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_by_hand():
     logps, old_logps, adv, mask = _e5_inputs()
     loss, stats = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
@@ -41,15 +43,16 @@ def test_clipped_surrogate_by_hand():
     #   rho 1.0, A +2: min(2, 2)       =  2.0   inside the range
     #   rho 1.1, A -1: min(-1.1, -1.1) = -1.1   inside the range
     # mean = (1.2 - 1.5 + 0.5 - 0.8 + 2.0 - 1.1) / 6 = 0.3 / 6 = 0.05; loss = -0.05
-    assert loss.item() == pytest.approx(-0.05, abs=1e-6)
-    assert stats["clip_frac"] == pytest.approx(2 / 6)
+    expect(loss, -0.05, abs=1e-6)
+    expect(stats["clip_frac"], 2 / 6, rel=1e-6)
     # approx KL (k3) = mean of (rho - 1) - log rho:
     #   1.5: 0.5 - 0.405465 = 0.094535 (twice); 0.5: -0.5 + 0.693147 = 0.193147 (twice);
     #   1.0: 0; 1.1: 0.1 - 0.095310 = 0.004690; sum 0.580054 / 6 = 0.096676
-    assert stats["approx_kl"] == pytest.approx(0.096676, abs=1e-5)
-    assert stats["ratio"] == pytest.approx((1.5 + 1.5 + 0.5 + 0.5 + 1.0 + 1.1) / 6, abs=1e-6)
+    expect(stats["approx_kl"], 0.096676, abs=1e-5)
+    expect(stats["ratio"], (1.5 + 1.5 + 0.5 + 0.5 + 1.0 + 1.1) / 6, abs=1e-6)
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     logps, old_logps, adv, mask = _e5_inputs()
     loss, _ = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
@@ -60,7 +63,7 @@ def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     #   padding: exactly 0
     expected = torch.tensor([[0.0, 0.25, -0.5 / 6, 0.0],
                              [0.0, -2 / 6, 1.1 / 6, 0.0]])
-    torch.testing.assert_close(logps.grad, expected, atol=1e-6, rtol=0)
+    expect(logps.grad, expected, abs=1e-6)
     binds = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     response = torch.tensor(MASK, dtype=torch.bool)
     assert (logps.grad[binds] == 0).all()                        # zero where the clip binds ...
@@ -68,6 +71,7 @@ def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     assert binds.sum() == 2 and logps.grad[~response].abs().sum() == 0
 
 
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_gradcheck_float64():
     logps, old_logps, adv, mask = _e5_inputs(torch.float64)
     # finite differences must not straddle a kink: every ratio is >= 0.1 away from 0.8 and 1.2
@@ -82,6 +86,7 @@ def test_clipped_surrogate_gradcheck_float64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("gae")
 def test_gae_by_hand_three_steps_in_a_padded_batch():
     # row 0: two prompt columns (mask 0), three response tokens, one pad; row 1: one token (EOS)
     rewards = torch.tensor([[9.0, 9.0, 0.0, 0.0, 1.0, 9.0],
@@ -98,12 +103,14 @@ def test_gae_by_hand_three_steps_in_a_padded_batch():
     #   A_3 = 0.3;  A_2 = 0.03 + 0.72 * 0.3 = 0.246;  A_1 = 0.04 + 0.72 * 0.246 = 0.21712
     #   returns = A + V = 0.71712, 0.846, 1.0
     # row 1: A_1 = 2 - 0.5 = 1.5, return 2.0; everything outside the mask is 0
-    torch.testing.assert_close(adv, torch.tensor([[0, 0, 0.21712, 0.246, 0.3, 0],
-                                                  [0, 0, 1.5, 0, 0, 0]]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(ret, torch.tensor([[0, 0, 0.71712, 0.846, 1.0, 0],
-                                                  [0, 0, 2.0, 0, 0, 0]]), atol=1e-6, rtol=0)
+    expect(adv, [[0, 0, 0.21712, 0.246, 0.3, 0],
+                 [0, 0, 1.5, 0, 0, 0]], abs=1e-6)
+    expect(ret, [[0, 0, 0.71712, 0.846, 1.0, 0],
+                 [0, 0, 2.0, 0, 0, 0]], abs=1e-6)
 
 
+@pytest.mark.exercise("gae")
+@pytest.mark.exercise("one_step_advantages")
 def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
     torch.manual_seed(0)
     mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0],
@@ -124,6 +131,7 @@ def test_gae_with_gamma_lambda_one_is_r_minus_v_at_the_first_response_token():
     torch.testing.assert_close(src_ret, torch.where(mask.bool(), r[:, None], torch.tensor(0.)))
 
 
+@pytest.mark.exercise("one_step_advantages")
 def test_one_step_advantages_by_hand():
     # E6 as the source writes it: A = r(x, y) - V(x), with V(x) read at the first response token,
     # copied onto every response token; the value target is r(x, y) on every response token
@@ -135,10 +143,10 @@ def test_one_step_advantages_by_hand():
     mask = torch.tensor([[0, 1, 1, 1, 0],
                          [0, 0, 1, 0, 0]])
     adv, ret = one_step_advantages(total_reward, values, mask)
-    torch.testing.assert_close(adv, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0],
-                                                  [0.0, 0.0, 0.5, 0.0, 0.0]]))
-    torch.testing.assert_close(ret, torch.tensor([[0.0, 2.0, 2.0, 2.0, 0.0],
-                                                  [0.0, 0.0, -0.5, 0.0, 0.0]]))
+    expect(adv, [[0.0, 1.5, 1.5, 1.5, 0.0],
+                 [0.0, 0.0, 0.5, 0.0, 0.0]])
+    expect(ret, [[0.0, 2.0, 2.0, 2.0, 0.0],
+                 [0.0, 0.0, -0.5, 0.0, 0.0]])
     # the values at later response tokens (0.7, 0.9) play no part: only V(x) is the baseline
     values[0, 2:4] = -100.0
     torch.testing.assert_close(one_step_advantages(total_reward, values, mask)[0], adv)
@@ -157,6 +165,7 @@ def test_explained_variance():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("per_token_rewards")
 def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     # a padded batch as ``logps_values_entropy`` sees it: prompt column, response, then pads
     logps = torch.tensor([[7.0, -1.0, -2.0, -0.5, 7.0],
@@ -169,12 +178,12 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
     rewards = per_token_rewards(score, logps, ref_logps, mask, beta=0.1)
     # row 0: -0.1 * (logp - ref) = -0.1 * 0.5 = -0.05, -0.1 * (-1) = 0.1, -0.1 * 0 = 0, + score 2 at EOS
     # row 1: its only token is the EOS: -0.1 * 0.5 + (-1) = -1.05
-    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 2.0, 0.0],
-                                                      [0.0, -1.05, 0.0, 0.0, 0.0]]))
+    expect(rewards, [[0.0, -0.05, 0.1, 2.0, 0.0],
+                     [0.0, -1.05, 0.0, 0.0, 0.0]], abs=1e-6)
     # the sum is r_phi - beta * sum(log pi - log pi_ref): 2 - 0.1 * (-0.5) = 2.05; -1 - 0.05 = -1.05
     log_ratio = ((logps - ref_logps) * mask).sum(1)
     torch.testing.assert_close(rewards.sum(1), score - 0.1 * log_ratio)
-    torch.testing.assert_close(rewards.sum(1), torch.tensor([2.05, -1.05]))
+    expect(rewards.sum(1), [2.05, -1.05], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +191,7 @@ def test_per_token_rewards_score_at_eos_and_sum_is_e2():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("value_loss")
 def test_value_loss_by_hand():
     values = torch.tensor([[1.0, 0.0, 2.0, 4.0]], requires_grad=True)
     old_values = torch.tensor([[0.5, 0.5, 2.0, 0.0]])
@@ -192,15 +202,16 @@ def test_value_loss_by_hand():
     # token 2: V 0.0 moved -0.5 -> clipped V = 0.3: max((0-1)^2, (0.3-1)^2) = max(1, 0.49) = 1
     # token 3: V did not move: (2-1)^2 = 1
     # loss = 0.5 * (1.69 + 1 + 1) / 3 = 0.615
-    assert loss.item() == pytest.approx(0.615, abs=1e-6)
-    assert stats["value_clip_frac"] == pytest.approx(1 / 3)
+    expect(loss, 0.615, abs=1e-6)
+    expect(stats["value_clip_frac"], 1 / 3, rel=1e-6)
     loss.backward()
     # d/dV of 0.5 * err / 3: token 1 clipped (0), token 2 (0 - 1) / 3, token 3 (2 - 1) / 3, pad 0
-    torch.testing.assert_close(values.grad, torch.tensor([[0.0, -1 / 3, 1 / 3, 0.0]]))
+    expect(values.grad, [[0.0, -1 / 3, 1 / 3, 0.0]], abs=1e-5)
     plain, _ = value_loss(values, old_values, returns, mask, clip_range=None)
-    assert plain.item() == pytest.approx(0.5 * (1 + 1 + 1) / 3)   # 0.5 mean (V - R)^2 = 0.5
+    expect(plain, 0.5 * (1 + 1 + 1) / 3, rel=1e-6)  # 0.5 mean (V - R)^2 = 0.5
 
 
+@pytest.mark.exercise("value_loss")
 def test_value_loss_gradcheck_float64():
     values = torch.tensor([[1.0, 0.0, 2.05, 4.0], [0.3, -0.4, 0.6, 0.1]], dtype=torch.float64,
                           requires_grad=True)

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign.pretrain import PretrainConfig, lm_loss, main
 
 
+@pytest.mark.exercise("lm_loss")
 def test_lm_loss_by_hand():
     # V = 2, T = 3: positions 0 and 1 predict tokens 1 and 2
     logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, 5.0]]])
@@ -16,11 +18,12 @@ def test_lm_loss_by_hand():
     # -log softmax([0, 0])[1] = ln 2 = 0.6931; -log softmax([ln 3, 0])[0] = -log(3/4) = 0.2877
     # mean over the two predicted tokens: (0.6931 + 0.2877) / 2 = 0.4904
     every = torch.tensor([[0, 1, 1]])
-    assert lm_loss(logits, ids, every).item() == pytest.approx(0.4904, abs=1e-4)
+    expect(lm_loss(logits, ids, every), 0.4904, abs=1e-4)
     # E0b: only the last token is a response token -> 0.2877
-    assert lm_loss(logits, ids, torch.tensor([[0, 0, 1]])).item() == pytest.approx(0.2877, abs=1e-4)
+    expect(lm_loss(logits, ids, torch.tensor([[0, 0, 1]])), 0.2877, abs=1e-4)
 
 
+@pytest.mark.exercise("lm_loss")
 def test_lm_loss_gradcheck():
     logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 5, (2, 4))

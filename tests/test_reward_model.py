@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
+from handworked import expect
 
 from minialign.data import collate, left_pad
 from minialign.model import GPT
 from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability,
                                     collate_pairs, encode_pairs, last_token_index, main,
-                                    pair_rewards, reward_model_loss)
+                                    pair_rewards, reward_function, reward_model_loss, score)
 from minialign.train import save_policy
 
 # ----------------------------------------------------------------------------------------------
@@ -18,6 +19,7 @@ from minialign.train import save_policy
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("bradley_terry_probability")
 def test_bradley_terry_by_hand():
     r_w = torch.tensor([1.0, 0.0, 2.0, -1.0])
     r_l = torch.tensor([0.0, 0.0, 0.0, 1.0])
@@ -26,12 +28,13 @@ def test_bradley_terry_by_hand():
     # sigma(0) = 0.5
     # sigma(2) = 1 / (1 + e^-2) = 1 / 1.135335 = 0.880797
     # sigma(-2) = 1 - sigma(2) = 0.119203
-    assert torch.allclose(p, torch.tensor([0.731059, 0.5, 0.880797, 0.119203]), atol=1e-6)
+    expect(p, [0.731059, 0.5, 0.880797, 0.119203], abs=1e-6)
     # E3's first form, e^{r_w} / (e^{r_w} + e^{r_l}): for (1, 0), e / (e + 1) = 2.71828 / 3.71828 = 0.731059
     explicit = torch.exp(r_w) / (torch.exp(r_w) + torch.exp(r_l))
     assert torch.allclose(p, explicit, atol=1e-6)
 
 
+@pytest.mark.exercise("bradley_terry_probability")
 def test_adding_c_of_x_to_both_rewards_changes_no_probability():
     """Z(x) cancels: r + c(x) for any c(x) leaves every E3 probability (and E4) unchanged."""
     generator = torch.Generator().manual_seed(0)
@@ -49,25 +52,28 @@ def test_adding_c_of_x_to_both_rewards_changes_no_probability():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_by_hand():
     r_w = torch.tensor([1.0, 0.0])
     r_l = torch.tensor([0.0, 2.0])
     # pair 1: gap 1, -log sigma(1) = -log 0.731059 = 0.313262
     # pair 2: gap -2, -log sigma(-2) = -log 0.119203 = 2.126928
     # mean = (0.313262 + 2.126928) / 2 = 1.220095
-    assert math.isclose(reward_model_loss(r_w, r_l).item(), 1.220095, abs_tol=1e-5)
+    expect(reward_model_loss(r_w, r_l), 1.220095, abs=1e-5)
     # equal rewards: -log sigma(0) = log 2 = 0.693147
-    assert math.isclose(reward_model_loss(torch.zeros(3), torch.zeros(3)).item(), 0.693147, abs_tol=1e-6)
+    expect(reward_model_loss(torch.zeros(3), torch.zeros(3)), 0.693147, abs=1e-6)
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_is_stable_for_large_gaps():
     # gap -200: sigma underflows in float32, but -log sigma(-200) = 200 + log(1 + e^-200) = 200
     loss = reward_model_loss(torch.tensor([0.0]), torch.tensor([200.0]))
-    assert torch.isfinite(loss) and math.isclose(loss.item(), 200.0, rel_tol=1e-6)
+    expect(loss, 200.0, rel=1e-6)
     # gap +200: the loss is log(1 + e^-200) = 0 (not NaN)
-    assert reward_model_loss(torch.tensor([200.0]), torch.tensor([0.0])).item() == 0.0
+    expect(reward_model_loss(torch.tensor([200.0]), torch.tensor([0.0])), 0.0, abs=0)
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_gradient_by_hand():
     r_w = torch.tensor([1.0, 0.0], requires_grad=True)
     r_l = torch.tensor([0.0, 2.0], requires_grad=True)
@@ -75,10 +81,11 @@ def test_reward_model_loss_gradient_by_hand():
     # dL/dr_w = -(1 - sigma(r_w - r_l)) / B, dL/dr_l = +(1 - sigma(r_w - r_l)) / B, B = 2
     # pair 1: 1 - sigma(1) = 0.268941, / 2 = 0.134471
     # pair 2: 1 - sigma(-2) = 0.880797, / 2 = 0.440399
-    assert torch.allclose(r_w.grad, torch.tensor([-0.134471, -0.440399]), atol=1e-6)
-    assert torch.allclose(r_l.grad, torch.tensor([0.134471, 0.440399]), atol=1e-6)
+    expect(r_w.grad, [-0.134471, -0.440399], abs=1e-6)
+    expect(r_l.grad, [0.134471, 0.440399], abs=1e-6)
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_reward_model_loss_gradcheck_float64():
     generator = torch.Generator().manual_seed(0)
     r_w = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -87,6 +94,7 @@ def test_reward_model_loss_gradcheck_float64():
     assert torch.autograd.gradcheck(bradley_terry_probability, (r_w, r_l))
 
 
+@pytest.mark.exercise("reward_model_loss")
 def test_loss_is_float32_under_bfloat16():
     r = torch.tensor([0.3, -0.2], dtype=torch.bfloat16)
     assert reward_model_loss(r, torch.zeros_like(r)).dtype == torch.float32
@@ -217,6 +225,19 @@ def test_save_load_round_trip_and_mismatches(world, tiny_rm, tiny_model, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # Bad preference data
 # ----------------------------------------------------------------------------------------------
+
+
+def test_reward_function_scores_finished_answers_with_r_phi(world, tiny_rm):
+    """GRPO's reward on reviews (tutorial 09): r_phi of each finished answer, the penalty without EOS."""
+    tok = world.tokenizer
+    prompts = ["review the movie", "review the song", "review the book"]
+    answers = ["the movie was good .", "the song was bad .", "the book was"]
+    reward = reward_function(tiny_rm, tok, missing_eos_score=-7.0)
+    got = reward(prompts=prompts, completions=answers, finished=[True, True, False], answer=[None] * 3)
+    with torch.no_grad():
+        r_phi = score(tiny_rm, [tok.prompt(x) for x in prompts], [tok.response(y) for y in answers], tok.pad_id)
+    assert got[:2] == pytest.approx(r_phi[:2].tolist(), abs=1e-6) and got[0] != got[1]
+    assert got[2] == -7.0                       # cut off before its EOS: no place to read r_phi
 
 
 def test_empty_response_is_an_error(world):
