@@ -465,10 +465,11 @@ def stage_problem(folder) -> str | None:
             return (f"{folder / name} changed after {folder.name} completed (its sha256 differs from the one "
                     f"in {STATUS}); rerun `{command}`")
     for field, rec in status.get("inputs", {}).items():
+        # an input that is gone (a stage folder copied on its own) leaves the stage as it was made;
+        # one that is there with other contents means a newer model is upstream of this one
         source = folder.parent / rec["path"]  # an absolute path stays absolute
-        if not source.exists() or files.fingerprint(source) != rec["sha256"]:
-            change = "changed" if source.exists() else "gone"
-            return f"{folder.name} was made from {source} ({flag(field)}), which has {change} since; rerun `{command}`"
+        if source.exists() and files.fingerprint(source) != rec["sha256"]:
+            return f"{folder.name} was made from {source} ({flag(field)}), which has changed since; rerun `{command}`"
     return None
 
 

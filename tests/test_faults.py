@@ -257,9 +257,10 @@ def test_a_rerun_with_other_settings_asks_for_overwrite(tmp_path, capsys):
 
 
 def test_an_input_changed_since_a_stage_ran_makes_that_stage_stale(tmp_path, tiny_run):
-    for stage in ("pretrain", "sft"):  # a copied run folder still checks out: inputs are stored relative to it
-        shutil.copytree(tiny_run / stage, tmp_path / stage)
-    assert stage_problem(tmp_path / "sft") is None
+    shutil.copytree(tiny_run / "sft", tmp_path / "sft")
+    assert stage_problem(tmp_path / "sft") is None  # a stage folder copied alone: its input is gone, not changed
+    shutil.copytree(tiny_run / "pretrain", tmp_path / "pretrain")
+    assert stage_problem(tmp_path / "sft") is None  # a copied run folder checks out: inputs are stored relative to it
     pretrain.main(config("pretrain", tmp_path, overwrite=True))  # a new base model under the SFT model
     problem = stage_problem(tmp_path / "sft")
     assert f"sft was made from {tmp_path / 'pretrain' / 'model.pt'} (--init), which has changed since" in problem
