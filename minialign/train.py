@@ -154,12 +154,15 @@ class TrainConfig(Config):
         check_range(self, "min_lr_ratio", 0, 1)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every"):
             check_range(self, name, 0)
+        # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
-        check_range(self, "max_length", 2)
+        if self.eval_data and not self.data:
+            raise ConfigError("--eval-data is held-out data for --data; the toy world has its own held-out split")
+        if self.max_length is not None and (not self.data or self.max_length < 1):
+            raise ConfigError(f"--max-length {self.max_length} cuts the rows of --data (>= 1 token); "
+                              "the toy world's rows all fit its model")
         require(self, "model", not (self.model and getattr(self, "init", "")),
                 "left out when --init names the model to start from")
-        for name in ("model", "data", "eval_data"):  # files given by hand must be there
-            require(self, name, not getattr(self, name) or Path(getattr(self, name)).exists(), "an existing path")
         if distributed.launched():  # one checkpoint holds one process's generators
             require(self, "save_every", self.save_every == 0, "0 under torchrun (resume works in one process)")
             require(self, "resume", not self.resume, "off under torchrun (resume works in one process)")
@@ -177,17 +180,6 @@ def _device_ok(name: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
-
-    def __post_init__(self):
-        """The flags for real models and data that only make sense together (checked before any run
-        folder is touched)."""
-        if self.grad_accum < 1:
-            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
-        if self.eval_data and not self.data:
-            raise ValueError("--eval-data is held-out data for --data; the toy world has its own held-out split")
-        if self.max_length is not None and (not self.data or self.max_length < 1):
-            raise ValueError(f"--max-length {self.max_length} cuts the rows of --data (>= 1 token); "
-                             "the toy world's rows all fit its model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -808,6 +800,9 @@ def stage(name: str):
         def run_stage(config: TrainConfig):
             config.validate()
             resolve_device(config.device)
+            for field in ("model", "data", "eval_data"):  # given by hand: they must be there
+                if getattr(config, field) and not Path(getattr(config, field)).exists():
+                    raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
             for field in type(config).INPUTS:
                 stage_input(config, field)
             final = Path(config.out) / name

@@ -147,6 +147,8 @@ BAD_VALUES = [
     ("grpo", ["--group-size", "1"], "--group-size must be >= 2"),
     ("dpo", ["--beta", "0"], "--beta must be > 0"),
     ("reward_model", ["--num-pairs", "10"], "--num-pairs must be >= --batch-size"),
+    ("dpo", ["--data", "missing.jsonl"], "--data missing.jsonl: no such file or folder"),
+    ("sft", ["--eval-data", "e.jsonl"], "--eval-data is held-out data for --data"),
 ]
 
 
