@@ -62,12 +62,17 @@ def test_optimizer_step_clips_and_refuses_nan():
 
 def test_run_folder_writes_config_metrics_and_plots(tmp_path):
     run = Run(DemoConfig(out=str(tmp_path)), "demo")
+    assert run.dir == tmp_path / "demo.partial"  # the stage works aside until it completes
     run.log(0, loss=1.0)
     run.log(1, loss=0.5, acc=0.9)
+    assert run.plot(["loss"], "loss.png", hlines={"floor": 0.2}).stat().st_size > 1000
+    run.finish({"loss": 0.5})
+    assert not (tmp_path / "demo.partial").exists()
     rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [1.0, 0.5] and rows[1]["acc"] == 0.9
     assert json.loads((tmp_path / "demo" / "config.json").read_text())["beta"] == 0.1
-    assert run.plot(["loss"], "loss.png", hlines={"floor": 0.2}).stat().st_size > 1000
+    status = json.loads((tmp_path / "demo" / "status.json").read_text())
+    assert status["status"] == "complete" and set(status["outputs"]) >= {"loss.png", "summary.json"}
 
 
 def test_policy_checkpoint_checks_the_tokenizer(tmp_path, tiny_model, world):

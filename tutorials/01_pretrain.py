@@ -40,7 +40,8 @@ def main():
           f" -> floor = {floor['nats_per_token']:.4f} nats/token. No model can beat it on fresh text.")
 
     banner("2. Pre-training: L_LM = -sum_t log pi_theta(x_t | x_<t)   (E0a)")
-    summary = pretrain(PretrainConfig(out=args.out, device=args.device, seed=args.seed, steps=args.steps))
+    summary = pretrain(PretrainConfig(out=args.out, device=args.device, seed=args.seed, steps=args.steps,
+                                      overwrite=True))
     print(f"\nheld-out loss {summary['heldout_loss']:.4f} vs floor {summary['entropy_floor']:.4f}: "
           f"{100 * summary['gap_to_floor']:.2f}% above the floor, {summary['params']:,} parameters, "
           f"{summary['seconds']:.0f} s.  Plot: {args.out}/pretrain/loss.png")

@@ -38,7 +38,7 @@ def main():
     print(f"\nfloor H(response | prompt) = {floor['nats_per_token']:.4f} nats per response token")
 
     banner("2. Fine-tuning the base model")
-    s = sft(SFTConfig(out=args.out, device=args.device, seed=args.seed, steps=args.steps))
+    s = sft(SFTConfig(out=args.out, device=args.device, seed=args.seed, steps=args.steps, overwrite=True))
     print(f"\nheld-out response loss {s['heldout_loss']:.4f} vs floor {s['entropy_floor']:.4f} "
           f"({100 * (s['heldout_loss'] / s['entropy_floor'] - 1):.1f}% above), {s['seconds']:.0f} s")
 

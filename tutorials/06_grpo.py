@@ -77,7 +77,7 @@ def main() -> None:
     init = args.init or str(ensure_sft(args.out, args.device, args.seed))
     options = {k: v for k, v in vars(args).items() if v is not None and k in (
         "steps", "group_size", "lr", "beta", "kl_in", "aggregation", "scale_by_std", "ref_reset_every")}
-    config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, **options)
+    config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, overwrite=True, **options)
 
     banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers per iteration, "
            f"{config.steps} iterations\nreward: 1 if the answer is right (verifiable), else 0; "

@@ -1,14 +1,16 @@
 """What the numbered tutorials share: the run folder and the checkpoints of earlier tutorials.
 
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
-tutorial needs the models of the earlier ones; if they are missing it trains them first with the
-default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and says so.
+tutorial needs the models of the earlier ones; if they are missing (or unfinished, or made from
+a model that has changed since) it trains them first with the default settings (pre-training
+then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.cli.ensure_stage``, what
+``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
+before (``overwrite=True``), whatever flags it was given then.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -26,24 +28,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# stage -> (the stage it starts from, the tutorial that trains it); the stage's module is
-# minialign.<stage> with a dataclass config and main(config), as the CLI registers it
-PREREQUISITES = {"pretrain": (None, "01"), "sft": ("pretrain", "02"), "reward_model": ("sft", "03")}
-
-
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/<stage>/model.pt``, trained now with the defaults (after its prerequisites) if missing."""
-    path = Path(out) / stage / "model.pt"
-    if not path.is_file():
-        before, tutorial = PREREQUISITES[stage]
-        if before is not None:
-            ensure(before, out, device, seed)
-        from minialign.cli import STAGES
-        module = importlib.import_module(STAGES[stage][0])
-        config = getattr(module, STAGES[stage][1])(out=out, device=device, seed=seed)
-        print(f"[{path} is missing: training {stage} first with the defaults, as tutorial {tutorial} does]")
-        module.main(config)
-    return path
+    """``out/<stage>/model.pt``, complete and up to date: trained now (after its prerequisites)
+    if it is missing, with the defaults, as the tutorial of that stage does."""
+    from minialign.cli import ensure_stage
+    return ensure_stage(stage, out=out, device=device, seed=seed)
 
 
 def ensure_pretrained(out: str, device: str = "auto", seed: int = 0) -> Path:
