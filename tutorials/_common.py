@@ -60,3 +60,17 @@ def ensure_reward_model(out: str, device: str = "auto", seed: int = 0) -> Path:
 
 def banner(text: str) -> None:
     print("\n" + "=" * 78 + "\n" + text + "\n" + "=" * 78)
+
+
+def summary(tutorial: str, **figures) -> str:
+    """Print the tutorial's seeded figures on one line, ``summary NN_name: key=value ...``.
+
+    docs/course.md quotes these lines as the expected output under each command, and
+    ``python tutorials/refresh_expected.py`` reruns the commands and rewrites them: keep every
+    figure a student is asked about here, and nothing that varies from run to run (times).
+    """
+    def text(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    line = f"summary {tutorial}: " + " ".join(f"{k}={text(v)}" for k, v in figures.items())
+    print(line)
+    return line
