@@ -111,7 +111,7 @@ def read_rows(path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
                 bad.append((f"line {lineno}", f"malformed JSON ({e.msg})"))
                 continue
             if not isinstance(row, dict):
-                bad.append((f"line {lineno}", f"a JSON {type(row).__name__}, not an object"))
+                bad.append((f"line {lineno}", f"expected a JSON object, got {type(row).__name__}"))
                 continue
             rows.append((f"line {lineno}", row))
     return rows, bad

@@ -426,19 +426,12 @@ def write_jsonl(path, rows: list[dict]) -> None:
 
 def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a JSONL file; a malformed line or a missing field is an error naming file and line."""
-    rows = []
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {missing}")
-            rows.append(row)
-    return rows
+    from .datafiles import read_rows
+
+    rows, bad = read_rows(path)
+    bad += [(where, f"missing or non-string field(s) {missing}") for where, row in rows
+            if (missing := [k for k in required if not isinstance(row.get(k), str)])]
+    if bad:
+        where, why = min(bad, key=lambda b: int(b[0].split()[1]))
+        raise ValueError(f"{path}:{where.split()[1]}: {why}")
+    return [row for _, row in rows]

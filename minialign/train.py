@@ -56,6 +56,17 @@ class TrainConfig:
     max_length: int | None = None  # longest prompt + response in tokens (None: the model's context); longer rows are cut as TRL does
     grad_accum: int = 1          # micro-batches per optimizer step; batch_size stays the global batch
 
+    def __post_init__(self):
+        """The flags for real models and data that only make sense together (checked before any run
+        folder is touched)."""
+        if self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        if self.eval_data and not self.data:
+            raise ValueError("--eval-data is held-out data for --data; the toy world has its own held-out split")
+        if self.max_length is not None and (not self.data or self.max_length < 1):
+            raise ValueError(f"--max-length {self.max_length} cuts the rows of --data (>= 1 token); "
+                             "the toy world's rows all fit its model")
+
 
 # ----------------------------------------------------------------------------------------------
 # configs <-> command-line flags

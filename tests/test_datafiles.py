@@ -131,3 +131,22 @@ def test_parquet_rows(tmp_path, world):
                    tmp_path / "d.parquet")
     with pytest.raises(DataError, match="row 2: empty 'completion'"):
         sft_data(tmp_path / "d.parquet", world.tokenizer, context=48)
+
+
+def test_real_data_flags_are_checked_when_the_config_is_made():
+    from minialign.dpo import DPOConfig
+    from minialign.grpo import GRPOConfig
+    from minialign.loading import load_model
+    from minialign.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="--eval-data is held-out data for --data"):
+        SFTConfig(eval_data="eval.jsonl")
+    with pytest.raises(ValueError, match="--max-length 12 cuts the rows of --data"):
+        DPOConfig(max_length=12)
+    with pytest.raises(ValueError, match="--max-length 0"):
+        DPOConfig(data="d.jsonl", max_length=0)
+    with pytest.raises(ValueError, match="--grad-accum must be >= 1"):
+        GRPOConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="model_impl must be 'minialign' or 'hf'"):
+        load_model("anywhere", "vllm")
+    assert DPOConfig(data="d.jsonl", eval_data="e.jsonl", max_length=12).max_length == 12

@@ -1,6 +1,7 @@
 """Checks minialign/distributed.py: gradient accumulation and torchrun (DDP, gloo on the CPU) give
 the update of one process with the whole global batch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,3 +82,24 @@ def test_torchrun_two_processes_match_one_process(tiny_run, tmp_path):
     assert_same_weights(one / "dpo" / "model.pt", two / "dpo" / "model.pt")
     rows = (two / "dpo" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len((one / "dpo" / "metrics.jsonl").read_text().splitlines())  # one writer
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_reward_model_ppo_and_grpo(tiny_run, tmp_path):
+    """The other stages under torchrun (rollouts sharded by prompt, --grad-accum on top): each
+    writes one complete run folder, from rank 0."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run / "sft", out / "sft")
+    common = ["--out", str(out), "--device", "cpu", "--no-progress", "--steps", "2"]
+    _torchrun(["reward-model", *common, "--batch-size", "8", "--num-pairs", "64", "--eval-pairs", "16",
+               "--eval-every", "1"], tmp_path)
+    _torchrun(["ppo", *common, "--batch-size", "8", "--minibatch-size", "4", "--grad-accum", "2",
+               "--eval-every", "1", "--eval-samples", "2", "--final-eval-samples", "2"], tmp_path)
+    _torchrun(["grpo", *common, "--questions", "4", "--group-size", "4", "--batch-size", "8",
+               "--grad-accum", "2", "--eval-every", "1", "--eval-samples", "2", "--final-eval-samples", "2"],
+              tmp_path)
+    # one writer: each row once (GRPO logs step 0 before training and its last step twice)
+    for stage, steps in (("reward_model", [0, 1]), ("ppo", [0, 1]), ("grpo", [0, 1, 2, 2])):
+        assert (out / stage / "summary.json").is_file() and (out / stage / "model.pt").is_file()
+        logged = [json.loads(line)["step"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert logged == steps, (stage, logged)
