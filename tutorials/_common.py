@@ -2,7 +2,13 @@
 
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
 tutorial needs the models of the earlier ones; if they are missing it trains them first with the
-default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and says so.
+default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and says so. An
+experiment written to another folder (``--out runs/my_try``) starts from the models of
+``runs/tutorial`` when it has none of its own, so a "Try this" run leaves the tutorials' folder as
+it was.
+
+The tutorials are plain scripts and notebooks at once: ``# %%`` lines start the cells that
+Jupyter, VS Code and Jupytext read, and ``parse_args`` takes the defaults inside a notebook.
 """
 
 from __future__ import annotations
@@ -26,14 +32,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's flags, or the defaults when the tutorial runs as a notebook (a kernel's
+    own arguments are not the tutorial's)."""
+    return parser.parse_args([] if "ipykernel" in sys.modules else None)
+
+
 # stage -> (the stage it starts from, the tutorial that trains it); the stage's module is
 # minialign.<stage> with a dataclass config and main(config), as the CLI registers it
 PREREQUISITES = {"pretrain": (None, "01"), "sft": ("pretrain", "02"), "reward_model": ("sft", "03")}
 
 
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/<stage>/model.pt``, trained now with the defaults (after its prerequisites) if missing."""
+    """``out/<stage>/model.pt``; else the tutorials' own (``runs/tutorial/<stage>/model.pt``); else
+    trained now into ``out`` with the defaults (after its prerequisites)."""
     path = Path(out) / stage / "model.pt"
+    shared = Path(DEFAULT_OUT) / stage / "model.pt"
+    if not path.is_file() and shared.is_file():
+        print(f"[{path} is missing: starting from the tutorials' {shared}]")
+        return shared
     if not path.is_file():
         before, tutorial = PREREQUISITES[stage]
         if before is not None:
