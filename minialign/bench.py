@@ -489,7 +489,7 @@ def main(cfg: BenchConfig) -> dict:
         results["pretrain"] = p = pretrain_figure(cfg, device)
         print(f"pre-training (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}): held-out loss {p['heldout_loss']:.4f} "
               f"nats/token vs exact floor {p['entropy_floor']:.4f} ({100 * p['gap_to_floor']:.2f}% above) "
-              f"after {p['steps']} steps in {p['seconds']:.0f} s")
+              f"after {p['steps']} steps in {p['seconds']:.0f} s (one run, not repeated)")
 
     if "generation" in parts:
         model.eval()

@@ -1,4 +1,4 @@
-"""Sampling responses y ~ pi_theta(. | x) (E1, one token at a time), with a KV cache.
+r"""Sampling responses $y\sim\pi_\theta(\cdot\mid x)$ (E1, one token at a time), with a KV cache.
 
 Layout of the result (what PPO and GRPO train on)::
 
@@ -10,10 +10,10 @@ Prompts are left-padded so that every row's next token goes in the same column; 
 right-padded after their EOS. The EOS is a response token (mask 1): the policy is trained to emit
 it. Tokens after it are ``<pad>``, masked out.
 
-``logps`` are log pi(y_t | x, y_<t) of the sampled tokens at the sampling ``temperature``, the
+``logps`` are $\log\pi(y_t\mid x, y_{<t})$ of the sampled tokens at the sampling ``temperature``, the
 same temperature that training must use when it recomputes them (``ops.token_logps``). top-k and
 top-p change which tokens can be drawn, not these log-probs: with them on, the sampler is no
-longer pi_theta, so leave them off (the default) for PPO and GRPO.
+longer $\pi_\theta$, so leave them off (the default) for PPO and GRPO.
 """
 
 from __future__ import annotations

@@ -286,8 +286,8 @@ class PolicyWithValueHead(nn.Module):
 
 def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, attention_mask: torch.Tensor,
                          prompt_len: int, temperature: float = 1.0, share_prompt: bool = True):
-    """log pi(y_t | x, y_<t), V(state before y_t) and the entropy there: three (B, T) tensors,
-    aligned with ``Generation.response_mask``."""
+    r"""$\log\pi(y_t\mid x, y_{<t})$, $V$(the state before $y_t$) and the entropy there: three (B, T)
+    tensors, aligned with ``Generation.response_mask``."""
     logits, values = model(sequences, attention_mask, prompt_len, share_prompt)  # (B, T, V), (B, T)
     logps = token_logps(logits, sequences[:, prompt_len:], temperature)       # (B, T) E1 factors
     entropy = entropy_from_logits(logits.float() / temperature)               # (B, T)
@@ -339,7 +339,7 @@ class PPOConfig(TrainConfig):
 
 
 def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
-    """The frozen r_phi of ``reward_model.py``; it must share the policy's tokenizer."""
+    r"""The frozen $r_\phi$ of ``reward_model.py``; it must share the policy's tokenizer."""
     rm, rm_tok = load_reward_model(path, impl, device)
     if not same_tokenizer(rm_tok, tokenizer):
         raise ValueError(f"reward model {path} was trained with another tokenizer than the policy")

@@ -86,7 +86,7 @@ DTYPE = torch.float64
 
 @dataclass
 class Problem:
-    """pi_ref and r over K responses of one prompt, and the KL coefficient beta of E2/E7."""
+    r"""$\pi_{ref}$ and $r$ over K responses of one prompt, and the KL coefficient $\beta$ of E2/E7."""
     ref_probs: torch.Tensor      # (K,) pi_ref(y), > 0, sums to 1
     rewards: torch.Tensor        # (K,) r(y)
     beta: float = 0.5
@@ -110,7 +110,7 @@ class Problem:
 
 
 def graded_problem(beta: float = 0.5) -> Problem:
-    """Six responses with graded rewards (like review sentiment); the best one is rare under pi_ref."""
+    r"""Six responses with graded rewards (like review sentiment); the best one is rare under $\pi_{ref}$."""
     return Problem(ref_probs=[0.30, 0.25, 0.20, 0.12, 0.08, 0.05],
                    rewards=[0.0, -0.5, 0.5, 1.0, -1.0, 2.0], beta=beta, name="graded")
 
@@ -127,7 +127,7 @@ def verifiable_problem(beta: float = 0.1) -> Problem:
 
 
 def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_y p(y) log(p(y)/q(y)), with 0 log 0 = 0 (inf where p > 0 = q)."""
+    r"""$\mathrm{KL}(p\Vert q) = \sum_y p(y)\log\frac{p(y)}{q(y)}$, with $0\log 0 = 0$ ($\infty$ where $p > 0 = q$)."""
     p, q = torch.as_tensor(p, dtype=DTYPE), torch.as_tensor(q, dtype=DTYPE)
     terms = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
     return terms.sum(-1)
@@ -149,12 +149,12 @@ def pi_star(problem: Problem, beta: float | None = None) -> torch.Tensor:
 
 
 def objective(p: torch.Tensor, problem: Problem) -> torch.Tensor:
-    """E2 exactly: E_pi[r] - beta KL(pi || pi_ref)."""
+    r"""E2 exactly: $\mathbb{E}_\pi[r] - \beta\,\mathrm{KL}(\pi\Vert\pi_{ref})$."""
     return expected_reward(p, problem.rewards) - problem.beta * kl(p, problem.ref_probs)
 
 
 def frontier(problem: Problem, betas) -> dict[str, torch.Tensor]:
-    """The reward-KL frontier: pi*(beta) of E7 for each beta, its E[r] and KL(pi*||pi_ref)."""
+    r"""The reward-KL frontier: $\pi^*(\beta)$ of E7 for each $\beta$, its $\mathbb{E}[r]$ and $\mathrm{KL}(\pi^*\Vert\pi_{ref})$."""
     betas = torch.as_tensor(betas, dtype=DTYPE)
     policies = torch.stack([pi_star(problem, float(b)) for b in betas])  # (N, K)
     return {"beta": betas, "policy": policies,
@@ -163,7 +163,7 @@ def frontier(problem: Problem, betas) -> dict[str, torch.Tensor]:
 
 
 def frontier_reward_at(problem: Problem, kl_value: float, tol: float = 1e-12) -> float:
-    """The frontier's reward at a given KL (bisection on log beta: KL(pi*(beta)) falls as beta grows)."""
+    r"""The frontier's reward at a given KL (bisection on $\log\beta$: $\mathrm{KL}(\pi^*(\beta))$ falls as $\beta$ grows)."""
     kl_max = float(-torch.log(problem.ref_probs[problem.rewards == problem.rewards.max()].sum()))
     if kl_value >= kl_max:
         return float(problem.rewards.max())
@@ -189,7 +189,7 @@ ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def estimator_moments(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Exact mean, bias and std of one sample of k1, k2, k3 for x ~ p, estimating KL(p || q).
+    r"""Exact mean, bias and std of one sample of k1, k2, k3 for $x\sim p$, estimating $\mathrm{KL}(p\Vert q)$.
 
     ``logp``, ``logq`` (N,): log-probabilities of p (the sampling policy) and q (the reference)
     over the N outcomes. Returns {"kl": ..., "k1": {"mean", "bias", "std"}, ...}.
@@ -206,13 +206,13 @@ def estimator_moments(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, dict[
 
 
 def discretised_gaussian(mu: float, grid: torch.Tensor) -> torch.Tensor:
-    """log-probabilities of N(mu, 1) restricted to the points of ``grid`` (a categorical)."""
+    r"""log-probabilities of $N(\mu, 1)$ restricted to the points of ``grid`` (a categorical)."""
     return torch.log_softmax(-0.5 * (grid - mu) ** 2, dim=0)
 
 
 def gaussian_estimator_table(mus=(0.1, 0.5, 1.0, 2.0), n_grid: int = 8001) -> list[dict]:
-    """Schulman's (2020) experiment, exactly: samples from p = N(0,1), reference q = N(mu,1),
-    KL = mu^2/2, both discretised on a fine grid. One row per mu, bias and std relative to KL."""
+    r"""Schulman's (2020) experiment, exactly: samples from $p = N(0,1)$, reference $q = N(\mu,1)$,
+    $\mathrm{KL} = \mu^2/2$, both discretised on a fine grid. One row per $\mu$, bias and std relative to KL."""
     grid = torch.linspace(-14.0, 16.0, n_grid, dtype=DTYPE)
     logp = discretised_gaussian(0.0, grid)
     rows = []
@@ -227,19 +227,19 @@ def gaussian_estimator_table(mus=(0.1, 0.5, 1.0, 2.0), n_grid: int = 8001) -> li
 
 
 def tilted_policy(problem: Problem, t: float) -> torch.Tensor:
-    """pi_t = softmax(log pi_ref + t r): a policy at a controllable distance from pi_ref (= pi* at beta = 1/t)."""
+    r"""$\pi_t = \mathrm{softmax}(\log\pi_{ref} + t\,r)$: a policy at a controllable distance from $\pi_{ref}$ ($= \pi^*$ at $\beta = 1/t$)."""
     return torch.softmax(torch.log(problem.ref_probs) + t * problem.rewards, dim=0)
 
 
 def estimator_gradients(logits: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Expected gradient w.r.t. the logits of p = softmax(logits), for samples x ~ p, of:
+    r"""Expected gradient w.r.t. the logits of $p = \mathrm{softmax}(\text{logits})$, for samples $x\sim p$, of:
 
-    - "true": KL(p || q) itself;
-    - "k1_loss", "k2_loss", "k3_loss": the estimator used as a loss, sum_x p(x) grad k(log p(x), log q(x))
-      (the sample held fixed, the gradient through log p(x): what a per-token KL term in a loss does);
+    - "true": $\mathrm{KL}(p\Vert q)$ itself;
+    - "k1_loss", "k2_loss", "k3_loss": the estimator used as a loss, $\sum_x p(x)\,\nabla k(\log p(x), \log q(x))$
+      (the sample held fixed, the gradient through $\log p(x)$: what a per-token KL term in a loss does);
     - "k1_reward", "k3_reward": the estimator put in the reward, detached, as a score-function term
-      sum_x p(x) k(x) grad log p(x) (what a KL penalty in the reward does, E6 / E14);
-    - "k3_both": both paths of E[k3], the full gradient of the unbiased estimate.
+      $\sum_x p(x)\,k(x)\,\nabla\log p(x)$ (what a KL penalty in the reward does, E6 / E14);
+    - "k3_both": both paths of $\mathbb{E}[k_3]$, the full gradient of the unbiased estimate.
     """
     theta = logits.detach().to(DTYPE)
     logq = logq.detach().to(DTYPE)
@@ -263,8 +263,8 @@ def estimator_gradients(logits: torch.Tensor, logq: torch.Tensor) -> dict[str, t
 
 
 def estimator_gradient_table(problem: Problem, ts=(0.25, 0.5, 1.0, 2.0)) -> list[dict]:
-    """For policies pi_t (``tilted_policy``) at several distances from pi_ref: the exact KL, the
-    bias/std of each estimator, and for each expected gradient its cosine with grad KL(pi||pi_ref)
+    r"""For policies $\pi_t$ (``tilted_policy``) at several distances from $\pi_{ref}$: the exact KL, the
+    bias/std of each estimator, and for each expected gradient its cosine with $\nabla\mathrm{KL}(\pi\Vert\pi_{ref})$
     and its norm relative to it."""
     rows = []
     logq = torch.log(problem.ref_probs)
@@ -298,12 +298,12 @@ def _one_token(x: torch.Tensor) -> torch.Tensor:
 
 def dpo_expected_loss(theta: torch.Tensor, problem: Problem, pair_probs: torch.Tensor | None = None
                       ) -> torch.Tensor:
-    """E9 in expectation over infinitely many Bradley-Terry pairs (``dpo.dpo_loss``, one call per pair).
+    r"""E9 in expectation over infinitely many Bradley-Terry pairs (``dpo.dpo_loss``, one call per pair).
 
-    Two responses y_i != y_j are drawn independently from ``pair_probs`` (default pi_ref, as the DPO
-    paper's preference data come from the SFT model) and labelled with the true reward through
-    E3: y_i wins with probability sigma(r_i - r_j). Either draw order can give (chosen i, rejected j),
-    so it has weight 2 pair_probs_i pair_probs_j sigma(r_i - r_j) / (1 - sum_k pair_probs_k^2)
+    Two responses $y_i \ne y_j$ are drawn independently from ``pair_probs`` (default $\pi_{ref}$, as the
+    DPO paper's preference data come from the SFT model) and labelled with the true reward through
+    E3: $y_i$ wins with probability $\sigma(r_i - r_j)$. Either draw order can give (chosen $i$, rejected
+    $j$), so it has weight $2\mu_i\mu_j\sigma(r_i - r_j) / (1 - \sum_k \mu_k^2)$ with $\mu$ = ``pair_probs``
     (the weights sum to 1).
     """
     from .dpo import dpo_loss, preference_probability
@@ -326,13 +326,13 @@ def dpo_expected_loss(theta: torch.Tensor, problem: Problem, pair_probs: torch.T
 
 def pg_expected_loss(theta: torch.Tensor, problem: Problem, old_theta: torch.Tensor | None = None,
                      clip_eps: float = 0.2) -> torch.Tensor:
-    """E2/E6: the PPO surrogate with the KL in the reward, in expectation over y ~ pi_old.
+    r"""E2/E6: the PPO surrogate with the KL in the reward, in expectation over $y\sim\pi_{old}$.
 
-    ``ppo.per_token_rewards`` gives r(y) - beta (log pi_old(y) - log pi_ref(y)) on the one token;
-    the critic is exact, V = E_{pi_old}[that reward]; ``ppo.gae`` (gamma = lambda = 1) gives
-    A(y) = reward - V; ``ppo.clipped_surrogate_loss`` is called once per response and weighted
-    by pi_old(y). With ``old_theta`` = theta (the default, one step per rollout) its gradient is
-    E_pi[A grad log pi] = grad J(pi) of E2 exactly.
+    ``ppo.per_token_rewards`` gives $r(y) - \beta(\log\pi_{old}(y) - \log\pi_{ref}(y))$ on the one token;
+    the critic is exact, $V = \mathbb{E}_{\pi_{old}}$[that reward]; ``ppo.gae`` ($\gamma = \lambda = 1$) gives
+    $A(y)$ = reward $- V$; ``ppo.clipped_surrogate_loss`` is called once per response and weighted
+    by $\pi_{old}(y)$. With ``old_theta`` = theta (the default, one step per rollout) its gradient is
+    $\mathbb{E}_\pi[A\,\nabla\log\pi] = \nabla J(\pi)$ of E2 exactly.
     """
     from .ppo import clipped_surrogate_loss, gae, per_token_rewards
     old_theta = theta.detach() if old_theta is None else old_theta.detach()
@@ -375,11 +375,11 @@ class GroupEnumeration:
 
 def conditional_advantages(rewards: torch.Tensor, logp: torch.Tensor, groups: GroupEnumeration,
                            eps: float = 1e-4, scale_by_std: bool = True) -> torch.Tensor:
-    """a(y) = E[A_i | y_i = y]: E12's advantage of response y averaged over the rest of its group.
+    r"""$a(y) = \mathbb{E}[A_i\mid y_i = y]$: E12's advantage of response $y$ averaged over the rest of its group.
 
     Exact: ``grpo.group_advantages`` on every group (E11-E12), each weighted by its probability.
-    The expected GRPO policy gradient is then sum_y pi(y) a(y) grad log pi(y), because E13's
-    surrogate at rho = 1 is linear in the advantage.
+    The expected GRPO policy gradient is then $\sum_y \pi(y)\,a(y)\,\nabla\log\pi(y)$, because E13's
+    surrogate at $\rho = 1$ is linear in the advantage.
     """
     from .grpo import group_advantages
     P = groups.probabilities(logp)                                           # (M,)
@@ -396,17 +396,17 @@ def grpo_expected_loss(theta: torch.Tensor, problem: Problem, groups: GroupEnume
                        kl_in: str = "loss", scale_by_std: bool = True, estimator: str = "k3",
                        eps: float = 1e-4, clip_eps: float = 0.2,
                        old_theta: torch.Tensor | None = None) -> torch.Tensor:
-    """E13 / E14 in expectation over groups of G samples of pi_old = pi_theta (detached).
+    r"""E13 / E14 in expectation over groups of G samples of $\pi_{old} = \pi_\theta$ (detached).
 
-    ``kl_in="loss"`` (E13): the loss holds beta k3 per token; the reward is r. ``kl_in="reward"``
-    (E14): ``grpo.kl_penalised_rewards`` subtracts beta * KL-estimate (k3 by default, ``estimator``)
-    from r before E11-E12, and the loss has no KL term. The per-response losses of
-    ``grpo.grpo_loss`` are weighted by pi_old(y) with the conditional advantage a(y)
-    (``conditional_advantages``). E13's surrogate min(rho A, clip(rho) A) is rho A, linear in A,
-    while every ratio is inside [1 - eps, 1 + eps] (always at pi_theta = pi_old), so there this
+    ``kl_in="loss"`` (E13): the loss holds $\beta\,k_3$ per token; the reward is $r$. ``kl_in="reward"``
+    (E14): ``grpo.kl_penalised_rewards`` subtracts $\beta\cdot$ a KL estimate (k3 by default,
+    ``estimator``) from $r$ before E11-E12, and the loss has no KL term. The per-response losses of
+    ``grpo.grpo_loss`` are weighted by $\pi_{old}(y)$ with the conditional advantage $a(y)$
+    (``conditional_advantages``). E13's surrogate $\min(\rho A, \mathrm{clip}(\rho) A)$ is $\rho A$, linear in
+    $A$, while every ratio is inside $[1-\epsilon, 1+\epsilon]$ (always at $\pi_\theta = \pi_{old}$), so there this
     has exactly the value and gradient of the GRPO loss averaged over all groups
     (``tests/test_theory.py`` checks it against a brute-force sum over every ordered group).
-    ``old_theta`` (default: theta, detached) is pi_old, which samples the groups.
+    ``old_theta`` (default: theta, detached) is $\pi_{old}$, which samples the groups.
     """
     from .grpo import grpo_loss, kl_penalised_rewards
     logp = torch.log_softmax(theta, 0)                   # (K,)
@@ -494,8 +494,8 @@ def run_to_convergence(loss_fn, theta0: torch.Tensor, problem: Problem, name: st
 
 
 def dpo_curvature(problem: Problem, pair_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """The diagonal of the expected DPO loss's Hessian at pi* (w.r.t. the logits), a preconditioner:
-    beta^2 sum_j (w_ij + w_ji) sigma(r_i - r_j) sigma(r_j - r_i), w the pair weights of
+    r"""The diagonal of the expected DPO loss's Hessian at $\pi^*$ (w.r.t. the logits), a preconditioner:
+    $\beta^2\sum_j (w_{ij} + w_{ji})\,\sigma(r_i - r_j)\,\sigma(r_j - r_i)$, $w$ the pair weights of
     ``dpo_expected_loss``. Plain gradient descent is slow on it: rare pairs have tiny weights."""
     mu = problem.ref_probs if pair_probs is None else torch.as_tensor(pair_probs, dtype=DTYPE)
     r = problem.rewards
@@ -511,8 +511,8 @@ def dpo_curvature(problem: Problem, pair_probs: torch.Tensor | None = None) -> t
 
 
 def forward_kl_optimum(problem: Problem, beta: float) -> torch.Tensor:
-    """argmax_pi E_pi[r] - beta KL(pi_ref || pi): pi(y) = beta pi_ref(y) / (lambda - r(y)), with
-    lambda > max r chosen by bisection so that pi sums to 1 (the sum falls from inf to 0)."""
+    r"""$\arg\max_\pi \mathbb{E}_\pi[r] - \beta\,\mathrm{KL}(\pi_{ref}\Vert\pi)$: $\pi(y) = \beta\pi_{ref}(y)/(\lambda - r(y))$, with
+    $\lambda > \max r$ chosen by bisection so that $\pi$ sums to 1 (the sum falls from $\infty$ to 0)."""
     q, r = problem.ref_probs, problem.rewards
     lo, hi = float(r.max()), float(r.max()) + beta + 1.0
     while float((beta * q / (hi - r)).sum()) > 1:
@@ -529,14 +529,14 @@ def forward_kl_optimum(problem: Problem, beta: float) -> torch.Tensor:
 
 def grpo_k3_loss_fixed_point_residual(p: torch.Tensor, problem: Problem, groups: GroupEnumeration,
                                       scale_by_std: bool = True, eps: float = 1e-4) -> float:
-    """max_y |pi(y) - pi_ref(y) / (1 - a(y)/beta)|: 0 at a fixed point of GRPO with k3 in the loss."""
+    r"""$\max_y |\pi(y) - \pi_{ref}(y)/(1 - a(y)/\beta)|$: 0 at a fixed point of GRPO with k3 in the loss."""
     a = conditional_advantages(problem.rewards, torch.log(p), groups, eps=eps, scale_by_std=scale_by_std)
     return float((p - problem.ref_probs / (1 - a / problem.beta)).abs().max())
 
 
 def grpo_k3_loss_effective_beta(p: torch.Tensor, problem: Problem, G: int, scale_by_std: bool = True) -> float:
-    """The beta' of ``forward_kl_optimum`` that GRPO-k3-in-the-loss behaves as: beta G/(G-1),
-    times std_pi(r) when E12 divides by the std (a large-G approximation: a(y) ~ (r - mean)/std)."""
+    r"""The $\beta'$ of ``forward_kl_optimum`` that GRPO-k3-in-the-loss behaves as: $\beta G/(G-1)$,
+    times $\mathrm{std}_\pi(r)$ when E12 divides by the std (a large-G approximation: $a(y) \approx (r - \text{mean})/\text{std}$)."""
     b = problem.beta * G / (G - 1)
     if scale_by_std:
         mean = expected_reward(p, problem.rewards)
@@ -547,12 +547,12 @@ def grpo_k3_loss_effective_beta(p: torch.Tensor, problem: Problem, G: int, scale
 def grpo_k3_reward_fixed_point(problem: Problem, support: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The fixed point of GRPO with k3 in the reward (E14) whose surviving responses are ``support``.
 
-    Off the support pi = 0 (a response with pi -> 0 has k3 = pi_ref/pi - 1 - log(pi_ref/pi) -> inf, so
-    it is always the worst of its group and keeps falling). On the support every group advantage
-    vanishes only if the penalised reward is the same: r(y) - beta k3(y) = c. With v = pi(y)/pi_ref(y),
-    k3 = 1/v - 1 + log v, which has two branches; the stable one is v >= 1 (more pi, more penalty,
-    pushed back), so pi(y) = pi_ref(y) v(y) with 1/v - 1 + log v = (r(y) - c)/beta, and c is found by
-    bisection so that pi sums to 1. ``support`` (K,) bool. Returns (pi, c).
+    Off the support $\pi = 0$ (a response with $\pi\to 0$ has $k_3 = \pi_{ref}/\pi - 1 - \log(\pi_{ref}/\pi)\to\infty$,
+    so it is always the worst of its group and keeps falling). On the support every group advantage
+    vanishes only if the penalised reward is the same: $r(y) - \beta k_3(y) = c$. With
+    $v = \pi(y)/\pi_{ref}(y)$, $k_3 = 1/v - 1 + \log v$, which has two branches; the stable one is $v \ge 1$ (more
+    $\pi$, more penalty, pushed back), so $\pi(y) = \pi_{ref}(y)\,v(y)$ with $1/v - 1 + \log v = (r(y) - c)/\beta$, and
+    $c$ is found by bisection so that $\pi$ sums to 1. ``support`` (K,) bool. Returns ($\pi$, c).
     """
     q, r, beta = problem.ref_probs, problem.rewards, problem.beta
     support = torch.as_tensor(support, dtype=torch.bool)
@@ -582,7 +582,7 @@ def grpo_k3_reward_fixed_point(problem: Problem, support: torch.Tensor) -> tuple
 
 
 def k3_penalised_spread(p: torch.Tensor, problem: Problem, threshold: float = 1e-6) -> float:
-    """max - min of r(y) - beta k3(y) over the responses with pi(y) > threshold: 0 at a fixed point of
+    r"""max - min of $r(y) - \beta k_3(y)$ over the responses with $\pi(y)$ > threshold: 0 at a fixed point of
     GRPO with k3 in the reward."""
     logp = torch.log(p)
     penalised = problem.rewards - problem.beta * kl_k3(logp, torch.log(problem.ref_probs))
@@ -591,7 +591,7 @@ def k3_penalised_spread(p: torch.Tensor, problem: Problem, threshold: float = 1e
 
 
 def _k3_inverse_v(level: float) -> float:
-    """The v >= 1 with 1/v - 1 + log v = level (k3 at pi/pi_ref = v; increasing in v for v > 1)."""
+    r"""The $v \ge 1$ with $1/v - 1 + \log v$ = level ($k_3$ at $\pi/\pi_{ref} = v$; increasing in $v$ for $v > 1$)."""
     lo, hi = 1.0, 2.0
     while 1 / hi - 1 + math.log(hi) < level:
         hi *= 2
@@ -679,7 +679,7 @@ def landings(problem: Problem, G: int = 4, max_steps: int = 3000, lr: float = 0.
 
 
 def landing_row(landing: Landing, problem: Problem) -> dict:
-    """The table row of a landing: where it is, how good it is, how far from pi* and from its prediction."""
+    r"""The table row of a landing: where it is, how good it is, how far from $\pi^*$ and from its prediction."""
     p, star = landing.run.policy, pi_star(problem)
     return {"algorithm": landing.algorithm, "reward": float(expected_reward(p, problem.rewards)),
             "kl": float(kl(p, problem.ref_probs)), "objective": float(objective(p, problem)),

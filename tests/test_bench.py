@@ -159,9 +159,23 @@ def test_dpo_step_cycles_its_batches_and_reads_a_precomputed_reference():
 
 
 def test_memory_and_peak_helpers_on_cpu():
-    assert peak_memory_bytes(torch.device("cpu")) > 0
+    # the process's peak resident memory, in bytes: at least a 256 MiB tensor it has just filled
+    # (a kilobyte count read as bytes would be 1024 times too small)
+    big = torch.ones(64 * 2 ** 20)  # 64 Mi float32 = 256 MiB
+    assert peak_memory_bytes(torch.device("cpu")) >= big.numel() * 4
     assert known_peak_flops(torch.device("cpu"), "bfloat16") is None
-    assert matmul_flops(torch.device("cpu"), "float32", n=64, repeats=1) > 0
+
+
+def test_matmul_flops_counts_2mkn_per_matmul_and_keeps_the_best_round(monkeypatch):
+    """An (m, k) x (k, n) matmul is 2 m k n FLOPs. Three timed rounds of 5 matmuls at 2 s, 1 s and 4 s
+    each (after a warm-up of 100 s): the best round, 1 s per matmul, gives 2 * 2 * 3 * 4 = 48 FLOP/s."""
+    import types
+
+    clock = FakeClock()
+    seconds = iter([100.0] + [2.0] * 5 + [1.0] * 5 + [4.0] * 5)
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench, "F", types.SimpleNamespace(linear=lambda a, b: clock.tick(next(seconds))))
+    assert matmul_flops(torch.device("cpu"), "float32", repeats=5, shape=(2, 3, 4)) == 48.0
 
 
 # ----------------------------------------------------------------------------------------------

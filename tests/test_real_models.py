@@ -174,3 +174,19 @@ def test_hf_and_own_gpt_give_the_same_dpo_and_grpo_losses(hf_folder, data, tmp_p
     assert dpo_hf[-1] < dpo_hf[0]  # it trained
     assert dpo_hf == pytest.approx(dpo_own, abs=1e-5)
     assert grpo_hf == pytest.approx(grpo_own, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dpo_and_grpo_on_a_model_folder_on_cuda_in_bf16(hf_folder, data, tmp_path):
+    """The same commands on a GPU under bf16 autocast: losses finite, the model folder written."""
+    common = ["--model", hf_folder, "--model-impl", "hf", "--device", "cuda", "--dtype", "bfloat16"]
+    assert main(["dpo", "--out", str(tmp_path), "--no-progress", *map(str, common), "--data", str(data / "prefs.jsonl"),
+                 "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-samples-per-prompt", "1",
+                 "--max-new-tokens", "4"]) == 0
+    assert main(["grpo", "--out", str(tmp_path), "--no-progress", *map(str, common), "--data", str(data / "qa.jsonl"),
+                 "--steps", "2", "--questions", "2", "--group-size", "4", "--batch-size", "8",
+                 "--final-eval-samples", "1", "--eval-every", "0"]) == 0
+    for stage in ("dpo", "grpo"):
+        rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN
+        assert (tmp_path / stage / "model" / "config.json").is_file()

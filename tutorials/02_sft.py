@@ -50,6 +50,14 @@ def main():
     print("\n  samples from the instruct model:")
     for prompt, text in s["examples"]:
         print(f"  {prompt!r:22} -> {text!r}")
+    if s["malformed"] < 0.1:
+        print("\n  What they show: the base model only continued text; the instruct model answers in the chat template,\n"
+              "  writes a well-formed review of the item it was asked about and stops (EOS). Its reviews are as mixed\n"
+              "  as the demonstrations, so their mean r* sits near 0, and its sums are as often wrong as the\n"
+              "  demonstrations were: imitation copies the data's quality, and alignment starts from here.")
+    else:
+        print(f"\n  What they show: {s['malformed']:.0%} of the sampled reviews are still malformed (off the item, "
+              "unfinished or\n  ungrammatical): this run is too short to learn the chat template; train longer (--steps).")
     print(f"\nPlots: {args.out}/sft/loss.png, {args.out}/sft/truth.png")
 
 

@@ -49,13 +49,13 @@ def main_tutorial():
         print(f"  {p['prompt']!r}\n    chosen   (r* = {r_w:+.1f}): {p['chosen']}\n"
               f"    rejected (r* = {r_l:+.1f}): {p['rejected']}\n"
               f"    P(this label) = sigma({r_w:+.1f} - {r_l:+.1f}) = {p_label:.3f}")
-    sample = world.preference_dataset(2000, seed=123)
+    held_out = world.preference_dataset(args.eval_pairs, seed=args.seed + 10_000)  # the stage's held-out pairs
     gaps = [world.true_reward(p["prompt"], p["chosen"]) - world.true_reward(p["prompt"], p["rejected"])
-            for p in sample]
-    print(f"  Of {len(gaps)} labels, {sum(g < 0 for g in gaps) / len(gaps):.1%} prefer the answer with the LOWER r* "
-          f"and {sum(g == 0 for g in gaps) / len(gaps):.1%} are coin flips between equal r*:\n"
+            for p in held_out]
+    print(f"  Of the {len(gaps)} held-out labels, {sum(g < 0 for g in gaps) / len(gaps):.1%} prefer the answer with "
+          f"the LOWER r* and {sum(g == 0 for g in gaps) / len(gaps):.1%} are coin flips between equal r*:\n"
           f"  the annotator is noisy, as people are. No model can beat the Bayes-optimal accuracy "
-          f"E[sigma(|gap|)] = {world.bayes_optimal_accuracy(sample):.3f} on such labels.")
+          f"E[sigma(|gap|)] = {world.bayes_optimal_accuracy(held_out):.3f} on these labels.")
 
     banner("2. Training r_phi: GPT trunk from SFT + scalar head at the EOS, loss E4")
     sft_path = ensure_sft(args.out, args.device, args.seed)

@@ -80,7 +80,7 @@ beta times the log-ratio margin is of order 1. A large beta gets there after a s
 pi_ref, so its pairs stop pulling early and the KL stays small; a small beta lets the policy move
 further before its pairs count as learned. beta sets the destination (E7: the smaller beta, the
 further pi* is from pi_ref); a short run at a given learning rate is still on its way, so runs with
-betas whose margins have not yet saturated look alike. r* of 16 samples per prompt is noisy:
+betas whose margins have not yet saturated look alike. r* of 32 samples per prompt is noisy:
 compare the trend, not the second decimal."""
 
 
@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between r* / KL measurements")
     parser.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs for the implicit reward's accuracy")
-    parser.add_argument("--samples", type=int, default=16, help="sampled reviews per prompt for r* and KL")
+    parser.add_argument("--samples", type=int, default=32,
+                        help="sampled reviews per prompt for r* and KL (32, as tutorials 02 and 05 measure r*)")
     args = parser.parse_args()
     start = time.time()
 
@@ -126,6 +127,12 @@ def main() -> None:
     print(f"\nsamples after DPO (beta={args.betas[0]:g}):")
     for prompt, response in first["summary"]["examples"]:
         print(f"  {prompt!r:22} -> {response}")
+    s = first["summary"]
+    change = "rose" if s["true_reward"] > s["true_reward_before"] else "did not rise"
+    print(f"\nWhat they show: r* of the samples {change}, {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}, at a KL of\n"
+          f"{s['kl']:.3f} nats per response; {s['malformed']:.1%} of them are malformed. In {args.steps} steps DPO moves the policy\n"
+          "a little from pi_ref: it shifts which of the SFT model's reviews are likely, towards those the preference\n"
+          "pairs favoured, rather than settling on one best review (compare PPO's samples in tutorial 05).")
     print(f"\nplots: {path}, and loss.png / rewards.png / logps.png / truth.png in each run folder "
           f"({first['dir']}, {args.out}/dpo_sweep/)")
     print(f"total {time.time() - start:.0f} s")

@@ -45,6 +45,36 @@ def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path
                "standardises both: reward hacking would show as r_phi rising while r* falls.")
 
 
+def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt: int = 16) -> None:
+    """How varied are the PPO policy's reviews? The same review for every item (up to the item's
+    name) would be a policy that found r_phi's favourite phrase and says nothing else."""
+    from collections import Counter
+
+    import torch
+
+    from minialign.evaluate import sample_texts
+    from minialign.toyworld import ITEMS, ToyWorld, WorldConfig
+    from minialign.train import load_policy, resolve_device
+
+    world = ToyWorld(WorldConfig())
+    model, tok = load_policy(policy_path, resolve_device(device), world.tokenizer)
+    prompts = [p for p in world.review_prompts() for _ in range(per_prompt)]
+    texts = [y for y, _ in sample_texts(model, tok, prompts, 24, 1.0,
+                                        torch.Generator(device=resolve_device(device)).manual_seed(seed))]
+    templates = Counter(" ".join("ITEM" if w in ITEMS else w for w in y.split()) for y in texts)
+    (top, count), distinct = templates.most_common(1)[0], len(templates)
+    banner("what the samples show")
+    print(f"{len(texts)} fresh samples ({per_prompt} per item): {distinct} distinct reviews once the item's name is "
+          f"replaced by ITEM;\nthe most common, {count} times ({count / len(texts):.0%}): {top!r}")
+    if count / len(texts) >= 0.25:
+        print("PPO has settled on the phrase r_phi likes best and says it about every item: high r*, little variety.\n"
+              "It maximises r_phi, and nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT\n"
+              "model's. A larger --beta keeps more of it, at a lower r*.")
+    else:
+        print("The reviews are still varied: PPO has not collapsed onto one phrase. Run longer, or with a smaller\n"
+              "--beta, and watch this count: nothing in r_phi rewards variety, only the KL penalty keeps it.")
+
+
 def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
     from minialign.ppo import PPOConfig, main as ppo
@@ -81,10 +111,12 @@ def main() -> None:
           f"last {summary['score_last']:+.3f}")
     print(f"KL(pi || pi_ref) per response:           last {summary['kl_last']:.3f} nats "
           f"(max {summary['kl_max']:.3f}), beta = {summary['beta_last']:.3f}")
-    print(f"explained variance of the value head:    {summary['explained_variance_last']:.3f}")
+    print(f"explained variance of the value head:    {summary['explained_variance_last10']:.3f} "
+          "(mean over the last 10 iterations)")
     print("\nsamples of the SFT model, then of the PPO policy:")
     for (prompt, before), (_, after) in zip(summary["examples_before"], summary["examples"]):
         print(f"  {prompt:18s} SFT -> {before}\n  {'':18s} PPO -> {after}")
+    what_the_samples_show(run / "model.pt", args.device, args.seed)
     print(f"\nplots: {run / 'overview.png'} (and reward.png, kl.png, objective.png, ppo_stats.png, losses.png)")
     print(f"total time {time.time() - t0:.0f} s")
 

@@ -102,6 +102,18 @@ def main() -> None:
     for (q, answer, old), (_, _, new) in zip(summary["examples_before"], summary["examples"]):
         print(f"  {q:18s} (= {answer:>2s})  SFT: {' '.join(f'{a:>2s}' for a in old)}   "
               f"GRPO: {' '.join(f'{a:>2s}' for a in new)}")
+    wrong = [(q, answer, a) for q, answer, answers in summary["examples"] for a in answers if a != answer]
+    near = [a for _, answer, a in wrong if a.isdigit() and abs(int(a) - int(answer)) == 1]
+    total = sum(len(answers) for _, _, answers in summary["examples"])
+    stuck = [q for q, answer, answers in summary["examples"]
+             if sum(a != answer for a in answers) * 2 >= len(answers) and len({a for a in answers if a != answer}) == 1]
+    print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above, {len(near)} of them off by one; "
+          f"{len(stuck)} of {len(summary['examples'])} questions are answered wrong at least half the time with one "
+          "and the same wrong answer.")
+    print("GRPO raises the probability of the answers that scored above their group's mean, so a question's answers\n"
+          "become nearly deterministic: right if its group found the right sum often enough, else one wrong sum\n"
+          "(often a neighbour) every time. A group that is all wrong has zero spread and teaches nothing, so such a\n"
+          "question stays wrong; more samples per question (--group-size) give it more chances.")
     print(f"\nplots: {run / 'overview.png'} (and accuracy.png, answer_len.png, kl_clip.png)")
     print(f"total time {time.time() - t0:.0f} s")
 

@@ -27,6 +27,7 @@ A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jup
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def cli(*args) -> None:
     """One ``minialign`` command, as a user types it (``python -m minialign.cli`` = ``minialign``)."""
     print("$ minialign " + " ".join(str(a) for a in args))
     subprocess.run([sys.executable, "-m", "minialign.cli", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 
 def rows(path: Path) -> list[dict]:
@@ -136,6 +137,7 @@ print(f"plot: {plot_panels(here / 'same_losses.png', panels, caption)}")
 
 # %% 4. the result is a Hugging Face model
 banner("4. transformers samples from the GRPO-trained folder")
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 trained = here / "hf" / "grpo" / "model"
 model = transformers.AutoModelForCausalLM.from_pretrained(str(trained))
 tok = transformers.AutoTokenizer.from_pretrained(str(trained))
