@@ -64,6 +64,7 @@ def test_try_this_and_the_summary_line_are_recorded_in_the_course(path):
 
 def test_the_refresher_finds_command_and_output_pairs():
     text = ("x\n```\npython tutorials/04_dpo.py --betas 0.1\n```\n```\nsummary 04_dpo: a=1\n```\n"
-            "```\nminialign exercises check course\n```\nnot an output\n```\nprint('x')\n```\n")
+            "```\nminialign exercises check course\n```\nnot an output\n```\nprint('x')\n```\n"
+            "```\npython tutorials/01_pretrain.py\npython tutorials/02_sft.py\n```\n```\nsummary 02_sft: b=2\n```\n")
     pairs = refresher().pairs(text)
     assert [(c, b.group(1)) for c, b in pairs] == [("python tutorials/04_dpo.py --betas 0.1", "summary 04_dpo: a=1\n")]
