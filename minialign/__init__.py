@@ -5,9 +5,17 @@ PPO with a value head, DPO and GRPO, one file each. The toy world (``toyworld``)
 dataset from a seed and knows the truth (entropy floor, hidden reward r*) to measure against.
 """
 
-from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer
-from .toyworld import ToyWorld, WorldConfig
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "ToyWorld", "WorldConfig", "__version__"]
+
+# imported on first use (PEP 562), so that ``minialign --help`` does not wait for torch
+_LAZY = {"GPT": "model", "GPTConfig": "model", "Tokenizer": "tokenizer", "ToyWorld": "toyworld",
+         "WorldConfig": "toyworld"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .generation import generate
 from .model import GPT, GPTConfig
-from .train import autocast, resolve_device, resolve_dtype
+from .train import Config, autocast, check_range, require, resolve_device, resolve_dtype
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -59,7 +59,7 @@ KNOWN_BF16_PEAKS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Config):
     """Print speed figures: pre-training vs the entropy floor, KV-cache speed-up, training tokens/s,
     MFU and peak memory, DPO and GRPO step times. --preset gpt2 times the 124M GPT-2 shape."""
     device: str = "auto"
@@ -85,6 +85,17 @@ class BenchConfig:
     grpo_group: int = 8         # answers per question (G)
     threads: int = 0            # CPU threads for torch (0: torch's default); 1 is steadier on a shared machine
     seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "steps", "repeats", "new_tokens",
+                     "gen_batch", "dpo_pairs", "dpo_prompt_len", "grpo_questions"):
+            check_range(self, name, 1)
+        for name in ("block_size", "pretrain_steps", "threads", "seed"):
+            check_range(self, name, 0)
+        require(self, "n_head", self.n_embd % self.n_head == 0, f"a divisor of --n-embd ({self.n_embd})")
+        check_range(self, "seq_len", 2)
+        check_range(self, "grpo_group", 2)  # a group of one answer has no baseline
 
 
 # ----------------------------------------------------------------------------------------------

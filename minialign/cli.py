@@ -2,12 +2,19 @@
 
     minialign pretrain --out runs/demo        # stage 1: base model
     minialign sft --out runs/demo             # stage 2: instruct model
+    minialign dpo --out runs/demo --with-prerequisites   # trains pretrain and sft first if needed
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
     minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
     torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
     minialign exercises make course/          # a copy with the equations' bodies to write
 
-Each stage module has a dataclass config (its flags) and ``main(config) -> summary``.
+Each stage module has a dataclass config (its flags, checked by its ``validate()``) and a
+``main(config) -> summary`` wrapped by ``train.stage``. A command's module (and torch) is imported
+only when that command runs or prints its help, so ``minialign --help`` answers at once.
+
+An expected error (a bad flag value, a missing or corrupt checkpoint, an input stage that did not
+complete, no CUDA) is printed as one line and the command exits 1; ``--debug`` (or
+``MINIALIGN_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
+import os
 import sys
+import warnings
+from pathlib import Path
 
-from . import distributed, exercises
-from .train import add_config_args, config_from_args
+from . import exercises, files
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
 STAGES = {
@@ -34,7 +44,10 @@ STAGES = {
 TOOLS = {
     "bench": ("minialign.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
-PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress")
+# the pipeline's flags: the settings every stage shares (TrainConfig's fields of these names)
+PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every", "resume", "overwrite")
+# what a prerequisite stage inherits from the stage that needs it
+PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every")
 
 
 def _load(module: str, cls: str):
@@ -42,48 +55,117 @@ def _load(module: str, cls: str):
     return mod, getattr(mod, cls)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minialign", description="Readable LLM alignment: "
-                                     "pre-training, SFT, reward model, PPO, DPO, GRPO on a toy world.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _canonical(command: str | None) -> str | None:
+    return None if command is None else command.replace("-", "_")
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``minialign`` parser. Only the commands in ``commands`` (default: every one) get their
+    flags, which imports their module; ``minialign --help`` builds it with none."""
+    parser = argparse.ArgumentParser(
+        prog="minialign", description="Readable LLM alignment: pre-training, SFT, reward model, PPO, DPO, "
+        "GRPO on a toy world.", epilog="`minialign COMMAND --help` says what a command reads and writes, "
+        "and lists its flags.")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, cls, help_) in {**STAGES, **TOOLS}.items():
-        _, config_cls = _load(module, cls)
         aliases = [name.replace("_", "-")] if "_" in name else []  # reward-model = reward_model
-        p = sub.add_parser(name, aliases=aliases, help=help_, description=(config_cls.__doc__ or help_).strip())
-        add_config_args(p, config_cls)
-    p = sub.add_parser("pipeline", help="run every stage in order into one run folder: "
-                       + ", ".join(STAGES), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated subset of the stages, run in pipeline order")
+        p = sub.add_parser(name, aliases=aliases, help=help_)
+        if commands is None or name in commands:
+            _, config_cls = _load(module, cls)
+            _add_command_args(p, config_cls, help_, prerequisites=name in STAGES)
+    p = sub.add_parser("pipeline", help="run every stage in order into one run folder: " + ", ".join(STAGES))
+    if commands is None or "pipeline" in commands:
+        from .train import TrainConfig
+        _add_command_args(p, TrainConfig, only=PIPELINE_SHARED, prerequisites=True)
+        p.description = (f"Run the stages in order ({', '.join(STAGES)}) into OUT/<stage>/,\n"
+                         "each with its defaults and the shared flags below. With --resume, a stage already\n"
+                         "complete with these settings is skipped and an interrupted one continues from its\n"
+                         "last checkpoint.")
+        p.add_argument("--stages", default=",".join(STAGES),
+                       help="comma-separated subset of the stages, run in pipeline order (default: %(default)s)")
     p = sub.add_parser("export", help="write a trained model as a Hugging Face folder",
                        description="Write the model of a stage folder (e.g. runs/demo/dpo) as a Hugging Face "
                                    "folder that transformers loads (GPT-2 format for minialign's GPT).")
     p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
     p.add_argument("dest", help="the new folder to write")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
     exercises.add_parser(sub)
     return parser
 
 
+def _add_command_args(p, config_cls, help_: str = "", only=None, prerequisites: bool = False) -> None:
+    from .train import add_config_args
+    doc = inspect.cleandoc(config_cls.__doc__ or "")
+    if help_ and (not doc or doc.startswith(config_cls.__name__ + "(")):  # the dataclass's generated signature
+        doc = help_
+    p.description, p.usage = doc, "%(prog)s [options]"  # the help opens with what the command does
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_config_args(p, config_cls, only)
+    if prerequisites and (only is not None or config_cls.INPUTS):
+        p.add_argument("--with-prerequisites", action="store_true",
+                       help="first train the input stages that are missing, unfinished or out of date")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# running stages and their prerequisites
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_stage(name: str, **shared) -> Path:
+    """``out/<name>/model.pt``, complete and up to date: if it is missing, unfinished or made from
+    inputs that changed, train it now (its own inputs first). A missing stage runs with its
+    defaults and ``shared`` settings, an interrupted one resumes, a stale one reruns with the
+    settings recorded in its folder."""
+    from .train import RESUME, partial_dir, stage_model, stage_problem
+    final = Path(shared["out"]) / name
+    problem = stage_problem(final)
+    if problem is None:
+        return stage_model(shared["out"], name)
+    mod, config_cls = _load(*STAGES[name][:2])
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    recorded = files.read_json(partial_dir(final) / "config.json") or files.read_json(final / "config.json")
+    settings = {k: v for k, v in shared.items() if k in fields}
+    if recorded is not None:  # the settings it was (being) made with
+        settings = {**{k: v for k, v in recorded.items() if k in fields}, "out": shared["out"],
+                    "progress": shared.get("progress", True)}
+    resume = (partial_dir(final) / RESUME).is_file()
+    config = config_cls(**{**settings, "resume": resume, "overwrite": not resume})
+    print(f"[{problem}: running {name} first]")
+    run_stage(name, config, with_prerequisites=True)
+    return stage_model(shared["out"], name)
+
+
+def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
+    """Run stage ``name`` with ``config``; with ``with_prerequisites``, first its missing inputs."""
+    mod, _ = _load(*STAGES[name][:2])
+    if with_prerequisites:
+        shared = {k: getattr(config, k) for k in PREREQUISITE_SHARED}
+        for field, stage in type(config).INPUTS.items():
+            if not getattr(config, field):  # a checkpoint given by hand is the user's to make
+                ensure_stage(stage, **shared)
+    return mod.main(config)
+
+
 def run_pipeline(args) -> dict:
-    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        raise SystemExit(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
+    configs = {}
+    for name in (s for s in STAGES if s in wanted):  # every config checked before any stage runs
+        _, config_cls = _load(*STAGES[name][:2])
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        configs[name] = config_cls(**{k: v for k, v in shared.items() if k in fields})
     summaries = {}
-    for name in STAGES:
-        if name not in wanted:
-            continue
-        mod, config_cls = _load(*STAGES[name][:2])
-        shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
-        config = config_cls(**{k: v for k, v in shared.items() if k in {f.name for f in dataclasses.fields(config_cls)}})
+    for name, config in configs.items():
         print(f"\n=== {name}: {STAGES[name][2]} -> {args.out}/{name}")
-        summaries[name] = mod.main(config)
+        summaries[name] = run_stage(name, config, args.with_prerequisites)
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
 
@@ -93,22 +175,73 @@ def _brief(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if not isinstance(v, list)}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "pipeline":
-        run_pipeline(args)
-        return 0
-    if args.command == "export":
-        from .export import export
+# ----------------------------------------------------------------------------------------------
+# the command line: one line per expected error
+# ----------------------------------------------------------------------------------------------
 
+# errors whose message is written for the user: printed alone, without a traceback
+EXPECTED = (files.MinialignError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error: its message if it is an expected one, else its type and a hint."""
+    text = " ".join(str(e).split())
+    if isinstance(e, EXPECTED):
+        return text
+    return f"{type(e).__name__}: {text} (unexpected: run again with --debug to see the traceback)"
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    return _canonical(next((a for a in argv if not a.startswith("-")), None))
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"minialign: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MINIALIGN_DEBUG", "") not in ("", "0")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return _run(argv)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"minialign: interrupted{': ' + ' '.join(str(e).split()) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if debug:
+            raise
+        print(f"minialign: error: {error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
+    command = _command_in(argv)
+    commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
+    args = build_parser(commands).parse_args(argv)
+    name = _canonical(args.command)
+    if name == "export":
+        from .export import export
         print(f"wrote {export(args.source, args.dest)}")
         return 0
-    if args.command == "exercises":
+    if name == "exercises":
         return exercises.cli_main(args)
-    module, cls, _ = {**STAGES, **TOOLS}[args.command.replace("-", "_")]
-    mod, config_cls = _load(module, cls)
+    from . import distributed
+    from .train import config_from_args
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
-        summary = mod.main(config_from_args(config_cls, args))
+        if name == "pipeline":
+            run_pipeline(args)
+            return 0
+        mod, config_cls = _load(*{**STAGES, **TOOLS}[name][:2])
+        config = config_from_args(config_cls, args)  # ConfigError here: a flag's value is out of range
+        if name in STAGES:
+            summary = run_stage(name, config, getattr(args, "with_prerequisites", False))
+        else:
+            summary = mod.main(config)
     distributed.print_main(json.dumps(_brief(summary) if isinstance(summary, dict) else summary, indent=2))
     return 0
 

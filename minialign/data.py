@@ -72,9 +72,36 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None = Non
         yield idx
 
 
-def infinite_minibatches(n: int, batch_size: int, generator: torch.Generator | None = None):
-    """Minibatches over range(n), epoch after epoch, each epoch reshuffled (drop_last)."""
-    if n < batch_size:
-        raise ValueError(f"dataset of {n} examples is smaller than batch_size={batch_size}")
-    while True:
-        yield from minibatches(n, batch_size, generator, drop_last=True)
+class InfiniteMinibatches:
+    """Minibatches over range(n), epoch after epoch, each epoch reshuffled (drop_last).
+
+    An iterator with ``state_dict``/``load_state_dict`` (the epoch's permutation, the position in
+    it, the generator's state), so that a resumed run draws exactly the batches it would have drawn.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator | None = None):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if n < batch_size:
+            raise ValueError(f"dataset of {n} examples is smaller than batch_size={batch_size}")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm, self.pos = None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.perm is None or self.pos + self.batch_size > self.n:  # a new epoch (the rest is dropped)
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        idx = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm, "pos": self.pos,
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.pos = state["perm"], state["pos"]
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])

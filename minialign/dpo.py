@@ -74,17 +74,17 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .data import collate, infinite_minibatches
+from .data import InfiniteMinibatches, collate
 from .datafiles import preference_data
 from .evaluate import review_eval
 from .generation import generate
 from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
-from .loading import load_model, save_model, start_path
+from .loading import load_model, save_model
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
-                    seed_everything)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, input_path, make_optimizer, require,
+                    resolve_device, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # E7 and E8 on a discrete set of responses (one prompt): the closed form DPO starts from
@@ -286,7 +286,11 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO (E9) from the SFT checkpoint on the toy world's preference pairs; the SFT model is pi_ref."""
+    """Align the SFT model with DPO (E7-E10) on the toy world's preference pairs; it is also pi_ref.
+
+    Reads OUT/sft/model.pt (or --init, or a --model folder), and your pairs with --data. Writes
+    OUT/dpo/: model.pt (the aligned policy; a model/ folder after --model), metrics.jsonl,
+    loss.png, rewards.png, logps.png, truth.png, summary.json, status.json."""
     init: str = ""                      # policy and reference checkpoint; default: out/sft/model.pt
     beta: float = 0.1                   # KL strength of E2; the implicit reward's scale (E10)
     steps: int = 200
@@ -301,7 +305,18 @@ class DPOConfig(TrainConfig):
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
 
+    INPUTS = {"init": "sft"}
 
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "beta", 0, low_open=True)
+        for name in ("eval_pairs", "eval_every", "eval_samples_per_prompt", "max_new_tokens"):
+            check_range(self, name, 1)
+        require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
+                f">= --batch-size ({self.batch_size})")
+
+
+@stage("dpo")
 def main(config: DPOConfig) -> dict:
     """Train the policy with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary.
 
@@ -309,14 +324,10 @@ def main(config: DPOConfig) -> dict:
     pairs, and the truth plotted is then what can be measured without r*: the implicit reward's
     held-out accuracy (``--eval-data``) and KL(pi || pi_ref) of samples.
     """
-    if config.beta <= 0:
-        raise ValueError(f"beta must be > 0, got {config.beta}")
-    if config.steps < 1 or config.eval_every < 1:
-        raise ValueError(f"steps and eval_every must be >= 1, got {config.steps} and {config.eval_every}")
     generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = start_path(config, "sft")
+    init = input_path(config, "init")  # out/sft's model unless --init or --model
     policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
     block = policy.config.block_size
 
@@ -382,7 +393,7 @@ def main(config: DPOConfig) -> dict:
     optimizer = make_optimizer(policy, config)
     parallel = distributed.wrap(policy)  # DDP under torchrun
     distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = infinite_minibatches(len(train["prompt"]), config.batch_size, generator)
+    batches = InfiniteMinibatches(len(train["prompt"]), config.batch_size, generator)
 
     def loss_of(rows: list[int]):
         batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
@@ -399,7 +410,7 @@ def main(config: DPOConfig) -> dict:
         return loss, len(rows), config.batch_size, [t.detach() for t in (loss, r_w, r_l, pi_w, pi_l)]
 
     policy.train()
-    bar = progress(range(config.steps), config, f"dpo beta={config.beta}")
+    bar = run.loop(config.steps, f"dpo beta={config.beta}", policy=policy, optimizer=optimizer, batches=batches)
     for step in bar:
         micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
         grad_norm, parts = accumulated_step(policy, parallel, optimizer, micro, loss_of, step, config)
@@ -449,7 +460,7 @@ def main(config: DPOConfig) -> dict:
                    "heldout_accuracy_before": before.get("heldout/accuracy"),
                    "heldout_accuracy": after.get("heldout/accuracy"), "final_loss": run.rows[-1]["loss"],
                    "seconds": round(time.time() - run.start, 1), **{k: r.as_dict() for k, r in reports.items()}}
-        run.write_summary(summary)
+        run.finish(summary)
         return summary
     run.plot_panels("truth.png", [
         {"title": "hidden reward of the policy's samples", "metrics": {"true_reward": "mean r* of sampled reviews"},
@@ -467,5 +478,5 @@ def main(config: DPOConfig) -> dict:
                "bayes_optimal_accuracy": world.bayes_optimal_accuracy(held_out_rows),
                "final_loss": run.rows[-1]["loss"], "examples": after["examples"],
                "seconds": round(time.time() - run.start, 1)}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -14,7 +14,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .loading import REWARD_HEAD, save_hf_folder, stage_model
+from . import files
+from .loading import REWARD_HEAD, save_hf_folder
+from .train import stage_model
 
 
 def export(source, dest) -> Path:
@@ -38,9 +40,7 @@ def export(source, dest) -> Path:
 
         rm, tok = RewardModel.load(source)
         save_hf_folder(rm.body, tok, dest)
-        import torch
-
-        torch.save({"kind": "reward_head", "score_head": rm.score_head.state_dict()}, dest / REWARD_HEAD)
+        files.torch_save({"kind": "reward_head", "score_head": rm.score_head.state_dict()}, dest / REWARD_HEAD)
         return dest
     from .train import load_policy
 

@@ -82,13 +82,13 @@ from . import distributed
 from .datafiles import prompt_data
 from .evaluate import arithmetic_eval, reward_eval, sample_texts
 from .generation import generate
-from .loading import load_model, save_model, start_path
-from .ops import (check_choice, check_nonempty_rows, check_nonnegative, check_per_sequence, check_positive,
-                  check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
+from .loading import load_model, save_model
+from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
+                  check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .rewards import exact_match_reward, load_reward, score_answers, toy_reward
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
-                    seed_everything)
+from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_range, input_path,
+                    make_optimizer, resolve_device, seed_everything, stage)
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
@@ -111,6 +111,7 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
         raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
     check_groups(rewards.numel(), group_size)
     check_positive(eps=eps)
+    check_finite(rewards, "rewards")  # a NaN would make its group look all-equal: advantage 0
     # Exercise group_advantages (E11, E12): from here to the end of the function.
     r = rewards.view(-1, group_size)                                # (Q, G)
     baseline = r.mean(dim=1, keepdim=True)                          # (Q, 1)  E11
@@ -153,6 +154,7 @@ def kl_penalised_rewards(rewards, logps: torch.Tensor, ref_logps: torch.Tensor, 
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32  # float64 stays (theory lab)
     rewards = torch.as_tensor(rewards, dtype=dtype, device=logps.device)
     check_per_sequence(logps.shape[0], rewards=rewards)
+    check_finite(rewards, "rewards")
     check_nonnegative(beta=beta)
     # Exercise kl_penalised_rewards (E14): from here to the end of the function.
     kl = sequence_kl(logps.detach().to(dtype), ref_logps.detach().to(dtype), mask, estimator)  # (B,)
@@ -240,7 +242,11 @@ def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    """Group relative policy optimisation (E11-E14) on the toy world's verifiable arithmetic reward."""
+    """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
+
+    Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
+    questions with --data. Writes OUT/grpo/: model.pt (the aligned policy; a model/ folder after
+    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json."""
     init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
     steps: int = 150                # iterations of E14 (sample, score, update)
     questions: int = 16             # questions per iteration
@@ -268,21 +274,17 @@ class GRPOConfig(TrainConfig):
     eval_samples: int = 16          # samples per held-out question during training
     final_eval_samples: int = 64    # samples per held-out question before and after
 
+    INPUTS = {"init": "sft"}
 
-def check_config(c: GRPOConfig) -> None:
-    if c.kl_in not in KL_IN:
-        raise ValueError(f"kl_in must be one of {KL_IN}, got {c.kl_in!r}")
-    if c.aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {c.aggregation!r}")
-    if c.group_size < 2:
-        raise ValueError(f"group_size must be >= 2, got {c.group_size}")
-    for name in ("steps", "questions", "batch_size", "inner_updates", "max_new_tokens"):
-        if getattr(c, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-    if c.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (GRPO samples from pi_theta), got {c.temperature}")
-    if c.ref_reset_every < 0:
-        raise ValueError(f"ref_reset_every must be >= 0, got {c.ref_reset_every}")
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "group_size", 2)  # a group of one answer has no baseline (E11)
+        for name in ("questions", "inner_updates", "max_new_tokens", "eval_samples", "final_eval_samples"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
+            check_range(self, name, 0, low_open=True)
+        for name in ("beta", "ref_reset_every", "eval_every"):
+            check_range(self, name, 0)
 
 
 def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[dict],
@@ -380,6 +382,7 @@ def _examples(model, tok, questions: list[dict], config: GRPOConfig, n: int = 5,
             for i, q in enumerate(questions)]
 
 
+@stage("grpo")
 def main(config: GRPOConfig) -> dict:
     """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``.
 
@@ -387,11 +390,10 @@ def main(config: GRPOConfig) -> dict:
     (``{"prompt", "answer"}``, scored by exact match of the final number) or scores them with
     ``--reward module:function``; the held-out figure is then the mean reward on ``--eval-data``.
     """
-    check_config(config)
     data_generator = seed_everything(config.seed)  # question order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    model, tok = load_model(start_path(config, "sft"), config.model_impl, device, world.tokenizer)
+    model, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
     reward_fn = load_reward(config.reward) if config.reward else None
     reports, eval_questions = {}, None
@@ -406,13 +408,13 @@ def main(config: GRPOConfig) -> dict:
         for r in reports.values():
             distributed.print_main(r.describe())
         reward_fn = reward_fn or exact_match_reward
-    run = Run(config, "grpo")
     if not config.data:
         train_questions = world.arithmetic_questions("train")
         reward_fn = reward_fn or toy_reward(world)
     if config.questions > len(train_questions):
-        raise ValueError(f"questions={config.questions} per step, but the train split has only "
-                         f"{len(train_questions)}")
+        raise ConfigError(f"--questions must be <= {len(train_questions)} (the questions there are to draw "
+                          f"from), got {config.questions}")
+    run = Run(config, "grpo")
     distributed.check_divisible(config.questions, 1, "questions")
     distributed.check_divisible(config.batch_size, config.grad_accum)
     # sampling; under torchrun each rank samples its own answers, rank 0 as one process would
@@ -436,7 +438,8 @@ def main(config: GRPOConfig) -> dict:
         run.log(0, heldout_accuracy=before)
     model.train()
     history = []
-    bar = progress(range(config.steps), config, "grpo")
+    bar = run.loop(config.steps, "grpo", model=model, ref_model=ref_model, optimizer=optimizer,
+                   generator=generator, data_generator=data_generator, history=history)
     for step in bar:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(ref_model, model)  # E14's option
@@ -489,5 +492,5 @@ def main(config: GRPOConfig) -> dict:
                "seconds": seconds, "examples_before": examples_before,
                "examples": _examples(model, tok, examples_from, config),
                **{k: r.as_dict() for k, r in reports.items()}}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -19,31 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
-from . import distributed
+from . import distributed, files
 from .model import GPT
 from .tokenizer import Tokenizer
-from .train import load_policy, save_policy
+from .train import load_policy, save_policy  # the model a stage reads: train.input_path
 
 REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a folder
-
-
-def stage_model(out: str, stage: str) -> Path:
-    """What ``stage`` wrote in run folder ``out``: ``model.pt`` (toy) or ``model/`` (a HF folder)."""
-    stage_dir = Path(out) / stage
-    for candidate in (stage_dir / "model.pt", stage_dir / "model"):
-        if candidate.exists():
-            return candidate
-    return stage_dir / "model.pt"  # missing: the loader says so, naming this path
-
-
-def start_path(config, default_stage: str) -> Path:
-    """The model a stage starts from: ``--model``, else ``--init``, else ``default_stage``'s output."""
-    init = getattr(config, "init", "")
-    if config.model and init:
-        raise ValueError(f"--model {config.model} and --init {init} both name the starting model; give one")
-    return Path(config.model or init or stage_model(config.out, default_stage))
 
 
 def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Tokenizer | None = None):
@@ -133,7 +115,7 @@ def save_reward_model(rm, tokenizer, stage_dir) -> Path | None:
         return stage_dir / "model.pt"
     folder = save_hf_folder(rm.body, tokenizer, stage_dir / "model")
     head = {k: v.detach().cpu() for k, v in rm.score_head.state_dict().items()}
-    torch.save({"kind": "reward_head", "score_head": head}, folder / REWARD_HEAD)
+    files.torch_save({"kind": "reward_head", "score_head": head}, folder / REWARD_HEAD)
     return folder
 
 
@@ -149,7 +131,7 @@ def load_reward_model(path, impl: str = "minialign", device="cpu"):
                                     f"(train one with `minialign reward-model --model ...`)")
         body, tok = load_model(path, impl, device)
         rm = RewardModel(body)
-        ckpt = torch.load(head_path, map_location="cpu", weights_only=True)
+        ckpt = files.torch_load(head_path)
         rm.score_head.load_state_dict(ckpt["score_head"])
         rm = rm.to(device)
     else:

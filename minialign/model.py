@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import files
 
 
 @dataclass
@@ -207,9 +208,8 @@ class GPT(nn.Module):
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, path, **extra) -> None:
         """Write config, weights and any ``extra`` (e.g. the tokenizer's state) to ``path``."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"config": asdict(self.config), "model": state, **extra}, path)
+        files.torch_save({"config": asdict(self.config), "model": state, **extra}, path)  # atomic
 
     @classmethod
     def load(cls, path, map_location="cpu", config: GPTConfig | None = None) -> "GPT":
@@ -248,11 +248,10 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """``torch.load`` with ``weights_only=True`` (no code runs from a checkpoint file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """``torch.load`` with ``weights_only=True`` (no code runs from a checkpoint file); a missing,
+    truncated, garbage or foreign file is a ``CheckpointError`` that names it (``files.torch_load``)."""
+    ckpt = files.torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a minialign checkpoint (needs 'config' and 'model')")
+        raise files.CheckpointError(f"{path} is not a minialign checkpoint (needs 'config' and 'model'); "
+                                    f"{files.recreate_hint(path)}")
     return ckpt

@@ -170,14 +170,35 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 # ----------------------------------------------------------------------------------------------
 
 
+def check_same_shape(**tensors) -> None:
+    """The given tensors (None entries skipped) have exactly the same shape: nothing is broadcast."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"tensors differ in shape (nothing is broadcast): {shapes}")
+
+
 def check_token_tensors(**tensors) -> None:
     """Every given per-token tensor is (B, T) and all share that shape (None entries are skipped)."""
     shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
-    first = next(iter(shapes.values()))
-    if len(first) != 2:
+    if len(next(iter(shapes.values()))) != 2:
         raise ValueError(f"per-token tensors must be (B, T), got shapes {shapes}")
-    if any(s != first for s in shapes.values()):
-        raise ValueError(f"per-token tensors differ in shape: {shapes}")
+    check_same_shape(**tensors)
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    """A mask selects entries, it does not weight them: bool, or integers / floats that are all 0 or 1.
+    (A float mask of 0.5 would silently give a sum of halves and a mean of twice the value.)"""
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        values = mask[(mask != 0) & (mask != 1)].unique()[:4].tolist()
+        raise ValueError(f"{name} must hold only 0 and 1 (bool, integer, or float 0./1.), also holds {values}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """No NaN or inf in ``x`` (a reward, say): one would silently poison every mean it enters."""
+    bad = ~torch.isfinite(torch.as_tensor(x))
+    if bad.any():
+        raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN/inf value(s) at index "
+                         f"{bad.nonzero()[0].tolist()}")
 
 
 def check_sequence_logps(**tensors) -> None:
@@ -201,7 +222,8 @@ def check_per_sequence(batch: int, **tensors) -> None:
 
 
 def check_nonempty_rows(mask: torch.Tensor) -> None:
-    """Every row of a (B, T) response mask holds at least one token (a response has its EOS)."""
+    """A (B, T) response mask is 0/1 and every row holds at least one token (a response has its EOS)."""
+    check_mask(mask)
     empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"response(s) {empty[:8]} are empty: no response tokens in the mask "
@@ -244,12 +266,14 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is 1 (masked entries contribute exactly 0, even if NaN/inf)."""
     if x.shape != mask.shape:
         raise ValueError(f"values {tuple(x.shape)} and mask {tuple(mask.shape)} differ in shape")
+    check_mask(mask)
     x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x.sum() if dim is None else x.sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is 1; an empty mask is an error, not NaN."""
+    check_mask(mask)
     count = mask.sum() if dim is None else mask.sum(dim)
     if (count == 0).any():
         raise ValueError("masked_mean over an empty mask (a sequence with no tokens to count)")
@@ -285,18 +309,21 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k1 $= \log p(x) - \log q(x)$, per sample $x\sim p$."""
+    check_same_shape(logp=logp, logq=logq)
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return logp - logq
 
 
 def kl_k2(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k2 $= \frac12(\log p(x) - \log q(x))^2$, per sample $x\sim p$."""
+    check_same_shape(logp=logp, logq=logq)
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     r"""k3 $= \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}$, per sample $x\sim p$ (GRPO's estimator)."""
+    check_same_shape(logp=logp, logq=logq)
     # Exercise kl_estimators (k1, k2, k3): from here to the end of the function.
     log_r = logq - logp
     return torch.exp(log_r) - 1 - log_r

@@ -87,20 +87,20 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from . import distributed
+from . import distributed, files
 from .data import minibatches
 from .datafiles import prompt_data
 from .evaluate import review_eval
 from .generation import generate
-from .loading import load_model, load_reward_model, same_tokenizer, save_model, stage_model, start_path
+from .loading import load_model, load_reward_model, same_tokenizer, save_model
 from .model import GPT
-from .ops import (check_in_range, check_nonempty_rows, check_per_sequence, check_positive, check_token_tensors,
-                  entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, response_hidden,
-                  response_logps, token_logps)
+from .ops import (check_finite, check_in_range, check_nonempty_rows, check_per_sequence, check_positive,
+                  check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
+                  response_hidden, response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device,
-                    seed_everything, standardise)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, input_path, make_optimizer,
+                    resolve_device, seed_everything, stage, standardise)
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -117,6 +117,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     """
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     check_per_sequence(logps.shape[0], score=score)
+    check_finite(score, "score")
     check_nonempty_rows(mask)
     # Exercise per_token_rewards (E2, E6): from here to the end of the function.
     m = mask.bool()
@@ -137,6 +138,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     outside ``mask``. The response must be contiguous in each row (it is: prompt, response, padding).
     """
     check_token_tensors(rewards=rewards, values=values, mask=mask)
+    check_finite(rewards, "rewards")
     check_nonempty_rows(mask)
     check_in_range(0, 1, gamma=gamma, lam=lam)
     # Exercise gae (GAE): from here to the end of the function.
@@ -168,6 +170,7 @@ def one_step_advantages(total_reward: torch.Tensor, values: torch.Tensor, mask: 
     """
     check_token_tensors(values=values, mask=mask)
     check_per_sequence(values.shape[0], total_reward=total_reward)
+    check_finite(total_reward, "total_reward")
     check_nonempty_rows(mask)
     # Exercise one_step_advantages (E6): from here to the end of the function.
     m = mask.bool()
@@ -248,6 +251,12 @@ class AdaptiveKLController:
             self.beta *= 1 + error * n / self.horizon
         return self.beta
 
+    def state_dict(self) -> dict:  # the current beta, for resuming a run
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+
 
 # ----------------------------------------------------------------------------------------------
 # the policy with a value head
@@ -301,7 +310,12 @@ def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, at
 
 @dataclass
 class PPOConfig(TrainConfig):
-    """PPO with a value head against the learned reward model (E2, E5, E6).
+    """Align the SFT model with PPO and a value head against the learned reward model (E2, E5, E6).
+
+    Reads OUT/sft/model.pt (or --init, or a --model folder; also pi_ref) and
+    OUT/reward_model/model.pt (or --reward-model), and your prompts with --data. Writes OUT/ppo/:
+    model.pt (the aligned policy; a model/ folder after --model), value_head.pt, metrics.jsonl,
+    the plots, summary.json, status.json.
 
     ``steps`` counts PPO iterations (one rollout each); each iteration makes
     ``ppo_epochs * ceil(batch_size / minibatch_size)`` optimizer steps; the learning-rate
@@ -337,6 +351,20 @@ class PPOConfig(TrainConfig):
     eval_samples: int = 16              # samples per review prompt in those measurements
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
 
+    INPUTS = {"init": "sft", "reward_model": "reward_model"}
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "minibatch_size", 1, self.batch_size)
+        for name in ("ppo_epochs", "max_new_tokens", "kl_horizon", "eval_every", "eval_samples", "final_eval_samples"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "kl_target"):
+            check_range(self, name, 0, low_open=True)
+        for name in ("beta", "value_clip", "vf_coef", "ent_coef"):
+            check_range(self, name, 0)
+        check_range(self, "gamma", 0, 1)
+        check_range(self, "lam", 0, 1)
+
 
 def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
     r"""The frozen $r_\phi$ of ``reward_model.py``; it must share the policy's tokenizer."""
@@ -346,6 +374,7 @@ def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
     return rm
 
 
+@stage("ppo")
 def main(config: PPOConfig) -> dict:
     """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``.
 
@@ -353,20 +382,16 @@ def main(config: PPOConfig) -> dict:
     samples your prompts (``{"prompt"}``), and with no r* the plots show the reward model's score
     and the KL to pi_ref.
     """
-    if config.minibatch_size <= 0 or config.minibatch_size > config.batch_size:
-        raise ValueError(f"minibatch_size must be in [1, batch_size={config.batch_size}], "
-                         f"got {config.minibatch_size}")
     distributed.check_divisible(config.batch_size, 1)
     distributed.check_divisible(config.minibatch_size, config.grad_accum, "minibatch_size")
     data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = start_path(config, "sft")
+    init = input_path(config, "init")  # out/sft's model unless --init or --model
     policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
     ref, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen SFT model
     ref.eval().requires_grad_(False)
-    rm = _load_reward_model(config.reward_model or stage_model(config.out, "reward_model"), config.model_impl,
-                            device, tok)
+    rm = _load_reward_model(input_path(config, "reward_model"), config.model_impl, device, tok)
     reports = {}
     if config.data:  # refused here, before the run folder exists, if a row is bad
         rows, reports["data"] = prompt_data(config.data, tok, policy.config.block_size, config.max_new_tokens,
@@ -392,7 +417,8 @@ def main(config: PPOConfig) -> dict:
                 "examples": ev["examples"]}
 
     before = truth(config.final_eval_samples)                # the SFT model, measured as the final policy
-    bar = progress(range(config.steps), config, "ppo")
+    bar = run.loop(config.steps, "ppo", model=model, optimizer=optimizer, kl_ctl=kl_ctl, generator=generator,
+                   data_generator=data_generator)
     for it in bar:
         # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
         pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
@@ -437,8 +463,9 @@ def main(config: PPOConfig) -> dict:
             v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
             ent = masked_mean(entropy, m)
             loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
-            return loss, float(m.sum()), minibatch_tokens, ({"pg_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                                                             "entropy": ent.item()}, {**pg_stats, **v_stats})
+            return loss, float(m.sum()), minibatch_tokens, ({"loss": loss.item(), "pg_loss": pg_loss.item(),
+                                                             "value_loss": v_loss.item(), "entropy": ent.item()},
+                                                            {**pg_stats, **v_stats})
 
         n_local = config.batch_size // distributed.world_size()
         for _ in range(config.ppo_epochs):
@@ -481,9 +508,9 @@ def main(config: PPOConfig) -> dict:
 
     save_model(policy, tok, run.dir)
     if run.writes:
-        torch.save({"value_head": model.value_head.state_dict(),
-                    "critic": None if model.critic is None else model.critic.state_dict()},
-                   run.dir / "value_head.pt")
+        files.torch_save({"value_head": model.value_head.state_dict(),
+                          "critic": None if model.critic is None else model.critic.state_dict()},
+                         run.dir / "value_head.pt")
     final = ev  # measured after the last update, with final_eval_samples per prompt
     plots(run, config, before.get("eval_true_reward"))
     rows = run.rows
@@ -497,7 +524,7 @@ def main(config: PPOConfig) -> dict:
         "examples_before": before.get("examples"), "examples": final.get("examples"), "seconds": rows[-1]["time"],
         **{k: r.as_dict() for k, r in reports.items()},
     }
-    run.write_summary(summary)
+    run.finish(summary)
     return summary
 
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .data import collate, infinite_minibatches
+from .data import InfiniteMinibatches, collate
 from .datafiles import text_data
 from .loading import load_model, save_model
 from .model import GPT, GPTConfig
 from .ops import masked_mean, token_logps
 from .toyworld import ToyWorld, WorldConfig
-from .train import Run, TrainConfig, accumulated_step, autocast, make_optimizer, progress, resolve_device, seed_everything
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, make_optimizer, require, resolve_device,
+                    seed_everything, stage)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,11 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    """Pre-train a base model from scratch on the toy world's text (E0a).
+
+    Reads nothing (the toy world is generated from --world-seed), or your text with --data (and
+    a --model folder to continue). Writes OUT/pretrain/: model.pt (the base model and its
+    tokenizer; a model/ folder after --model), metrics.jsonl, loss.png, summary.json, status.json."""
     steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
@@ -56,6 +62,17 @@ class PretrainConfig(TrainConfig):
     corpus_size: int = 100_000   # lines of training text drawn from the grammar
     eval_size: int = 2_000       # fresh held-out lines for the loss against the floor
     eval_every: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_layer", "n_head", "n_embd", "eval_size", "eval_every"):
+            check_range(self, name, 1)
+        require(self, "n_head", self.n_embd % self.n_head == 0, f"a divisor of --n-embd ({self.n_embd})")
+        check_range(self, "block_size", 2)
+        require(self, "corpus_size", self.data or self.corpus_size >= self.batch_size,
+                f">= --batch-size ({self.batch_size})")
+        require(self, "model", not self.model or self.data, "given with --data (rows {\"text\"}) to continue "
+                "pre-training it")
 
 
 def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | None, config: TrainConfig,
@@ -72,7 +89,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
     parallel = distributed.wrap(model)  # DDP under torchrun
     prompts, responses = train
     distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = infinite_minibatches(len(prompts), config.batch_size, generator)
+    batches = InfiniteMinibatches(len(prompts), config.batch_size, generator)
     block, pad = model.config.block_size, 0
 
     def held_out_loss() -> float:
@@ -97,7 +114,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
         return loss, n, total_tokens, (loss.detach(), n)
 
     model.train()
-    bar = progress(range(config.steps), config, desc)
+    bar = run.loop(config.steps, desc, model=model, optimizer=optimizer, batches=batches)
     for step in bar:
         idx = next(batches).tolist()  # the global batch, the same on every rank
         total_tokens = sum(len(responses[i]) for i in idx)
@@ -116,6 +133,7 @@ def fit_lm(model: GPT, train: tuple[list, list], held_out: tuple[list, list] | N
     return run.rows[-1]
 
 
+@stage("pretrain")
 def main(config: PretrainConfig) -> dict:
     """Train a base model from scratch on the toy corpus; save ``out/pretrain/model.pt``.
 
@@ -125,8 +143,6 @@ def main(config: PretrainConfig) -> dict:
     seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    if config.model and not config.data:
-        raise ValueError("continuing the pre-training of --model needs --data (rows {\"text\"})")
     if config.model:
         model, tok = load_model(config.model, config.model_impl, device)
     else:
@@ -166,5 +182,5 @@ def main(config: PretrainConfig) -> dict:
     else:  # your own text: no known floor
         summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "params": model.num_params(),
                    "seconds": last["time"], **{k: r.as_dict() for k, r in reports.items()}}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -43,23 +43,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
-from .data import collate, infinite_minibatches
+from . import distributed, files
+from .data import InfiniteMinibatches, collate
 from .datafiles import preference_data
-from .loading import load_model, save_reward_model, start_path
+from .loading import load_model, save_reward_model
 from .model import GPT, GPTConfig, load_checkpoint
-from .ops import align_responses, response_hidden, upcast
+from .ops import align_responses, check_mask, response_hidden, upcast
 from .tokenizer import Tokenizer
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, checkpoint_tokenizer, make_optimizer, plot_scatter,
-                    progress, resolve_device, running_mean, seed_everything)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, checkpoint_tokenizer, input_path,
+                    make_optimizer, plot_scatter, require, resolve_device, running_mean, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -106,6 +105,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+    check_mask(attention_mask, "attention_mask")
     real = attention_mask.bool()
     if not real.any(dim=1).all():
         raise ValueError("a row of attention_mask has no real token: there is nothing to score")
@@ -173,10 +173,9 @@ class RewardModel(nn.Module):
         if tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model "
                              f"{self.config.vocab_size}: they do not belong together")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
-                    "tokenizer": tokenizer.state_dict()}, path)
+        files.torch_save({"kind": "reward_model", "config": dataclasses.asdict(self.config), "model": state,
+                          "tokenizer": tokenizer.state_dict()}, path)  # atomic
 
     @classmethod
     def load(cls, path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple["RewardModel", Tokenizer]:
@@ -303,7 +302,12 @@ def pearson(a, b) -> float:
 
 @dataclass
 class RewardModelConfig(TrainConfig):
-    """Train a Bradley-Terry reward model (E3, E4) on the toy world's preference pairs."""
+    """Train a Bradley-Terry reward model r_phi (E3, E4) on the toy world's preference pairs.
+
+    Reads OUT/sft/model.pt (or --init, or a --model folder), whose trunk it starts from, and your
+    pairs with --data. Writes OUT/reward_model/: model.pt (the reward model; a model/ folder after
+    --model), metrics.jsonl, loss.png, accuracy.png, pearson.png, scatter.png, summary.json,
+    status.json."""
     init: str = ""                # SFT checkpoint the trunk starts from; default: out/sft/model.pt
     steps: int = 1000
     batch_size: int = 32          # preference pairs per step (2 x batch_size sequences)
@@ -314,6 +318,16 @@ class RewardModelConfig(TrainConfig):
     eval_every: int = 250
     center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
     share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
+
+    INPUTS = {"init": "sft"}
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("eval_pairs", "eval_every"):
+            check_range(self, name, 1)
+        check_range(self, "center_rewards_coefficient", 0)
+        require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
+                f">= --batch-size ({self.batch_size})")
 
 
 @torch.no_grad()
@@ -371,6 +385,7 @@ def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: l
     }
 
 
+@stage("reward_model")
 def main(config: RewardModelConfig) -> dict:
     """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``.
 
@@ -381,7 +396,7 @@ def main(config: RewardModelConfig) -> dict:
     generator = seed_everything(config.seed)  # pair order
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    policy, tok = load_model(start_path(config, "sft"), config.model_impl, device, world.tokenizer)
+    policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
     model = RewardModel.from_policy(policy)
     del policy
     block = model.config.block_size
@@ -417,7 +432,7 @@ def main(config: RewardModelConfig) -> dict:
     optimizer = make_optimizer(model, config)
     parallel = distributed.wrap(model, find_unused_parameters=True)  # DDP under torchrun; the LM head is unused
     distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = infinite_minibatches(len(train_pairs), config.batch_size, generator)
+    batches = InfiniteMinibatches(len(train_pairs), config.batch_size, generator)
 
     def loss_of(rows: list[int]):
         with autocast(device, config.dtype):
@@ -430,7 +445,8 @@ def main(config: RewardModelConfig) -> dict:
         return loss, len(rows), config.batch_size, (r_w.detach(), r_l.detach(), bt_loss.detach(), len(rows))
 
     model.train()
-    bar = progress(range(config.steps), config, "reward model")
+    bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
+                   last_eval=last_eval)
     for step in bar:
         micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
         grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
@@ -467,7 +483,7 @@ def main(config: RewardModelConfig) -> dict:
         summary = {**final, "heldout_accuracy_before": before.get("heldout_accuracy"),
                    "loss": run.rows[-1]["loss"], "seconds": run.rows[-1]["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
-        run.write_summary(summary)
+        run.finish(summary)
         return summary
     learned, true = final.pop("responses")
     bayes = final["bayes_optimal_accuracy"]
@@ -494,5 +510,5 @@ def main(config: RewardModelConfig) -> dict:
     summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
                "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
                "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

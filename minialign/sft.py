@@ -28,14 +28,20 @@ from dataclasses import dataclass
 from . import distributed
 from .datafiles import sft_data
 from .evaluate import arithmetic_eval, review_eval
-from .loading import load_model, save_model, start_path
+from .loading import load_model, save_model
 from .pretrain import fit_lm
 from .toyworld import ToyWorld, WorldConfig
-from .train import Run, TrainConfig, resolve_device, seed_everything
+from .train import (Run, TrainConfig, check_range, input_path, require, resolve_device, seed_everything,
+                    stage)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: the base model learns to answer instructions (E0b).
+
+    Reads OUT/pretrain/model.pt (or --init, or a --model folder), and your rows with --data.
+    Writes OUT/sft/: model.pt (the instruct model; a model/ folder after --model), metrics.jsonl,
+    loss.png, truth.png, summary.json, status.json."""
     init: str = ""               # base model checkpoint; default: out/pretrain/model.pt
     steps: int = 800
     batch_size: int = 64
@@ -44,7 +50,17 @@ class SFTConfig(TrainConfig):
     eval_size: int = 1_000
     eval_every: int = 200
 
+    INPUTS = {"init": "pretrain"}
 
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "eval_size", 1)
+        check_range(self, "eval_every", 1)
+        require(self, "num_examples", self.data or self.num_examples >= self.batch_size,
+                f">= --batch-size ({self.batch_size})")
+
+
+@stage("sft")
 def main(config: SFTConfig) -> dict:
     """Fine-tune the base model on instruction/response pairs; save ``out/sft/model.pt``.
 
@@ -55,7 +71,7 @@ def main(config: SFTConfig) -> dict:
     seed_everything(config.seed)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    model, tok = load_model(start_path(config, "pretrain"), config.model_impl, device, world.tokenizer)
+    model, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
 
     def pairs(rows):
         return [tok.prompt(r["prompt"]) for r in rows], [tok.response(r["response"]) for r in rows]
@@ -77,7 +93,7 @@ def main(config: SFTConfig) -> dict:
                  xlabel="optimizer step", caption="The loss on your responses; held-out pairs are the honest measure.")
         summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "seconds": last["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
-        run.write_summary(summary)
+        run.finish(summary)
         return summary
 
     run = Run(config, "sft")
@@ -110,5 +126,5 @@ def main(config: SFTConfig) -> dict:
                "true_reward": final["true_reward"], "malformed": final["malformed"],
                "heldout_accuracy_before": before["heldout_accuracy"], "heldout_accuracy": acc,
                "examples": final["examples"], "seconds": last["time"]}
-    run.write_summary(summary)
+    run.finish(summary)
     return summary

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
+import os
 import random
 import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
 import textwrap
+import threading
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,13 +36,82 @@ from typing import Literal
 import numpy as np
 import torch
 
+from . import files
+from .files import CheckpointError, ConfigError, NonFiniteError, StageError  # noqa: F401 (re-exported)
 from . import distributed
 from .model import GPT, load_checkpoint
 from .tokenizer import Tokenizer
 
 
+# ----------------------------------------------------------------------------------------------
+# configs: every value checked before anything is written
+# ----------------------------------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``min_lr_ratio`` -> ``--min-lr-ratio``."""
+    return "--" + name.replace("_", "-")
+
+
+def require(config, name: str, ok: bool, allowed: str) -> None:
+    """Refuse ``config.name`` unless ``ok``, with an error that names the flag and what it allows."""
+    if not ok:
+        raise ConfigError(f"{flag(name)} must be {allowed}, got {getattr(config, name)!r}")
+
+
+def check_range(config, name: str, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """``low <= config.name <= high`` (``<`` on an open side); None means no bound, or, as the
+    field's value, "off" (``kl_target=None``)."""
+    v = getattr(config, name)
+    if v is None:
+        return
+    ok = ((low is None or (v > low if low_open else v >= low))
+          and (high is None or (v < high if high_open else v <= high)))
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    else:
+        allowed = f"{'>' if low_open else '>='} {low}" if high is None else f"{'<' if high_open else '<='} {high}"
+    require(config, name, ok, allowed)
+
+
+def check_types(config) -> None:
+    """Every field holds a value of its annotated type; numbers are finite; a Literal is one of its
+    choices. The command line converts flags already; this catches library callers and NaN/inf."""
+    for name, tp in typing.get_type_hints(type(config)).items():
+        if name not in {f.name for f in dataclasses.fields(config)}:
+            continue
+        v, args = getattr(config, name), typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+            if v is None:
+                continue
+            tp = next(a for a in args if a is not type(None))
+        if typing.get_origin(tp) is typing.Literal:
+            require(config, name, v in typing.get_args(tp), "one of " + ", ".join(map(str, typing.get_args(tp))))
+        elif tp is bool:
+            require(config, name, isinstance(v, bool), "true or false")
+        elif tp is int:
+            require(config, name, isinstance(v, int) and not isinstance(v, bool), "an integer")
+        elif tp is float:
+            require(config, name, isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                    "a finite number")
+        elif tp is str:
+            require(config, name, isinstance(v, str), "a string")
+
+
+class Config:
+    """Base of every command's dataclass config: ``validate()`` runs when the config is built (and
+    again when a stage starts), so a bad value is refused before any folder is touched."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and finiteness of every field; a subclass adds its ranges after ``super().validate()``."""
+        check_types(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Settings every stage has; a stage's config subclasses this and adds its own."""
     out: str = "runs/demo"       # run folder; each stage writes into out/<stage>/
     seed: int = 0                # training randomness: init, data order, sampling
@@ -48,6 +127,10 @@ class TrainConfig:
     grad_clip: float = 1.0       # max global gradient norm (0 = off)
     log_every: int = 10
     progress: bool = True        # tqdm progress bars
+    save_every: int = 0          # steps between resumable checkpoints (0: only when stopped by Ctrl-C)
+    resume: bool = False         # continue an interrupted run from its last resumable checkpoint
+    overwrite: bool = False      # replace a finished run of this stage made with other settings
+
     # real models and your own data (docs/real_models.md); with none of these, the toy world
     model: str = ""              # a local Hugging Face model folder to start from instead of the run folder's model
     model_impl: Literal["minialign", "hf"] = "minialign"  # run --model in minialign's GPT (GPT-2 folders) or transformers
@@ -55,17 +138,48 @@ class TrainConfig:
     eval_data: str = ""          # held-out data in the same format (for the held-out metrics)
     max_length: int | None = None  # longest prompt + response in tokens (None: the model's context); longer rows are cut as TRL does
     grad_accum: int = 1          # micro-batches per optimizer step; batch_size stays the global batch
+    # the checkpoints a stage reads: config field -> the stage whose out/<stage>/model.pt is its
+    # default (``stage_input``); the CLI's --with-prerequisites trains them when missing
+    INPUTS: typing.ClassVar[dict[str, str]] = {}
 
-    def __post_init__(self):
-        """The flags for real models and data that only make sense together (checked before any run
-        folder is touched)."""
-        if self.grad_accum < 1:
-            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "seed", 0, 2 ** 32 - 1)  # numpy's seeds are 32-bit
+        check_range(self, "world_seed", 0, 2 ** 32 - 1)
+        require(self, "device", _device_ok(self.device), "auto, cpu, cuda, cuda:N or mps")
+        require(self, "dtype", self.dtype in DTYPES, "one of " + ", ".join(DTYPES))
+        for name in ("steps", "batch_size", "log_every"):
+            check_range(self, name, 1)
+        check_range(self, "lr", 0, low_open=True)
+        check_range(self, "min_lr_ratio", 0, 1)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every"):
+            check_range(self, name, 0)
+        # the flags for real models and data: only some combinations make sense
+        check_range(self, "grad_accum", 1)
         if self.eval_data and not self.data:
-            raise ValueError("--eval-data is held-out data for --data; the toy world has its own held-out split")
+            raise ConfigError("--eval-data is held-out data for --data; the toy world has its own held-out split")
         if self.max_length is not None and (not self.data or self.max_length < 1):
-            raise ValueError(f"--max-length {self.max_length} cuts the rows of --data (>= 1 token); "
-                             "the toy world's rows all fit its model")
+            raise ConfigError(f"--max-length {self.max_length} cuts the rows of --data (>= 1 token); "
+                              "the toy world's rows all fit its model")
+        require(self, "model", not (self.model and getattr(self, "init", "")),
+                "left out when --init names the model to start from")
+        if distributed.launched():  # one checkpoint holds one process's generators
+            require(self, "save_every", self.save_every == 0, "0 under torchrun (resume works in one process)")
+            require(self, "resume", not self.resume, "off under torchrun (resume works in one process)")
+
+
+# settings that change how a run is watched or kept, never its numbers
+RUN_CONTROL = ("out", "progress", "save_every", "resume", "overwrite")
+
+
+def _device_ok(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,29 +209,32 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--flag`` per dataclass field: type and default from the field, help from its comment."""
+def add_config_args(parser: argparse.ArgumentParser, config_cls, only=None) -> None:
+    """One ``--flag`` per dataclass field (or per field named in ``only``): type and default from
+    the field, help from its comment."""
     hints = typing.get_type_hints(config_cls)
     comments = field_comments(config_cls)
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        if only is not None and f.name not in only:
+            continue
+        option = flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = hints[f.name]
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         if tp is bool:  # --x, --x true, --x false, --no-x
-            parser.add_argument(flag, dest=f.name, type=parse_bool, nargs="?", const=True, default=default,
+            parser.add_argument(option, dest=f.name, type=parse_bool, nargs="?", const=True, default=default,
                                 metavar="true|false", help=f"{comments.get(f.name, '')} "
-                                f"(default: {default}; --no-{flag[2:]} = {flag} false)".strip())
-            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+                                f"(default: {default}; --no-{option[2:]} = {option} false)".strip())
+            parser.add_argument("--no-" + option[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
             continue
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
         conv = type(choices[0]) if choices else tp
         if optional:
             base = conv
             conv = lambda s, base=base: None if s.lower() == "none" else base(s)  # noqa: E731
-        parser.add_argument(flag, dest=f.name, type=conv, default=default, choices=choices,
+        parser.add_argument(option, dest=f.name, type=conv, default=default, choices=choices,
                             help=f"{comments.get(f.name, '')} (default: {default})".strip())
 
 
@@ -148,15 +265,17 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available here (try --device cpu)")
     return distributed.device_for_rank(device)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {list(dtypes)}, got {name!r}")
-    return dtypes[name]
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -192,14 +311,18 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                    step: int, config: TrainConfig) -> float:
-    """Backward, clip, step at the scheduled learning rate; returns the pre-clip gradient norm."""
+    """Backward, clip, step at the scheduled learning rate; returns the pre-clip gradient norm.
+
+    A NaN or inf loss or gradient stops training (``NonFiniteError`` naming the step) before the
+    optimizer touches the weights, so nothing non-finite reaches a checkpoint.
+    """
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping before it spreads")
+        raise NonFiniteError(f"the loss is {loss.item()} at step {step}; stopping before it spreads")
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    return _clip_and_step(model, optimizer, config)
+    return _clip_and_step(model, optimizer, step, config)
 
 
 def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -213,41 +336,255 @@ def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimize
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
-    extras = distributed.accumulate(parallel, micro_batches, loss_of)
-    return _clip_and_step(model, optimizer, config), extras
+    try:
+        extras = distributed.accumulate(parallel, micro_batches, loss_of)
+    except FloatingPointError as e:  # a NaN or inf loss, refused before its backward
+        raise NonFiniteError(f"at step {step}: {e}") from e
+    return _clip_and_step(model, optimizer, step, config), extras
 
 
-def _clip_and_step(model, optimizer, config: TrainConfig) -> float:
+def _clip_and_step(model, optimizer, step: int, config: TrainConfig) -> float:
+    """Clip the gradients and step; a NaN or inf gradient stops here, before the weights change."""
     params = [p for p in model.parameters() if p.grad is not None]
     if config.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     else:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    if not torch.isfinite(norm):
+        raise NonFiniteError(f"the gradient norm is {float(norm)} at step {step} (a NaN or inf gradient); "
+                             "the weights were not updated")
     optimizer.step()
     return float(norm)
 
 
 # ----------------------------------------------------------------------------------------------
-# the run folder: config, metrics, plots, checkpoints
+# the run folder: a stage's results, written so that they never lie
 # ----------------------------------------------------------------------------------------------
+
+STATUS, RESUME = "status.json", "resume.pt"
+
+
+class DivergenceWarning(UserWarning):
+    """The training loss grew past twice its first value plus one."""
+
+
+def partial_dir(folder) -> Path:
+    """Where a stage works until it completes: ``out/<stage>.partial`` beside ``out/<stage>``."""
+    folder = Path(folder) if Path(folder).name else Path(folder).absolute()  # "." has no name
+    return folder.with_name(folder.name + ".partial")
+
+
+def command_line(stage: str, config: TrainConfig) -> str:
+    """The command that makes this run: ``minialign <stage> --out OUT`` and every flag that differs
+    from its default (run-control flags left out)."""
+    defaults = type(config)()
+    words = ["minialign", stage.replace("_", "-"), "--out", config.out]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in RUN_CONTROL or value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):
+            words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:
+            words += [flag(f.name), "none" if value is None else str(value)]
+    return shlex.join(words)
+
+
+def config_changes(saved: dict | None, config: TrainConfig) -> str:
+    """The settings (not run-control) in which ``config`` differs from a saved config.json, as
+    ``"beta: 0.1 there, 0.5 here"``; empty if none. A field the saved config lacks counts as its default."""
+    if saved is None:
+        return "no config.json there"
+    defaults = type(config)()
+    diffs = [f"{f.name}: {saved.get(f.name, getattr(defaults, f.name))!r} there, {getattr(config, f.name)!r} here"
+             for f in dataclasses.fields(config) if f.name not in RUN_CONTROL
+             and saved.get(f.name, getattr(defaults, f.name)) != getattr(config, f.name)]
+    return "; ".join(diffs)
+
+
+def stage_model(out: str, stage: str) -> Path:
+    """What ``stage`` wrote in run folder ``out``: ``model.pt`` (toy) or ``model/`` (a HF folder)."""
+    stage_dir = Path(out) / stage
+    for candidate in (stage_dir / "model.pt", stage_dir / "model"):
+        if candidate.exists():
+            return candidate
+    return stage_dir / "model.pt"  # missing: the checks say so, naming this path
+
+
+def input_path(config: TrainConfig, field: str) -> Path:
+    """The model a stage reads through ``field`` (``init``, ``reward_model``): the flag's path, or
+    what the stage that ``INPUTS`` names wrote in the run folder. ``init`` is the model a stage
+    starts from, so ``--model`` (a Hugging Face folder) takes its place."""
+    if field == "init" and config.model:
+        return Path(config.model)
+    value = getattr(config, field)
+    return Path(value) if value else stage_model(config.out, type(config).INPUTS[field])
+
+
+def stage_input(config: TrainConfig, field: str) -> Path:
+    """``input_path``, refused unless the stage that wrote it completed and nothing it was made
+    from has changed since; the error says which command makes it."""
+    path, stage = input_path(config, field), type(config).INPUTS[field]
+    given = getattr(config, field) or (field == "init" and config.model)
+    folder = path.parent
+    recorded = (folder / STATUS).is_file() or (partial_dir(folder) / STATUS).is_file()
+    make = f"`minialign {stage.replace('_', '-')} --out {shlex.quote(config.out)}`"
+    if not recorded and not path.exists():
+        raise StageError(f"no {stage} model at {path}: make it with {make}"
+                         + ("" if given else ", or add --with-prerequisites to this command"))
+    if recorded or not given:  # a model given by hand outside a run folder is taken as it is
+        problem = stage_problem(folder)
+        if problem:
+            raise StageError(f"cannot use {path}: {problem}")
+    if not path.exists():
+        raise StageError(f"no {stage} model at {path}: make it with {make}")
+    return path
+
+
+def stage_problem(folder) -> str | None:
+    """Why the stage folder ``folder`` cannot be used as an input; None if it completed and neither
+    its checkpoints nor the files it was made from have changed since."""
+    folder = Path(folder)
+    _finish_swap(folder)
+    status = files.read_json(folder / STATUS)
+    if status is None:
+        partial = files.read_json(partial_dir(folder) / STATUS)
+        if partial is not None:
+            error = f" ({partial['error']})" if partial.get("error") else ""
+            command = files.recorded_command(partial_dir(folder))
+            fix = f"continue it with `{command} --resume`" if partial.get("resumable") else f"run `{command}`"
+            return (f"{folder.name} has not completed: {partial_dir(folder)} is {partial['status']} after "
+                    f"step {partial.get('step', 0)} of {partial.get('steps')}{error}; {fix}")
+        if folder.exists():
+            return (f"{folder} has no {STATUS} (written by an older minialign?), so nothing says that it "
+                    "completed; rerun the stage")
+        return f"{folder} does not exist"
+    command = files.recorded_command(folder)
+    if status.get("status") != "complete":
+        return f"{folder} is {status.get('status')}; run `{command}`"
+    for name, sha in status.get("outputs", {}).items():  # the checkpoints: model.pt, a model/ folder, ...
+        path = folder / name
+        if (name.endswith(".pt") or path.is_dir()) and path.exists() and files.fingerprint(path) != sha:
+            return (f"{folder / name} changed after {folder.name} completed (its sha256 differs from the one "
+                    f"in {STATUS}); rerun `{command}`")
+    for field, rec in status.get("inputs", {}).items():
+        # an input that is gone (a stage folder copied on its own) leaves the stage as it was made;
+        # one that is there with other contents means a newer model is upstream of this one
+        source = folder.parent / rec["path"]  # an absolute path stays absolute
+        if source.exists() and files.fingerprint(source) != rec["sha256"]:
+            return f"{folder.name} was made from {source} ({flag(field)}), which has changed since; rerun `{command}`"
+    return None
+
+
+def _finish_swap(folder: Path) -> None:
+    """Complete a ``Run.finish`` that was stopped between its two renames."""
+    partial = partial_dir(folder)
+    if not folder.exists() and (files.read_json(partial / STATUS) or {}).get("status") == "complete":
+        os.replace(partial, folder)
+
+
+def input_fingerprints(config: TrainConfig) -> dict:
+    """{field: {"path", "sha256"}} of the checkpoints a stage reads; paths inside the run folder
+    are stored relative to it, so a copied run folder still checks out."""
+    out = {}
+    paths = {field: input_path(config, field) for field in type(config).INPUTS}
+    for field in ("model", "data", "eval_data"):  # files given by hand (--model may be init's already)
+        if getattr(config, field) and Path(getattr(config, field)) not in paths.values():
+            paths[field] = Path(getattr(config, field))
+    for field, path in paths.items():
+        if path.exists():
+            try:
+                rel = str(path.resolve().relative_to(Path(config.out).resolve()))
+            except ValueError:
+                rel = str(path.resolve())
+            out[field] = {"path": rel, "sha256": files.fingerprint(path)}
+    return out
+
+
+def check_run_folder(config: TrainConfig, stage: str) -> bool:
+    """Refuse a run that would lose results (a finished run with other settings, an interrupted
+    run that could resume); True if this run will continue from a resumable checkpoint."""
+    final = Path(config.out) / stage
+    partial = partial_dir(final)
+    _finish_swap(final)
+    status = files.read_json(partial / STATUS) or {}
+    if status.get("status") == "running" and status.get("host") == socket.gethostname() and _alive(status.get("pid")):
+        raise StageError(f"{partial} is being written by another process (pid {status['pid']})")
+    if (partial / RESUME).is_file():
+        if config.resume:
+            changes = config_changes(files.read_json(partial / "config.json"), config)
+            if changes:
+                raise StageError(f"the checkpoint in {partial} was saved with other settings ({changes}); resume "
+                                 "with the same flags, or start over with --overwrite")
+            if status.get("inputs") != input_fingerprints(config):
+                raise StageError(f"an input of the interrupted run in {partial} has changed since it started; "
+                                 "start over with --overwrite")
+            return True
+        if not config.overwrite:
+            raise StageError(f"{partial} holds an interrupted {stage} run (resumable at step "
+                             f"{status.get('checkpoint_step')} of {status.get('steps')}): continue it with --resume, "
+                             "or start over with --overwrite")
+    if final.exists() and not config.overwrite:
+        changes = config_changes(files.read_json(final / "config.json"), config)
+        if changes:
+            raise StageError(f"{final} holds a {stage} run made with other settings ({changes}); add --overwrite "
+                             "to replace it once this run completes, or choose another --out")
+    return False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Run:
-    """``out/<stage>/`` with ``config.json``, ``metrics.jsonl``, plots and ``model.pt``.
+    """A stage's run folder, written so that it never lies.
 
-    Under torchrun only rank 0 writes (``writes``); the other ranks keep their rows in memory.
+    The stage works in ``out/<stage>.partial/`` (``config.json``, ``metrics.jsonl``, plots,
+    checkpoints, and ``status.json``: running, failed or interrupted, with the error and the
+    step). ``finish`` writes the summary, marks the run complete with the fingerprints of its
+    inputs and outputs, and only then renames the folder to ``out/<stage>/``, replacing the
+    previous results. A run that fails or is stopped leaves those previous results untouched.
+
+    ``loop`` runs the training loop's steps with a progress bar and makes it resumable: every
+    ``save_every`` steps, and when Ctrl-C asks to stop, it saves the loop's state (model,
+    optimizer, data order, every random generator, metric history) to ``resume.pt``; with
+    ``resume`` a new run continues from there and ends as the uninterrupted run would have.
     """
 
     def __init__(self, config: TrainConfig, stage: str):
-        self.dir = Path(config.out) / stage
-        self.writes = distributed.is_main()
+        self.config, self.stage = config, stage
+        self.final = Path(config.out) / stage
+        self.dir = partial_dir(self.final)
+        self.checkpoint = self.dir / RESUME
+        self.command = command_line(stage, config)
+        self.inputs = input_fingerprints(config)
+        self.writes = distributed.is_main()  # under torchrun only rank 0 writes; the others keep rows in memory
+        resuming = check_run_folder(config, stage)
+        if not resuming and self.writes:
+            if config.resume:
+                print(f"nothing to resume in {self.dir}: {stage} starts from step 0")
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            files.write_json(self.dir / "config.json", dataclasses.asdict(config))
+            (self.dir / "metrics.jsonl").write_text("")
         self.metrics_path = self.dir / "metrics.jsonl"
-        if self.writes:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("")  # a rerun starts a fresh log
-            (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        self.resume_from = self.checkpoint if resuming else None
+        self.checkpoint_step = (files.read_json(self.dir / STATUS) or {}).get("checkpoint_step") if resuming else None
         self.start = time.time()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.rows: list[dict] = []
+        self.step, self.steps, self.status, self.error, self.warnings = 0, config.steps, "running", None, []
+        self.interrupted, self.in_loop = False, False
+        self.write_status()
+        _RUNS.append(self)
 
     def log(self, step: int, **metrics) -> dict:
         row = {"step": step, "time": round(time.time() - self.start, 3)}
@@ -256,7 +593,21 @@ class Run:
         if self.writes:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        self._watch_divergence(row)
         return row
+
+    def _watch_divergence(self, row: dict) -> None:
+        """Warn once when the training loss grows past twice its first value plus one."""
+        losses = [r["loss"] for r in self.rows if "loss" in r]
+        if "loss" not in row or self.warnings:
+            return
+        bound = 2 * abs(losses[0]) + 1
+        if row["loss"] > bound:
+            message = (f"{self.stage}: the loss {row['loss']:.4g} at step {row['step']} is past twice its first "
+                       f"value plus one ({bound:.4g}): training may be diverging (a lower --lr?)")
+            self.warnings.append(message)
+            self.write_status()
+            warnings.warn(message, DivergenceWarning, stacklevel=3)
 
     def plot(self, keys, filename: str, title: str = "", hlines: dict | None = None, ylabel: str = "",
              ylim: tuple | None = None, caption: str = "", xlabel: str = "step") -> Path | None:
@@ -264,7 +615,7 @@ class Run:
         words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
         horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
         panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
-                 "hlines": list((hlines or {}).items()), "ylim": ylim}
+                 "hlines": [(y, label) for label, y in (hlines or {}).items()], "ylim": ylim}
         return self.plot_panels(filename, [panel], caption)
 
     def plot_panels(self, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:
@@ -285,9 +636,234 @@ class Run:
         pts = [(r["step"], r[key]) for r in self.rows if key in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    def write_summary(self, summary: dict) -> None:
+    # --- resumable training loops -------------------------------------------------------------
+    def loop(self, steps: int, desc: str, **state) -> "Steps":
+        """``range(steps)`` with a progress bar, resumable: ``state`` names everything the loop
+        changes (models, optimizer, batch iterators, generators, lists the loop appends to)."""
+        return Steps(self, steps, desc, state)
+
+    def save_checkpoint(self, step: int, state: dict) -> None:
+        """The loop's state after ``step`` steps, atomically, in ``resume.pt``."""
+        if not self.writes:
+            return
+        files.torch_save({"step": step, "state": {k: _state_of(v) for k, v in state.items()}, "rng": rng_state(),
+                          "rows": self.rows, "elapsed": time.time() - self.start}, self.checkpoint)
+        self.checkpoint_step = step
+        self.write_status()
+
+    def load_checkpoint(self, state: dict) -> int:
+        """Load ``resume.pt`` into the loop's ``state``; return the step to continue from."""
+        ckpt = files.torch_load(self.checkpoint)
+        if set(ckpt["state"]) != set(state):
+            raise CheckpointError(f"{self.checkpoint} holds {sorted(ckpt['state'])}, this loop needs {sorted(state)}; "
+                                  "start over with --overwrite")
+        for name, obj in state.items():
+            _load_into(obj, ckpt["state"][name])
+        set_rng_state(ckpt["rng"])
+        self.rows = ckpt["rows"]  # the metrics logged after the checkpoint are dropped
         if self.writes:
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            files.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.start = time.time() - ckpt["elapsed"]
+        self.resume_from, self.step = None, ckpt["step"]
+        print(f"resuming {self.stage} at step {ckpt['step']} of {self.steps} from {self.checkpoint}")
+        return ckpt["step"]
+
+    # --- the end: complete, failed or interrupted ---------------------------------------------
+    def write_status(self, **extra) -> None:
+        if not self.writes:
+            return
+        files.write_json(self.dir / STATUS, {
+            "stage": self.stage, "status": self.status, "command": self.command, "error": self.error,
+            "step": self.step, "steps": self.steps, "resumable": self.checkpoint.is_file(),
+            "checkpoint_step": self.checkpoint_step if self.checkpoint.is_file() else None,
+            "inputs": self.inputs, "warnings": self.warnings, "started": self.started,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
+            **extra})
+
+    def finish(self, summary: dict) -> None:
+        """Write the summary, mark the run complete, and move it into ``out/<stage>/``."""
+        _RUNS.remove(self)
+        if not self.writes:
+            return
+        files.write_json(self.dir / "summary.json", summary)
+        self.checkpoint.unlink(missing_ok=True)
+        self.status, self.step = "complete", self.steps
+        outputs = {p.name: files.fingerprint(p) for p in sorted(self.dir.iterdir()) if p.name != STATUS}
+        self.write_status(outputs=outputs)
+        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.dir, self.final)  # the two renames: see _finish_swap for a stop between them
+        shutil.rmtree(old, ignore_errors=True)
+        self.dir, self.metrics_path = self.final, self.final / "metrics.jsonl"
+
+    def fail(self, error: BaseException) -> None:
+        """Record why the run stopped: ``interrupted`` (Ctrl-C) or ``failed`` (with the error)."""
+        self.status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.error = " ".join(f"{type(error).__name__}: {error}".split()) if self.status == "failed" else None
+        self.write_status()
+        if self in _RUNS:
+            _RUNS.remove(self)
+
+
+class Steps:
+    """The steps of a ``Run.loop``: a progress bar over ``range(start, steps)``, where ``start`` is 0
+    or the step of the checkpoint being resumed. After each step: a resumable checkpoint every
+    ``save_every`` steps, and, if Ctrl-C asked to stop, a checkpoint and ``KeyboardInterrupt``."""
+
+    def __init__(self, run: Run, steps: int, desc: str, state: dict):
+        self.run, self.steps, self.desc, self.state, self.bar = run, steps, desc, state, None
+
+    def __iter__(self):
+        run, every = self.run, self.run.config.save_every
+        start = run.load_checkpoint(self.state) if run.resume_from is not None else 0
+        self.bar = progress(range(start, self.steps), run.config, self.desc, total=self.steps, initial=start)
+        run.in_loop = True
+        try:
+            for step in self.bar:
+                yield step
+                run.step = step + 1
+                more = step + 1 < self.steps  # after the last step the stage finishes instead
+                if more and (run.interrupted or (every and (step + 1) % every == 0)):
+                    run.save_checkpoint(step + 1, self.state)
+                if more and run.interrupted:
+                    raise KeyboardInterrupt
+        finally:
+            run.in_loop = False
+            self.bar.close()
+
+    def set_postfix(self, **kwargs) -> None:
+        self.bar.set_postfix(**kwargs)
+
+
+def _state_of(obj):
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, (list, dict)):
+        return copy.deepcopy(obj)
+    return obj.state_dict()  # modules, optimizers, batch iterators, controllers
+
+
+def _load_into(obj, state) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, list):
+        obj[:] = state
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    else:
+        obj.load_state_dict(state)
+
+
+def rng_state() -> dict:
+    """Every global random generator: python, numpy, torch's CPU one and (if in use) CUDA's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# a stage's main(config): every check before anything is written; status on error or Ctrl-C
+# ----------------------------------------------------------------------------------------------
+
+_RUNS: list[Run] = []  # the runs started and not yet finished, innermost last
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a stage; the message says from which step and with which command to resume."""
+
+
+def stage(name: str):
+    """Decorator for a stage's ``main(config)``.
+
+    Before ``main`` runs: the config is validated, the device checked, the input stages checked
+    (complete, unchanged), and the run folder checked (no finished run with other settings
+    overwritten, no resumable run thrown away); with ``resume`` a stage already complete with these
+    settings returns its summary. While it runs, the first Ctrl-C stops the training loop after
+    the current step with a resumable checkpoint. If it raises, the run's status says why.
+    """
+    def decorate(main):
+        @functools.wraps(main)
+        def run_stage(config: TrainConfig):
+            config.validate()
+            resolve_device(config.device)
+            for field in ("model", "data", "eval_data"):  # given by hand: they must be there
+                if getattr(config, field) and not Path(getattr(config, field)).exists():
+                    raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
+            for field in type(config).INPUTS:
+                stage_input(config, field)
+            final = Path(config.out) / name
+            if config.resume and not (partial_dir(final) / RESUME).is_file() and stage_problem(final) is None \
+                    and not config_changes(files.read_json(final / "config.json"), config):
+                print(f"{final} is already complete with these settings: nothing to resume")
+                return files.read_json(final / "summary.json")
+            check_run_folder(config, name)
+            started = len(_RUNS)
+            with _stop_loops_on_ctrl_c():
+                try:
+                    return main(config)
+                except BaseException as e:
+                    runs = _RUNS[started:]
+                    for run in runs:
+                        run.fail(e)
+                    if runs and isinstance(e, KeyboardInterrupt):
+                        raise StageInterrupted(_resume_hint(runs[-1])) from None
+                    if runs and isinstance(e, NonFiniteError):
+                        raise NonFiniteError(f"{e}. {_last_good(runs[-1])}") from e
+                    raise
+        return run_stage
+    return decorate
+
+
+def _resume_hint(run: Run) -> str:
+    if run.checkpoint.is_file():
+        return (f"{run.stage} stopped after step {run.step} of {run.steps}; continue from step {run.checkpoint_step} "
+                f"with `{run.command} --resume`")
+    return f"{run.stage} stopped after step {run.step} of {run.steps} with no resumable checkpoint (--save-every)"
+
+
+def _last_good(run: Run) -> str:
+    kept = f"; {run.final} still holds the previous results" if run.final.exists() else ""
+    if run.checkpoint.is_file():
+        return f"The last good checkpoint is {run.checkpoint} (step {run.checkpoint_step}){kept}"
+    return f"No checkpoint of this run was saved (--save-every 0){kept}"
+
+
+@contextlib.contextmanager
+def _stop_loops_on_ctrl_c():
+    """The first Ctrl-C inside a ``Run.loop`` asks it to stop after the current step (a
+    checkpoint, then ``KeyboardInterrupt``); a second, or one outside a loop, stops at once."""
+    def handler(signum, frame):
+        run = _RUNS[-1] if _RUNS else None
+        if run is None or not run.in_loop or run.interrupted:
+            raise KeyboardInterrupt
+        run.interrupted = True
+        print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
+              "(Ctrl-C again to stop now)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread() or distributed.launched():
+        # under torchrun every rank gets the signal at its own moment: stopping "after this step"
+        # could leave one rank waiting for the others' gradients, so Ctrl-C stops at once there
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,10 +965,10 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def progress(iterable, config: TrainConfig, desc: str, total: int | None = None):
+def progress(iterable, config: TrainConfig, desc: str, total: int | None = None, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not (config.progress and distributed.is_main()),
-                dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, initial=initial,
+                disable=not (config.progress and distributed.is_main()), dynamic_ncols=True)
 
 
 def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minialign.data import collate, infinite_minibatches, left_pad, minibatches
+from minialign.data import InfiniteMinibatches, collate, left_pad, minibatches
 
 
 def test_collate_by_hand():
@@ -37,7 +37,7 @@ def test_minibatches_cover_each_example_once():
     generator = torch.Generator().manual_seed(0)
     seen = torch.cat(list(minibatches(10, 3, generator)))
     assert sorted(seen.tolist()) == list(range(10))
-    it = infinite_minibatches(10, 4, generator)
+    it = InfiniteMinibatches(10, 4, generator)
     assert all(len(next(it)) == 4 for _ in range(7))
     with pytest.raises(ValueError, match="smaller than batch_size"):
-        next(infinite_minibatches(3, 4))
+        next(InfiniteMinibatches(3, 4))

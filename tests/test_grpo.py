@@ -209,7 +209,7 @@ def test_grpo_loss_bad_input():
         grpo_loss(NEW, OLD, None, ADV, torch.tensor([[1, 1, 0], [0, 0, 0]]), beta=0.0)
     with pytest.raises(ValueError, match="group_size"):
         grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, group_size=3)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="group-size"):
         grpo.main(GRPOConfig(group_size=1))
 
 

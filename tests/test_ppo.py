@@ -361,5 +361,5 @@ def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
 
 def test_ppo_rejects_a_bad_minibatch_size(tmp_path):
     from minialign.ppo import main
-    with pytest.raises(ValueError, match="minibatch_size"):
+    with pytest.raises(ValueError, match="minibatch-size"):
         main(PPOConfig(out=str(tmp_path), batch_size=4, minibatch_size=8))

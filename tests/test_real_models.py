@@ -6,6 +6,7 @@ written here from the toy world) and writes its run folder. Skips without transf
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -116,8 +117,9 @@ def test_bad_data_file_is_refused_before_the_run_folder_exists(hf_folder, tmp_pa
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "review the movie", "chosen": "the movie was good ."}) + "\n"
                    + json.dumps({"prompt": "review the movie", "chosen": "", "rejected": "bad"}) + "\n")
-    with pytest.raises(ValueError, match="2 bad row.*line 1: no 'rejected'.*line 2: empty 'chosen'"):
-        main(["dpo", "--out", str(tmp_path / "run"), *COMMON, "--model", str(hf_folder), "--data", str(bad)])
+    assert main(["dpo", "--out", str(tmp_path / "run"), *COMMON, "--model", str(hf_folder), "--data", str(bad)]) == 1
+    err = capsys.readouterr().err  # one line, no traceback
+    assert re.search("^minialign: error: .*2 bad row.*line 1: no 'rejected'.*line 2: empty 'chosen'.*\n$", err)
     assert not (tmp_path / "run").exists()
 
 
@@ -139,7 +141,7 @@ def test_reward_model_with_a_hugging_face_body(hf_folder, world):
         assert torch.allclose(rm(x, torch.ones_like(x)), expected, atol=1e-5)
 
 
-def test_export_writes_a_folder_transformers_loads(tiny_run, world, tmp_path):
+def test_export_writes_a_folder_transformers_loads(tiny_run, world, tmp_path, capsys):
     assert main(["export", str(tiny_run / "sft"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -151,8 +153,10 @@ def test_export_writes_a_folder_transformers_loads(tiny_run, world, tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, own(ids), atol=1e-5)
     assert torch.equal(load_gpt2(tmp_path / "hf").wte.weight, own.wte.weight)
-    with pytest.raises(FileExistsError):
-        main(["export", str(tiny_run / "sft"), str(tmp_path / "hf")])
+    assert main(["export", str(tiny_run / "sft"), str(tmp_path / "hf")]) == 1
+    assert "exists and is not empty; export into a new folder" in capsys.readouterr().err
+    with pytest.raises(FileExistsError):  # --debug: the exception itself
+        main(["export", str(tiny_run / "sft"), str(tmp_path / "hf"), "--debug"])
 
 
 @pytest.mark.slow

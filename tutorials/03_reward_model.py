@@ -57,7 +57,7 @@ print(f"  Of the {len(gaps)} held-out labels, {sum(g < 0 for g in gaps) / len(ga
 # %% 2. Training r_phi on E4
 banner("2. Training r_phi: GPT trunk from SFT + scalar head at the EOS, loss E4")
 sft_path = ensure_sft(args.out, args.device, args.seed)
-config = RewardModelConfig(out=args.out, init=str(sft_path), seed=args.seed, device=args.device,
+config = RewardModelConfig(out=args.out, init=str(sft_path), seed=args.seed, device=args.device, overwrite=True,
                            steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            num_pairs=args.num_pairs, eval_pairs=args.eval_pairs, progress=args.progress)
 print(f"  {config.num_pairs} training pairs, {config.steps} steps of {config.batch_size} pairs, lr {config.lr}")

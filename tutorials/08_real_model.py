@@ -95,12 +95,13 @@ for impl in ("hf", "minialign"):
     cli("dpo", "--model", folder, "--model-impl", impl, "--data", here / "prefs.jsonl",
         "--eval-data", here / "prefs_eval.jsonl", "--out", out, "--steps", args.dpo_steps, "--batch-size", 16,
         "--log-every", 1, "--eval-every", 10, "--eval-samples-per-prompt", 8, "--device", args.device,
-        "--seed", args.seed, "--grad-accum", args.grad_accum, "--no-progress")
+        "--seed", args.seed, "--grad-accum", args.grad_accum, "--no-progress",
+        "--overwrite")  # a rerun replaces the tutorial's last run
     cli("grpo", "--model", folder, "--model-impl", impl, "--data", here / "qa.jsonl",
         "--eval-data", here / "qa_eval.jsonl", "--out", out, "--steps", args.grpo_steps, "--questions", 8,
         "--group-size", 8, "--batch-size", 64, "--eval-every", 5, "--eval-samples", 4,
         "--final-eval-samples", 8, "--device", args.device, "--seed", args.seed, "--grad-accum", args.grad_accum,
-        "--no-progress")
+        "--no-progress", "--overwrite")
     seconds[impl] = time.time() - t
     losses[impl] = {stage: [r for r in rows(out / stage / "metrics.jsonl") if "loss" in r]
                     for stage in ("dpo", "grpo")}

@@ -1,11 +1,13 @@
 """What the numbered tutorials share: the run folder and the checkpoints of earlier tutorials.
 
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
-tutorial needs the models of the earlier ones; if they are missing it trains them first with the
-default settings (pre-training then SFT, about 4-5 minutes on a 2-core CPU) and says so. An
-experiment written to another folder (``--out runs/my_try``) starts from the models of
-``runs/tutorial`` when it has none of its own, so a "Try this" run leaves the tutorials' folder as
-it was.
+tutorial needs the models of the earlier ones; if they are missing (or unfinished, or made from
+a model that has changed since) it trains them first with the default settings (pre-training
+then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.cli.ensure_stage``, what
+``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
+before (``overwrite=True``), whatever flags it was given then. An experiment written to another
+folder (``--out runs/my_try``) starts from the complete models of ``runs/tutorial`` when it has
+none of its own, so a "Try this" run leaves the tutorials' folder as it was.
 
 The tutorials are plain scripts and notebooks at once: ``# %%`` lines start the cells that
 Jupyter, VS Code and Jupytext read, and ``parse_args`` takes the defaults inside a notebook.
@@ -14,7 +16,6 @@ Jupyter, VS Code and Jupytext read, and ``parse_args`` takes the defaults inside
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -38,29 +39,20 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return parser.parse_args([] if "ipykernel" in sys.modules else None)
 
 
-# stage -> (the stage it starts from, the tutorial that trains it); the stage's module is
-# minialign.<stage> with a dataclass config and main(config), as the CLI registers it
-PREREQUISITES = {"pretrain": (None, "01"), "sft": ("pretrain", "02"), "reward_model": ("sft", "03")}
-
-
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/<stage>/model.pt``; else the tutorials' own (``runs/tutorial/<stage>/model.pt``); else
-    trained now into ``out`` with the defaults (after its prerequisites)."""
-    path = Path(out) / stage / "model.pt"
-    shared = Path(DEFAULT_OUT) / stage / "model.pt"
-    if not path.is_file() and shared.is_file():
-        print(f"[{path} is missing: starting from the tutorials' {shared}]")
-        return shared
-    if not path.is_file():
-        before, tutorial = PREREQUISITES[stage]
-        if before is not None:
-            ensure(before, out, device, seed)
-        from minialign.cli import STAGES
-        module = importlib.import_module(STAGES[stage][0])
-        config = getattr(module, STAGES[stage][1])(out=out, device=device, seed=seed)
-        print(f"[{path} is missing: training {stage} first with the defaults, as tutorial {tutorial} does]")
-        module.main(config)
-    return path
+    """The model of ``out/<stage>``, complete and up to date. If ``out`` has no such stage (not even
+    an unfinished one), the tutorials' own ``runs/tutorial/<stage>`` when it is complete; else
+    trained now into ``out`` (after its prerequisites) with the defaults, as the tutorial of that
+    stage does."""
+    from minialign.cli import ensure_stage
+    from minialign.train import partial_dir, stage_model, stage_problem
+    own, shared = Path(out) / stage, Path(DEFAULT_OUT) / stage
+    if (not own.exists() and not partial_dir(own).exists() and own.resolve() != shared.resolve()
+            and stage_problem(shared) is None):
+        path = stage_model(DEFAULT_OUT, stage)
+        print(f"[{own} does not exist: starting from the tutorials' {path}]")
+        return path
+    return ensure_stage(stage, out=out, device=device, seed=seed)
 
 
 def ensure_pretrained(out: str, device: str = "auto", seed: int = 0) -> Path:

@@ -1,0 +1,147 @@
+"""Files a run can trust: atomic writes, fingerprints, and the errors the command line reports.
+
+A file is written under a temporary name in its own folder, flushed to disk, then renamed over
+its target (``os.replace`` is atomic): a reader, or a crash in the middle of ``torch.save``, sees
+the old file or the new one, never half of one.
+
+The errors below are the *expected* ones: a bad flag value, a missing or corrupt checkpoint, an
+input stage that did not finish, a NaN. Their messages say what is wrong and what to do, so the
+``minialign`` command prints them in one line (``--debug`` shows the traceback). They subclass the
+built-in error a caller would catch (``ValueError``, ``FloatingPointError``, ...).
+
+This module imports no torch, so ``minialign --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+class MinialignError(Exception):
+    """An expected error whose message says what is wrong and how to fix it."""
+
+
+class ConfigError(MinialignError, ValueError):
+    """A config value outside its allowed range; the message names the flag."""
+
+
+class CheckpointError(MinialignError, ValueError):
+    """A checkpoint that is truncated, corrupt or not minialign's; the message names the file."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+class StageError(MinialignError, RuntimeError):
+    """An input stage that is missing, unfinished, or changed since it was used; or a stage folder
+    that a run would overwrite. The message says which command to run."""
+
+
+class NonFiniteError(MinialignError, FloatingPointError):
+    """A NaN or inf in the loss, the gradients or the weights; the message names the step."""
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
+
+    If ``write`` fails (or the process dies) the previous ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def torch_save(obj, path) -> Path:
+    """``torch.save``, atomically, refusing to write a NaN or inf into a checkpoint."""
+    import torch
+    bad = _non_finite(obj)
+    if bad:
+        raise NonFiniteError(f"not saving {path}: {bad} holds NaN or inf values")
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load(path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` (no code runs from the file) with one clear error, naming
+    the file and how to recreate it, for every way a file can fail to load (empty, truncated,
+    garbage: ``EOFError``, a zip error, an unpickling error, ...)."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise MissingCheckpointError(f"no checkpoint at {path}; {recreate_hint(path)}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch raised, the file is unreadable
+        raise CheckpointError(f"{path} is not a readable checkpoint ({path.stat().st_size} bytes; torch.load "
+                              f"raised {type(e).__name__}): it is truncated or corrupt; "
+                              f"{recreate_hint(path)}") from e
+
+
+def _non_finite(obj, key: str = "") -> str | None:
+    """The key of the first floating-point tensor in a nested dict/list holding NaN or inf."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return key or "a tensor" if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if bad:
+            return bad
+    return None
+
+
+def read_json(path) -> dict | None:
+    """The JSON object in ``path``, or None if there is no such file (or it is not JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (names and contents, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def recorded_command(folder) -> str | None:
+    """The command recorded in ``folder/status.json``, its ``--out`` pointed at where the folder
+    is now (a run folder may have been copied or moved since)."""
+    import shlex
+    words = shlex.split((read_json(Path(folder) / "status.json") or {}).get("command") or "")
+    if "--out" in words[:-1]:
+        words[words.index("--out") + 1] = str(Path(folder).parent)
+    return shlex.join(words) if words else None
+
+
+def recreate_hint(path) -> str:
+    """How to make ``path`` again: the command recorded in the ``status.json`` beside it, if any."""
+    command = recorded_command(Path(path).parent)
+    return f"recreate it with `{command}`" if command else "recreate it by rerunning the command that wrote it"
