@@ -254,9 +254,9 @@ def test_failed_run_keeps_the_previous_results_and_the_next_stage_refuses_it(tmp
 
 def test_a_rerun_with_other_settings_asks_for_overwrite(tmp_path, capsys):
     pretrain.main(config("pretrain", tmp_path))
-    assert cli.main(["pretrain", "--out", str(tmp_path), "--lr", "0.01"]) == 1
+    assert cli.main(["pretrain", *_flags(config("pretrain", tmp_path, lr=0.01))]) == 1
     err = capsys.readouterr().err
-    assert "holds a pretrain run made with other settings" in err and "lr: 0.003 there, 0.01 here" in err
+    assert "holds a pretrain run made with other settings (lr: 0.003 there, 0.01 here); add --overwrite" in err
     assert "--overwrite" in err
     first = (tmp_path / "pretrain" / "model.pt").read_bytes()
     pretrain.main(config("pretrain", tmp_path, lr=1e-2, overwrite=True))
