@@ -615,7 +615,7 @@ class Run:
         words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
         horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
         panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
-                 "hlines": list((hlines or {}).items()), "ylim": ylim}
+                 "hlines": [(y, label) for label, y in (hlines or {}).items()], "ylim": ylim}
         return self.plot_panels(filename, [panel], caption)
 
     def plot_panels(self, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:

@@ -89,3 +89,25 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_plots_draw_each_metric_with_its_legend_and_each_line_at_its_height(tmp_path, monkeypatch):
+    """Run.plot maps a metric key to a legend in words and a label to a horizontal line's height."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    drawn = {"lines": [], "curves": []}
+    real_axhline, real_plot = Axes.axhline, Axes.plot
+    monkeypatch.setattr(Axes, "axhline", lambda ax, y, **kw: drawn["lines"].append((y, kw["label"]))
+                        or real_axhline(ax, y, **kw))
+    monkeypatch.setattr(Axes, "plot", lambda ax, *a, **kw: drawn["curves"].append((list(a[0]), list(a[1]),
+                                                                                   kw["label"])) or real_plot(ax, *a, **kw))
+    run = Run(DemoConfig(out=str(tmp_path)), "demo")
+    run.log(0, loss=1.0)
+    run.log(5, loss=0.5, acc=0.9)
+    path = run.plot({"loss": "training loss"}, "loss.png", hlines={"floor": 0.2}, ylabel="nats",
+                    caption="falls to the floor")
+    assert path.is_file() and path.stat().st_size > 1000
+    assert drawn["lines"] == [(0.2, "floor")]
+    assert drawn["curves"] == [([0, 5], [1.0, 0.5], "training loss")]

@@ -53,8 +53,8 @@ def main():
     if s["malformed"] < 0.1:
         print("\n  What they show: the base model only continued text; the instruct model answers in the chat template,\n"
               "  writes a well-formed review of the item it was asked about and stops (EOS). Its reviews are as mixed\n"
-              "  as the demonstrations, so their mean r* sits near 0, and its sums are as often wrong as the\n"
-              "  demonstrations were: imitation copies the data's quality, and alignment starts from here.")
+              "  as the demonstrations, so their mean r* sits near 0, and it answers the sums right no more often\n"
+              "  than the demonstrations did: imitation copies the data's quality at best, and alignment starts here.")
     else:
         print(f"\n  What they show: {s['malformed']:.0%} of the sampled reviews are still malformed (off the item, "
               "unfinished or\n  ungrammatical): this run is too short to learn the chat template; train longer (--steps).")
