@@ -545,7 +545,7 @@ def grpo_k3_loss_effective_beta(p: torch.Tensor, problem: Problem, G: int, scale
 
 
 def grpo_k3_reward_fixed_point(problem: Problem, support: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The fixed point of GRPO with k3 in the reward (E14) whose surviving responses are ``support``.
+    r"""The fixed point of GRPO with k3 in the reward (E14) whose surviving responses are ``support``.
 
     Off the support $\pi = 0$ (a response with $\pi\to 0$ has $k_3 = \pi_{ref}/\pi - 1 - \log(\pi_{ref}/\pi)\to\infty$,
     so it is always the worst of its group and keeps falling). On the support every group advantage

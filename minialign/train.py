@@ -568,6 +568,9 @@ class Run:
         self.inputs = input_fingerprints(config)
         self.writes = distributed.is_main()  # under torchrun only rank 0 writes; the others keep rows in memory
         resuming = check_run_folder(config, stage)
+        # under torchrun every rank checks the folder before rank 0 writes into it: a rank that
+        # checked later would find rank 0's "running" status and take it for another run
+        distributed.barrier()
         if not resuming and self.writes:
             if config.resume:
                 print(f"nothing to resume in {self.dir}: {stage} starts from step 0")
@@ -683,8 +686,12 @@ class Run:
     def finish(self, summary: dict) -> None:
         """Write the summary, mark the run complete, and move it into ``out/<stage>/``."""
         _RUNS.remove(self)
-        if not self.writes:
-            return
+        if self.writes:
+            self._complete(summary)
+        distributed.barrier()  # the other ranks read out/<stage> only once it is there
+        self.dir, self.metrics_path = self.final, self.final / "metrics.jsonl"
+
+    def _complete(self, summary: dict) -> None:
         files.write_json(self.dir / "summary.json", summary)
         self.checkpoint.unlink(missing_ok=True)
         self.status, self.step = "complete", self.steps
@@ -695,7 +702,6 @@ class Run:
             os.replace(self.final, old)
         os.replace(self.dir, self.final)  # the two renames: see _finish_swap for a stop between them
         shutil.rmtree(old, ignore_errors=True)
-        self.dir, self.metrics_path = self.final, self.final / "metrics.jsonl"
 
     def fail(self, error: BaseException) -> None:
         """Record why the run stopped: ``interrupted`` (Ctrl-C) or ``failed`` (with the error)."""
