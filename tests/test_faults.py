@@ -134,7 +134,7 @@ BAD_VALUES = [
     ("pretrain", ["--steps", "0"], "--steps must be >= 1"),
     ("pretrain", ["--log-every", "0"], "--log-every must be >= 1"),
     ("pretrain", ["--eval-every", "0"], "--eval-every must be >= 1"),
-    ("pretrain", ["--n-head", "3"], "--n-head must be a divisor of --n-embd"),
+    ("pretrain", ["--n-head", "3"], "--n-head must be a divisor of --n-embd (32)"),
     ("pretrain", ["--seed", "-1"], "--seed must be in [0, "),
     ("pretrain", ["--device", "gpu"], "--device must be auto, cpu"),
     ("ppo", ["--beta", "-1"], "--beta must be >= 0"),
@@ -152,10 +152,16 @@ BAD_VALUES = [
 ]
 
 
+# a tiny model, so that a pre-training the checks failed to stop ends (and fails the test) in seconds
+TINY_PRETRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--steps", "2", "--batch-size", "8",
+                 "--corpus-size", "50", "--eval-size", "10", "--no-progress"]
+
+
 @pytest.mark.parametrize("stage, flags, message", BAD_VALUES)
 def test_bad_values_are_refused_before_the_run_folder_exists(stage, flags, message, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main([stage, "--out", str(out), *flags]) == 1
+    tiny = TINY_PRETRAIN if stage == "pretrain" else []
+    assert cli.main([stage, "--out", str(out), *tiny, *flags]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("minialign: error: ") and message in err and "\n" not in err
     assert not out.exists()
@@ -248,9 +254,9 @@ def test_failed_run_keeps_the_previous_results_and_the_next_stage_refuses_it(tmp
 
 def test_a_rerun_with_other_settings_asks_for_overwrite(tmp_path, capsys):
     pretrain.main(config("pretrain", tmp_path))
-    assert cli.main(["pretrain", "--out", str(tmp_path), "--lr", "0.01"]) == 1
+    assert cli.main(["pretrain", *_flags(config("pretrain", tmp_path, lr=0.01))]) == 1
     err = capsys.readouterr().err
-    assert "holds a pretrain run made with other settings" in err and "lr: 0.003 there, 0.01 here" in err
+    assert "holds a pretrain run made with other settings (lr: 0.003 there, 0.01 here); add --overwrite" in err
     assert "--overwrite" in err
     first = (tmp_path / "pretrain" / "model.pt").read_bytes()
     pretrain.main(config("pretrain", tmp_path, lr=1e-2, overwrite=True))
