@@ -17,7 +17,7 @@ bodies are missing. ``minialign exercises check DIR`` runs the hand-computed tes
 exercise (the tests marked ``@pytest.mark.exercise("name")`` in the mirrored test file) against
 the student's copy, in a subprocess with that copy first on the import path, and prints a table:
 exercise, equations, passed or failed, and for a failure the hand-worked case with the numbers
-expected and received (``minialign.testing.expect``). ``--train`` then runs the tutorial of each
+expected and received (``expect`` in ``tests/handworked.py``). ``--train`` then runs the tutorial of each
 exercise with the student's code and with the reference, and prints their figures side by side.
 
 The registry below holds what a student sees: the equation and the shapes of each exercise. The
@@ -64,107 +64,96 @@ class Exercise:
 # in course order: foundations, reward model, PPO, DPO, GRPO
 EXERCISES = [
     Exercise("lm_loss", "pretrain.py", "E0a, E0b", "the language-modelling loss",
-             (r"\mathcal{L}_{LM}(\theta) = -\frac{1}{N}\sum_{t:\ m_t = 1} \log \pi_\theta(x_t \mid x_{<t})",),
+             (r"\mathcal{L}_{LM}(\theta) = -\sum_t \log\pi_\theta(x_t\mid x_{<t})",),
              "logits (B, T, V) from the model on input_ids (B, T); the logits at position t-1 predict "
              "token t; count only the N tokens where response_mask (B, T) is 1 (every token for "
              "pre-training, E0a; the response for SFT, E0b) -> a scalar, nats per token",
              "01_pretrain.py"),
     Exercise("token_logps", "ops.py", "E1", "the log-probability of each token, a factor of E1",
-             (r"\pi_\theta(\mathbf{y} \mid \mathbf{x}) = \prod_t \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t}),\qquad "
-              r"\log \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t}) = \log \mathrm{softmax}(z_t / \tau)_{y_t}",),
+             (r"\pi_\theta(\mathbf{y}\mid\mathbf{x}) = \prod_t \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t})",),
              "logits z (B, T, V) at temperature tau, tokens y (B, T) -> (B, T), the log-prob of each "
              "given token; in float32 at least (ops.upcast): under bf16 a log-softmax loses the small "
              "differences that ratios are made of",
              "04_dpo.py"),
     Exercise("kl_estimators", "ops.py", "k1, k2, k3", "three estimators of the KL divergence from samples",
-             (r"k_1 = \log\frac{p(x)}{q(x)},\qquad k_2 = \frac{1}{2}\Big(\log\frac{p(x)}{q(x)}\Big)^2,"
-              r"\qquad k_3 = \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}",),
+             (r"k_1 = \log\frac{p(x)}{q(x)}",
+              r"k_2 = \frac12(\log\frac{p(x)}{q(x)})^2",
+              r"k_3 = \frac{q(x)}{p(x)} - 1 - \log\frac{q(x)}{p(x)}"),
              "logp = log p(x), logq = log q(x): tensors of one shape -> that shape (one estimate per sample)",
              "06_grpo.py"),
     Exercise("bradley_terry_probability", "reward_model.py", "E3", "the Bradley-Terry preference probability",
-             (r"P_\phi(y_w \succ y_l \mid x) = \frac{e^{r_\phi(x,y_w)}}{e^{r_\phi(x,y_w)} + e^{r_\phi(x,y_l)}}"
-              r" = \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)",),
+             (r"P_\phi(y_w \succ y_l \mid x) = \frac{e^{r_\phi(x,y_w)}}{e^{r_\phi(x,y_w)} + e^{r_\phi(x,y_l)}} = \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)",),
              "r_w, r_l (B,) -> (B,), in float32 at least (ops.upcast)",
              "03_reward_model.py"),
     Exercise("reward_model_loss", "reward_model.py", "E4", "the reward model's loss",
-             (r"\mathcal{L}_R(\phi) = -\mathbb{E}_{(x, y_w, y_l)}\big[\log \sigma\big(r_\phi(x,y_w) - r_\phi(x,y_l)\big)\big]",),
+             (r"\mathcal{L}_R(r_\phi) = -\mathbb{E}_{(x, y_w, y_l)\sim\mathcal{D}}\big[\log \sigma(r_\phi(x,y_w) - r_\phi(x,y_l))\big]",),
              "r_w, r_l (B,) -> a scalar (the mean over pairs), float32 at least; "
              "log sigma(z) of a large negative z must stay finite",
              "03_reward_model.py"),
     Exercise("per_token_rewards", "ppo.py", "E2, E6", "PPO's reward, token by token",
-             (r"r_t = -\beta\big(\log\pi_\theta(y_t \mid x, y_{<t}) - \log\pi_{ref}(y_t \mid x, y_{<t})\big)"
-              r" + [t = T]\, r_\phi(x, y)",
-              r"\textstyle\sum_t r_t = r_\phi(x,y) - \beta \log\frac{\pi_\theta(y\mid x)}{\pi_{ref}(y\mid x)}"),
+             (r"r_t = -\beta\big(\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big) + [t = T]\, r_\phi(x,y)",),
              "score (B,), logps, ref_logps, mask (B, T), the KL coefficient beta -> (B, T), 0 outside "
              "the mask; T is the last response token of each row (the EOS), "
              "reward_model.last_token_index(mask) finds it",
              "05_ppo.py"),
     Exercise("gae", "ppo.py", "GAE", "generalised advantage estimation",
-             (r"\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t),\qquad \hat A_t = \delta_t + \gamma\lambda\,\hat A_{t+1},"
-              r"\qquad \hat R_t = \hat A_t + V(s_t)",),
+             (r"\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t),\qquad \hat A_t = \delta_t + \gamma\lambda\hat A_{t+1},\qquad \hat R_t = \hat A_t + V(s_t),\qquad V(s_{T+1}) = 0",),
              "rewards, values, mask (B, T) -> (advantages, returns), each (B, T), 0 outside the mask; "
              "V = 0 and A = 0 past the last response token of a row; walk t from the end",
              "05_ppo.py"),
     Exercise("one_step_advantages", "ppo.py", "E6", "the source's advantage, one number per answer",
-             (r"A(x, y) = r(x, y) - V(x)",),
+             (r"A(x,y) = r(x,y) - V(x)",),
              "score (B,) = r(x, y), values, mask (B, T); V(x) is the value at the first response "
              "token -> (advantages, returns), each (B, T): A copied on every response token, "
              "returns r(x, y) there, 0 outside the mask",
              "05_ppo.py"),
     Exercise("clipped_surrogate_loss", "ppo.py", "E5", "PPO's clipped surrogate",
-             (r"\rho_t(\theta) = \frac{\pi_\theta(y_t\mid x, y_{<t})}{\pi_{old}(y_t\mid x, y_{<t})},\qquad "
-              r"L^{CLIP} = \mathbb{E}_t\big[\min\big(\rho_t \hat A_t,\ \mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon)\,\hat A_t\big)\big]",),
+             (r"L^{CLIP}(\theta) = \mathbb{E}\big[\min\big(\rho_t(\theta)\hat A_t,\ \mathrm{clip}(\rho_t(\theta), 1-\epsilon, 1+\epsilon)\,\hat A_t\big)\big],\qquad \rho_t(\theta) = \frac{\pi_\theta(y_t\mid x, y_{<t})}{\pi_{old}(y_t\mid x, y_{<t})}",),
              "logps, old_logps, advantages, mask (B, T) -> (loss = -L^CLIP as a masked mean over "
              "tokens: a scalar, stats): stats holds clip_frac (fraction of tokens where the clipped "
              "term is the smaller), approx_kl (mean of (rho - 1) - log rho) and ratio (mean rho); "
              "no gradient through old_logps",
              "05_ppo.py"),
     Exercise("value_loss", "ppo.py", "PPO value loss", "the clipped value loss",
-             (r"L^V = \tfrac12\,\mathbb{E}_t\big[\max\big((V_t - \hat R_t)^2,\ "
-              r"(V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t)^2\big)\big]",),
+             (r"L^V = \tfrac12\,\mathbb{E}_t\Big[\max\Big((V_t - \hat R_t)^2,\ \big(V_{old,t} + \mathrm{clip}(V_t - V_{old,t}, -c, c) - \hat R_t\big)^2\Big)\Big]",),
              "values, old_values, returns, mask (B, T), clip_range c (None or 0: no clipping) -> "
              "(a scalar masked mean, stats): stats holds value_clip_frac, the fraction of tokens "
              "where the clipped error is the larger",
              "05_ppo.py"),
     Exercise("optimal_policy", "dpo.py", "E7", "the optimal KL-regularised policy",
-             (r"\pi^*(y\mid x) = \frac{1}{Z(x)}\pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta} r(x,y)\Big),\qquad "
-              r"Z(x) = \sum_y \pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta} r(x,y)\Big)",),
+             (r"\pi^*(y\mid x) = \frac{1}{Z(x)}\,\pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta} r(x,y)\Big),\qquad Z(x) = \sum_y \pi_{ref}(y\mid x)\exp\Big(\frac{1}{\beta} r(x,y)\Big)",),
              "ref_probs (K,) and rewards (K,) of one prompt's K responses -> pi* (K,); "
              "exp(r / beta) overflows for large r / beta: work in log space",
              "04_dpo.py"),
     Exercise("implied_reward", "dpo.py", "E8", "the reward as a policy ratio",
-             (r"r(x,y) = \beta \log\frac{\pi^*(y\mid x)}{\pi_{ref}(y\mid x)} + \beta \log Z(x)",),
+             (r"r(x,y) = \beta\log\frac{\pi^*(y\mid x)}{\pi_{ref}(y\mid x)} + \beta\log Z(x)",),
              "pi_star (K,), ref_probs (K,) -> the first term, beta log(pi* / pi_ref), (K,)",
              "04_dpo.py"),
     Exercise("dpo_loss", "dpo.py", "E9, E10", "the DPO loss and its implicit rewards",
-             (r"r_w = \beta\big(\log\pi_\theta(y_w\mid x) - \log\pi_{ref}(y_w\mid x)\big),\qquad "
-              r"r_l = \beta\big(\log\pi_\theta(y_l\mid x) - \log\pi_{ref}(y_l\mid x)\big)",
-              r"\mathcal{L}_{DPO} = -\mathbb{E}\big[\log\sigma(r_w - r_l)\big]"),
+             (r"r_w = \beta(\log\pi_\theta(y_w\mid x) - \log\pi_{ref}(y_w\mid x))",
+              r"\mathcal{L}_{DPO}(\theta) = -\mathbb{E}_{(x,y_w,y_l)\sim\mathcal{D}}\Big[\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w\mid x)}{\pi_{ref}(y_w\mid x)} - \beta\log\frac{\pi_\theta(y_l\mid x)}{\pi_{ref}(y_l\mid x)}\Big)\Big]"),
              "four (B,) tensors of sequence log-probs (E1), already float32 or float64 -> "
              "(loss: a scalar, the mean over pairs; chosen_rewards r_w (B,); rejected_rewards r_l (B,)); "
              "log sigma(z) of a large negative z must stay finite",
              "04_dpo.py"),
     Exercise("group_advantages", "grpo.py", "E11, E12", "GRPO's group baseline and advantage",
-             (r"\bar R(x) = \frac{1}{G}\sum_{i=1}^G r(x, y_i)",
-              r"\hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}"),
+             (r"\bar R(x) = \frac{1}{G}\sum_{i=1}^{G} r(x, y_i),\qquad \hat A(x, y_i) = \frac{r(x, y_i) - \bar R(x)}{\mathrm{std}(\{r_1, \dots, r_G\}) + \epsilon}",),
              "rewards (B,) with B = Q * G, the G answers of question q in rows q*G .. q*G+G-1 -> (B,); "
              "std is the sample std (divides by G - 1); scale_by_std=False keeps r - mean; a group "
              "whose rewards are all equal gets exactly 0",
              "06_grpo.py"),
     Exercise("grpo_loss", "grpo.py", "E13", "GRPO's clipped objective with the KL in the loss",
-             (r"J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^G \frac{1}{|y_i|}\sum_{t=1}^{|y_i|}"
-              r"\Big(\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon, 1+\epsilon)\hat A_i\big)"
-              r" - \beta\, D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t}\Big)\Big]",
-              r"D_{KL}\big[\pi_\theta \Vert \pi_{ref}\big]_{i,t} \approx k_3 = \frac{\pi_{ref}}{\pi_\theta} - \log\frac{\pi_{ref}}{\pi_\theta} - 1"),
-             "logps, old_logps, ref_logps (or None), mask (B, T), advantages (B,) -> define loss "
-             "(a scalar, -J), ratio (B, T) and kl (B, T, or None without ref_logps); the KL term "
-             "enters only with kl_in='loss' and beta > 0; aggregation 'answer_mean' is E13, "
-             "'token_mean' averages over every token of the batch, 'constant' divides the token "
-             "sum by B * max_len",
+             (r"J_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^{G}\Big(\frac{1}{|y_i|}\sum_{t=1}^{|y_i|}\min\big(\rho_{i,t}(\theta)\hat A_i,\ \mathrm{clip}(\rho_{i,t}(\theta), 1-\epsilon, 1+\epsilon)\,\hat A_i\big) - \beta D_{KL}(\pi_\theta\Vert\pi_{ref})\Big)\Big]",
+              r"\frac{\pi_{ref}}{\pi_\theta} - \log\frac{\pi_{ref}}{\pi_\theta} - 1"),
+             "logps, old_logps, ref_logps (or None), mask (B, T) and A (B, 1), the advantages, are "
+             "given -> define ratio (B, T), clipped = clip(ratio, 1 - clip_eps, 1 + clip_eps) (B, T), "
+             "kl (B, T): the per-token k3 of the second line, or None without ref_logps, and loss "
+             "(a scalar, -J); the KL term enters the loss only with kl_in='loss' and beta > 0; "
+             "aggregation 'answer_mean' is E13, 'token_mean' averages over every token of the batch, "
+             "'constant' divides the token sum by B * max_len",
              "06_grpo.py"),
     Exercise("kl_penalised_rewards", "grpo.py", "E14", "GRPO with the KL in the reward",
-             (r"r_i = r(x, y_i) - \beta\, D_{KL}(\pi_\theta \Vert \pi_{ref})_i,\qquad "
-              r"D_{KL}(\pi_\theta \Vert \pi_{ref})_i = \textstyle\sum_t k_3(y_{i,t})",),
+             (r"r_i = r_\phi(x, y_i) - \beta D_{KL}(\pi_\theta \Vert \pi_{ref})",),
              "rewards (B,), logps, ref_logps, mask (B, T) -> (B,) with no gradient; "
              "sequence_kl(logps, ref_logps, mask, estimator) sums a per-token estimate over each answer",
              "06_grpo.py"),
@@ -449,7 +438,7 @@ def format_table(rows: list[dict]) -> str:
             out += ["  " + line[1:].strip() for line in x["message"].splitlines() if line.startswith("E ")]
         for t in failed:
             out.append(t["nodeid"].split("tests/")[-1])
-            if "hand-worked case:" in t["message"]:          # minialign.testing.expect's message
+            if "hand-worked case:" in t["message"]:          # the message of tests/handworked.py: expect
                 out += ["  " + line for line in t["message"].splitlines()[1:]]
             else:
                 if t["case"]:

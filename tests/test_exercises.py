@@ -239,3 +239,10 @@ return loss, chosen_rewards, rejected_rewards
     # and the student's run really ran the student's code
     assert "written by the student" in (copy / "runs" / "yours" / "04_dpo.log").read_text()
     assert "written by the student" not in (copy / "runs" / "reference" / "04_dpo.log").read_text()
+
+
+def test_each_hint_gives_the_equation_as_the_docs_write_it():
+    docs = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    for e in exercises.EXERCISES:
+        for latex in e.latex:
+            assert latex in docs, f"exercise {e.name}: its equation is not written so in docs/: {latex}"

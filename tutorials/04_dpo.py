@@ -11,8 +11,11 @@
    samples rises over the SFT model's, at a measured KL to the reference.
 3. A plot of true reward against KL for each beta (``<out>/dpo/reward_vs_kl.png``), measured
    during training: how far each run moved from pi_ref and what it bought.
+
+A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jupytext).
 """
 
+# %%
 from __future__ import annotations
 
 import math
@@ -20,11 +23,26 @@ import time
 from pathlib import Path
 
 import torch
-from _common import banner, base_parser, ensure_sft
+from _common import banner, base_parser, ensure_sft, parse_args, summary
 
 from minialign.dpo import DPOConfig, implied_reward, log_partition, main as dpo, optimal_policy, preference_probability
 from minialign.train import plot_panels
 
+parser = base_parser(__doc__.splitlines()[0])
+parser.add_argument("--betas", type=lambda s: [float(b) for b in s.split(",")], default=[0.1, 1.0, 10.0],
+                    help="comma-separated betas, one DPO run each (the first is saved as <out>/dpo)")
+parser.add_argument("--steps", type=int, default=40, help="DPO steps per beta (one pass over the pairs)")
+parser.add_argument("--batch-size", type=int, default=64, help="preference pairs per step")
+parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+parser.add_argument("--eval-every", type=int, default=20, help="steps between r* / KL measurements")
+parser.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs for the implicit reward's accuracy")
+parser.add_argument("--samples", type=int, default=32,
+                    help="sampled reviews per prompt for r* and KL (32, as tutorials 02 and 05 measure r*)")
+args = parse_args(parser)
+start = time.time()
+
+
+# %% 1. E7-E8 on one prompt with four responses
 
 def closed_form() -> None:
     banner("1. E7-E8 on one prompt with four responses")
@@ -45,7 +63,10 @@ def closed_form() -> None:
     print(f"E3: P(y_4 > y_1) from r = {preference_probability(r[3], r[0]).item():.4f}, from the policy ratio "
           f"= {preference_probability(r_hat[3], r_hat[0]).item():.4f}: Z(x) cancels, so no reward model is needed")
 
+closed_form()
 
+
+# %% 2. DPO (E9) from the SFT model, one run per beta
 def sweep(args, sft_path: Path) -> dict[float, dict]:
     banner("2. DPO (E9) from the SFT model, one run per beta")
     results = {}
@@ -72,8 +93,13 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+sft_path = ensure_sft(args.out, args.device, args.seed)
+results = sweep(args, sft_path)
+
+
+# %% 3. True reward against KL
 BETA_NOTE = """
-How beta acts. The gradient of E9 is beta * sigma(r_l - r_w) times the gradient of the log-ratio
+How beta acts, in principle. The gradient of E9 is beta * sigma(r_l - r_w) times the gradient of the log-ratio
 margin. Adam divides every gradient by its own running scale, so the factor beta in front cancels;
 beta acts only through sigma(r_l - r_w), the weight of each pair, which moves away from 1/2 once
 beta times the log-ratio margin is of order 1. A large beta gets there after a small move from
@@ -98,47 +124,47 @@ def plot(results: dict[float, dict], path: Path) -> None:
                 "for the KL it spends.")
 
 
-def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--betas", type=lambda s: [float(b) for b in s.split(",")], default=[0.1, 1.0, 10.0],
-                        help="comma-separated betas, one DPO run each (the first is saved as <out>/dpo)")
-    parser.add_argument("--steps", type=int, default=40, help="DPO steps per beta (one pass over the pairs)")
-    parser.add_argument("--batch-size", type=int, default=64, help="preference pairs per step")
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    parser.add_argument("--eval-every", type=int, default=20, help="steps between r* / KL measurements")
-    parser.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs for the implicit reward's accuracy")
-    parser.add_argument("--samples", type=int, default=32,
-                        help="sampled reviews per prompt for r* and KL (32, as tutorials 02 and 05 measure r*)")
-    args = parser.parse_args()
-    start = time.time()
+banner("3. True reward against KL")
+path = results[args.betas[0]]["dir"] / "reward_vs_kl.png"
+plot(results, path)
+for beta, res in results.items():
+    pts = ", ".join(f"({r['kl']:.2f}, {r['true_reward']:.2f})" for r in res["rows"])
+    print(f"beta={beta:g}  (KL, r*) during training: {pts}")
+print(BETA_NOTE)
+first = results[args.betas[0]]
+print(f"\nsamples after DPO (beta={args.betas[0]:g}):")
+for prompt, response in first["summary"]["examples"]:
+    print(f"  {prompt!r:22} -> {response}")
+for beta, res in results.items():
+    rows = _rows(res["dir"])
+    print(f"beta={beta:g}: log pi_theta(y_w|x) of the training pairs {rows[0]['logps/chosen']:.2f} -> "
+          f"{rows[-1]['logps/chosen']:.2f}, of y_l {rows[0]['logps/rejected']:.2f} -> {rows[-1]['logps/rejected']:.2f}, "
+          f"margin {rows[-1]['rewards/margins']:+.3f}")
+if any(res["summary"]["true_reward"] < res["summary"]["true_reward_before"] for res in results.values()):
+    print("Where r* fell: DPO asks only that the chosen response beat the rejected one. It can lower both, and the\n"
+          "probability they lose goes to responses no pair ever showed, many of them malformed (r* = -7). Watch\n"
+          "logps/chosen and the sampled KL, not the DPO loss; a smaller --lr (or fewer --steps) keeps the policy\n"
+          "near pi_ref. docs/measurements.md has longer runs at the stage's default lr 1e-4.")
+s = first["summary"]
+change = "rose" if s["true_reward"] > s["true_reward_before"] else "did not rise"
+print(f"\nWhat they show: r* of the samples {change}, {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}, at a KL of\n"
+      f"{s['kl']:.3f} nats per response; {s['malformed']:.1%} of them are malformed. In {args.steps} steps DPO moves the policy\n"
+      "a little from pi_ref: it shifts which of the SFT model's reviews are likely, towards those the preference\n"
+      "pairs favoured, rather than settling on one best review (compare PPO's samples in tutorial 05).")
+print(f"\nplots: {path}, and loss.png / rewards.png / logps.png / truth.png in each run folder "
+      f"({first['dir']}, {args.out}/dpo_sweep/)")
+print(f"total {time.time() - start:.0f} s")
+if not math.isfinite(first["summary"]["kl"]):
+    raise SystemExit("the KL is not finite")
 
-    closed_form()
-    sft_path = ensure_sft(args.out, args.device, args.seed)
-    results = sweep(args, sft_path)
-
-    banner("3. True reward against KL")
-    path = results[args.betas[0]]["dir"] / "reward_vs_kl.png"
-    plot(results, path)
-    for beta, res in results.items():
-        pts = ", ".join(f"({r['kl']:.2f}, {r['true_reward']:.2f})" for r in res["rows"])
-        print(f"beta={beta:g}  (KL, r*) during training: {pts}")
-    print(BETA_NOTE)
-    first = results[args.betas[0]]
-    print(f"\nsamples after DPO (beta={args.betas[0]:g}):")
-    for prompt, response in first["summary"]["examples"]:
-        print(f"  {prompt!r:22} -> {response}")
-    s = first["summary"]
-    change = "rose" if s["true_reward"] > s["true_reward_before"] else "did not rise"
-    print(f"\nWhat they show: r* of the samples {change}, {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}, at a KL of\n"
-          f"{s['kl']:.3f} nats per response; {s['malformed']:.1%} of them are malformed. In {args.steps} steps DPO moves the policy\n"
-          "a little from pi_ref: it shifts which of the SFT model's reviews are likely, towards those the preference\n"
-          "pairs favoured, rather than settling on one best review (compare PPO's samples in tutorial 05).")
-    print(f"\nplots: {path}, and loss.png / rewards.png / logps.png / truth.png in each run folder "
-          f"({first['dir']}, {args.out}/dpo_sweep/)")
-    print(f"total {time.time() - start:.0f} s")
-    if not math.isfinite(first["summary"]["kl"]):
-        raise SystemExit("the KL is not finite")
-
-
-if __name__ == "__main__":
-    main()
+# %% Try this
+TRY_THIS = """
+Try this (its seeded outcome is in docs/course.md, session 4):
+  python tutorials/04_dpo.py --betas 0.01 --out runs/dpo_beta001
+      a ten times smaller beta than the first run: with Adam the gradient's scale hardly changes, so in
+      a short run it moves about as far; beta decides where DPO would end (E7), not how fast it starts.
+"""
+print(TRY_THIS)
+summary("04_dpo", r_star_sft=f"{first['summary']['true_reward_before']:.3f}",
+        **{f"beta{beta:g}": f"{res['summary']['true_reward']:.3f}@{res['summary']['kl']:.3f}" for beta, res in results.items()},
+        accuracy=f"{first['summary']['heldout_accuracy']:.3f}", malformed=f"{first['summary']['malformed']:.3f}")

@@ -13,18 +13,35 @@ missing), runs PPO, and shows:
 
 Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own
 ``reward.png``, ``kl.png``, ``objective.png``, ``ppo_stats.png``, ``losses.png``.
+
+A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jupytext).
 """
 
+# %%
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from _common import banner, base_parser, ensure_reward_model, ensure_sft
+from _common import banner, base_parser, ensure_reward_model, ensure_sft, parse_args, summary
 
+from minialign.ppo import PPOConfig, main as ppo
 from minialign.train import plot_panels, standardise
 
+parser = base_parser(__doc__.split("\n")[0])
+d = PPOConfig()
+parser.add_argument("--steps", type=int, default=d.steps, help="PPO iterations (one rollout each)")
+parser.add_argument("--batch-size", type=int, default=d.batch_size, help="responses per rollout")
+parser.add_argument("--beta", type=float, default=d.beta, help="KL strength of E2")
+parser.add_argument("--advantage", choices=["gae", "source"], default=d.advantage,
+                    help="per-token GAE, or the source's one-number A = r - V(x)")
+parser.add_argument("--shared-trunk", action="store_true",
+                    help="value head on the policy's own trunk (cheaper, less stable here)")
+args = parse_args(parser)
+
+
+# %% The plots and the samples
 
 def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path) -> None:
     step = [r["step"] for r in rows]
@@ -45,9 +62,9 @@ def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path
                "standardises both: reward hacking would show as r_phi rising while r* falls.")
 
 
-def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt: int = 16) -> None:
-    """How varied are the PPO policy's reviews? The same review for every item (up to the item's
-    name) would be a policy that found r_phi's favourite phrase and says nothing else."""
+def what_the_samples_show(policy_path: Path, sft_path: Path, device: str, seed: int, per_prompt: int = 16) -> None:
+    """Has the policy settled on one phrase for every item, and does it answer about the wrong item?
+    Fresh samples of the PPO policy and of the SFT model it started from, side by side."""
     from collections import Counter
 
     import torch
@@ -56,70 +73,88 @@ def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt:
     from minialign.toyworld import ITEMS, ToyWorld, WorldConfig
     from minialign.train import load_policy, resolve_device
 
-    world = ToyWorld(WorldConfig())
-    model, tok = load_policy(policy_path, resolve_device(device), world.tokenizer)
+    world, dev = ToyWorld(WorldConfig()), resolve_device(device)
     prompts = [p for p in world.review_prompts() for _ in range(per_prompt)]
-    texts = [y for y, _ in sample_texts(model, tok, prompts, 24, 1.0,
-                                        torch.Generator(device=resolve_device(device)).manual_seed(seed))]
-    templates = Counter(" ".join("ITEM" if w in ITEMS else w for w in y.split()) for y in texts)
-    (top, count), distinct = templates.most_common(1)[0], len(templates)
+
+    def samples(path):
+        model, tok = load_policy(path, dev, world.tokenizer)
+        return [y for y, _ in sample_texts(model, tok, prompts, 24, 1.0, torch.Generator(device=dev).manual_seed(seed))]
+
+    ppo, sft = samples(policy_path), samples(sft_path)
+
+    def phrases(text):  # the three-word phrases of a review that do not name an item
+        words = text.split()
+        return {" ".join(words[i:i + 3]) for i in range(len(words) - 2) if not set(words[i:i + 3]) & set(ITEMS)}
+
+    phrase, _ = Counter(p for y in ppo for p in phrases(y)).most_common(1)[0]
+    share_ppo = sum(phrase in phrases(y) for y in ppo) / len(ppo)
+    share_sft = sum(phrase in phrases(y) for y in sft) / len(sft)
+
+    def about_another_item(prompt, review):  # "review the game" -> "the book was ..."
+        words = review.split()
+        return len(words) > 1 and words[1] in ITEMS and words[1] != prompt.split()[-1]
+
+    off_item = sum(about_another_item(x, y) for x, y in zip(prompts, ppo)) / len(ppo)
     banner("what the samples show")
-    print(f"{len(texts)} fresh samples ({per_prompt} per item): {distinct} distinct reviews once the item's name is "
-          f"replaced by ITEM;\nthe most common, {count} times ({count / len(texts):.0%}): {top!r}")
-    if count / len(texts) >= 0.25:
+    print(f"{len(ppo)} fresh samples of each model ({per_prompt} per item). The PPO policy's most common phrase,\n"
+          f"{phrase!r}, is in {share_ppo:.0%} of its reviews and in {share_sft:.0%} of the SFT model's; "
+          f"{off_item:.0%} of its reviews\nare about another item than the one asked for.")
+    if share_ppo >= 0.3 and share_ppo >= 2 * share_sft:
         print("PPO has settled on the phrase r_phi likes best and says it about every item: high r*, little variety.\n"
-              "It maximises r_phi, and nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT\n"
-              "model's. A larger --beta keeps more of it, at a lower r*.")
+              "Nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT model's (a larger --beta\n"
+              "keeps more, at a lower r*).")
     else:
-        print("The reviews are still varied: PPO has not collapsed onto one phrase. Run longer, or with a smaller\n"
-              "--beta, and watch this count: nothing in r_phi rewards variety, only the KL penalty keeps it.")
+        print("No single phrase dominates yet: the policy is still varied. Nothing in r_phi rewards variety, only\n"
+              "the KL penalty keeps it: run longer or with a smaller --beta and watch this share grow.")
+    if off_item >= 0.05:
+        print("Reviewing another item is reward hacking: r_phi was trained only on reviews of the requested item, so\n"
+              "it never learnt that the item must match, and rates such a review highly; r* scores it -7 (malformed).")
 
 
-def main() -> None:
-    parser = base_parser(__doc__.split("\n")[0])
-    from minialign.ppo import PPOConfig, main as ppo
+t0 = time.time()
+sft = ensure_sft(args.out, args.device, args.seed)
+rm = ensure_reward_model(args.out, args.device, args.seed)
 
-    d = PPOConfig()
-    parser.add_argument("--steps", type=int, default=d.steps, help="PPO iterations (one rollout each)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="responses per rollout")
-    parser.add_argument("--beta", type=float, default=d.beta, help="KL strength of E2")
-    parser.add_argument("--advantage", choices=["gae", "source"], default=d.advantage,
-                        help="per-token GAE, or the source's one-number A = r - V(x)")
-    parser.add_argument("--shared-trunk", action="store_true",
-                        help="value head on the policy's own trunk (cheaper, less stable here)")
-    args = parser.parse_args()
+# %% PPO from the SFT model, against the reward model
+banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
+config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
+                   steps=args.steps, batch_size=args.batch_size, beta=args.beta,
+                   advantage=args.advantage, shared_trunk=args.shared_trunk, overwrite=True)
+result = ppo(config)
+run = Path(args.out) / "ppo"
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+overview_plot(rows, result["true_reward_before"], args.batch_size, run / "overview.png")
 
-    t0 = time.time()
-    sft = ensure_sft(args.out, args.device, args.seed)
-    rm = ensure_reward_model(args.out, args.device, args.seed)
+# %% What happened
+banner("what happened")
+print(f"hidden true reward r* of sampled reviews: SFT {result['true_reward_before']:+.3f} -> "
+      f"PPO {result['true_reward']:+.3f}")
+print(f"malformed reviews (r* = -7):             SFT {result['malformed_before']:.3f} -> "
+      f"PPO {result['malformed']:.3f}")
+print(f"learned reward r_phi on the rollouts:    first {result['score_first']:+.3f} -> "
+      f"last {result['score_last']:+.3f}")
+print(f"KL(pi || pi_ref) per response:           last {result['kl_last']:.3f} nats "
+      f"(max {result['kl_max']:.3f}), beta = {result['beta_last']:.3f}")
+print(f"explained variance of the value head:    {result['explained_variance_last10']:.3f} "
+      "(mean over the last 10 iterations)")
+print("\nsamples of the SFT model, then of the PPO policy:")
+for (prompt, before), (_, after) in zip(result["examples_before"], result["examples"]):
+    print(f"  {prompt:18s} SFT -> {before}\n  {'':18s} PPO -> {after}")
+what_the_samples_show(run / "model.pt", sft, args.device, args.seed)
+print(f"\nplots: {run / 'overview.png'} (and reward.png, kl.png, objective.png, ppo_stats.png, losses.png)")
+print(f"total time {time.time() - t0:.0f} s")
 
-    banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
-    config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
-                       steps=args.steps, batch_size=args.batch_size, beta=args.beta,
-                       advantage=args.advantage, shared_trunk=args.shared_trunk, overwrite=True)
-    summary = ppo(config)
-    run = Path(args.out) / "ppo"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    overview_plot(rows, summary["true_reward_before"], args.batch_size, run / "overview.png")
-
-    banner("what happened")
-    print(f"hidden true reward r* of sampled reviews: SFT {summary['true_reward_before']:+.3f} -> "
-          f"PPO {summary['true_reward']:+.3f}")
-    print(f"malformed reviews (r* = -7):             SFT {summary['malformed_before']:.3f} -> "
-          f"PPO {summary['malformed']:.3f}")
-    print(f"learned reward r_phi on the rollouts:    first {summary['score_first']:+.3f} -> "
-          f"last {summary['score_last']:+.3f}")
-    print(f"KL(pi || pi_ref) per response:           last {summary['kl_last']:.3f} nats "
-          f"(max {summary['kl_max']:.3f}), beta = {summary['beta_last']:.3f}")
-    print(f"explained variance of the value head:    {summary['explained_variance_last10']:.3f} "
-          "(mean over the last 10 iterations)")
-    print("\nsamples of the SFT model, then of the PPO policy:")
-    for (prompt, before), (_, after) in zip(summary["examples_before"], summary["examples"]):
-        print(f"  {prompt:18s} SFT -> {before}\n  {'':18s} PPO -> {after}")
-    what_the_samples_show(run / "model.pt", args.device, args.seed)
-    print(f"\nplots: {run / 'overview.png'} (and reward.png, kl.png, objective.png, ppo_stats.png, losses.png)")
-    print(f"total time {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+# %% Try this
+TRY_THIS = """
+Try this (their seeded outcomes are in docs/course.md, session 3):
+  python tutorials/05_ppo.py --advantage source --out runs/ppo_source
+      the source's E6, one advantage per answer A = r - V(x), instead of per-token GAE: every token of
+      an answer gets the same credit, so learning is noisier; compare r*, the KL and the value head.
+  python tutorials/05_ppo.py --beta 0.02 --out runs/ppo_beta002
+      a five times weaker KL penalty: the policy moves further from pi_ref; does r* follow r_phi there?
+"""
+print(TRY_THIS)
+summary("05_ppo", beta=args.beta, advantage=args.advantage, r_star_sft=f"{result['true_reward_before']:.3f}",
+        r_star=f"{result['true_reward']:.3f}", malformed=f"{result['malformed']:.3f}",
+        r_phi_last=f"{result['score_last']:.3f}", kl_last=f"{result['kl_last']:.3f}",
+        explained_variance=f"{result['explained_variance_last10']:.3f}")

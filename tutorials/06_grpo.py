@@ -20,8 +20,11 @@ It shows:
 
 Plots go to ``<out>/grpo/``: ``overview.png`` (the four panels), and the stage's own
 ``accuracy.png``, ``answer_len.png``, ``kl_clip.png``.
+
+A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jupytext).
 """
 
+# %%
 from __future__ import annotations
 
 import argparse
@@ -29,10 +32,28 @@ import json
 import time
 from pathlib import Path
 
-from _common import banner, base_parser, ensure_sft
+from _common import banner, base_parser, ensure_sft, parse_args, summary
 
+from minialign.grpo import GRPOConfig, main as grpo
 from minialign.train import plot_panels
 
+parser = base_parser(__doc__.split("\n")[0])
+parser.add_argument("--init", default="", help="SFT checkpoint (default: <out>/sft/model.pt, "
+                    "trained now if missing)")
+parser.add_argument("--steps", type=int, default=None, help="GRPO iterations (default: GRPOConfig's)")
+parser.add_argument("--group-size", type=int, default=None, help="G answers per question")
+parser.add_argument("--lr", type=float, default=None)
+parser.add_argument("--beta", type=float, default=None, help="KL coefficient")
+parser.add_argument("--kl-in", choices=["loss", "reward"], default=None,
+                    help="KL in the loss (E13, DeepSeekMath) or in the reward (E14)")
+parser.add_argument("--aggregation", choices=["answer_mean", "token_mean", "constant"], default=None)
+parser.add_argument("--scale-by-std", action=argparse.BooleanOptionalAction, default=None,
+                    help="E12's division by the group's std")
+parser.add_argument("--ref-reset-every", type=int, default=None, help="E14: pi_ref <- pi_theta every N")
+args = parse_args(parser)
+
+
+# %% The overview plot
 
 def overview_plot(rows: list[dict], path: Path) -> None:
     train = [r for r in rows if "accuracy" in r]
@@ -55,68 +76,63 @@ def overview_plot(rows: list[dict], path: Path) -> None:
                "groups stop teaching, while the answers keep their length and the KL stays small.")
 
 
-def main() -> None:
-    parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--init", default="", help="SFT checkpoint (default: <out>/sft/model.pt, "
-                        "trained now if missing)")
-    parser.add_argument("--steps", type=int, default=None, help="GRPO iterations (default: GRPOConfig's)")
-    parser.add_argument("--group-size", type=int, default=None, help="G answers per question")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=None, help="KL coefficient")
-    parser.add_argument("--kl-in", choices=["loss", "reward"], default=None,
-                        help="KL in the loss (E13, DeepSeekMath) or in the reward (E14)")
-    parser.add_argument("--aggregation", choices=["answer_mean", "token_mean", "constant"], default=None)
-    parser.add_argument("--scale-by-std", action=argparse.BooleanOptionalAction, default=None,
-                        help="E12's division by the group's std")
-    parser.add_argument("--ref-reset-every", type=int, default=None, help="E14: pi_ref <- pi_theta every N")
-    args = parser.parse_args()
+t0 = time.time()
+init = args.init or str(ensure_sft(args.out, args.device, args.seed))
+options = {k: v for k, v in vars(args).items() if v is not None and k in (
+    "steps", "group_size", "lr", "beta", "kl_in", "aggregation", "scale_by_std", "ref_reset_every")}
+config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, overwrite=True, **options)
 
-    from minialign.grpo import GRPOConfig, main as grpo
+# %% GRPO from the SFT model, on the verifiable arithmetic reward
+banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers per iteration, "
+       f"{config.steps} iterations\nreward: 1 if the answer is right (verifiable), else 0; "
+       f"baseline: the group's mean (E11); KL in the {config.kl_in}")
+result = grpo(config)
+run = Path(args.out) / "grpo"
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+overview_plot(rows, run / "overview.png")
 
-    t0 = time.time()
-    init = args.init or str(ensure_sft(args.out, args.device, args.seed))
-    options = {k: v for k, v in vars(args).items() if v is not None and k in (
-        "steps", "group_size", "lr", "beta", "kl_in", "aggregation", "scale_by_std", "ref_reset_every")}
-    config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, overwrite=True, **options)
+# %% What happened
+banner("what happened")
+gain = result["heldout_accuracy"] - result["heldout_accuracy_before"]
+print(f"held-out accuracy (sampled, T = 1):  SFT {result['heldout_accuracy_before']:.3f} -> "
+      f"GRPO {result['heldout_accuracy']:.3f}  ({100 * gain:+.1f} points)")
+print(f"train rollouts accuracy:             first iterations {result['train_accuracy_first']:.3f} -> "
+      f"last {result['train_accuracy_last']:.3f}")
+print(f"answer length (tokens, EOS incl.):   {result['answer_len_first']:.2f} -> "
+      f"{result['answer_len_last']:.2f}")
+print(f"KL(pi || pi_ref) per token, last:    {result['kl_last']:.3f}")
+print(f"groups with zero spread, last:       {result['zero_spread_last']:.2f} "
+      "(the questions it always gets right no longer teach it anything)")
+print("\nsampled answers to held-out questions, before -> after:")
+for (q, answer, old), (_, _, new) in zip(result["examples_before"], result["examples"]):
+    print(f"  {q:18s} (= {answer:>2s})  SFT: {' '.join(f'{a:>2s}' for a in old)}   "
+          f"GRPO: {' '.join(f'{a:>2s}' for a in new)}")
+wrong = [(q, answer, a) for q, answer, answers in result["examples"] for a in answers if a != answer]
+near = [a for _, answer, a in wrong if a.isdigit() and abs(int(a) - int(answer)) == 1]
+total = sum(len(answers) for _, _, answers in result["examples"])
+stuck = [q for q, answer, answers in result["examples"]
+         if sum(a != answer for a in answers) * 2 >= len(answers) and len({a for a in answers if a != answer}) == 1]
+print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above, {len(near)} of them off by one; "
+      f"{len(stuck)} of {len(result['examples'])} questions are answered wrong at least half the time with one "
+      "and the same wrong answer.")
+print("GRPO raises the probability of the answers that scored above their group's mean, so a question's answers\n"
+      "become nearly deterministic: right if its group found the right sum often enough, else one wrong sum\n"
+      "(often a neighbour) every time. A group that is all wrong has zero spread and teaches nothing, so such a\n"
+      "question stays wrong; more samples per question (--group-size) give it more chances.")
+print(f"\nplots: {run / 'overview.png'} (and accuracy.png, answer_len.png, kl_clip.png)")
+print(f"total time {time.time() - t0:.0f} s")
 
-    banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers per iteration, "
-           f"{config.steps} iterations\nreward: 1 if the answer is right (verifiable), else 0; "
-           f"baseline: the group's mean (E11); KL in the {config.kl_in}")
-    summary = grpo(config)
-    run = Path(args.out) / "grpo"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    overview_plot(rows, run / "overview.png")
-
-    banner("what happened")
-    gain = summary["heldout_accuracy"] - summary["heldout_accuracy_before"]
-    print(f"held-out accuracy (sampled, T = 1):  SFT {summary['heldout_accuracy_before']:.3f} -> "
-          f"GRPO {summary['heldout_accuracy']:.3f}  ({100 * gain:+.1f} points)")
-    print(f"train rollouts accuracy:             first iterations {summary['train_accuracy_first']:.3f} -> "
-          f"last {summary['train_accuracy_last']:.3f}")
-    print(f"answer length (tokens, EOS incl.):   {summary['answer_len_first']:.2f} -> "
-          f"{summary['answer_len_last']:.2f}")
-    print(f"KL(pi || pi_ref) per token, last:    {summary['kl_last']:.3f}")
-    print(f"groups with zero spread, last:       {summary['zero_spread_last']:.2f} "
-          "(the questions it always gets right no longer teach it anything)")
-    print("\nsampled answers to held-out questions, before -> after:")
-    for (q, answer, old), (_, _, new) in zip(summary["examples_before"], summary["examples"]):
-        print(f"  {q:18s} (= {answer:>2s})  SFT: {' '.join(f'{a:>2s}' for a in old)}   "
-              f"GRPO: {' '.join(f'{a:>2s}' for a in new)}")
-    wrong = [(q, answer, a) for q, answer, answers in summary["examples"] for a in answers if a != answer]
-    near = [a for _, answer, a in wrong if a.isdigit() and abs(int(a) - int(answer)) == 1]
-    total = sum(len(answers) for _, _, answers in summary["examples"])
-    stuck = [q for q, answer, answers in summary["examples"]
-             if sum(a != answer for a in answers) * 2 >= len(answers) and len({a for a in answers if a != answer}) == 1]
-    print(f"\nwrong answers left after GRPO: {len(wrong)} of {total} samples above, {len(near)} of them off by one; "
-          f"{len(stuck)} of {len(summary['examples'])} questions are answered wrong at least half the time with one "
-          "and the same wrong answer.")
-    print("GRPO raises the probability of the answers that scored above their group's mean, so a question's answers\n"
-          "become nearly deterministic: right if its group found the right sum often enough, else one wrong sum\n"
-          "(often a neighbour) every time. A group that is all wrong has zero spread and teaches nothing, so such a\n"
-          "question stays wrong; more samples per question (--group-size) give it more chances.")
-    print(f"\nplots: {run / 'overview.png'} (and accuracy.png, answer_len.png, kl_clip.png)")
-    print(f"total time {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+# %% Try this
+TRY_THIS = """
+Try this (their seeded outcomes are in docs/course.md, session 5):
+  python tutorials/06_grpo.py --group-size 4 --out runs/grpo_g4
+      half the group: more groups with zero spread (all right or all wrong) teach nothing, and a
+      question whose few answers are all wrong stays wrong.
+  python tutorials/06_grpo.py --kl-in reward --out runs/grpo_kl_reward
+      the KL in the reward (E14, summed over the answer) instead of in the loss (E13): the 0/1 reward
+      is no longer exact, and the policy is held nearer to pi_ref.
+"""
+print(TRY_THIS)
+summary("06_grpo", G=config.group_size, kl_in=config.kl_in, accuracy_sft=f"{result['heldout_accuracy_before']:.3f}",
+        accuracy=f"{result['heldout_accuracy']:.3f}", kl_last=f"{result['kl_last']:.4f}",
+        zero_spread_last=f"{result['zero_spread_last']:.2f}")

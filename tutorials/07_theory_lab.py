@@ -15,24 +15,40 @@ gradient until it stops moving. Printed and saved (into <out>/theory/):
    responses survive GRPO-k3-in-the-reward as beta varies.
 
 Run:  python tutorials/07_theory_lab.py          (26 s on an idle 2-core CPU)
+
+A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jupytext).
 """
 
+# %%
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the source checkout on sys.path)
+import _common  # (puts the source checkout on sys.path)
 import torch
 
 from minialign import theory as T
 from minialign.train import plot_panels
 
+parser = _common.base_parser(__doc__.splitlines()[0])
+parser.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the graded problem")
+parser.add_argument("--group-size", type=int, default=4, help="GRPO's G (groups are enumerated exactly)")
+parser.add_argument("--steps", type=int, default=800, help="max gradient steps per exact run")
+args = _common.parse_args(parser)
+torch.manual_seed(args.seed)
+out = Path(args.out) / "theory"
+out.mkdir(parents=True, exist_ok=True)
+t0 = time.time()
+graded = T.graded_problem(args.beta)
+
 
 def fmt_policy(p) -> str:
     return "[" + " ".join(f"{float(x):.3f}" for x in p) + "]"
 
+
+# %% 1. E7: pi* and the reward-KL frontier
 
 def frontier_section(pb: T.Problem, out: Path) -> dict:
     _common.banner(f"1. E7: pi* and the reward-KL frontier  ({pb.name} problem, beta = {pb.beta})")
@@ -52,7 +68,10 @@ def frontier_section(pb: T.Problem, out: Path) -> dict:
           f"(E[r] = {float(T.expected_reward(pb.ref_probs, pb.rewards)):.4f}, KL = 0)")
     return f
 
+f = frontier_section(graded, out)
 
+
+# %% 2. The KL estimators k1, k2, k3
 def estimator_section(pb: T.Problem, out: Path) -> None:
     _common.banner("2. KL estimators k1, k2, k3 (exact, x ~ pi, estimating KL(pi || pi_ref))")
     print("Schulman's (2020) Gaussians, discretised: bias and std of ONE sample, relative to the true KL")
@@ -98,7 +117,10 @@ def estimator_section(pb: T.Problem, out: Path) -> None:
     ], caption="k1 is unbiased but spreads most near pi_ref, where k2 and k3 spread alike; k2 as a loss, k1 in the "
                "reward and k3 by both paths have the exact gradient (error 0, not drawn).")
 
+estimator_section(graded, out)
 
+
+# %% 3. and 4. Where each algorithm lands
 def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
     _common.banner(f"{number}. Where each algorithm lands: {pb.name} problem, beta = {pb.beta}, G = {G}")
     t0 = time.time()
@@ -155,7 +177,13 @@ def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f
         width=10, caption="Each bar is one algorithm's converged probability of a response, beside pi_ref and pi*.")
     return rows
 
+results = {"graded": landing_section(3, graded, args.group_size, args.steps, out, f)}
+verifiable = T.verifiable_problem()
+results["verifiable"] = landing_section(4, verifiable, args.group_size, args.steps, out,
+                                        T.frontier(verifiable, torch.logspace(-3, 3, 121, dtype=torch.float64)))
 
+
+# %% 5. Two follow-ups
 def followups(pb: T.Problem, steps: int) -> dict:
     _common.banner("5a. GRPO, k3 in the loss: the effective beta against the group size G")
     theta0 = torch.log(pb.ref_probs)
@@ -199,31 +227,34 @@ def followups(pb: T.Problem, steps: int) -> dict:
     return out
 
 
-def main():
-    parser = _common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the graded problem")
-    parser.add_argument("--group-size", type=int, default=4, help="GRPO's G (groups are enumerated exactly)")
-    parser.add_argument("--steps", type=int, default=800, help="max gradient steps per exact run")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    out = Path(args.out) / "theory"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+results["followups"] = followups(graded, args.steps)
+results["gaussian_estimators"] = T.gaussian_estimator_table()
+results["estimator_gradients"] = T.estimator_gradient_table(graded, ts=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0))
+(out / "landings.json").write_text(json.dumps(results, indent=1))
+print(f"\nsaved {', '.join(sorted(p.name for p in out.glob('*.png')))} and landings.json into {out} "
+      f"[{time.time() - t0:.0f} s]")
 
-    graded = T.graded_problem(args.beta)
-    f = frontier_section(graded, out)
-    estimator_section(graded, out)
-    results = {"graded": landing_section(3, graded, args.group_size, args.steps, out, f)}
-    verifiable = T.verifiable_problem()
-    results["verifiable"] = landing_section(4, verifiable, args.group_size, args.steps, out,
-                                            T.frontier(verifiable, torch.logspace(-3, 3, 121, dtype=torch.float64)))
-    results["followups"] = followups(graded, args.steps)
-    results["gaussian_estimators"] = T.gaussian_estimator_table()
-    results["estimator_gradients"] = T.estimator_gradient_table(graded, ts=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0))
-    (out / "landings.json").write_text(json.dumps(results, indent=1))
-    print(f"\nsaved {', '.join(sorted(p.name for p in out.glob('*.png')))} and landings.json into {out} "
-          f"[{time.time() - t0:.0f} s]")
+# %% Try this
+TRY_THIS = """
+Try this (their seeded outcomes are in docs/course.md, session 6):
+  python tutorials/07_theory_lab.py --group-size 8 --out runs/theory_g8
+      GRPO's groups enumerated with G = 8: the k3-in-the-loss landing moves towards pi* (its effective
+      beta, beta G / (G - 1), approaches beta), while DPO and the policy gradients stay on pi*.
+  python tutorials/07_theory_lab.py --beta 0.1 --out runs/theory_beta01
+      a smaller beta: pi* moves further from pi_ref (more reward, more KL), and the distances between
+      the GRPO variants' landings and pi* change with it.
+"""
+print(TRY_THIS)
 
 
-if __name__ == "__main__":
-    main()
+def landed(marker: str) -> dict:
+    return next(r for r in results["graded"] if marker in r["algorithm"])
+
+
+star = T.pi_star(graded)
+_common.summary("07_theory_lab", beta=args.beta, G=args.group_size,
+                pi_star_reward=f"{float(T.expected_reward(star, graded.rewards)):.4f}",
+                pi_star_kl=f"{float(T.kl(star, graded.ref_probs)):.4f}",
+                tv_dpo=f"{landed('(E9)')['tv_to_pi_star']:.1e}", tv_pg=f"{landed('(E2/E6)')['tv_to_pi_star']:.1e}",
+                tv_grpo_k3_loss=f"{landed('(E13)')['tv_to_pi_star']:.3f}",
+                tv_grpo_k3_reward=f"{landed('(E14)')['tv_to_pi_star']:.3f}")

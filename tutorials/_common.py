@@ -5,7 +5,12 @@ tutorial needs the models of the earlier ones; if they are missing (or unfinishe
 a model that has changed since) it trains them first with the default settings (pre-training
 then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.cli.ensure_stage``, what
 ``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
-before (``overwrite=True``), whatever flags it was given then.
+before (``overwrite=True``), whatever flags it was given then. An experiment written to another
+folder (``--out runs/my_try``) starts from the complete models of ``runs/tutorial`` when it has
+none of its own, so a "Try this" run leaves the tutorials' folder as it was.
+
+The tutorials are plain scripts and notebooks at once: ``# %%`` lines start the cells that
+Jupyter, VS Code and Jupytext read, and ``parse_args`` takes the defaults inside a notebook.
 """
 
 from __future__ import annotations
@@ -28,10 +33,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line's flags, or the defaults when the tutorial runs as a notebook (a kernel's
+    own arguments are not the tutorial's)."""
+    return parser.parse_args([] if "ipykernel" in sys.modules else None)
+
+
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
-    """``out/<stage>/model.pt``, complete and up to date: trained now (after its prerequisites)
-    if it is missing, with the defaults, as the tutorial of that stage does."""
+    """The model of ``out/<stage>``, complete and up to date. If ``out`` has no such stage (not even
+    an unfinished one), the tutorials' own ``runs/tutorial/<stage>`` when it is complete; else
+    trained now into ``out`` (after its prerequisites) with the defaults, as the tutorial of that
+    stage does."""
     from minialign.cli import ensure_stage
+    from minialign.train import partial_dir, stage_model, stage_problem
+    own, shared = Path(out) / stage, Path(DEFAULT_OUT) / stage
+    if (not own.exists() and not partial_dir(own).exists() and own.resolve() != shared.resolve()
+            and stage_problem(shared) is None):
+        path = stage_model(DEFAULT_OUT, stage)
+        print(f"[{own} does not exist: starting from the tutorials' {path}]")
+        return path
     return ensure_stage(stage, out=out, device=device, seed=seed)
 
 
@@ -49,3 +69,17 @@ def ensure_reward_model(out: str, device: str = "auto", seed: int = 0) -> Path:
 
 def banner(text: str) -> None:
     print("\n" + "=" * 78 + "\n" + text + "\n" + "=" * 78)
+
+
+def summary(tutorial: str, **figures) -> str:
+    """Print the tutorial's seeded figures on one line, ``summary NN_name: key=value ...``.
+
+    docs/course.md quotes these lines as the expected output under each command, and
+    ``python tutorials/refresh_expected.py`` reruns the commands and rewrites them: keep every
+    figure a student is asked about here, and nothing that varies from run to run (times).
+    """
+    def text(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    line = f"summary {tutorial}: " + " ".join(f"{k}={text(v)}" for k, v in figures.items())
+    print(line)
+    return line
