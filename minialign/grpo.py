@@ -87,8 +87,8 @@ from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnega
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .rewards import exact_match_reward, load_reward, score_answers, toy_reward
 from .toyworld import ToyWorld, WorldConfig
-from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_range, input_path,
-                    make_optimizer, resolve_device, seed_everything, stage)
+from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range,
+                    input_path, make_optimizer, resolve_device, seed_everything, stage)
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
@@ -275,6 +275,7 @@ class GRPOConfig(TrainConfig):
     final_eval_samples: int = 64    # samples per held-out question before and after
 
     INPUTS = {"init": "sft"}
+    SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
 
     def validate(self) -> None:
         super().validate()
@@ -414,6 +415,9 @@ def main(config: GRPOConfig) -> dict:
     if config.questions > len(train_questions):
         raise ConfigError(f"--questions must be <= {len(train_questions)} (the questions there are to draw "
                           f"from), got {config.questions}")
+    if not config.data:  # the questions it trains on and the held-out ones it is measured on
+        check_max_new_tokens(config, [tok.prompt(q["prompt"]) for q in train_questions
+                                      + world.arithmetic_questions("heldout")], model.config.block_size)
     run = Run(config, "grpo")
     distributed.check_divisible(config.questions, 1, "questions")
     distributed.check_divisible(config.batch_size, config.grad_accum)

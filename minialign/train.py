@@ -74,6 +74,16 @@ def check_range(config, name: str, low=None, high=None, low_open: bool = False, 
     require(config, name, ok, allowed)
 
 
+def check_max_new_tokens(config, prompts: list, block_size: int) -> None:
+    """``--max-new-tokens`` leaves room in the model's context for the longest of ``prompts`` (token
+    lists): checked once the model is loaded, before the run folder is made, rather than at the
+    first sampling (nothing is ever truncated)."""
+    longest = max(map(len, prompts))
+    require(config, "max_new_tokens", longest + config.max_new_tokens <= block_size,
+            f"<= {block_size - longest} (the model's context of {block_size} tokens less the longest prompt's "
+            f"{longest})")
+
+
 def check_types(config) -> None:
     """Every field holds a value of its annotated type; numbers are finite; a Literal is one of its
     choices. The command line converts flags already; this catches library callers and NaN/inf."""
@@ -141,6 +151,9 @@ class TrainConfig(Config):
     # the checkpoints a stage reads: config field -> the stage whose out/<stage>/model.pt is its
     # default (``stage_input``); the CLI's --with-prerequisites trains them when missing
     INPUTS: typing.ClassVar[dict[str, str]] = {}
+    # the global batches that are shared out: field -> whether it is also cut into --grad-accum
+    # micro-batches (else over the ranks only); each must split evenly (equal shares, equal weights)
+    SPLITS: typing.ClassVar[dict[str, bool]] = {"batch_size": True}
 
     def validate(self) -> None:
         super().validate()
@@ -156,6 +169,10 @@ class TrainConfig(Config):
             check_range(self, name, 0)
         # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
+        for name, micro in type(self).SPLITS.items():
+            ranks, parts = distributed.world_size(), self.grad_accum if micro else 1
+            require(self, name, getattr(self, name) % (ranks * parts) == 0,
+                    f"a multiple of {ranks * parts} ({ranks} rank(s) x {parts} micro-batch(es) of --grad-accum)")
         if self.eval_data and not self.data:
             raise ConfigError("--eval-data is held-out data for --data; the toy world has its own held-out split")
         if self.max_length is not None and (not self.data or self.max_length < 1):

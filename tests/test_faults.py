@@ -17,7 +17,8 @@ import torch
 from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
-from minialign.train import DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, stage_problem
+from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
+                             stage_problem)
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 FAST = dict(progress=False, device="cpu")
@@ -149,6 +150,10 @@ BAD_VALUES = [
     ("reward_model", ["--num-pairs", "10"], "--num-pairs must be >= --batch-size"),
     ("dpo", ["--data", "missing.jsonl"], "--data missing.jsonl: no such file or folder"),
     ("sft", ["--eval-data", "e.jsonl"], "--eval-data is held-out data for --data"),
+    ("pretrain", ["--block-size", "3"], "--block-size must be >= "),  # the toy corpus's longest line
+    ("dpo", ["--grad-accum", "3"], "--batch-size must be a multiple of 3 (1 rank(s) x 3 micro-batch(es)"),
+    ("ppo", ["--grad-accum", "3"], "--minibatch-size must be a multiple of 3"),
+    ("grpo", ["--grad-accum", "3"], "--batch-size must be a multiple of 3"),
 ]
 
 
@@ -165,6 +170,31 @@ def test_bad_values_are_refused_before_the_run_folder_exists(stage, flags, messa
     err = capsys.readouterr().err.strip()
     assert err.startswith("minialign: error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ppo", "grpo"])
+def test_max_new_tokens_past_the_context_is_refused_before_the_run_folder_exists(stage, tmp_path, inputs, capsys):
+    # the tiny model's context is 48 tokens; the toy world's review prompts have 6, its questions 9
+    out = tmp_path / "run"
+    flags = ["--init", inputs["sft"], "--max-new-tokens", "100", "--no-progress"]
+    flags += ["--reward-model", inputs["reward_model"]] if stage == "ppo" else []
+    assert cli.main([stage, "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    longest = 9 if stage == "grpo" else 6
+    assert f"--max-new-tokens must be <= {48 - longest} (the model's context of 48 tokens less the longest " \
+           f"prompt's {longest}), got 100" in err
+    assert not out.exists()
+
+
+def test_sft_refuses_a_base_model_whose_context_is_too_short_before_the_run_folder_exists(tmp_path, world, capsys):
+    base = tmp_path / "short.pt"
+    save_policy(GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **{**TINY, "block_size": 12})), world.tokenizer,
+                base)
+    assert cli.main(["sft", "--out", str(tmp_path / "run"), "--init", str(base), "--num-examples", "64",
+                     "--eval-size", "16"]) == 1
+    assert f"{base} has a context of 12 tokens, fewer than the toy world's longest SFT example" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_library_configs_are_checked_too():
@@ -460,6 +490,11 @@ def test_rewards_must_be_finite():
         one_step_advantages(torch.tensor([nan, 0.0]), torch.zeros(2, 3), mask)
     with pytest.raises(ValueError, match="rewards must be finite"):
         grpo.kl_penalised_rewards(torch.tensor([nan, 0.0]), torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.1)
+    for beta in (nan, -0.1):  # a NaN beta would make every per-token reward NaN; a negative one rewards the KL
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            per_token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), mask, beta)
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            grpo.kl_penalised_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), mask, beta)
 
 
 # ----------------------------------------------------------------------------------------------
