@@ -256,7 +256,7 @@ class GRPOConfig(TrainConfig):
     lr: float = 1e-3
     warmup_steps: int = 0
     log_every: int = 1              # one metrics row per iteration (cheap next to the iteration)
-    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/grpo.md)
+    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/measurements.md)
     clip_eps: float = 0.2
     beta: float = 0.04              # KL coefficient
     kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)

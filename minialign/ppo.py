@@ -54,7 +54,7 @@ $-L^{CLIP} + c_V L^V - c_H H(\pi_\theta)$ (``vf_coef``, ``ent_coef``).
 the SFT model's trunk with a linear head on its final hidden states, trained by the value loss only
 (InstructGPT initialised it from the reward model). With a shared trunk the value loss's gradient
 also moves the policy's features, and when the returns jump it swamps the policy gradient under
-the common norm clip; ``docs/ppo.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
+the common norm clip; ``docs/measurements.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
 variant (one forward for logits and values). Either way the head starts at zero, so $V = 0$ at first.
 
 **Where this differs from the source**
