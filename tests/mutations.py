@@ -5,7 +5,7 @@ dropped term, a sum for a mean, a shift off by one), writes it into the source, 
 mirrored test file (``-m "not slow"``, the equation tests) and puts the source back. A mutation
 the tests do not catch is a formula no test guards.
 
-    python tests/mutations.py                 # every mutation, about 8 minutes on 2 loaded cores
+    python tests/mutations.py                 # every mutation, about 6 minutes on 2 loaded cores
     python tests/mutations.py --only grpo,E5  # those whose file or description contains "grpo" or "E5"
     python tests/mutations.py --list          # the list, nothing run
 
