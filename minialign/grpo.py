@@ -322,11 +322,11 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
                                        rollout.prompt_len, config.temperature, config.share_prompt)
         ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
                                    rollout.prompt_len, config.temperature, config.share_prompt)
-    if config.kl_in == "reward":
-        scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
-    else:
-        scored = rewards
-    advantages = group_advantages(scored, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
+    if config.kl_in == "reward":  # E14's r_i = r(x, y_i) - beta KL_i
+        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)
+    else:                         # E13: the KL is in the loss, r_i is the reward itself
+        total_reward = rewards
+    advantages = group_advantages(total_reward, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
 
     B = len(prompts)
     per_step = config.batch_size // distributed.world_size()  # this rank's answers per optimizer step
@@ -363,7 +363,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
                "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
     if config.kl_in == "reward":
-        metrics["kl_penalised_reward"] = scored.mean().item()  # what E11-E12 saw
+        metrics["kl_penalised_reward"] = total_reward.mean().item()  # what E11-E12 saw
     return metrics
 
 
@@ -481,8 +481,8 @@ def main(config: GRPOConfig) -> dict:
          "xlabel": x, "ylabel": "fraction of answer tokens"},
         {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
          "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
-        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL "
-                "stays small.")
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL to "
+                "pi_ref stays bounded, noisy from batch to batch.")
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)

@@ -569,8 +569,8 @@ def plots(run: Run, config: PPOConfig, sft_true_reward: float | None) -> None:
          "ylabel": "nats per token"},
         {"title": "critic", "metrics": {"explained_variance": "explained variance of the returns"},
          "xlabel": x, "ylabel": "1 - Var(R - V) / Var(R)"}],
-        caption="A few percent of tokens clipped and a small KL per iteration mean the updates stay near the "
-                "sampler; the critic explains part of the returns.")
+        caption="At most a few percent of tokens clipped and a small KL per iteration: the updates stay near the "
+                "sampler. The critic explains part of the returns.")
     run.plot_panels("losses.png", [
         {"title": "policy loss -L^CLIP (E5)", "metrics": {"pg_loss": "mean over minibatches"}, "xlabel": x,
          "ylabel": "whitened advantage units"},

@@ -88,9 +88,9 @@ def main(config: SFTConfig) -> dict:
         run = Run(config, "sft")
         last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every)
         save_model(model, tok, run.dir)
-        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+        run.plot({"loss": "training batch", "heldout_loss": "held-out examples"}, "loss.png",
                  "SFT loss on response tokens (E0b)", ylabel="loss, nats per response token",
-                 xlabel="optimizer step", caption="The loss on your responses; held-out pairs are the honest measure.")
+                 xlabel="optimizer step", caption="The loss on your responses; held-out examples are the honest measure.")
         summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "seconds": last["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
         run.finish(summary)
@@ -113,7 +113,7 @@ def main(config: SFTConfig) -> dict:
     last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
     save_model(model, tok, run.dir)
     floor = world.sft_entropy()["nats_per_token"]
-    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+    run.plot({"loss": "training batch", "heldout_loss": "held-out examples"}, "loss.png",
              "SFT loss on response tokens (E0b)", hlines={f"exact entropy floor {floor:.3f}": floor},
              ylabel="loss, nats per response token", xlabel="optimizer step",
              ylim=(0.95 * floor, 1.5 * floor),  # zoom on the approach to the floor
