@@ -835,9 +835,13 @@ def stage(name: str):
                 return files.read_json(final / "summary.json")
             check_run_folder(config, name)
             started = len(_RUNS)
-            with _stop_loops_on_ctrl_c():
+            with _stop_loops_on_ctrl_c() as ctrl_c:
                 try:
-                    return main(config)
+                    summary = main(config)
+                    if ctrl_c.after_training:  # the run completed first; a pipeline stops here
+                        raise StageInterrupted(f"{name} had done its {config.steps} steps when Ctrl-C came: its "
+                                               f"results are complete in {final}; stopped there")
+                    return summary
                 except BaseException as e:
                     runs = _RUNS[started:]
                     for run in runs:
@@ -868,23 +872,32 @@ def _last_good(run: Run) -> str:
 @contextlib.contextmanager
 def _stop_loops_on_ctrl_c():
     """The first Ctrl-C inside a ``Run.loop`` asks it to stop after the current step (a
-    checkpoint, then ``KeyboardInterrupt``); a second, or one outside a loop, stops at once."""
+    checkpoint, then ``KeyboardInterrupt``). One after the loop's last step lets the stage finish
+    measuring and saving (stopping then would throw the whole run away) and sets
+    ``after_training``. A second Ctrl-C, or one before the loop, stops at once."""
+    ctrl_c = types.SimpleNamespace(after_training=False)
+
     def handler(signum, frame):
         run = _RUNS[-1] if _RUNS else None
-        if run is None or not run.in_loop or run.interrupted:
+        trained = run is not None and not run.in_loop and run.step == run.steps
+        if run is None or run.interrupted or not (run.in_loop or trained):
             raise KeyboardInterrupt
-        run.interrupted = True
-        print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
-              "(Ctrl-C again to stop now)", file=sys.stderr)
+        run.interrupted, ctrl_c.after_training = True, trained
+        if trained:
+            print(f"\nCtrl-C: {run.stage} has done its {run.steps} steps and stops once its results are saved "
+                  "(Ctrl-C again to stop now and lose them)", file=sys.stderr)
+        else:
+            print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
+                  "(Ctrl-C again to stop now)", file=sys.stderr)
 
     if threading.current_thread() is not threading.main_thread() or distributed.launched():
         # under torchrun every rank gets the signal at its own moment: stopping "after this step"
         # could leave one rank waiting for the others' gradients, so Ctrl-C stops at once there
-        yield
+        yield ctrl_c
         return
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield ctrl_c
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -328,6 +328,20 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_stage_refuses_the_run(tmp_path, 
         pretrain.main(config("pretrain", tmp_path, lr=0.1, resume=True))
 
 
+def test_ctrl_c_after_the_last_step_lets_the_stage_complete(tmp_path, monkeypatch, capsys):
+    real = pretrain.save_model
+
+    def ctrl_c_then_save(*args):  # Ctrl-C while the trained model is being measured and saved
+        signal.raise_signal(signal.SIGINT)
+        return real(*args)
+    monkeypatch.setattr(pretrain, "save_model", ctrl_c_then_save)
+    assert cli.main(["pretrain", *_flags(config("pretrain", tmp_path))]) == 130
+    err = capsys.readouterr().err
+    assert "pretrain has done its 12 steps and stops once its results are saved" in err
+    assert f"its results are complete in {tmp_path / 'pretrain'}; stopped there" in err
+    assert stage_problem(tmp_path / "pretrain") is None and not (tmp_path / "pretrain.partial").exists()
+
+
 def _flags(cfg) -> list[str]:
     """The command-line flags of a config (every field, explicitly)."""
     import dataclasses
@@ -374,7 +388,9 @@ def test_another_process_writing_the_stage_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", list(MODULES))
+# the stages whose three runs take longer (fixed-size evaluations of sampled answers) are marked slow
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s in ("sft", "ppo", "grpo") else s
+                                   for s in MODULES])
 def test_resume_after_ctrl_c_ends_bit_identical(stage, tmp_path, monkeypatch, inputs):
     main = MODULES[stage].main
     main(config(stage, tmp_path / "whole", inputs))
@@ -439,6 +455,17 @@ def test_non_finite_loss_and_weights_are_refused(tmp_path):
     with pytest.raises(files.NonFiniteError, match=r"not saving .*model.pt: model.blocks.0.mlp.c_fc.weight holds NaN"):
         gpt.save(tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_non_finite_weights_are_not_exported_as_a_hugging_face_folder(tmp_path, world):
+    pytest.importorskip("transformers")
+    from minialign.loading import save_hf_folder
+    gpt = GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **TINY))
+    with torch.no_grad():
+        gpt.blocks[0].attn.c_attn.weight[1, 2] = float("inf")
+    with pytest.raises(files.NonFiniteError, match=r"not saving .*model: blocks.0.attn.c_attn.weight holds NaN or inf"):
+        save_hf_folder(gpt, world.tokenizer, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_loss_that_grows_past_its_bound_warns_once(tmp_path):
