@@ -100,13 +100,13 @@ results = sweep(args, sft_path)
 # %% 3. True reward against KL
 BETA_NOTE = """
 How beta acts, in principle. The gradient of E9 is beta * sigma(r_l - r_w) times the gradient of the log-ratio
-margin. Adam divides every gradient by its own running scale, so the factor beta in front cancels;
-beta acts only through sigma(r_l - r_w), the weight of each pair, which moves away from 1/2 once
-beta times the log-ratio margin is of order 1. A large beta gets there after a small move from
-pi_ref, so its pairs stop pulling early and the KL stays small; a small beta lets the policy move
-further before its pairs count as learned. beta sets the destination (E7: the smaller beta, the
-further pi* is from pi_ref); a short run at a given learning rate is still on its way, so runs with
-betas whose margins have not yet saturated look alike. r* of 32 samples per prompt is noisy:
+margin. Adam divides every gradient by its own running scale, so the factor beta in front would cancel
+but for Adam's epsilon (1e-8, added to that scale): where a parameter's gradient is of that order, a
+smaller beta makes its step smaller, so a small beta starts slowly. beta also acts through
+sigma(r_l - r_w), the weight of each pair, which moves away from 1/2 once beta times the log-ratio
+margin is of order 1: a large beta gets there after a small move from pi_ref, so its pairs stop
+pulling early and the KL stays small. beta sets the destination (E7: the smaller beta, the further
+pi* is from pi_ref); a short run at a given learning rate is still on its way. r* of 32 samples per prompt is noisy:
 compare the trend, not the second decimal."""
 
 
@@ -161,8 +161,8 @@ if not math.isfinite(first["summary"]["kl"]):
 TRY_THIS = """
 Try this (its seeded outcome is in docs/course.md, session 4):
   python tutorials/04_dpo.py --betas 0.01 --out runs/dpo_beta001
-      a ten times smaller beta than the first run: with Adam the gradient's scale hardly changes, so in
-      a short run it moves about as far; beta decides where DPO would end (E7), not how fast it starts.
+      a ten times smaller beta than the first run: E7 puts its destination further from pi_ref, but
+      Adam's epsilon slows its start (see "How beta acts"); how far does it get in 40 steps?
 """
 print(TRY_THIS)
 summary("04_dpo", r_star_sft=f"{first['summary']['true_reward_before']:.3f}",
