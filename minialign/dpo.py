@@ -83,8 +83,8 @@ from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .loading import load_model, save_model
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, input_path, make_optimizer, require,
-                    resolve_device, seed_everything, stage)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range, input_path,
+                    make_optimizer, require, resolve_device, seed_everything, stage)
 
 # ----------------------------------------------------------------------------------------------
 # E7 and E8 on a discrete set of responses (one prompt): the closed form DPO starts from
@@ -344,11 +344,12 @@ def main(config: DPOConfig) -> dict:
         kl_prompts = list({tuple(x): x for x in fits}.values())[:8]
         run = Run(config, "dpo")
     else:
+        kl_prompts = world.review_prompts()  # sampled to measure r* and the KL
+        check_max_new_tokens(config, [tok.prompt(p) for p in kl_prompts], block)
         run = Run(config, "dpo")
         train = tokenize_pairs(tok, world.preference_dataset(config.num_pairs, seed=config.seed))
         held_out_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
         held_out = tokenize_pairs(tok, held_out_rows)
-        kl_prompts = world.review_prompts()
 
     # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
     reference, _ = load_model(init, config.model_impl, device, tok if not config.data else None)

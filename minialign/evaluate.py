@@ -62,7 +62,7 @@ def reward_eval(model, tokenizer, questions: list[dict], reward_fn, samples_per_
 
     rows = [q for q in questions for _ in range(samples_per_question)]
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    texts = sample_texts(model, tokenizer, [q["prompt_ids"] for q in rows], max_new_tokens, temperature, gen)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = sample_texts(model, tokenizer, [q["prompt_ids"] for q in rows], max_new_tokens, temperature, generator)
     rewards = score_answers(reward_fn, rows, [y for y, _ in texts], [done for _, done in texts])
     return {"reward": rewards.mean().item()}

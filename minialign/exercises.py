@@ -17,7 +17,7 @@ bodies are missing. ``minialign exercises check DIR`` runs the hand-computed tes
 exercise (the tests marked ``@pytest.mark.exercise("name")`` in the mirrored test file) against
 the student's copy, in a subprocess with that copy first on the import path, and prints a table:
 exercise, equations, passed or failed, and for a failure the hand-worked case with the numbers
-expected and received (``minialign.testing.expect``). ``--train`` then runs the tutorial of each
+expected and received (``expect`` in ``tests/handworked.py``). ``--train`` then runs the tutorial of each
 exercise with the student's code and with the reference, and prints their figures side by side.
 
 The registry below holds what a student sees: the equation and the shapes of each exercise. The
@@ -438,7 +438,7 @@ def format_table(rows: list[dict]) -> str:
             out += ["  " + line[1:].strip() for line in x["message"].splitlines() if line.startswith("E ")]
         for t in failed:
             out.append(t["nodeid"].split("tests/")[-1])
-            if "hand-worked case:" in t["message"]:          # minialign.testing.expect's message
+            if "hand-worked case:" in t["message"]:          # the message of tests/handworked.py: expect
                 out += ["  " + line for line in t["message"].splitlines()[1:]]
             else:
                 if t["case"]:

@@ -74,10 +74,16 @@ def write_json(path, obj) -> Path:
 def torch_save(obj, path) -> Path:
     """``torch.save``, atomically, refusing to write a NaN or inf into a checkpoint."""
     import torch
+    refuse_non_finite(obj, path)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def refuse_non_finite(obj, path) -> None:
+    """Refuse to write ``obj`` (a state dict, or nested dicts and lists of tensors) to ``path`` if a
+    floating-point tensor in it holds NaN or inf: a checkpoint is never saved broken."""
     bad = _non_finite(obj)
     if bad:
         raise NonFiniteError(f"not saving {path}: {bad} holds NaN or inf values")
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def torch_load(path, map_location="cpu"):

@@ -87,8 +87,8 @@ from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnega
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .rewards import exact_match_reward, load_reward, score_answers, toy_reward
 from .toyworld import ToyWorld, WorldConfig
-from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_range, input_path,
-                    make_optimizer, resolve_device, seed_everything, stage)
+from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range,
+                    input_path, make_optimizer, resolve_device, seed_everything, stage)
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
@@ -256,7 +256,7 @@ class GRPOConfig(TrainConfig):
     lr: float = 1e-3
     warmup_steps: int = 0
     log_every: int = 1              # one metrics row per iteration (cheap next to the iteration)
-    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/grpo.md)
+    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/measurements.md)
     clip_eps: float = 0.2
     beta: float = 0.04              # KL coefficient
     kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
@@ -275,6 +275,7 @@ class GRPOConfig(TrainConfig):
     final_eval_samples: int = 64    # samples per held-out question before and after
 
     INPUTS = {"init": "sft"}
+    SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
 
     def validate(self) -> None:
         super().validate()
@@ -321,11 +322,11 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
                                        rollout.prompt_len, config.temperature, config.share_prompt)
         ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
                                    rollout.prompt_len, config.temperature, config.share_prompt)
-    if config.kl_in == "reward":
-        scored = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)  # E14
-    else:
-        scored = rewards
-    advantages = group_advantages(scored, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
+    if config.kl_in == "reward":  # E14's r_i = r(x, y_i) - beta KL_i
+        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)
+    else:                         # E13: the KL is in the loss, r_i is the reward itself
+        total_reward = rewards
+    advantages = group_advantages(total_reward, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
 
     B = len(prompts)
     per_step = config.batch_size // distributed.world_size()  # this rank's answers per optimizer step
@@ -362,7 +363,7 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
                "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
     if config.kl_in == "reward":
-        metrics["kl_penalised_reward"] = scored.mean().item()  # what E11-E12 saw
+        metrics["kl_penalised_reward"] = total_reward.mean().item()  # what E11-E12 saw
     return metrics
 
 
@@ -414,6 +415,9 @@ def main(config: GRPOConfig) -> dict:
     if config.questions > len(train_questions):
         raise ConfigError(f"--questions must be <= {len(train_questions)} (the questions there are to draw "
                           f"from), got {config.questions}")
+    if not config.data:  # the questions it trains on and the held-out ones it is measured on
+        check_max_new_tokens(config, [tok.prompt(q["prompt"]) for q in train_questions
+                                      + world.arithmetic_questions("heldout")], model.config.block_size)
     run = Run(config, "grpo")
     distributed.check_divisible(config.questions, 1, "questions")
     distributed.check_divisible(config.batch_size, config.grad_accum)
@@ -477,8 +481,8 @@ def main(config: GRPOConfig) -> dict:
          "xlabel": x, "ylabel": "fraction of answer tokens"},
         {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
          "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
-        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL "
-                "stays small.")
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL to "
+                "pi_ref stays bounded, noisy from batch to batch.")
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)

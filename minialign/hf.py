@@ -104,14 +104,20 @@ class HFCache:
     def select(self, rows: torch.Tensor) -> "HFCache":
         """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place.
 
-        ``DynamicCache`` indexes its tensors (``keys[rows]``) and later concatenates new ones, so
-        gradients flow back into the cached keys and values (the shared-prompt forward needs it).
+        The cached keys and values are selected with ``index_select`` and later concatenated with
+        new ones, so gradients flow back into them (the shared-prompt forward needs it), summed over
+        repeated rows in a fixed order.
         """
-        if self.past is not None:
-            if hasattr(self.past, "batch_select_indices"):
-                self.past.batch_select_indices(rows)
-            else:  # legacy tuples ((k, v) per layer)
-                self.past = tuple(tuple(t[rows] for t in layer) for layer in self.past)
+        if self.past is None:
+            pass
+        elif hasattr(self.past, "layers"):  # DynamicCache: index_select, as KVCache.select does (its own
+            for layer in self.past.layers:  # batch_select_indices indexes: atomic adds in the backward)
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        elif hasattr(self.past, "batch_select_indices"):
+            self.past.batch_select_indices(rows)
+        else:  # legacy tuples ((k, v) per layer)
+            self.past = tuple(tuple(t.index_select(0, rows) for t in layer) for layer in self.past)
         self.batch_size = len(rows)
         return self
 

@@ -74,6 +74,7 @@ def save_hf_folder(model, tokenizer, folder) -> Path:
     from .gpt2 import save_gpt2
 
     folder = Path(folder)
+    files.refuse_non_finite(model.state_dict(), folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, Tokenizer):  # the toy tokenizer, as a transformers tokenizer
         from .hf import hf_tokenizer_from_toy

@@ -73,8 +73,10 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place."""
-        self.k = [k[rows] for k in self.k]  # indexing: gradients flow back to the selected rows
-        self.v = [v[rows] for v in self.v]
+        # gradients flow back to the selected rows; index_select's backward sums repeated rows in
+        # a fixed order (tensor indexing's backward uses atomic adds on the CPU: not reproducible)
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
         return self
 
 

@@ -81,7 +81,10 @@ def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_len:
     cache = model.new_cache(distinct.shape[0], max_len)
     h = model.hidden(distinct[:, :P], distinct[:, P:], cache=cache)              # (U, P, C)
     cache.select(group)                                                          # U rows -> B rows
-    return h[group, -1], cache                                                   # (B, C)
+    # index_select, not h[group, -1]: the backward of tensor indexing on the CPU adds the rows that
+    # share a prompt with atomic adds, in an order that changes from run to run under load;
+    # index_select's backward (index_add) adds them in a fixed order, so seeded runs repeat exactly
+    return h[:, -1].index_select(0, group), cache                                # (B, C)
 
 
 def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

@@ -54,7 +54,7 @@ $-L^{CLIP} + c_V L^V - c_H H(\pi_\theta)$ (``vf_coef``, ``ent_coef``).
 the SFT model's trunk with a linear head on its final hidden states, trained by the value loss only
 (InstructGPT initialised it from the reward model). With a shared trunk the value loss's gradient
 also moves the policy's features, and when the returns jump it swamps the policy gradient under
-the common norm clip; ``docs/ppo.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
+the common norm clip; ``docs/measurements.md`` shows the runs. ``shared_trunk=True`` gives the cheaper
 variant (one forward for logits and values). Either way the head starts at zero, so $V = 0$ at first.
 
 **Where this differs from the source**
@@ -94,13 +94,13 @@ from .evaluate import review_eval
 from .generation import generate
 from .loading import load_model, load_reward_model, same_tokenizer, save_model
 from .model import GPT
-from .ops import (check_finite, check_in_range, check_nonempty_rows, check_per_sequence, check_positive,
-                  check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var, masked_whiten,
-                  response_hidden, response_logps, token_logps)
+from .ops import (check_finite, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
+                  check_positive, check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var,
+                  masked_whiten, response_hidden, response_logps, token_logps)
 from .reward_model import RewardModel, last_token_index
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, input_path, make_optimizer,
-                    resolve_device, seed_everything, stage, standardise)
+from .train import (Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range, input_path,
+                    make_optimizer, resolve_device, seed_everything, stage, standardise)
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -118,6 +118,7 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     check_token_tensors(logps=logps, ref_logps=ref_logps, mask=mask)
     check_per_sequence(logps.shape[0], score=score)
     check_finite(score, "score")
+    check_nonnegative(beta=beta)
     check_nonempty_rows(mask)
     # Exercise per_token_rewards (E2, E6): from here to the end of the function.
     m = mask.bool()
@@ -352,6 +353,7 @@ class PPOConfig(TrainConfig):
     final_eval_samples: int = 32        # samples per review prompt for the summary's r*
 
     INPUTS = {"init": "sft", "reward_model": "reward_model"}
+    SPLITS = {"batch_size": False, "minibatch_size": True}  # rollouts over ranks; minibatches over micro-batches too
 
     def validate(self) -> None:
         super().validate()
@@ -402,11 +404,12 @@ def main(config: PPOConfig) -> dict:
     optimizer = make_optimizer(model, config)
     parallel = distributed.wrap(model)  # DDP under torchrun
     kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
+    if not config.data:
+        prompts = world.review_prompts()
+        check_max_new_tokens(config, [tok.prompt(p) for p in prompts], policy.config.block_size)
     run = Run(config, "ppo")
     # sampling; under torchrun each rank samples its own share, rank 0 as one process would
     generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
-    if not config.data:
-        prompts = world.review_prompts()
 
     def truth(samples_per_prompt: int) -> dict:
         if config.data:  # your own prompts have no hidden r*
@@ -566,8 +569,8 @@ def plots(run: Run, config: PPOConfig, sft_true_reward: float | None) -> None:
          "ylabel": "nats per token"},
         {"title": "critic", "metrics": {"explained_variance": "explained variance of the returns"},
          "xlabel": x, "ylabel": "1 - Var(R - V) / Var(R)"}],
-        caption="A few percent of tokens clipped and a small KL per iteration mean the updates stay near the "
-                "sampler; the critic explains part of the returns.")
+        caption="At most a few percent of tokens clipped and a small KL per iteration: the updates stay near the "
+                "sampler. The critic explains part of the returns.")
     run.plot_panels("losses.png", [
         {"title": "policy loss -L^CLIP (E5)", "metrics": {"pg_loss": "mean over minibatches"}, "xlabel": x,
          "ylabel": "whitened advantage units"},

@@ -166,6 +166,9 @@ def main(config: PretrainConfig) -> dict:
         train = docs(world.pretrain_corpus(config.corpus_size, seed=config.seed))
         held_out = docs(world.pretrain_corpus(config.eval_size, seed=config.seed + 10_000))
         floor = world.corpus_entropy()["nats_per_token"]
+        longest = max(len(x) + len(y) for rows in (train, held_out) for x, y in zip(*rows))
+        require(config, "block_size", longest <= config.block_size,
+                f">= {longest} (the longest line of the toy corpus, in tokens)")
     run = Run(config, "pretrain")
     last = fit_lm(model, train, held_out, config, run, "pretrain", config.eval_every)
     save_model(model, tok, run.dir)

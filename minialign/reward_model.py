@@ -34,7 +34,8 @@ correlation with $r^*$ on held-out responses: its real job is to recover $r^*$, 
 
 - E4 gets a centring term, TRL's ``center_rewards_coefficient`` $\cdot\,\mathbb{E}[(r_w + r_l)^2]$
   (Eisenstein et al. 2023; default 0.01, 0 gives pure E4). It pins the mean reward near 0 without
-  changing any E3 probability, so PPO sees rewards of a known scale. The logged ``loss`` is E4 alone.
+  changing any E3 probability, so PPO sees rewards of a known scale (``centring_penalty``). The
+  logged ``loss`` is E4 alone.
 - The expectation is a mean over a batch of pairs; the trunk starts from the SFT model.
 """
 
@@ -91,6 +92,16 @@ def reward_model_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     # Exercise reward_model_loss (E4): from here to the end of the function.
     margin = upcast(r_w) - upcast(r_l)  # (B,)
     return -F.logsigmoid(margin).mean()  # E4
+
+
+def centring_penalty(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
+    r"""TRL's reward centring, $\mathbb{E}[(r_w + r_l)^2]$: 0 when the two rewards of every pair sum to 0.
+
+    E3 sees only $r_w - r_l$, so the level of the rewards is free; this term, added to E4 with
+    weight ``center_rewards_coefficient``, pins it near 0 so that PPO sees rewards of a known scale.
+    """
+    _check_pair(r_w, r_l)
+    return ((upcast(r_w) + upcast(r_l)) ** 2).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +452,7 @@ def main(config: RewardModelConfig) -> dict:
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
         if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
-            loss = loss + config.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
+            loss = loss + config.center_rewards_coefficient * centring_penalty(r_w, r_l)
         return loss, len(rows), config.batch_size, (r_w.detach(), r_l.detach(), bt_loss.detach(), len(rows))
 
     model.train()

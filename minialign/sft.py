@@ -31,7 +31,7 @@ from .evaluate import arithmetic_eval, review_eval
 from .loading import load_model, save_model
 from .pretrain import fit_lm
 from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, check_range, input_path, require, resolve_device, seed_everything,
+from .train import (ConfigError, Run, TrainConfig, check_range, input_path, require, resolve_device, seed_everything,
                     stage)
 
 
@@ -88,17 +88,22 @@ def main(config: SFTConfig) -> dict:
         run = Run(config, "sft")
         last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every)
         save_model(model, tok, run.dir)
-        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+        run.plot({"loss": "training batch", "heldout_loss": "held-out examples"}, "loss.png",
                  "SFT loss on response tokens (E0b)", ylabel="loss, nats per response token",
-                 xlabel="optimizer step", caption="The loss on your responses; held-out pairs are the honest measure.")
+                 xlabel="optimizer step", caption="The loss on your responses; held-out examples are the honest measure.")
         summary = {"loss": last["loss"], "heldout_loss": last.get("heldout_loss"), "seconds": last["time"],
                    **{k: r.as_dict() for k, r in reports.items()}}
         run.finish(summary)
         return summary
 
-    run = Run(config, "sft")
     train = pairs(world.sft_dataset(config.num_examples, seed=config.seed))
     held_out = pairs(world.sft_dataset(config.eval_size, seed=config.seed + 10_000))
+    longest = max(len(x) + len(y) for rows in (train, held_out) for x, y in zip(*rows))
+    if longest > model.config.block_size:  # refused before the run folder exists; nothing is truncated
+        raise ConfigError(f"{input_path(config, 'init')} has a context of {model.config.block_size} tokens, fewer than "
+                          f"the toy world's longest SFT example ({longest}); pre-train it with --block-size {longest} "
+                          "or more")
+    run = Run(config, "sft")
 
     def truth(m):  # what the hidden reward says of the model's own samples
         return {"true_reward": review_eval(m, tok, world, samples_per_prompt=8, seed=config.seed)["true_reward"],
@@ -108,7 +113,7 @@ def main(config: SFTConfig) -> dict:
     last = fit_lm(model, train, held_out, config, run, "sft", config.eval_every, extra_metrics=truth)
     save_model(model, tok, run.dir)
     floor = world.sft_entropy()["nats_per_token"]
-    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png",
+    run.plot({"loss": "training batch", "heldout_loss": "held-out examples"}, "loss.png",
              "SFT loss on response tokens (E0b)", hlines={f"exact entropy floor {floor:.3f}": floor},
              ylabel="loss, nats per response token", xlabel="optimizer step",
              ylim=(0.95 * floor, 1.5 * floor),  # zoom on the approach to the floor

@@ -74,6 +74,16 @@ def check_range(config, name: str, low=None, high=None, low_open: bool = False, 
     require(config, name, ok, allowed)
 
 
+def check_max_new_tokens(config, prompts: list, block_size: int) -> None:
+    """``--max-new-tokens`` leaves room in the model's context for the longest of ``prompts`` (token
+    lists): checked once the model is loaded, before the run folder is made, rather than at the
+    first sampling (nothing is ever truncated)."""
+    longest = max(map(len, prompts))
+    require(config, "max_new_tokens", longest + config.max_new_tokens <= block_size,
+            f"<= {block_size - longest} (the model's context of {block_size} tokens less the longest prompt's "
+            f"{longest})")
+
+
 def check_types(config) -> None:
     """Every field holds a value of its annotated type; numbers are finite; a Literal is one of its
     choices. The command line converts flags already; this catches library callers and NaN/inf."""
@@ -141,6 +151,9 @@ class TrainConfig(Config):
     # the checkpoints a stage reads: config field -> the stage whose out/<stage>/model.pt is its
     # default (``stage_input``); the CLI's --with-prerequisites trains them when missing
     INPUTS: typing.ClassVar[dict[str, str]] = {}
+    # the global batches that are shared out: field -> whether it is also cut into --grad-accum
+    # micro-batches (else over the ranks only); each must split evenly (equal shares, equal weights)
+    SPLITS: typing.ClassVar[dict[str, bool]] = {"batch_size": True}
 
     def validate(self) -> None:
         super().validate()
@@ -156,6 +169,10 @@ class TrainConfig(Config):
             check_range(self, name, 0)
         # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
+        for name, micro in type(self).SPLITS.items():
+            ranks, parts = distributed.world_size(), self.grad_accum if micro else 1
+            require(self, name, getattr(self, name) % (ranks * parts) == 0,
+                    f"a multiple of {ranks * parts} ({ranks} rank(s) x {parts} micro-batch(es) of --grad-accum)")
         if self.eval_data and not self.data:
             raise ConfigError("--eval-data is held-out data for --data; the toy world has its own held-out split")
         if self.max_length is not None and (not self.data or self.max_length < 1):
@@ -818,9 +835,13 @@ def stage(name: str):
                 return files.read_json(final / "summary.json")
             check_run_folder(config, name)
             started = len(_RUNS)
-            with _stop_loops_on_ctrl_c():
+            with _stop_loops_on_ctrl_c() as ctrl_c:
                 try:
-                    return main(config)
+                    summary = main(config)
+                    if ctrl_c.after_training:  # the run completed first; a pipeline stops here
+                        raise StageInterrupted(f"{name} had done its {config.steps} steps when Ctrl-C came: its "
+                                               f"results are complete in {final}; stopped there")
+                    return summary
                 except BaseException as e:
                     runs = _RUNS[started:]
                     for run in runs:
@@ -851,23 +872,32 @@ def _last_good(run: Run) -> str:
 @contextlib.contextmanager
 def _stop_loops_on_ctrl_c():
     """The first Ctrl-C inside a ``Run.loop`` asks it to stop after the current step (a
-    checkpoint, then ``KeyboardInterrupt``); a second, or one outside a loop, stops at once."""
+    checkpoint, then ``KeyboardInterrupt``). One after the loop's last step lets the stage finish
+    measuring and saving (stopping then would throw the whole run away) and sets
+    ``after_training``. A second Ctrl-C, or one before the loop, stops at once."""
+    ctrl_c = types.SimpleNamespace(after_training=False)
+
     def handler(signum, frame):
         run = _RUNS[-1] if _RUNS else None
-        if run is None or not run.in_loop or run.interrupted:
+        trained = run is not None and not run.in_loop and run.step == run.steps
+        if run is None or run.interrupted or not (run.in_loop or trained):
             raise KeyboardInterrupt
-        run.interrupted = True
-        print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
-              "(Ctrl-C again to stop now)", file=sys.stderr)
+        run.interrupted, ctrl_c.after_training = True, trained
+        if trained:
+            print(f"\nCtrl-C: {run.stage} has done its {run.steps} steps and stops once its results are saved "
+                  "(Ctrl-C again to stop now and lose them)", file=sys.stderr)
+        else:
+            print(f"\nCtrl-C: {run.stage} stops after this step with a resumable checkpoint "
+                  "(Ctrl-C again to stop now)", file=sys.stderr)
 
     if threading.current_thread() is not threading.main_thread() or distributed.launched():
         # under torchrun every rank gets the signal at its own moment: stopping "after this step"
         # could leave one rank waiting for the others' gradients, so Ctrl-C stops at once there
-        yield
+        yield ctrl_c
         return
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield ctrl_c
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -73,3 +73,6 @@ def test_one_notation_and_no_path_outside_the_repository():
         text = path.read_text()
         assert ".. math::" not in text, f"{path.name} uses RST math; write $...$ as GitHub renders it"
         assert "seeds/" not in text, f"{path.name} names the source post's path, outside this repository"
+        # a command or a file outside the repository (a tool such as /usr/bin/time is fine)
+        outside = re.findall(r"(?<![\w.~])/(?:tmp|work|home|root|mnt|opt|Users)/\S*", text)
+        assert not outside, f"{path.name} names paths outside this repository: {outside[:3]}"

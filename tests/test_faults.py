@@ -17,7 +17,8 @@ import torch
 from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
-from minialign.train import DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, stage_problem
+from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
+                             stage_problem)
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 FAST = dict(progress=False, device="cpu")
@@ -149,6 +150,10 @@ BAD_VALUES = [
     ("reward_model", ["--num-pairs", "10"], "--num-pairs must be >= --batch-size"),
     ("dpo", ["--data", "missing.jsonl"], "--data missing.jsonl: no such file or folder"),
     ("sft", ["--eval-data", "e.jsonl"], "--eval-data is held-out data for --data"),
+    ("pretrain", ["--block-size", "3"], "--block-size must be >= "),  # the toy corpus's longest line
+    ("dpo", ["--grad-accum", "3"], "--batch-size must be a multiple of 3 (1 rank(s) x 3 micro-batch(es)"),
+    ("ppo", ["--grad-accum", "3"], "--minibatch-size must be a multiple of 3"),
+    ("grpo", ["--grad-accum", "3"], "--batch-size must be a multiple of 3"),
 ]
 
 
@@ -165,6 +170,31 @@ def test_bad_values_are_refused_before_the_run_folder_exists(stage, flags, messa
     err = capsys.readouterr().err.strip()
     assert err.startswith("minialign: error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ppo", "grpo"])
+def test_max_new_tokens_past_the_context_is_refused_before_the_run_folder_exists(stage, tmp_path, inputs, capsys):
+    # the tiny model's context is 48 tokens; the toy world's review prompts have 6, its questions 9
+    out = tmp_path / "run"
+    flags = ["--init", inputs["sft"], "--max-new-tokens", "100", "--no-progress"]
+    flags += ["--reward-model", inputs["reward_model"]] if stage == "ppo" else []
+    assert cli.main([stage, "--out", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    longest = 9 if stage == "grpo" else 6
+    assert f"--max-new-tokens must be <= {48 - longest} (the model's context of 48 tokens less the longest " \
+           f"prompt's {longest}), got 100" in err
+    assert not out.exists()
+
+
+def test_sft_refuses_a_base_model_whose_context_is_too_short_before_the_run_folder_exists(tmp_path, world, capsys):
+    base = tmp_path / "short.pt"
+    save_policy(GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **{**TINY, "block_size": 12})), world.tokenizer,
+                base)
+    assert cli.main(["sft", "--out", str(tmp_path / "run"), "--init", str(base), "--num-examples", "64",
+                     "--eval-size", "16"]) == 1
+    assert f"{base} has a context of 12 tokens, fewer than the toy world's longest SFT example" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_library_configs_are_checked_too():
@@ -298,6 +328,20 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_stage_refuses_the_run(tmp_path, 
         pretrain.main(config("pretrain", tmp_path, lr=0.1, resume=True))
 
 
+def test_ctrl_c_after_the_last_step_lets_the_stage_complete(tmp_path, monkeypatch, capsys):
+    real = pretrain.save_model
+
+    def ctrl_c_then_save(*args):  # Ctrl-C while the trained model is being measured and saved
+        signal.raise_signal(signal.SIGINT)
+        return real(*args)
+    monkeypatch.setattr(pretrain, "save_model", ctrl_c_then_save)
+    assert cli.main(["pretrain", *_flags(config("pretrain", tmp_path))]) == 130
+    err = capsys.readouterr().err
+    assert "pretrain has done its 12 steps and stops once its results are saved" in err
+    assert f"its results are complete in {tmp_path / 'pretrain'}; stopped there" in err
+    assert stage_problem(tmp_path / "pretrain") is None and not (tmp_path / "pretrain.partial").exists()
+
+
 def _flags(cfg) -> list[str]:
     """The command-line flags of a config (every field, explicitly)."""
     import dataclasses
@@ -344,7 +388,9 @@ def test_another_process_writing_the_stage_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", list(MODULES))
+# the stages whose three runs take longer (fixed-size evaluations of sampled answers) are marked slow
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) if s in ("sft", "ppo", "grpo") else s
+                                   for s in MODULES])
 def test_resume_after_ctrl_c_ends_bit_identical(stage, tmp_path, monkeypatch, inputs):
     main = MODULES[stage].main
     main(config(stage, tmp_path / "whole", inputs))
@@ -411,6 +457,17 @@ def test_non_finite_loss_and_weights_are_refused(tmp_path):
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_non_finite_weights_are_not_exported_as_a_hugging_face_folder(tmp_path, world):
+    pytest.importorskip("transformers")
+    from minialign.loading import save_hf_folder
+    gpt = GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **TINY))
+    with torch.no_grad():
+        gpt.blocks[0].attn.c_attn.weight[1, 2] = float("inf")
+    with pytest.raises(files.NonFiniteError, match=r"not saving .*model: blocks.0.attn.c_attn.weight holds NaN or inf"):
+        save_hf_folder(gpt, world.tokenizer, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_loss_that_grows_past_its_bound_warns_once(tmp_path):
     run = Run(TrainConfig(out=str(tmp_path)), "demo")
     run.log(0, loss=1.0)
@@ -460,6 +517,11 @@ def test_rewards_must_be_finite():
         one_step_advantages(torch.tensor([nan, 0.0]), torch.zeros(2, 3), mask)
     with pytest.raises(ValueError, match="rewards must be finite"):
         grpo.kl_penalised_rewards(torch.tensor([nan, 0.0]), torch.zeros(2, 3), torch.zeros(2, 3), mask, 0.1)
+    for beta in (nan, -0.1):  # a NaN beta would make every per-token reward NaN; a negative one rewards the KL
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            per_token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), mask, beta)
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            grpo.kl_penalised_rewards(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), mask, beta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,18 +114,19 @@ def test_kl_in_loss_by_hand():
 @pytest.mark.exercise("kl_penalised_rewards")
 def test_kl_in_reward_by_hand():
     # two answers of a group, rewards 1 and 1 (zero spread: no signal from the reward alone)
-    # answer 0: 1 token, pi = 0.5, pi_ref = 0.25: k3 = 0.193147 (as above)
-    # answer 1: 2 tokens equal to pi_ref: k3 = 0 + 0 = 0
-    # E14: r = 1 - 0.1 * 0.193147 = 0.980685 and 1 - 0 = 1
-    logps = torch.log(torch.tensor([[0.5, 1.0], [0.3, 0.6]]))
-    ref = torch.log(torch.tensor([[0.25, 1.0], [0.3, 0.6]]))
-    mask = torch.tensor([[1, 0], [1, 1]])
+    # answer 0: 2 tokens, each pi = 0.5, pi_ref = 0.25: k3 = 0.193147 each (as above), summed over
+    #   the answer: 0.386294; its third column is padding (pi = 0.9, pi_ref = 0.1: k3 = 1.308 if counted)
+    # answer 1: 3 tokens equal to pi_ref: k3 = 0 + 0 + 0 = 0
+    # E14: r = 1 - 0.1 * 0.386294 = 0.961371 and 1 - 0 = 1
+    logps = torch.log(torch.tensor([[0.5, 0.5, 0.9], [0.3, 0.6, 0.9]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.3, 0.6, 0.9]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     r = kl_penalised_rewards(torch.tensor([1.0, 1.0]), logps, ref, mask, beta=0.1)
-    expect(r, [0.980685, 1.0], abs=1e-6)
-    # E11 on them: mean = (0.980685 + 1) / 2 = 0.9903425; r - mean = -0.0096575, +0.0096575:
+    expect(r, [0.961371, 1.0], abs=1e-6)
+    # E11 on them: mean = (0.961371 + 1) / 2 = 0.9806853; r - mean = -0.0193147, +0.0193147:
     # the answer closer to pi_ref now has the positive advantage
     A = group_advantages(r, 2, scale_by_std=False)
-    expect(A, [-0.0096575, 0.0096575], abs=1e-6)
+    expect(A, [-0.0193147, 0.0193147], abs=1e-6)
 
 
 @pytest.mark.exercise("grpo_loss")
@@ -155,6 +156,17 @@ def test_loss_gradient_pushes_towards_better_answers():
     loss.backward()
     # d/dlogp of -(1/2) sum exp(logp - 0) * 1 = -0.5 * exp(0) = -0.5 per token
     expect(logp.grad, [[-0.5, -0.5]], abs=1e-7)
+
+
+@pytest.mark.exercise("grpo_loss")
+def test_grpo_loss_sends_no_gradient_into_pi_old_or_pi_ref():
+    """pi_old (the sampler) and pi_ref are constants of E13: only pi_theta's log-probs get a gradient."""
+    old = torch.log(torch.tensor([[0.5, 0.4]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.5]])).requires_grad_(True)
+    logp = torch.log(torch.tensor([[0.55, 0.35]])).requires_grad_(True)
+    loss, _ = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1)
+    loss.backward()
+    assert old.grad is None and ref.grad is None and logp.grad is not None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,10 +50,13 @@ def test_model_and_sequence_logps_line_up(tiny_model):
     mask = torch.tensor([[0, 0, 1, 1, 1]])  # response = tokens 2..4
     per_token = model_token_logps(tiny_model, ids)  # (1, 4): column j predicts token j+1
     logits = tiny_model(ids)
-    by_hand = torch.log_softmax(logits[0, 2], -1)[7] + torch.log_softmax(logits[0, 1], -1)[6] \
-        + torch.log_softmax(logits[0, 3], -1)[2]
-    assert per_token.shape == (1, 4)
-    expect(sequence_logps(tiny_model, ids, None, mask), by_hand.item(), abs=1e-5)
+    # column j is log softmax(logits at position j)[token j+1]: the logits of position 0 predict token 1
+    columns = [torch.log_softmax(logits[0, j], -1)[ids[0, j + 1]] for j in range(4)]
+    expect(per_token, [[c.item() for c in columns]], abs=1e-5)
+    # E1 over the response tokens 6, 7, 2 (positions 2..4), predicted at positions 1..3
+    by_hand = columns[1] + columns[2] + columns[3]
+    for share_prompt in (True, False):  # the shared-prompt path and the plain forward give the same sum
+        expect(sequence_logps(tiny_model, ids, None, mask, share_prompt=share_prompt), by_hand.item(), abs=1e-5)
 
 
 def test_masked_sum_mean_by_hand():

@@ -72,6 +72,16 @@ def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
 
 
 @pytest.mark.exercise("clipped_surrogate_loss")
+def test_clipped_surrogate_sends_no_gradient_into_pi_old():
+    """pi_old is the rollout's policy, a constant of E5: the gradient moves pi_theta only."""
+    logps, old_logps, adv, mask = _e5_inputs()
+    old_logps.requires_grad_(True)  # as if a caller passed log-probs still attached to a graph
+    loss, _ = clipped_surrogate_loss(logps, old_logps, adv, mask, clip_eps=0.2)
+    loss.backward()
+    assert old_logps.grad is None and logps.grad is not None
+
+
+@pytest.mark.exercise("clipped_surrogate_loss")
 def test_clipped_surrogate_gradcheck_float64():
     logps, old_logps, adv, mask = _e5_inputs(torch.float64)
     # finite differences must not straddle a kink: every ratio is >= 0.1 away from 0.8 and 1.2

@@ -9,7 +9,7 @@ from handworked import expect
 
 from minialign.data import collate, left_pad
 from minialign.model import GPT
-from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability,
+from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability, centring_penalty,
                                     collate_pairs, encode_pairs, last_token_index, main,
                                     pair_rewards, reward_function, reward_model_loss, score)
 from minialign.train import save_policy
@@ -92,6 +92,25 @@ def test_reward_model_loss_gradcheck_float64():
     r_l = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(reward_model_loss, (r_w, r_l))
     assert torch.autograd.gradcheck(bradley_terry_probability, (r_w, r_l))
+
+
+def test_centring_penalty_by_hand():
+    """TRL's centring term E[(r_w + r_l)^2]: it sees the level of the rewards, which E3 cannot."""
+    r_w = torch.tensor([1.0, 0.0])
+    r_l = torch.tensor([0.0, 2.0])
+    # pair 1: (1 + 0)^2 = 1; pair 2: (0 + 2)^2 = 4; mean (1 + 4) / 2 = 2.5
+    expect(centring_penalty(r_w, r_l), 2.5, abs=1e-6)
+    # shifting both rewards of each pair by c(x) = -(r_w + r_l) / 2 = [-0.5, -1]: E3 and E4 unchanged,
+    # the pairs now sum to 0, so the penalty is 0 (r_w, r_l = [0.5, -1], [-0.5, 1])
+    c = -(r_w + r_l) / 2
+    expect(centring_penalty(r_w + c, r_l + c), 0.0, abs=1e-7)
+    expect(reward_model_loss(r_w + c, r_l + c), reward_model_loss(r_w, r_l).item(), abs=1e-6)
+    # its gradient, 2 (r_w + r_l) / B on both: [1, 2] for each side
+    r_w.requires_grad_(True)
+    centring_penalty(r_w, r_l).backward()
+    expect(r_w.grad, [1.0, 2.0], abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        centring_penalty(torch.zeros(2), torch.zeros(3))
 
 
 @pytest.mark.exercise("reward_model_loss")

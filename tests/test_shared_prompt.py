@@ -118,6 +118,24 @@ def test_response_hidden_columns_start_at_the_prompts_last_token():
         response_hidden(model, seqs, mask, seqs.shape[1])                        # no response column
 
 
+@pytest.mark.parametrize("impl", ["minialign", "hf"])
+def test_shared_rows_are_copied_by_index_select_so_seeded_runs_repeat(impl):
+    """The rows that share a prompt get its hidden state and cache by ``index_select``. Tensor
+    indexing (``h[group]``) would give the same forward, but its backward adds repeated rows with
+    atomic adds on the CPU, in an order that changed GRPO's weights from run to run under load."""
+    from minialign.ops import prefill
+    model = _model(impl, torch.float32)
+    seqs, mask, P = _generation_layout(ROWS)
+    h_last, cache = prefill(model, seqs[:, :P], mask[:, :P], seqs.shape[1])
+    assert type(h_last.grad_fn).__name__.startswith("IndexSelectBackward"), h_last.grad_fn
+    if impl == "minialign":
+        cached = cache.k + cache.v
+    else:
+        cached = [t for layer in cache.past.layers for t in (layer.keys, layer.values)]
+    assert all(type(t.grad_fn).__name__.startswith("IndexSelectBackward") for t in cached), \
+        {type(t.grad_fn).__name__ for t in cached}
+
+
 def test_align_responses_by_hand():
     # row 0: prompt 1 2 3, response 4 5, pad; row 1: prompt 6, response 7 8 9
     ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]])

@@ -99,7 +99,7 @@ results = sweep(args, sft_path)
 
 # %% 3. True reward against KL
 BETA_NOTE = """
-How beta acts. The gradient of E9 is beta * sigma(r_l - r_w) times the gradient of the log-ratio
+How beta acts, in principle. The gradient of E9 is beta * sigma(r_l - r_w) times the gradient of the log-ratio
 margin. Adam divides every gradient by its own running scale, so the factor beta in front cancels;
 beta acts only through sigma(r_l - r_w), the weight of each pair, which moves away from 1/2 once
 beta times the log-ratio margin is of order 1. A large beta gets there after a small move from
@@ -135,6 +135,16 @@ first = results[args.betas[0]]
 print(f"\nsamples after DPO (beta={args.betas[0]:g}):")
 for prompt, response in first["summary"]["examples"]:
     print(f"  {prompt!r:22} -> {response}")
+for beta, res in results.items():
+    rows = _rows(res["dir"])
+    print(f"beta={beta:g}: log pi_theta(y_w|x) of the training pairs {rows[0]['logps/chosen']:.2f} -> "
+          f"{rows[-1]['logps/chosen']:.2f}, of y_l {rows[0]['logps/rejected']:.2f} -> {rows[-1]['logps/rejected']:.2f}, "
+          f"margin {rows[-1]['rewards/margins']:+.3f}")
+if any(res["summary"]["true_reward"] < res["summary"]["true_reward_before"] for res in results.values()):
+    print("Where r* fell: DPO asks only that the chosen response beat the rejected one. It can lower both, and the\n"
+          "probability they lose goes to responses no pair ever showed, many of them malformed (r* = -7). Watch\n"
+          "logps/chosen and the sampled KL, not the DPO loss; a smaller --lr (or fewer --steps) keeps the policy\n"
+          "near pi_ref. docs/measurements.md has longer runs at the stage's default lr 1e-4.")
 s = first["summary"]
 change = "rose" if s["true_reward"] > s["true_reward_before"] else "did not rise"
 print(f"\nWhat they show: r* of the samples {change}, {s['true_reward_before']:+.3f} -> {s['true_reward']:+.3f}, at a KL of\n"

@@ -62,9 +62,9 @@ def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path
                "standardises both: reward hacking would show as r_phi rising while r* falls.")
 
 
-def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt: int = 16) -> None:
-    """How varied are the PPO policy's reviews? The same review for every item (up to the item's
-    name) would be a policy that found r_phi's favourite phrase and says nothing else."""
+def what_the_samples_show(policy_path: Path, sft_path: Path, device: str, seed: int, per_prompt: int = 16) -> None:
+    """Has the policy settled on one phrase for every item, and does it answer about the wrong item?
+    Fresh samples of the PPO policy and of the SFT model it started from, side by side."""
     from collections import Counter
 
     import torch
@@ -73,23 +73,42 @@ def what_the_samples_show(policy_path: Path, device: str, seed: int, per_prompt:
     from minialign.toyworld import ITEMS, ToyWorld, WorldConfig
     from minialign.train import load_policy, resolve_device
 
-    world = ToyWorld(WorldConfig())
-    model, tok = load_policy(policy_path, resolve_device(device), world.tokenizer)
+    world, dev = ToyWorld(WorldConfig()), resolve_device(device)
     prompts = [p for p in world.review_prompts() for _ in range(per_prompt)]
-    texts = [y for y, _ in sample_texts(model, tok, prompts, 24, 1.0,
-                                        torch.Generator(device=resolve_device(device)).manual_seed(seed))]
-    templates = Counter(" ".join("ITEM" if w in ITEMS else w for w in y.split()) for y in texts)
-    (top, count), distinct = templates.most_common(1)[0], len(templates)
+
+    def samples(path):
+        model, tok = load_policy(path, dev, world.tokenizer)
+        return [y for y, _ in sample_texts(model, tok, prompts, 24, 1.0, torch.Generator(device=dev).manual_seed(seed))]
+
+    ppo, sft = samples(policy_path), samples(sft_path)
+
+    def phrases(text):  # the three-word phrases of a review that do not name an item
+        words = text.split()
+        return {" ".join(words[i:i + 3]) for i in range(len(words) - 2) if not set(words[i:i + 3]) & set(ITEMS)}
+
+    phrase, _ = Counter(p for y in ppo for p in phrases(y)).most_common(1)[0]
+    share_ppo = sum(phrase in phrases(y) for y in ppo) / len(ppo)
+    share_sft = sum(phrase in phrases(y) for y in sft) / len(sft)
+
+    def about_another_item(prompt, review):  # "review the game" -> "the book was ..."
+        words = review.split()
+        return len(words) > 1 and words[1] in ITEMS and words[1] != prompt.split()[-1]
+
+    off_item = sum(about_another_item(x, y) for x, y in zip(prompts, ppo)) / len(ppo)
     banner("what the samples show")
-    print(f"{len(texts)} fresh samples ({per_prompt} per item): {distinct} distinct reviews once the item's name is "
-          f"replaced by ITEM;\nthe most common, {count} times ({count / len(texts):.0%}): {top!r}")
-    if count / len(texts) >= 0.25:
+    print(f"{len(ppo)} fresh samples of each model ({per_prompt} per item). The PPO policy's most common phrase,\n"
+          f"{phrase!r}, is in {share_ppo:.0%} of its reviews and in {share_sft:.0%} of the SFT model's; "
+          f"{off_item:.0%} of its reviews\nare about another item than the one asked for.")
+    if share_ppo >= 0.3 and share_ppo >= 2 * share_sft:
         print("PPO has settled on the phrase r_phi likes best and says it about every item: high r*, little variety.\n"
-              "It maximises r_phi, and nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT\n"
-              "model's. A larger --beta keeps more of it, at a lower r*.")
+              "Nothing in r_phi rewards variety; only the KL penalty keeps some of the SFT model's (a larger --beta\n"
+              "keeps more, at a lower r*).")
     else:
-        print("The reviews are still varied: PPO has not collapsed onto one phrase. Run longer, or with a smaller\n"
-              "--beta, and watch this count: nothing in r_phi rewards variety, only the KL penalty keeps it.")
+        print("No single phrase dominates yet: the policy is still varied. Nothing in r_phi rewards variety, only\n"
+              "the KL penalty keeps it: run longer or with a smaller --beta and watch this share grow.")
+    if off_item >= 0.05:
+        print("Reviewing another item is reward hacking: r_phi was trained only on reviews of the requested item, so\n"
+              "it never learnt that the item must match, and rates such a review highly; r* scores it -7 (malformed).")
 
 
 t0 = time.time()
@@ -121,7 +140,7 @@ print(f"explained variance of the value head:    {result['explained_variance_las
 print("\nsamples of the SFT model, then of the PPO policy:")
 for (prompt, before), (_, after) in zip(result["examples_before"], result["examples"]):
     print(f"  {prompt:18s} SFT -> {before}\n  {'':18s} PPO -> {after}")
-what_the_samples_show(run / "model.pt", args.device, args.seed)
+what_the_samples_show(run / "model.pt", sft, args.device, args.seed)
 print(f"\nplots: {run / 'overview.png'} (and reward.png, kl.png, objective.png, ppo_stats.png, losses.png)")
 print(f"total time {time.time() - t0:.0f} s")
 
