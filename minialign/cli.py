@@ -219,7 +219,15 @@ def main(argv=None) -> int:
         return 1
 
 
+# flags renamed since the first release: the old spelling gets its new name, not argparse's usage
+RENAMED = {"--kl-coef": "--beta (the KL strength is beta in every algorithm)"}
+
+
 def _run(argv: list[str]) -> int:
+    for word in argv:
+        old = word.split("=", 1)[0]
+        if old in RENAMED:
+            raise SystemExit(f"minialign: error: {old} is now {RENAMED[old]}")
     command = _command_in(argv)
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)

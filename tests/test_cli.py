@@ -46,6 +46,13 @@ def test_stage_flags_come_from_the_config():
     assert build_parser({"sft"}).parse_args(["sft", "--steps", "5"]).steps == 5
 
 
+@pytest.mark.parametrize("argv", [["ppo", "--kl-coef", "0.2"], ["ppo", "--kl-coef=0.2"], ["pipeline", "--kl-coef", "1"]])
+def test_a_renamed_flag_says_its_new_name(argv, tmp_path):
+    with pytest.raises(SystemExit, match=r"--kl-coef is now --beta"):
+        main([*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_pipeline_rejects_unknown_stage(capsys, tmp_path):
     assert main(["pipeline", "--out", str(tmp_path / "run"), "--stages", "pretrain,rlhf"]) == 1
     assert "--stages: unknown stage(s) ['rlhf']" in capsys.readouterr().err
