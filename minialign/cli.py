@@ -59,6 +59,13 @@ def _canonical(command: str | None) -> str | None:
     return None if command is None else command.replace("-", "_")
 
 
+def add_debug_flag(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``--debug`` on the top level (default False) and on each command (SUPPRESS: a command's
+    parser must not reset the value the top level parsed)."""
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+
+
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The ``minialign`` parser. Only the commands in ``commands`` (default: every one) get their
     flags, which imports their module; ``minialign --help`` builds it with none."""
@@ -66,8 +73,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
         prog="minialign", description="Readable LLM alignment: pre-training, SFT, reward model, PPO, DPO, "
         "GRPO on a toy world.", epilog="`minialign COMMAND --help` says what a command reads and writes, "
         "and lists its flags.")
-    parser.add_argument("--debug", action="store_true", default=False,
-                        help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+    add_debug_flag(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, cls, help_) in {**STAGES, **TOOLS}.items():
         aliases = [name.replace("_", "-")] if "_" in name else []  # reward-model = reward_model
@@ -90,9 +96,9 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                                    "folder that transformers loads (GPT-2 format for minialign's GPT).")
     p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
     p.add_argument("dest", help="the new folder to write")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
-    exercises.add_parser(sub)
+    add_debug_flag(p)
+    for p in exercises.add_parser(sub):
+        add_debug_flag(p)
     return parser
 
 
@@ -107,8 +113,7 @@ def _add_command_args(p, config_cls, help_: str = "", only=None, prerequisites: 
     if prerequisites and (only is not None or config_cls.INPUTS):
         p.add_argument("--with-prerequisites", action="store_true",
                        help="first train the input stages that are missing, unfinished or out of date")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error instead of one line (or MINIALIGN_DEBUG=1)")
+    add_debug_flag(p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def _run(argv: list[str]) -> int:
     for word in argv:
         old = word.split("=", 1)[0]
         if old in RENAMED:
-            raise SystemExit(f"minialign: error: {old} is now {RENAMED[old]}")
+            raise files.ConfigError(f"{old} is now {RENAMED[old]}")  # main prints it as one line
     command = _command_in(argv)
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)

@@ -549,7 +549,9 @@ def _num(x) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def add_parser(sub) -> None:
+def add_parser(sub) -> list[argparse.ArgumentParser]:
+    """The ``exercises`` command and its ``make`` and ``check``; returns those two (the CLI adds
+    its shared flags to them)."""
     p = sub.add_parser("exercises", help="course exercises: make a copy with bodies to write, check it",
                        description=__doc__.split("\n\n")[0])
     commands = p.add_subparsers(dest="exercises_command", required=True)
@@ -565,6 +567,7 @@ def add_parser(sub) -> None:
     c.add_argument("--runs", default="runs/tutorial",
                    help="run folder of earlier tutorials: --train starts from its SFT / reward model")
     c.add_argument("--train-args", default="", help="extra flags for the tutorials run by --train")
+    return [m, c]
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -47,10 +47,18 @@ def test_stage_flags_come_from_the_config():
 
 
 @pytest.mark.parametrize("argv", [["ppo", "--kl-coef", "0.2"], ["ppo", "--kl-coef=0.2"], ["pipeline", "--kl-coef", "1"]])
-def test_a_renamed_flag_says_its_new_name(argv, tmp_path):
-    with pytest.raises(SystemExit, match=r"--kl-coef is now --beta"):
-        main([*argv, "--out", str(tmp_path / "run")])
+def test_a_renamed_flag_says_its_new_name(argv, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == "minialign: error: --kl-coef is now --beta (the KL strength is beta in every algorithm)\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--lr", "-1"], ["exercises", "check", "nothing-here"]])
+def test_debug_after_any_command_shows_the_error_itself(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINIALIGN_DEBUG", raising=False)
+    with pytest.raises((ValueError, FileNotFoundError)):  # raised, not argparse's exit 2
+        main([*argv, "--debug"])
 
 
 def test_pipeline_rejects_unknown_stage(capsys, tmp_path):
