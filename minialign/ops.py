@@ -190,8 +190,9 @@ def check_token_tensors(**tensors) -> None:
 
 def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
     """A mask selects entries, it does not weight them: bool, or integers / floats that are all 0 or 1.
-    (A float mask of 0.5 would silently give a sum of halves and a mean of twice the value.)"""
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+    (A float mask of 0.5 would silently give a sum of halves and a mean of twice the value.)
+    A tensor on the meta device has shapes but no values (memory is counted that way): nothing to check."""
+    if mask.dtype != torch.bool and not mask.is_meta and not ((mask == 0) | (mask == 1)).all():
         values = mask[(mask != 0) & (mask != 1)].unique()[:4].tolist()
         raise ValueError(f"{name} must hold only 0 and 1 (bool, integer, or float 0./1.), also holds {values}")
 
@@ -199,7 +200,7 @@ def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
 def check_finite(x: torch.Tensor, name: str) -> None:
     """No NaN or inf in ``x`` (a reward, say): one would silently poison every mean it enters."""
     bad = ~torch.isfinite(torch.as_tensor(x))
-    if bad.any():
+    if not bad.is_meta and bad.any():
         raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN/inf value(s) at index "
                          f"{bad.nonzero()[0].tolist()}")
 

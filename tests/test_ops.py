@@ -148,3 +148,17 @@ def test_input_checks_name_the_problem():
     check_choice("kl_in", "loss", ("loss", "reward"))
     with pytest.raises(ValueError, match="kl_in must be one of"):
         check_choice("kl_in", "value", ("loss", "reward"))
+
+
+def test_value_checks_pass_meta_tensors_and_still_refuse_bad_values():
+    """benchmarks/memory.py counts activations on the meta device (shapes, no values): the value
+    checks have nothing to check there, and must not stop it; on real tensors they still refuse."""
+    from minialign.ops import check_finite, check_mask, masked_sum
+    mask = torch.ones(2, 3, device="meta")
+    check_mask(mask)
+    check_finite(torch.empty(4, device="meta"), "rewards")
+    assert masked_sum(torch.empty(2, 3, device="meta"), mask, dim=1).shape == (2,)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        check_mask(torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="must be finite"):
+        check_finite(torch.tensor([1.0, float("nan")]), "rewards")
