@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import accumulation
 import torch
 
 from minialign import distributed
@@ -40,15 +41,17 @@ def test_split_and_share():
         distributed.check_divisible(8, 3)
 
 
-def test_grad_accum_gives_the_update_of_the_whole_batch(tiny_run, tmp_path):
-    """Micro-batches weighted by their token (SFT) or pair (DPO) counts = one forward of the batch."""
-    init = str(tiny_run / "pretrain" / "model.pt")
-    for k in (1, 4):
-        sft(SFTConfig(out=str(tmp_path / f"a{k}"), init=init, grad_accum=k, **SMALL_SFT))
-        dpo(DPOConfig(out=str(tmp_path / f"a{k}"), init=str(tmp_path / f"a{k}" / "sft" / "model.pt"),
-                      grad_accum=k, **SMALL_DPO))
-    assert_same_weights(tmp_path / "a1" / "sft" / "model.pt", tmp_path / "a4" / "sft" / "model.pt")
-    assert_same_weights(tmp_path / "a1" / "dpo" / "model.pt", tmp_path / "a4" / "dpo" / "model.pt")
+def test_grad_accum_gives_the_gradient_of_the_whole_batch(tiny_run):
+    """Micro-batches weighted by their token (SFT) or pair (DPO) counts give the gradient of one
+    forward over the whole batch. The identity is exact, so it is checked where it is exact: in
+    float64 and before the optimizer, whose Adam normalisation would amplify a float32
+    reduction-order difference (it depends on the thread count and the CPU) past any tolerance."""
+    whole = accumulation.gradients(tiny_run, 1)
+    for name, g in whole.items():
+        assert g.abs().max() > 1e-3, name  # a gradient worth comparing
+    for k in (2, 3, 4):
+        for name, g in accumulation.gradients(tiny_run, k).items():
+            assert torch.allclose(g, whole[name], rtol=1e-10, atol=1e-12), (name, k, (g - whole[name]).abs().max())
 
 
 def _torchrun(args, cwd):
@@ -61,9 +64,23 @@ def _torchrun(args, cwd):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(tiny_run, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): the same weights after SFT and DPO steps as one process
-    with the same global batch; only rank 0 writes the run folder."""
+def test_torchrun_two_processes_give_the_gradient_of_one_process(tiny_run, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo), each rank with half the rows in 2 micro-batches: DDP's
+    average over the ranks is the gradient of one process over the whole batch (float64, exact)."""
+    exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = os.path.join(os.path.dirname(__file__), "accumulation.py")
+    done = subprocess.run([exe, "--standalone", "--nproc_per_node", "2", script, str(tiny_run), str(tmp_path / "g.pt")],
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = torch.load(tmp_path / "g.pt", weights_only=True)
+    for name, g in accumulation.gradients(tiny_run, 1).items():
+        assert torch.allclose(two[name], g, rtol=1e-10, atol=1e-12), (name, (two[name] - g).abs().max())
+
+
+@pytest.mark.slow
+def test_torchrun_sft_and_dpo_write_one_run_folder(tiny_run, tmp_path):
+    """The SFT and DPO stages under torchrun: one complete run folder, written by rank 0 alone."""
     init = str(tiny_run / "pretrain" / "model.pt")
     one, two = tmp_path / "one", tmp_path / "two"
     sft(SFTConfig(out=str(one), init=init, **SMALL_SFT))
@@ -78,10 +95,10 @@ def test_torchrun_two_processes_match_one_process(tiny_run, tmp_path):
 
     _torchrun(["sft", "--out", str(two), "--init", init, *flags(SMALL_SFT)], tmp_path)
     _torchrun(["dpo", "--out", str(two), *flags(SMALL_DPO)], tmp_path)
-    assert_same_weights(one / "sft" / "model.pt", two / "sft" / "model.pt")
-    assert_same_weights(one / "dpo" / "model.pt", two / "dpo" / "model.pt")
-    rows = (two / "dpo" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == len((one / "dpo" / "metrics.jsonl").read_text().splitlines())  # one writer
+    for stage in ("sft", "dpo"):
+        assert (two / stage / "summary.json").is_file() and (two / stage / "model.pt").is_file()
+        rows = (two / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == len((one / stage / "metrics.jsonl").read_text().splitlines())  # one writer
 
 
 @pytest.mark.slow
