@@ -360,6 +360,29 @@ def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimize
     return _clip_and_step(model, optimizer, step, config), extras
 
 
+@dataclasses.dataclass
+class Update:
+    """What one optimizer step reports: the pre-clip gradient norm and each micro-batch's ``extra``."""
+    grad_norm: float
+    extras: list
+
+
+def gradient_update(model: torch.nn.Module, parallel: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    config: TrainConfig, step: int):
+    """The hook an algorithm's step calls for each optimizer step: ``update(rows, loss_of) -> Update``.
+
+    It splits this rank's ``rows`` into ``config.grad_accum`` micro-batches and runs
+    ``accumulated_step`` at step ``step``'s learning rate, so that the optimizer, the schedule,
+    the micro-batching and DDP stay out of the algorithm files; ``loss_of`` is as in
+    ``distributed.accumulate``.
+    """
+    def update(rows, loss_of) -> Update:
+        grad_norm, extras = accumulated_step(model, parallel, optimizer, distributed.split(rows, config.grad_accum),
+                                             loss_of, step, config)
+        return Update(grad_norm, extras)
+    return update
+
+
 def _clip_and_step(model, optimizer, step: int, config: TrainConfig) -> float:
     """Clip the gradients and step; a NaN or inf gradient stops here, before the weights change."""
     params = [p for p in model.parameters() if p.grad is not None]
