@@ -38,6 +38,11 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not align")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if tokens.device.type != "meta" and tokens.numel():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= logits.shape[-1]:
+            raise ValueError(f"token ids run from {low} to {high}, outside the vocabulary of {logits.shape[-1]} "
+                             "(a tokenizer that does not match the model?)")
     # Exercise token_logps (E1): from here to the end of the function.
     logp = F.log_softmax(upcast(logits) / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)    # (B, T)
@@ -336,4 +341,6 @@ def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     r"""$H(\pi(\cdot\mid\text{context})) = -\sum_v p_v\log p_v$ for each position: (..., V) -> (...)."""
     logp = F.log_softmax(upcast(logits), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    # a masked-out logit (-inf: top-k, a forbidden token) has p = 0 and adds 0 (not 0 * -inf = NaN)
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1)

@@ -34,6 +34,10 @@ def test_token_logps_float32_under_bf16_and_errors():
         token_logps(logits, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         token_logps(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0)
+    with pytest.raises(ValueError, match="from 0 to 5, outside the vocabulary of 5"):
+        token_logps(logits, torch.tensor([[0, 1, 5], [0, 0, 0]]))  # ids 0..4 exist
+    with pytest.raises(ValueError, match="from -1 to 0"):
+        token_logps(logits, torch.tensor([[0, -1, 0], [0, 0, 0]]))
 
 
 @pytest.mark.exercise("token_logps")
@@ -112,6 +116,10 @@ def test_entropy_by_hand():
     assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))  # 1.3863
     # p = (1, 0): entropy 0 (a -inf logit contributes nothing, not NaN)
     assert entropy_from_logits(torch.tensor([0.0, -1e9])).item() == pytest.approx(0.0, abs=1e-6)
+    # a masked-out logit (-inf, as top-k leaves it): p = 0 contributes 0, not 0 * -inf = NaN
+    assert entropy_from_logits(torch.tensor([[0.0, -math.inf]])).tolist() == [0.0]
+    # (1/2, 1/2, 0): log 2 = 0.6931
+    assert entropy_from_logits(torch.tensor([0.0, 0.0, -math.inf])).item() == pytest.approx(math.log(2))
 
 
 def test_input_checks_name_the_problem():
