@@ -68,3 +68,21 @@ def test_the_refresher_finds_command_and_output_pairs():
             "```\npython tutorials/01_pretrain.py\npython tutorials/02_sft.py\n```\n```\nsummary 02_sft: b=2\n```\n")
     pairs = refresher().pairs(text)
     assert [(c, b.group(1)) for c, b in pairs] == [("python tutorials/04_dpo.py --betas 0.1", "summary 04_dpo: a=1\n")]
+
+
+def test_each_figure_is_judged_against_the_range_measured_over_seeds(tmp_path):
+    """_common.range_verdicts: inside the recorded [min, max], near it (within its width), or far;
+    a run with other settings than the measured one is compared with nothing."""
+    import json
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import _common
+    record = tmp_path / "r.json"
+    record.write_text(json.dumps({"ranges": {"06_grpo": {
+        "G": {"values": ["8", "8"]}, "accuracy": {"mean": 0.5, "min": 0.4, "max": 0.6, "n": 5, "values": []}}}}))
+    verdict = lambda **f: _common.range_verdicts("06_grpo", f, record)  # noqa: E731
+    assert "is inside" in verdict(G="8", accuracy="0.45")[0]
+    assert "is near" in verdict(G="8", accuracy="0.75")[0]       # the width is 0.2: 0.2 .. 0.8 is near
+    assert "FAR OUTSIDE" in verdict(G="8", accuracy="0.85")[0]
+    assert "no range to compare with" in verdict(G="4", accuracy="0.45")[0]
+    assert _common.range_verdicts("06_grpo", {"accuracy": "0.5"}, tmp_path / "none.json") == []

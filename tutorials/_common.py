@@ -72,14 +72,53 @@ def banner(text: str) -> None:
 
 
 def summary(tutorial: str, **figures) -> str:
-    """Print the tutorial's seeded figures on one line, ``summary NN_name: key=value ...``.
+    """Print the tutorial's seeded figures on one line, ``summary NN_name: key=value ...``, then
+    whether each figure lies in the range the course measured over seeds.
 
     docs/course.md quotes these lines as the expected output under each command, and
     ``python tutorials/refresh_expected.py`` reruns the commands and rewrites them: keep every
     figure a student is asked about here, and nothing that varies from run to run (times).
+    ``python tutorials/measure_ranges.py`` runs the default command over seeds 0-4 and records
+    each figure's range in ``tutorials/expected_ranges.json``, which the verdict reads.
     """
     def text(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
     line = f"summary {tutorial}: " + " ".join(f"{k}={text(v)}" for k, v in figures.items())
     print(line)
+    for verdict in range_verdicts(tutorial, {k: text(v) for k, v in figures.items()}):
+        print(verdict)
     return line
+
+
+RANGES = Path(__file__).resolve().parent / "expected_ranges.json"
+
+
+def range_verdicts(tutorial: str, figures: dict[str, str], path: Path = RANGES) -> list[str]:
+    """For each numeric figure with a recorded range: inside it, near it (within its width), or far.
+
+    The ranges are of the tutorial's default settings; a run with other flags (a "Try this") is
+    compared with nothing, since no range was measured for it.
+    """
+    import json
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    ranges = record.get("ranges", {}).get(tutorial, {})
+    settings = {k: s["values"][0] for k, s in ranges.items() if "mean" not in s and len(set(s["values"])) == 1}
+    if any(figures.get(k) != v for k, v in settings.items()):
+        return [f"range {tutorial}: other settings than the measured default run; no range to compare with"]
+    out = []
+    for key, value in figures.items():
+        s = ranges.get(key)
+        if s is None or "mean" not in s:
+            continue
+        try:
+            x = float(value)
+        except ValueError:
+            continue
+        width = s["max"] - s["min"]
+        where = ("inside" if s["min"] <= x <= s["max"] else
+                 "near (within the range's width)" if s["min"] - width <= x <= s["max"] + width else "FAR OUTSIDE")
+        out.append(f"range {tutorial}: {key}={value} is {where} the course's range [{s['min']:g}, {s['max']:g}] "
+                   f"(mean {s['mean']:.4g}, {s['n']} seeds)")
+    return out

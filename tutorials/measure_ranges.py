@@ -1,0 +1,152 @@
+"""Run every tutorial over several seeds and record each headline figure as a measured range.
+
+A tutorial's figures depend on the seed, and a little on the CPU and the thread count (the order
+of float additions differs), so the course quotes each figure as the mean and the range over
+seeds, never one run's number. This script makes those ranges::
+
+    python tutorials/measure_ranges.py                  # seeds 0-4, every tutorial (about 35 min idle)
+    python tutorials/measure_ranges.py --only 06_grpo   # one tutorial (its prerequisites are kept)
+    python tutorials/measure_ranges.py --write          # rewrite the README table from the record
+
+Each seed has a run folder of its own (``runs/seeds/seed<s>``): tutorial 01 there pre-trains with
+that seed, 02 fine-tunes that model, and so on, as a student's chain would. The record is
+``tutorials/expected_ranges.json``; it is written after every run, so an interrupted sweep keeps
+what it measured and a rerun skips it. Every tutorial's ``summary`` line then says, figure by
+figure, whether the student's own run falls inside the range (``_common.summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "tutorials" / "expected_ranges.json"
+TUTORIALS = [p.stem for p in sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))]
+README_START, README_END = "<!-- ranges: start -->", "<!-- ranges: end -->"
+
+
+def parse_summary(line: str) -> tuple[str, dict[str, str]]:
+    """``summary 04_dpo: a=1.0 b=x`` -> ("04_dpo", {"a": "1.0", "b": "x"})."""
+    head, _, rest = line.partition(":")
+    return head.split()[1], dict(re.findall(r"(\w+)=(\S+)", rest))
+
+
+def as_number(text: str):
+    """A figure as a float, or None for a word or a list (``kl_in=loss``, ``betas=0.1/1/10``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": values}
+
+
+def machine() -> dict:
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def load() -> dict:
+    return json.loads(RECORD.read_text()) if RECORD.exists() else {"runs": {}}
+
+
+def save(record: dict) -> None:
+    figures = {}
+    for key, run in record["runs"].items():
+        name = key.split("@")[0]
+        for k, v in run["figures"].items():
+            figures.setdefault(name, {}).setdefault(k, []).append(v)
+    record["ranges"] = {}
+    for name, table in sorted(figures.items()):
+        record["ranges"][name] = {}
+        for k, texts in table.items():
+            numbers = [as_number(t) for t in texts]
+            record["ranges"][name][k] = stats(numbers) if None not in numbers else {"values": texts}
+    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def run_one(name: str, seed: int) -> dict:
+    out = f"runs/seeds/seed{seed}"
+    command = [sys.executable, f"tutorials/{name}.py", "--seed", str(seed), "--out", out]
+    t = time.time()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"`{' '.join(command[1:])}` failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"summary {name}:")]
+    if not lines:
+        raise SystemExit(f"`{' '.join(command[1:])}` printed no summary line")
+    return {"figures": parse_summary(lines[-1])[1], "seconds": round(time.time() - t, 1),
+            "command": f"python tutorials/{name}.py --seed {seed} --out {out}"}
+
+
+def fmt(s: dict) -> str:
+    if "mean" not in s:
+        return "/".join(dict.fromkeys(s["values"]))
+    digits = 4 if max(abs(s["min"]), abs(s["max"])) < 10 and any(len(v.split(".")[-1]) > 3 for v in map(str, s["values"])) else 3
+    return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
+def readme_table(record: dict) -> str:
+    rows = ["| tutorial | seeds | wall time per run (mean) | figure: mean [min, max] over the seeds |", "|---|---|---|---|"]
+    for name, table in record["ranges"].items():
+        runs = [r for k, r in record["runs"].items() if k.split("@")[0] == name]
+        seconds = statistics.fmean(r["seconds"] for r in runs)
+        figures = "; ".join(f"{k} {fmt(s)}" for k, s in table.items())
+        rows.append(f"| {name} | {len(runs)} | {seconds:.0f} s | {figures} |")
+    m = record.get("machine", {})
+    return "\n".join(rows) + (f"\n\nMeasured on {m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, "
+                              f"torch {m.get('torch')}) by `python tutorials/measure_ranges.py`.")
+
+
+def write_readme(record: dict) -> None:
+    path = ROOT / "README.md"
+    text = path.read_text()
+    if README_START not in text:
+        raise SystemExit(f"README.md has no {README_START} ... {README_END} block to rewrite")
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:a] + "\n" + readme_table(record) + "\n" + text[b:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    parser.add_argument("--only", default="", help="comma-separated tutorials (their prerequisites stay)")
+    parser.add_argument("--write", action="store_true", help="only rewrite the README table from the record")
+    args = parser.parse_args()
+    record = load()
+    if not args.write:
+        record["machine"] = machine()
+        wanted = [t for t in TUTORIALS if not args.only or t in args.only.split(",")]
+        for seed in range(args.seeds):
+            for name in wanted:
+                key = f"{name}@{seed}"
+                if key in record["runs"]:
+                    continue
+                record["runs"][key] = run_one(name, seed)
+                save(record)
+                print(f"{record['runs'][key]['seconds']:6.0f} s  {key}: {record['runs'][key]['figures']}", flush=True)
+        save(record)
+    if args.write or README_START in (ROOT / "README.md").read_text():
+        write_readme(record)
+
+
+if __name__ == "__main__":
+    main()
