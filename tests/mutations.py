@@ -193,7 +193,7 @@ MUTATIONS = [
     ("grpo.py", "return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()",
      "return (r.max(dim=1).values != r.min(dim=1).values).float().mean().item()",
      "zero_spread_fraction counts the groups with spread", "test_grpo.py"),
-    ("grpo.py", "ref_model.load_state_dict(model.state_dict())", "pass",
+    ("grpo.py", "reference.load_state_dict(policy.state_dict())", "pass",
      "E14's pi_ref <- pi_theta does nothing", "test_grpo.py"),
     # pretrain.py (E0a) and sft.py (E0b)
     ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
