@@ -11,9 +11,7 @@ from minialign import grpo
 from minialign.grpo import group_advantages, grpo_loss, kl_penalised_rewards, reset_reference, zero_spread_fraction
 from minialign.stages import grpo as grpo_stage
 from minialign.stages.grpo import GRPOConfig
-from minialign.model import GPT, GPTConfig
 from minialign.ops import kl_k3
-from minialign.train import Update
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,37 +231,9 @@ def test_grpo_loss_bad_input():
 # ----------------------------------------------------------------------------------------------
 
 
-def eos_policy(world, eos_logit: float) -> GPT:
-    """A float64 GPT whose every next-token logit is ``eos_logit`` for EOS and 0 for the rest:
-    ``ln_f`` outputs its bias whatever the input (weight 0), and the tied head reads that bias
-    against the one non-zero embedding, EOS's first coordinate."""
-    tok = world.tokenizer
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8, block_size=48)).double()
-    with torch.no_grad():
-        model.wte.weight.zero_()
-        model.wte.weight[tok.eos_id, 0] = 1.0
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.zero_()
-        model.ln_f.bias[0] = eos_logit
-    return model
-
-
-class RecordingUpdate:
-    """The ``update`` hook without an optimizer: it runs ``loss_of`` on the whole minibatch (one
-    micro-batch) and keeps what it returned, so the policy stays pi_old for every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, rows, loss_of):
-        loss, units, total, stats = loss_of(rows)
-        self.calls.append({"rows": sorted(rows.tolist()), "loss": loss.item(), "units": units, "total": total})
-        return Update(grad_norm=0.0, extras=[stats])
-
-
 @pytest.mark.parametrize("kl_in", ["loss", "reward"])
 def test_grpo_iteration_by_hand(world, kl_in):
+    from conftest import RecordingUpdate, eos_policy
     tok = world.tokenizer
     V = tok.vocab_size
     policy = eos_policy(world, 50.0)                # pi(EOS) = 1 - (V - 1) e^-50: every answer is one EOS

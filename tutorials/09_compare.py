@@ -110,7 +110,7 @@ def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
     common = dict(out=str(out), init=str(sft), beta=beta, seed=args.seed, device=args.device, progress=False,
                   overwrite=True)  # a rerun replaces the sweep's last run
     if algorithm == "ppo":
-        from minialign.ppo import PPOConfig, main
+        from minialign.stages.ppo import PPOConfig, main
         main(PPOConfig(reward_model=str(rm), steps=args.ppo_steps, eval_every=args.ppo_steps,
                        eval_samples=2, final_eval_samples=2, **common))
         return out / "ppo" / "model.pt"
