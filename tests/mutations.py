@@ -153,6 +153,11 @@ MUTATIONS = [
      "explained variance from the wrong variances", "test_ppo.py"),
     ("ppo.py", "self.beta *= 1 + error * n / self.horizon", "self.beta *= 1 + error / self.horizon",
      "adaptive beta ignores the batch size n", "test_ppo.py"),
+    ("ppo.py", "rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)",
+     "rewards = per_token_rewards(score, old_logps, ref_logps, mask, 0.0)",
+     "ppo_iteration: the rollout pays no KL penalty", "test_ppo.py"),
+    ("ppo.py", "score = torch.where(finished, rm_score,", "score = torch.where(~finished, rm_score,",
+     "ppo_iteration: r_phi read where there is no EOS", "test_ppo.py"),
     # grpo.py: E11, E12, E13, E14
     ("grpo.py", "baseline = r.mean(dim=1, keepdim=True)", "baseline = r.mean()",
      "E11: one baseline for the batch, not per group", "test_grpo.py"),
@@ -195,6 +200,10 @@ MUTATIONS = [
      "zero_spread_fraction counts the groups with spread", "test_grpo.py"),
     ("grpo.py", "reference.load_state_dict(policy.state_dict())", "pass",
      "E14's pi_ref <- pi_theta does nothing", "test_grpo.py"),
+    ("grpo.py", "hp.clip_eps, hp.beta, hp.kl_in", "hp.clip_eps, 0.0, hp.kl_in",
+     "grpo_iteration: E13's KL term dropped from the loss", "test_grpo.py"),
+    ("grpo.py", "for _ in range(hp.inner_updates):", "for _ in range(1):",
+     "grpo_iteration: one pass instead of inner_updates", "test_grpo.py"),
     # pretrain.py (E0a) and sft.py (E0b)
     ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
      "logps = token_logps(logits[:, 1:], input_ids[:, 1:])", "LM loss: logits one position late",
