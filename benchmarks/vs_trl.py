@@ -70,7 +70,7 @@ except ImportError as e:  # an optional benchmark: say what to install
 from minialign.bench import dpo_step, grpo_step, spread
 from minialign.dpo import DPOConfig, preference_batch
 from minialign.gpt2 import load_gpt2
-from minialign.grpo import GRPOConfig
+from minialign.stages.grpo import GRPOConfig
 from minialign.hf import hf_tokenizer_from_toy
 from minialign.toyworld import ToyWorld, WorldConfig
 

@@ -300,14 +300,14 @@ def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], 
     """One ``grpo.grpo_iteration`` (sample, score, E11-E13 updates) per call, on ``question_batches``
     in turn (cycled)."""
     from .grpo import grpo_iteration
-    from .train import make_optimizer
+    from .train import gradient_update, make_optimizer
 
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batches, steps = itertools.cycle(question_batches), itertools.count()
-    return lambda: grpo_iteration(model, ref_model, optimizer, tok, world, next(batches), config,
-                                  next(steps), generator)
+    return lambda: grpo_iteration(model, ref_model, tok, world, next(batches), config, generator,
+                                  gradient_update(model, model, optimizer, config, next(steps)), config.dtype).metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> d
 def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
     """A GRPO iteration (sample G answers per question, score, E11-E13 updates: ``grpo.grpo_iteration``
     with its defaults, one minibatch of all answers) with the shared prompt and without, alternated."""
-    from .grpo import GRPOConfig
+    from .stages.grpo import GRPOConfig
     from .toyworld import ToyWorld, WorldConfig
 
     world = ToyWorld(WorldConfig(seed=0))

@@ -37,8 +37,8 @@ STAGES = {
     "sft": ("minialign.sft", "SFTConfig", "stage 2: supervised fine-tuning (E0b)"),
     "reward_model": ("minialign.reward_model", "RewardModelConfig", "alignment: Bradley-Terry reward model (E3, E4)"),
     "dpo": ("minialign.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10)"),
-    "ppo": ("minialign.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
-    "grpo": ("minialign.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
+    "ppo": ("minialign.stages.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
+    "grpo": ("minialign.stages.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
 }
 # other commands that are not pipeline stages: name -> (module, config class, help)
 TOOLS = {

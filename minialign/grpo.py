@@ -37,7 +37,7 @@ $\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question; reward
 $r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps on
 E13 against the same samples of $\pi_{old}$.
 
-Choices the source leaves open, each an option of ``GRPOConfig``:
+Choices the source leaves open, each a field of ``GRPOHyperparams``:
 
 - ``kl_in``: ``"loss"`` (default) puts $\beta\cdot$k3 in the loss per token, as E13 and DeepSeekMath
   do: the reward stays the plain verifiable 0/1, so E12's normalisation is not disturbed by the
@@ -71,27 +71,51 @@ Choices the source leaves open, each an option of ``GRPOConfig``:
 
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from . import distributed
-from .datafiles import prompt_data
-from .evaluate import arithmetic_eval, reward_eval, sample_texts
-from .generation import generate
-from .loading import load_model, save_model
+from .generation import Generation, generate
 from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
-from .rewards import exact_match_reward, load_reward, score_answers, toy_reward
-from .toyworld import ToyWorld, WorldConfig
-from .train import (ConfigError, Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range,
-                    input_path, make_optimizer, resolve_device, seed_everything, stage)
+from .rewards import score_answers, toy_reward
+from .train import Config, autocast, check_range
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")
+
+
+@dataclass
+class GRPOHyperparams(Config):
+    """What E11-E14 and one iteration need (``minialign grpo`` adds the run's settings to these)."""
+    group_size: int = 8             # G answers sampled per question
+    batch_size: int = 128           # answers per gradient step (the Q*G answers are split into these)
+    inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
+    clip_eps: float = 0.2           # E13's epsilon: the ratio is clipped to [1 - eps, 1 + eps]
+    beta: float = 0.04              # KL coefficient
+    kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
+    # answer_mean (E13) | token_mean (DAPO) | constant (Dr. GRPO: divide by B * max_new_tokens)
+    aggregation: Literal["answer_mean", "token_mean", "constant"] = "answer_mean"  # E13's mean over tokens
+    scale_by_std: bool = True       # E12's division by the group's std (False: Dr. GRPO's r - mean)
+    adv_eps: float = 1e-4           # E12's epsilon
+    ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
+    temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
+    max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
+    recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
+    share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "group_size", 2)  # a group of one answer has no baseline (E11)
+        for name in ("batch_size", "inner_updates", "max_new_tokens"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
+            check_range(self, name, 0, low_open=True)
+        for name in ("beta", "ref_reset_every"):
+            check_range(self, name, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,126 +254,88 @@ def check_groups(B: int, group_size: int) -> None:
         raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
 
 
-def reset_reference(ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
+def reset_reference(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
     r"""E14's option $\pi_{ref} \leftarrow \pi_\theta$: copy the policy's weights into the reference (no sharing)."""
-    ref_model.load_state_dict(model.state_dict())  # load_state_dict copies values into ref's own tensors
+    reference.load_state_dict(policy.state_dict())  # load_state_dict copies values into the reference's own tensors
 
 
 # ----------------------------------------------------------------------------------------------
-# the config and one iteration of E14
+# one iteration of E14
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
-    """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
-
-    Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
-    questions with --data. Writes OUT/grpo/: model.pt (the aligned policy; a model/ folder after
-    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json."""
-    init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
-    steps: int = 150                # iterations of E14 (sample, score, update)
-    questions: int = 16             # questions per iteration
-    group_size: int = 8             # G answers sampled per question
-    batch_size: int = 128           # answers per gradient step (the Q*G answers are split into these)
-    inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    log_every: int = 1              # one metrics row per iteration (cheap next to the iteration)
-    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/measurements.md)
-    clip_eps: float = 0.2
-    beta: float = 0.04              # KL coefficient
-    kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
-    # answer_mean (E13) | token_mean (DAPO) | constant (Dr. GRPO: divide by B * max_new_tokens)
-    aggregation: Literal["answer_mean", "token_mean", "constant"] = "answer_mean"
-    scale_by_std: bool = True       # E12's division by the group's std (False: Dr. GRPO's r - mean)
-    adv_eps: float = 1e-4           # E12's epsilon
-    ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
-    temperature: float = 1.0        # sampling temperature, also used to recompute log-probs
-    max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
-    reward: str = ""                # your reward function module:function (default: r*, or exact match with --data)
-    recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
-    share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
-    eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
-    eval_samples: int = 16          # samples per held-out question during training
-    final_eval_samples: int = 64    # samples per held-out question before and after
-
-    INPUTS = {"init": "sft"}
-    SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
-
-    def validate(self) -> None:
-        super().validate()
-        check_range(self, "group_size", 2)  # a group of one answer has no baseline (E11)
-        for name in ("questions", "inner_updates", "max_new_tokens", "eval_samples", "final_eval_samples"):
-            check_range(self, name, 1)
-        for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
-            check_range(self, name, 0, low_open=True)
-        for name in ("beta", "ref_reset_every", "eval_every"):
-            check_range(self, name, 0)
+class GRPOIterationResult:
+    """What one ``grpo_iteration`` did: its samples, their rewards and advantages, and its metrics
+    on this rank (``distributed.mean_over_ranks`` averages them over the ranks)."""
+    rollout: Generation             # the B = Q * G sampled answers, group i in rows i*G .. i*G+G-1
+    completions: list[str]          # the answers as text, as the reward function saw them
+    rewards: torch.Tensor           # (B,) r(x, y_i)
+    advantages: torch.Tensor        # (B,) E11-E12 (of the KL-penalised rewards with kl_in="reward")
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[dict],
-                   config: GRPOConfig, step: int, generator: torch.Generator, parallel=None) -> dict:
+def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict], hp: GRPOHyperparams,
+                   generator: torch.Generator, update, dtype: str = "float32") -> GRPOIterationResult:
     """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13).
 
-    ``reward_fn(prompts, completions, finished, **columns) -> list[float]`` (``rewards.py``);
-    ``parallel`` is ``distributed.wrap(model)`` under torchrun (DDP averages the ranks' gradients).
+    ``questions`` are rows with a ``prompt`` (and ``prompt_ids``, else ``tokenizer.prompt(prompt)``)
+    and whatever columns ``reward_fn(prompts, completions, finished, **columns) -> list[float]``
+    (``rewards.py``) reads; a ``ToyWorld`` as ``reward_fn`` scores with its r*. ``update(rows,
+    loss_of) -> Update`` (``train.gradient_update``) makes one optimizer step from ``loss_of(micro)
+    -> (mean loss, units, total units, stats)`` over ``rows``; it hides the optimizer, the
+    schedule, ``--grad-accum`` and DDP. ``dtype`` is the autocast dtype ("float32": none).
     """
-    device = next(model.parameters()).device
-    parallel = parallel or model
+    device = next(policy.parameters()).device
     if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
         reward_fn = toy_reward(reward_fn)
-    G = config.group_size
+    G = hp.group_size
     rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
-    prompts = [q["prompt_ids"] if "prompt_ids" in q else tok.prompt(q["prompt"]) for q in rows]
+    prompts = [q["prompt_ids"] if "prompt_ids" in q else tokenizer.prompt(q["prompt"]) for q in rows]
 
     # sample y ~ pi_old = the current policy (frozen for the whole iteration)
-    with autocast(device, config.dtype):
-        rollout = generate(model, prompts, config.max_new_tokens, tok.eos_id,
-                           tok.pad_id, temperature=config.temperature, generator=generator,
-                           share_prompt=config.share_prompt)
-    texts = [tok.decode(r) for r in rollout.responses()]
-    rewards = score_answers(reward_fn, rows, texts, [bool(f) for f in rollout.finished.tolist()], device)  # (B,)
+    with autocast(device, dtype):
+        rollout = generate(policy, prompts, hp.max_new_tokens, tokenizer.eos_id,
+                           tokenizer.pad_id, temperature=hp.temperature, generator=generator,
+                           share_prompt=hp.share_prompt)
+    completions = [tokenizer.decode(r) for r in rollout.responses()]
+    rewards = score_answers(reward_fn, rows, completions, [bool(f) for f in rollout.finished.tolist()], device)  # (B,)
     mask = rollout.response_mask                                                              # (B, T)
+    seqs, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
 
-    with torch.no_grad(), autocast(device, config.dtype):
+    with torch.no_grad(), autocast(device, dtype):
         # pi_old's log-probs: the sampler's own (same temperature, 0 after EOS), or recomputed by
         # the training forward so that rho = 1 exactly at the first update (the sampler's cached
         # forward agrees to ~1e-6 in float32, less closely under bf16)
         old_logps = rollout.logps
-        if config.recompute_old_logps:
-            old_logps = response_logps(model, rollout.sequences, rollout.attention_mask,
-                                       rollout.prompt_len, config.temperature, config.share_prompt)
-        ref_logps = response_logps(ref_model, rollout.sequences, rollout.attention_mask,
-                                   rollout.prompt_len, config.temperature, config.share_prompt)
-    if config.kl_in == "reward":  # E14's r_i = r(x, y_i) - beta KL_i
-        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, config.beta)
-    else:                         # E13: the KL is in the loss, r_i is the reward itself
+        if hp.recompute_old_logps:
+            old_logps = response_logps(policy, seqs, attn, P, hp.temperature, hp.share_prompt)
+        ref_logps = response_logps(reference, seqs, attn, P, hp.temperature, hp.share_prompt)
+    if hp.kl_in == "reward":  # E14's r_i = r(x, y_i) - beta KL_i
+        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta)
+    else:                     # E13: the KL is in the loss, r_i is the reward itself
         total_reward = rewards
-    advantages = group_advantages(total_reward, G, config.adv_eps, config.scale_by_std)  # (B,) E11-E12
+    advantages = group_advantages(total_reward, G, hp.adv_eps, hp.scale_by_std)  # (B,) E11-E12
+
+    def units(idx) -> float:  # what the loss averages over: answers, or tokens for token_mean
+        return float(mask[idx].sum()) if hp.aggregation == "token_mean" else len(idx)
+
+    def loss_of(micro, minibatch_units: float):  # one micro-batch of the minibatch's answers
+        with autocast(device, dtype):
+            logps = response_logps(policy, seqs[micro], attn[micro], P, hp.temperature, hp.share_prompt)
+        loss, stats = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
+                                hp.clip_eps, hp.beta, hp.kl_in, hp.aggregation, max_len=hp.max_new_tokens)  # E13
+        return loss, units(micro), minibatch_units, stats
 
     B = len(prompts)
-    per_step = config.batch_size // distributed.world_size()  # this rank's answers per optimizer step
-
-    def units(rows) -> float:  # what the loss averages over: answers, or tokens for token_mean
-        return float(mask[rows].sum()) if config.aggregation == "token_mean" else len(rows)
-
+    per_step = hp.batch_size // distributed.world_size()  # this rank's answers per optimizer step
     stats, norms = [], []
-    for _ in range(config.inner_updates):  # mu passes against the same pi_old
+    for _ in range(hp.inner_updates):  # mu passes against the same pi_old
         for idx in torch.randperm(B, generator=generator, device=device).split(per_step):
-            def loss_of(micro):
-                with autocast(device, config.dtype):
-                    logps = response_logps(model, rollout.sequences[micro], rollout.attention_mask[micro],
-                                           rollout.prompt_len, config.temperature, config.share_prompt)
-                loss, s = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
-                                    config.clip_eps, config.beta, config.kl_in, config.aggregation,
-                                    max_len=config.max_new_tokens)
-                return loss, units(micro), units(idx) * distributed.world_size(), s
-
-            norm, micro_stats = accumulated_step(model, parallel, optimizer,
-                                                 distributed.split(idx, config.grad_accum), loss_of, step, config)
-            stats += micro_stats
-            norms.append(norm)
+            minibatch_units = units(idx) * distributed.world_size()
+            done = update(idx, functools.partial(loss_of, minibatch_units=minibatch_units))
+            stats += done.extras
+            norms.append(done.grad_norm)
 
     lengths = mask.sum(1).float()
     metrics = {"reward": rewards.mean().item(),  # the verifiable reward (here = accuracy)
@@ -362,139 +348,6 @@ def grpo_iteration(model, ref_model, optimizer, tok, reward_fn, questions: list[
                "answer_len": lengths.mean().item(),
                "finished": rollout.finished.float().mean().item(),
                "zero_spread": zero_spread_fraction(rewards, G)}
-    if config.kl_in == "reward":
+    if hp.kl_in == "reward":
         metrics["kl_penalised_reward"] = total_reward.mean().item()  # what E11-E12 saw
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# the training loop
-# ----------------------------------------------------------------------------------------------
-
-
-def _examples(model, tok, questions: list[dict], config: GRPOConfig, n: int = 5, samples: int = 8) -> list:
-    """[question, right answer, ``samples`` sampled answers] for the first ``n`` ``questions``."""
-    questions = questions[:n]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    prompts = [q.get("prompt_ids", q["prompt"]) for q in questions for _ in range(samples)]
-    texts = sample_texts(model, tok, prompts, config.max_new_tokens, 1.0, generator)
-    return [[q["prompt"], q.get("answer"), [y for y, _ in texts[i * samples:(i + 1) * samples]]]
-            for i, q in enumerate(questions)]
-
-
-@stage("grpo")
-def main(config: GRPOConfig) -> dict:
-    """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``.
-
-    ``--model`` starts from a Hugging Face folder; ``--data`` samples your questions
-    (``{"prompt", "answer"}``, scored by exact match of the final number) or scores them with
-    ``--reward module:function``; the held-out figure is then the mean reward on ``--eval-data``.
-    """
-    data_generator = seed_everything(config.seed)  # question order (CPU)
-    device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.world_seed))
-    model, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the SFT model
-    reward_fn = load_reward(config.reward) if config.reward else None
-    reports, eval_questions = {}, None
-    if config.data:  # refused here, before the run folder exists, if a row is bad
-        need = () if config.reward else ("answer",)  # the built-in reward compares with the answer
-        block = model.config.block_size
-        train_questions, reports["data"] = prompt_data(config.data, tok, block, config.max_new_tokens,
-                                                       config.max_length, need)
-        if config.eval_data:
-            eval_questions, reports["eval_data"] = prompt_data(config.eval_data, tok, block, config.max_new_tokens,
-                                                               config.max_length, need)
-        for r in reports.values():
-            distributed.print_main(r.describe())
-        reward_fn = reward_fn or exact_match_reward
-    if not config.data:
-        train_questions = world.arithmetic_questions("train")
-        reward_fn = reward_fn or toy_reward(world)
-    if config.questions > len(train_questions):
-        raise ConfigError(f"--questions must be <= {len(train_questions)} (the questions there are to draw "
-                          f"from), got {config.questions}")
-    if not config.data:  # the questions it trains on and the held-out ones it is measured on
-        check_max_new_tokens(config, [tok.prompt(q["prompt"]) for q in train_questions
-                                      + world.arithmetic_questions("heldout")], model.config.block_size)
-    run = Run(config, "grpo")
-    distributed.check_divisible(config.questions, 1, "questions")
-    distributed.check_divisible(config.batch_size, config.grad_accum)
-    # sampling; under torchrun each rank samples its own answers, rank 0 as one process would
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
-    optimizer = make_optimizer(model, config)
-    parallel = distributed.wrap(model)  # DDP under torchrun
-
-    def heldout(samples: int) -> float | None:  # sampled at temperature 1: the policy's own distribution
-        if not config.data:
-            return arithmetic_eval(model, tok, world, "heldout", samples, temperature=1.0, seed=config.seed,
-                                   max_new_tokens=config.max_new_tokens)["accuracy"]
-        if eval_questions is None:
-            return None
-        return reward_eval(model, tok, eval_questions, reward_fn, samples, 1.0, config.seed,
-                           config.max_new_tokens)["reward"]
-
-    examples_from = eval_questions or (train_questions if config.data else world.arithmetic_questions("heldout"))
-    before = heldout(config.final_eval_samples)
-    examples_before = _examples(model, tok, examples_from, config)
-    if before is not None:
-        run.log(0, heldout_accuracy=before)
-    model.train()
-    history = []
-    bar = run.loop(config.steps, "grpo", model=model, ref_model=ref_model, optimizer=optimizer,
-                   generator=generator, data_generator=data_generator, history=history)
-    for step in bar:
-        if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
-            reset_reference(ref_model, model)  # E14's option
-        pick = torch.randperm(len(train_questions), generator=data_generator)[:config.questions].tolist()
-        mine = distributed.local_share(pick)  # this rank's questions: whole groups stay on one rank
-        metrics = grpo_iteration(model, ref_model, optimizer, tok, reward_fn, [train_questions[i] for i in mine],
-                                 config, step, generator, parallel)
-        metrics = distributed.mean_over_ranks(metrics)
-        history.append(metrics)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before is not None:
-            metrics["heldout_accuracy"] = heldout(config.eval_samples)
-        if step % config.log_every == 0 or "heldout_accuracy" in metrics or step == config.steps - 1:
-            run.log(step + 1, **metrics)  # step k = after k iterations
-        bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", kl=f"{metrics['kl']:.3f}")
-    after = heldout(config.final_eval_samples)
-    if after is not None:
-        run.log(config.steps, heldout_accuracy=after)
-    seconds = time.time() - run.start
-
-    save_model(model, tok, run.dir)
-    heldout_label = ("held-out questions (never trained on)" if not config.data else
-                     "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
-    x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
-    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
-              "heldout_accuracy": heldout_label}, "accuracy.png",
-             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
-             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
-    run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
-             ylabel="tokens per answer", xlabel=x,
-             caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")
-    run.plot_panels("kl_clip.png", [
-        {"title": "distance from pi_ref", "metrics": {"kl": "KL(pi_old || pi_ref) per token, k3"},
-         "xlabel": x, "ylabel": "KL, nats per token"},
-        {"title": "clipping (E13)", "metrics": {"clip_frac": "tokens whose clip binds"},
-         "xlabel": x, "ylabel": "fraction of answer tokens"},
-        {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
-         "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
-        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL to "
-                "pi_ref stays bounded, noisy from batch to batch.")
-
-    def mean(key, rows):
-        return sum(r[key] for r in rows) / len(rows)
-    k = max(1, min(5, len(history) // 2))  # first / last few iterations (one is noisy)
-    summary = {"heldout_accuracy_before": before, "heldout_accuracy": after,
-               "train_accuracy_first": mean("accuracy", history[:k]),
-               "train_accuracy_last": mean("accuracy", history[-k:]),
-               "answer_len_first": mean("answer_len", history[:k]),
-               "answer_len_last": mean("answer_len", history[-k:]),
-               "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
-               "seconds": seconds, "examples_before": examples_before,
-               "examples": _examples(model, tok, examples_from, config),
-               **{k: r.as_dict() for k, r in reports.items()}}
-    run.finish(summary)
-    return summary
+    return GRPOIterationResult(rollout, completions, rewards, advantages, metrics)

@@ -74,33 +74,64 @@ variant (one forward for logits and values). Either way the head starts at zero,
 
 Where each equation is computed: ``per_token_rewards`` (E2, E6), ``gae`` and
 ``one_step_advantages`` (E6), ``clipped_surrogate_loss`` (E5), ``value_loss``,
-``AdaptiveKLController``; then the value head and the training loop ``main``.
+``AdaptiveKLController``; then the value head (``PolicyWithValueHead``) and one iteration,
+``ppo_iteration``. ``minialign ppo`` (``stages/ppo.py``) runs the iterations.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from . import distributed, files
+from . import distributed
 from .data import minibatches
-from .datafiles import prompt_data
-from .evaluate import review_eval
-from .generation import generate
-from .loading import load_model, load_reward_model, same_tokenizer, save_model
+from .generation import Generation, generate
 from .model import GPT
 from .ops import (check_finite, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
                   check_positive, check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var,
                   masked_whiten, response_hidden, response_logps, token_logps)
-from .reward_model import RewardModel, last_token_index
-from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range, input_path,
-                    make_optimizer, resolve_device, seed_everything, stage, standardise)
+from .reward_model import last_token_index
+from .train import Config, autocast, check_range
+
+
+@dataclass
+class PPOHyperparams(Config):
+    """What E2, E5, E6 and one iteration need (``minialign ppo`` adds the run's settings to these)."""
+    minibatch_size: int = 16            # responses per optimizer step (the rollout is cut into these)
+    ppo_epochs: int = 2                 # passes over each rollout
+    max_new_tokens: int = 24
+    temperature: float = 1.0            # sampling and log-prob temperature (must be the same)
+    beta: float = 0.1                   # KL strength of E2 (the initial one if adaptive)
+    kl_target: float | None = None      # None: fixed beta; a number: adaptive, target KL (nats/response)
+    kl_horizon: int = 320               # adaptive: beta moves <= 0.2 * batch_size / kl_horizon per iteration
+    advantage: Literal["gae", "source"] = "gae"  # per-token GAE, or the source's A = r - V(x) (E6)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_eps: float = 0.2               # E5's epsilon
+    value_clip: float = 0.2             # 0 turns the value clipping off
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0               # entropy bonus
+    shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
+    missing_eos_score: float = -7.0     # score of a response cut off before its EOS
+    share_prompt: bool = True           # run each prompt once for all its samples (exact; ops.prefill)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
+            check_range(self, name, 1)
+        for name in ("temperature", "clip_eps", "kl_target"):
+            check_range(self, name, 0, low_open=True)
+        for name in ("beta", "value_clip", "vf_coef", "ent_coef"):
+            check_range(self, name, 0)
+        check_range(self, "gamma", 0, 1)
+        check_range(self, "lam", 0, 1)
+
 
 # ----------------------------------------------------------------------------------------------
 # the pure functions: rewards, advantages, losses
@@ -305,276 +336,91 @@ def logps_values_entropy(model: PolicyWithValueHead, sequences: torch.Tensor, at
 
 
 # ----------------------------------------------------------------------------------------------
-# training
+# one PPO iteration (E6)
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class PPOConfig(TrainConfig):
-    """Align the SFT model with PPO and a value head against the learned reward model (E2, E5, E6).
+class PPOIterationResult:
+    """What one ``ppo_iteration`` did: its rollout, what it was paid, and its metrics on this rank
+    (``distributed.mean_over_ranks`` averages them over the ranks)."""
+    rollout: Generation             # the B sampled responses
+    score: torch.Tensor             # (B,) r_phi read at the EOS (missing_eos_score without one)
+    advantages: torch.Tensor        # (B, T) GAE or E6's r - V(x), whitened if asked
+    returns: torch.Tensor           # (B, T) the value head's targets
+    metrics: dict[str, float] = field(default_factory=dict)
 
-    Reads OUT/sft/model.pt (or --init, or a --model folder; also pi_ref) and
-    OUT/reward_model/model.pt (or --reward-model), and your prompts with --data. Writes OUT/ppo/:
-    model.pt (the aligned policy; a model/ folder after --model), value_head.pt, metrics.jsonl,
-    the plots, summary.json, status.json.
 
-    ``steps`` counts PPO iterations (one rollout each); each iteration makes
-    ``ppo_epochs * ceil(batch_size / minibatch_size)`` optimizer steps; the learning-rate
-    schedule follows the iterations.
+def ppo_iteration(actor_critic: PolicyWithValueHead, reference: nn.Module, reward_model: nn.Module, tokenizer,
+                  prompts: list[list[int]], hp: PPOHyperparams, beta: float, generator: torch.Generator,
+                  data_generator: torch.Generator, update, dtype: str = "float32") -> PPOIterationResult:
+    r"""One iteration of E6 on ``prompts`` (token lists): sample, score, advantages, then
+    ``ppo_epochs`` passes of E5 and the value loss in minibatches (ordered by ``data_generator``).
+
+    ``actor_critic``: $\pi_\theta$ and its critic; ``reference``: the frozen $\pi_{ref}$;
+    ``reward_model(sequences, attention_mask, response_mask or None) -> (B,)``: $r_\phi$ at the EOS;
+    ``beta``: E2's KL strength now (``AdaptiveKLController.beta``). ``update(rows, loss_of) -> Update``
+    (``train.gradient_update``) makes one optimizer step, hiding the optimizer, the schedule,
+    ``--grad-accum`` and DDP; ``dtype`` is the autocast dtype ("float32": none).
     """
-    init: str = ""                      # policy to start from (and pi_ref); default out/sft/model.pt
-    reward_model: str = ""              # default out/reward_model/model.pt
-    steps: int = 60                     # PPO iterations (rollouts)
-    batch_size: int = 32                # responses per rollout
-    minibatch_size: int = 16
-    ppo_epochs: int = 2                 # passes over each rollout
-    lr: float = 3e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0           # constant learning rate
-    max_new_tokens: int = 24
-    temperature: float = 1.0            # sampling and log-prob temperature (must be the same)
-    beta: float = 0.1                   # KL strength of E2 (the initial one if adaptive)
-    kl_target: float | None = None      # None: fixed beta; a number: adaptive, target KL (nats/response)
-    kl_horizon: int = 320               # adaptive: beta moves <= 0.2 * batch_size / kl_horizon per iteration
-    advantage: Literal["gae", "source"] = "gae"  # per-token GAE, or the source's A = r - V(x) (E6)
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    clip_eps: float = 0.2               # E5's epsilon
-    value_clip: float = 0.2             # 0 turns the value clipping off
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0               # entropy bonus
-    shared_trunk: bool = False          # value head on the policy's own trunk? (see the docstring)
-    missing_eos_score: float = -7.0     # score of a response cut off before its EOS
-    share_prompt: bool = True           # run each prompt once for all its samples (exact; ops.prefill)
-    log_every: int = 1
-    eval_every: int = 10                # iterations between review_eval measurements of r*
-    eval_samples: int = 16              # samples per review prompt in those measurements
-    final_eval_samples: int = 32        # samples per review prompt for the summary's r*
+    device = next(actor_critic.parameters()).device
+    # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) ------------------------------------
+    rollout = generate(actor_critic.policy, prompts, hp.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                       temperature=hp.temperature, generator=generator, share_prompt=hp.share_prompt)
+    seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, hp.share_prompt
+    mask = rollout.response_mask                                              # (B, T) response tokens
+    finished = rollout.finished                                               # (B,) emitted EOS
 
-    INPUTS = {"init": "sft", "reward_model": "reward_model"}
-    SPLITS = {"batch_size": False, "minibatch_size": True}  # rollouts over ranks; minibatches over micro-batches too
-
-    def validate(self) -> None:
-        super().validate()
-        check_range(self, "minibatch_size", 1, self.batch_size)
-        for name in ("ppo_epochs", "max_new_tokens", "kl_horizon", "eval_every", "eval_samples", "final_eval_samples"):
-            check_range(self, name, 1)
-        for name in ("temperature", "clip_eps", "kl_target"):
-            check_range(self, name, 0, low_open=True)
-        for name in ("beta", "value_clip", "vf_coef", "ent_coef"):
-            check_range(self, name, 0)
-        check_range(self, "gamma", 0, 1)
-        check_range(self, "lam", 0, 1)
-
-
-def _load_reward_model(path, impl: str, device, tokenizer) -> RewardModel:
-    r"""The frozen $r_\phi$ of ``reward_model.py``; it must share the policy's tokenizer."""
-    rm, rm_tok = load_reward_model(path, impl, device)
-    if not same_tokenizer(rm_tok, tokenizer):
-        raise ValueError(f"reward model {path} was trained with another tokenizer than the policy")
-    return rm
-
-
-@stage("ppo")
-def main(config: PPOConfig) -> dict:
-    """Train the SFT policy with PPO against the reward model; save ``out/ppo/model.pt``.
-
-    ``--model`` starts the policy, pi_ref and the critic from a Hugging Face folder; ``--data``
-    samples your prompts (``{"prompt"}``), and with no r* the plots show the reward model's score
-    and the KL to pi_ref.
-    """
-    distributed.check_divisible(config.batch_size, 1)
-    distributed.check_divisible(config.minibatch_size, config.grad_accum, "minibatch_size")
-    data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
-    device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft's model unless --init or --model
-    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
-    ref, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen SFT model
-    ref.eval().requires_grad_(False)
-    rm = _load_reward_model(input_path(config, "reward_model"), config.model_impl, device, tok)
-    reports = {}
-    if config.data:  # refused here, before the run folder exists, if a row is bad
-        rows, reports["data"] = prompt_data(config.data, tok, policy.config.block_size, config.max_new_tokens,
-                                            config.max_length)
-        distributed.print_main(reports["data"].describe())
-        prompts = [r["prompt_ids"] for r in rows]
-    model = PolicyWithValueHead(policy, config.shared_trunk).to(device)
-    optimizer = make_optimizer(model, config)
-    parallel = distributed.wrap(model)  # DDP under torchrun
-    kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
-    if not config.data:
-        prompts = world.review_prompts()
-        check_max_new_tokens(config, [tok.prompt(p) for p in prompts], policy.config.block_size)
-    run = Run(config, "ppo")
-    # sampling; under torchrun each rank samples its own share, rank 0 as one process would
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
-
-    def truth(samples_per_prompt: int) -> dict:
-        if config.data:  # your own prompts have no hidden r*
-            return {}
-        ev = review_eval(policy, tok, world, samples_per_prompt, config.temperature, seed=config.seed,
-                         max_new_tokens=config.max_new_tokens)
-        return {"eval_true_reward": ev["true_reward"], "eval_malformed": ev["malformed"],
-                "examples": ev["examples"]}
-
-    before = truth(config.final_eval_samples)                # the SFT model, measured as the final policy
-    bar = run.loop(config.steps, "ppo", model=model, optimizer=optimizer, kl_ctl=kl_ctl, generator=generator,
-                   data_generator=data_generator)
-    for it in bar:
-        # ---- 1. rollout: y ~ pi_theta(. | x) (E6, first step) --------------------------------
-        pick = torch.randint(len(prompts), (config.batch_size,), generator=data_generator).tolist()
-        texts = [prompts[i] for i in distributed.local_share(pick)]  # this rank's share of the rollout
-        rollout = generate(policy, [tok.prompt(p) if isinstance(p, str) else p for p in texts],
-                           config.max_new_tokens, tok.eos_id,
-                           tok.pad_id, temperature=config.temperature, generator=generator,
-                           share_prompt=config.share_prompt)
-        seqs, attn, P, share = rollout.sequences, rollout.attention_mask, rollout.prompt_len, config.share_prompt
-        mask = rollout.response_mask                                          # (B, T) response tokens
-        finished = rollout.finished                                           # (B,) emitted EOS
-
-        # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ------------------
-        model.eval()
-        with torch.no_grad(), autocast(device, config.dtype):
-            old_logps, old_values, _ = logps_values_entropy(model, seqs, attn, P, config.temperature, share)
-            ref_logps = response_logps(ref, seqs, attn, P, config.temperature, share)  # (B, T)
-            rm_score = rm(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) read at the EOS
-        # a response with no EOS has no place to read r_phi: it gets the penalty score instead
-        score = torch.where(finished, rm_score, torch.full_like(rm_score, config.missing_eos_score))
-        beta = kl_ctl.beta
-        rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)  # (B, T)
-        if config.advantage == "gae":
-            advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-        else:
-            total_reward = rewards.sum(1)                                      # (B,) r(x, y) of E6
-            advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
-        if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)  # over this rank's rollout, as TRL does
-
-        # ---- 3. PPO epochs over the rollout, in minibatches (E5 + value loss) ---------------
-        model.train()
-        logs = []
-
-        def loss_of(idx):  # one micro-batch of rollout rows; a mean over its response tokens
-            with autocast(device, config.dtype):
-                logps, values, entropy = logps_values_entropy(model, seqs[idx], attn[idx], P,
-                                                              config.temperature, share)
-            m = mask[idx]
-            pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[idx], advantages[idx], m,
-                                                       config.clip_eps)                      # E5
-            v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], m, config.value_clip)
-            ent = masked_mean(entropy, m)
-            loss = pg_loss + config.vf_coef * v_loss - config.ent_coef * ent
-            return loss, float(m.sum()), minibatch_tokens, ({"loss": loss.item(), "pg_loss": pg_loss.item(),
-                                                             "value_loss": v_loss.item(), "entropy": ent.item()},
-                                                            {**pg_stats, **v_stats})
-
-        n_local = config.batch_size // distributed.world_size()
-        for _ in range(config.ppo_epochs):
-            for idx in minibatches(n_local, config.minibatch_size // distributed.world_size(), data_generator):
-                idx = idx.to(device)
-                minibatch_tokens = float(mask[idx].sum()) * distributed.world_size()
-                grad_norm, parts = accumulated_step(model, parallel, optimizer,
-                                                    distributed.split(idx, config.grad_accum), loss_of, it, config)
-                logs += [{**log, "grad_norm": grad_norm, **stats} for log, stats in parts]
-
-        # ---- 4. measure: the objective, KL, the hidden truth r* ----------------------------
-        with torch.no_grad():
-            kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)           # (B,) log pi(y|x)/pi_ref(y|x)
-            metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
-            metrics.update({
-                "objective": (score - beta * kl_seq).mean().item(),           # E2 on the rollout
-                "score": score.mean().item(),                                  # learned reward r_phi
-            })
-            if not config.data:  # the hidden r* of the rollout
-                true = [world.true_reward(p, tok.decode(r), bool(f))
-                        for p, r, f in zip(texts, rollout.responses(), finished.tolist())]
-                metrics["true_reward"] = sum(true) / len(true)
-            metrics.update({
-                "kl": kl_seq.mean().item(), "beta": beta,
-                "explained_variance": explained_variance(old_values, returns, mask),
-                "response_length": mask.sum(1).float().mean().item(),
-                "finished": finished.float().mean().item(),
-            })
-            metrics = distributed.mean_over_ranks(metrics)
-            kl = metrics["kl"]
-        kl_ctl.update(kl, config.batch_size)
-        last = it == config.steps - 1
-        if (it + 1) % config.eval_every == 0 or last:  # the last one is the summary's, with more samples
-            ev = truth(config.final_eval_samples if last else config.eval_samples)
-            metrics.update({k: v for k, v in ev.items() if k != "examples"})
-        if it % config.log_every == 0 or (it + 1) % config.eval_every == 0 or last:
-            run.log(it, **metrics)
-        bar.set_postfix(score=f"{metrics['score']:.2f}", true=f"{metrics.get('true_reward', float('nan')):.2f}",
-                        kl=f"{kl:.2f}")
-
-    save_model(policy, tok, run.dir)
-    if run.writes:
-        files.torch_save({"value_head": model.value_head.state_dict(),
-                          "critic": None if model.critic is None else model.critic.state_dict()},
-                         run.dir / "value_head.pt")
-    final = ev  # measured after the last update, with final_eval_samples per prompt
-    plots(run, config, before.get("eval_true_reward"))
-    rows = run.rows
-    last10 = [r["explained_variance"] for r in rows[-10:] if math.isfinite(r["explained_variance"])]
-    summary = {
-        "true_reward_before": before.get("eval_true_reward"), "true_reward": final.get("eval_true_reward"),
-        "malformed_before": before.get("eval_malformed"), "malformed": final.get("eval_malformed"),
-        "score_first": rows[0]["score"], "score_last": rows[-1]["score"],
-        "kl_last": rows[-1]["kl"], "kl_max": max(r["kl"] for r in rows), "beta_last": rows[-1]["beta"],
-        "explained_variance_last10": sum(last10) / len(last10) if last10 else float("nan"),
-        "examples_before": before.get("examples"), "examples": final.get("examples"), "seconds": rows[-1]["time"],
-        **{k: r.as_dict() for k, r in reports.items()},
-    }
-    run.finish(summary)
-    return summary
-
-
-def plots(run: Run, config: PPOConfig, sft_true_reward: float | None) -> None:
-    """The stage's figures (drawn by ``train.plot_panels``), one panel per unit: r*, r_phi beside r*,
-    the KL, PPO's statistics, losses. With your own prompts (no hidden r*) the reward plot is r_phi's."""
-    x = f"PPO iteration (a rollout of {config.batch_size} responses)"
-    r_star = "hidden reward r* (-7 malformed, up to +6)"
-    steps, score = run.series("score")
-    _, true = run.series("true_reward")
-    if sft_true_reward is None:
-        run.plot({"score": "mean r_phi of the rollout"}, "reward.png", "learned reward r_phi of the rollouts",
-                 ylabel="reward-model units per response", xlabel=x,
-                 caption="What PPO maximises, before the KL penalty; your prompts have no hidden reward to check it by.")
+    # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ----------------------
+    actor_critic.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        old_logps, old_values, _ = logps_values_entropy(actor_critic, seqs, attn, P, hp.temperature, share)
+        ref_logps = response_logps(reference, seqs, attn, P, hp.temperature, share)  # (B, T)
+        rm_score = reward_model(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) at the EOS
+    # a response with no EOS has no place to read r_phi: it gets the penalty score instead
+    score = torch.where(finished, rm_score, torch.full_like(rm_score, hp.missing_eos_score))
+    rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)      # (B, T)
+    if hp.advantage == "gae":
+        advantages, returns = gae(rewards, old_values, mask, hp.gamma, hp.lam)
     else:
-        run.plot_panels("reward.png", [
-            {"title": "hidden reward r* of the policy's reviews", "xlabel": x, "ylabel": r_star,
-             "metrics": {"true_reward": "each rollout (noisy)",
-                         "eval_true_reward": "fresh samples of every review prompt"},
-             "hlines": [(sft_true_reward, f"SFT model, {sft_true_reward:.3f}")]},
-            {"title": "learned r_phi beside hidden r*, each standardised", "xlabel": x,
-             "ylabel": "standard deviations from the run's mean",
-             "curves": [(steps, standardise(score), "learned r_phi (what PPO maximises)"),
-                        (steps, standardise(true), "hidden r*")]}],
-            caption="r_phi's scale is arbitrary (E3 sees only differences), so the right panel standardises both: "
-                    "reward hacking would show as r_phi rising while r* falls.")
-    run.plot({"kl": "KL(pi_theta || pi_ref) of the rollout"}, "kl.png", "distance from the SFT model (E2's penalty)",
-             ylabel="KL, nats per response", xlabel=x,
-             caption="Each response pays beta times this in its reward: the KL stays bounded as the reward rises.")
-    run.plot({"objective": "r_phi - beta KL of the rollout"}, "objective.png", "E2's objective on the rollouts",
-             ylabel="reward-model units per response", xlabel=x,
-             caption="What PPO maximises: the learned reward minus the KL penalty (E2).")
-    run.plot_panels("ppo_stats.png", [
-        {"title": "clipping (E5)", "metrics": {"clip_frac": "tokens whose clip binds"}, "xlabel": x,
-         "ylabel": "fraction of response tokens"},
-        {"title": "movement within an iteration", "metrics": {"approx_kl": "KL(pi_old || pi_theta), k3"},
-         "xlabel": x, "ylabel": "KL, nats per token"},
-        {"title": "policy entropy", "metrics": {"entropy": "entropy of pi_theta"}, "xlabel": x,
-         "ylabel": "nats per token"},
-        {"title": "critic", "metrics": {"explained_variance": "explained variance of the returns"},
-         "xlabel": x, "ylabel": "1 - Var(R - V) / Var(R)"}],
-        caption="At most a few percent of tokens clipped and a small KL per iteration: the updates stay near the "
-                "sampler. The critic explains part of the returns.")
-    run.plot_panels("losses.png", [
-        {"title": "policy loss -L^CLIP (E5)", "metrics": {"pg_loss": "mean over minibatches"}, "xlabel": x,
-         "ylabel": "whitened advantage units"},
-        {"title": "value loss", "metrics": {"value_loss": "mean over minibatches"}, "xlabel": x,
-         "ylabel": "squared reward units"}],
-        caption="The policy loss hovers near 0 (whitened advantages have mean 0); the value loss follows "
-                "how fast the returns move.")
+        total_reward = rewards.sum(1)                                          # (B,) r(x, y) of E6
+        advantages, returns = one_step_advantages(total_reward, old_values, mask)  # E6
+    if hp.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)  # over this rank's rollout, as TRL does
+
+    # ---- 3. PPO epochs over the rollout, in minibatches (E5 + value loss) -------------------
+    def loss_of(micro, minibatch_tokens: float):  # one micro-batch of rollout rows; a mean over its tokens
+        with autocast(device, dtype):
+            logps, values, entropy = logps_values_entropy(actor_critic, seqs[micro], attn[micro], P,
+                                                          hp.temperature, share)
+        m = mask[micro]
+        pg_loss, pg_stats = clipped_surrogate_loss(logps, old_logps[micro], advantages[micro], m, hp.clip_eps)  # E5
+        v_loss, v_stats = value_loss(values, old_values[micro], returns[micro], m, hp.value_clip)
+        ent = masked_mean(entropy, m)
+        loss = pg_loss + hp.vf_coef * v_loss - hp.ent_coef * ent
+        stats = {"loss": loss.item(), "pg_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": ent.item(),
+                 **pg_stats, **v_stats}
+        return loss, float(m.sum()), minibatch_tokens, stats
+
+    actor_critic.train()
+    logs = []
+    for _ in range(hp.ppo_epochs):
+        for idx in minibatches(seqs.shape[0], hp.minibatch_size // distributed.world_size(), data_generator):
+            idx = idx.to(device)
+            minibatch_tokens = float(mask[idx].sum()) * distributed.world_size()  # over every rank's minibatch
+            done = update(idx, functools.partial(loss_of, minibatch_tokens=minibatch_tokens))
+            logs += [{**stats, "grad_norm": done.grad_norm} for stats in done.extras]
+
+    # ---- 4. measure: the objective (E2) and the KL on the rollout ---------------------------
+    with torch.no_grad():
+        kl_seq = masked_sum(old_logps - ref_logps, mask, dim=1)               # (B,) log pi(y|x)/pi_ref(y|x)
+        metrics = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+        metrics.update({
+            "objective": (score - beta * kl_seq).mean().item(),                # E2 on the rollout
+            "score": score.mean().item(),                                      # learned reward r_phi
+            "kl": kl_seq.mean().item(), "beta": beta,
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": mask.sum(1).float().mean().item(),
+            "finished": finished.float().mean().item(),
+        })
+    return PPOIterationResult(rollout, score, advantages, returns, metrics)

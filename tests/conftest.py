@@ -10,6 +10,7 @@ from handworked import hand_worked_case
 
 from minialign.model import GPT, GPTConfig
 from minialign.toyworld import ToyWorld, WorldConfig
+from minialign.train import Update
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 
@@ -105,3 +106,37 @@ class ExerciseReport:
         self.path.write_text(json.dumps({
             "package": str(Path(minialign.__file__).parent), "tests_from": str(Path(__file__).parent),
             "tests": list(self.tests.values()), "errors": self.errors}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# a policy whose answers are known, for the hand-worked tests of ppo_iteration and grpo_iteration
+# ----------------------------------------------------------------------------------------------
+
+
+def eos_policy(world, eos_logit: float) -> GPT:
+    """A float64 GPT whose every next-token logit is ``eos_logit`` for EOS and 0 for the rest:
+    ``ln_f`` outputs its bias whatever the input (weight 0), and the tied head reads that bias
+    against the one non-zero embedding, EOS's first coordinate."""
+    tok = world.tokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8, block_size=48)).double()
+    with torch.no_grad():
+        model.wte.weight.zero_()
+        model.wte.weight[tok.eos_id, 0] = 1.0
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.zero_()
+        model.ln_f.bias[0] = eos_logit
+    return model
+
+
+class RecordingUpdate:
+    """The ``update`` hook without an optimizer: it runs ``loss_of`` on the whole minibatch (one
+    micro-batch) and keeps what it returned, so the policy stays pi_old for every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, rows, loss_of):
+        loss, units, total, stats = loss_of(rows)
+        self.calls.append({"rows": sorted(rows.tolist()), "loss": loss.item(), "units": units, "total": total})
+        return Update(grad_norm=0.0, extras=[stats])

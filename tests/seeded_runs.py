@@ -48,9 +48,27 @@ CASES = [
                                 "--eval-samples", "2", "--final-eval-samples", "2", "--kl-in", "reward",
                                 "--aggregation", "token_mean", "--no-scale-by-std", "--ref-reset-every", "2",
                                 "--inner-updates", "2", "--no-share-prompt", *ROLLOUT]),
+    # your own data files (written by ``write_data`` from the toy world): PPO's prompts, GRPO's
+    # questions with and without held-out ones
+    ("ppo_data", "ppo", ["--steps", "2", "--batch-size", "8", "--minibatch-size", "4", "--data", "{data}/prompts.jsonl",
+                         *ROLLOUT]),
+    ("grpo_data", "grpo", ["--steps", "3", "--questions", "4", "--group-size", "4", "--batch-size", "8",
+                           "--eval-samples", "2", "--final-eval-samples", "2", "--data", "{data}/qa.jsonl",
+                           "--eval-data", "{data}/qa_eval.jsonl", *ROLLOUT]),
+    ("grpo_data_no_eval", "grpo", ["--steps", "2", "--questions", "4", "--group-size", "4", "--batch-size", "8",
+                                   "--data", "{data}/qa.jsonl", *ROLLOUT]),
 ]
-FOLLOWS = {"dpo_plain": "dpo", "ppo_source": "ppo", "grpo_kl_reward": "grpo"}  # case -> stage folder it stands for
+FOLLOWS = {"dpo_plain": "dpo", "ppo_source": "ppo", "grpo_kl_reward": "grpo",  # case -> stage folder it stands for
+           "ppo_data": "ppo", "grpo_data": "grpo", "grpo_data_no_eval": "grpo"}
 TIME_KEYS = ("seconds", "time", "wall")
+# summary keys renamed since the record was made, {old: new}, passed to ``differences`` (for one name
+# per thing the summaries kept their keys; the metrics.jsonl keys renamed, which this record does
+# not hold, are listed below for the reader)
+RENAMED: dict[str, str] = {}
+METRICS_RENAMED = {
+    "ppo": {"eval_true_reward": "true_reward", "eval_malformed": "malformed", "true_reward": "rollout/true_reward"},
+    "grpo": {"heldout_accuracy": "heldout/accuracy"},
+}
 
 
 def machine() -> dict:
@@ -83,12 +101,28 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def write_data(folder: Path) -> Path:
+    """The data files of the ``--data`` cases, in TRL's formats, from the toy world."""
+    from minialign.toyworld import ToyWorld, write_jsonl
+    world = ToyWorld()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in world.review_prompts()])
+    questions = world.arithmetic_questions("train")[:8]
+    write_jsonl(folder / "qa.jsonl", [{"prompt": q["prompt"], "answer": f"so it is #### {q['answer']}"}
+                                      for q in questions])
+    write_jsonl(folder / "qa_eval.jsonl", world.arithmetic_questions("heldout")[:4])
+    return folder
+
+
 def run_all(root: Path, cases=CASES) -> dict:
-    """Run every case under ``root``; {case: {"files": {name: sha256}, "summary": {key: value}}}."""
+    """Run every case under ``root``; {case: {"files": {name: sha256}, "summary": {key: value}}}.
+    ``root`` is written as ROOT in the summaries (a data report names its file)."""
     from minialign.cli import main
     chain = root / "chain"
+    data = write_data(root / "data")
     results = {}
     for case, stage, flags in cases:
+        flags = [f.replace("{data}", str(data)) for f in flags]
         out = chain if case not in FOLLOWS else root / case
         extra = []
         if case in FOLLOWS:
@@ -101,7 +135,9 @@ def run_all(root: Path, cases=CASES) -> dict:
         folder = out / stage.replace("-", "_")
         files = {p.name: _sha(p) for p in sorted(folder.glob("*.pt")) if p.name != "resume.pt"}
         summary = json.loads((folder / "summary.json").read_text())
-        results[case] = {"files": files, "summary": _numbers_and_text(summary)}
+        summary = {k: v.replace(str(root), "ROOT") if isinstance(v, str) else v
+                   for k, v in _numbers_and_text(summary).items()}
+        results[case] = {"files": files, "summary": summary}
     return results
 
 
@@ -141,7 +177,7 @@ def main(argv: list[str]) -> int:
     if recorded["machine"] != machine():
         print(f"the record was made on {recorded['machine']}, this is {machine()}: nothing to compare")
         return 2
-    diff = differences(recorded["results"], results)
+    diff = differences(recorded["results"], results, RENAMED)
     print("\n".join(diff) or f"all {len(results)} seeded cases are identical to the record")
     return 1 if diff else 0
 

@@ -14,7 +14,8 @@ import signal
 import pytest
 import torch
 
-from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft
+from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft, train
+from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
 from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
@@ -52,20 +53,22 @@ def config(stage, out, inputs=None, **kw):
                                                                eval_pairs=16, eval_every=4, log_every=2),
         "dpo": lambda: dpo.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
                                      eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
-        "ppo": lambda: ppo.PPOConfig(init=inputs["sft"], reward_model=inputs["reward_model"], steps=5, batch_size=8,
-                                     minibatch_size=4, max_new_tokens=8, eval_every=2, eval_samples=1,
-                                     final_eval_samples=1, kl_target=1.0, kl_horizon=40),
-        "grpo": lambda: grpo.GRPOConfig(init=inputs["sft"], steps=5, questions=4, group_size=4, batch_size=8,
-                                        eval_every=2, eval_samples=1, final_eval_samples=1, ref_reset_every=2,
-                                        kl_in="reward"),
+        "ppo": lambda: ppo_stage.PPOConfig(init=inputs["sft"], reward_model=inputs["reward_model"], steps=5,
+                                           batch_size=8, minibatch_size=4, max_new_tokens=8, eval_every=2,
+                                           eval_samples=1, final_eval_samples=1, kl_target=1.0, kl_horizon=40),
+        "grpo": lambda: grpo_stage.GRPOConfig(init=inputs["sft"], steps=5, questions=4, group_size=4, batch_size=8,
+                                              eval_every=2, eval_samples=1, final_eval_samples=1, ref_reset_every=2,
+                                              kl_in="reward"),
     }[stage]()
     import dataclasses
     return dataclasses.replace(settings, out=str(out), **{**FAST, **kw})
 
 
-MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo, "grpo": grpo}
-# where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm)
-STEPPERS = {**MODULES, "sft": pretrain}
+MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo_stage,
+           "grpo": grpo_stage}
+# where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm; a step given the
+# update hook reaches it through train.gradient_update)
+STEPPERS = {**MODULES, "sft": pretrain, "ppo": train, "grpo": train}
 
 
 def at_step(monkeypatch, stage, step, action):
@@ -201,7 +204,7 @@ def test_library_configs_are_checked_too():
     with pytest.raises(ValueError, match="--lr must be a finite number"):
         pretrain.PretrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="--kl-in must be one of loss, reward"):
-        grpo.GRPOConfig(kl_in="elsewhere")
+        grpo_stage.GRPOConfig(kl_in="elsewhere")
     with pytest.raises(ValueError, match="--steps must be an integer"):
         TrainConfig(steps=2.5)
     cfg = TrainConfig()

@@ -8,8 +8,9 @@ import torch
 from handworked import expect
 
 from minialign import grpo
-from minialign.grpo import (GRPOConfig, group_advantages, grpo_loss, kl_penalised_rewards,
-                            reset_reference, zero_spread_fraction)
+from minialign.grpo import group_advantages, grpo_loss, kl_penalised_rewards, reset_reference, zero_spread_fraction
+from minialign.stages import grpo as grpo_stage
+from minialign.stages.grpo import GRPOConfig
 from minialign.ops import kl_k3
 
 
@@ -222,7 +223,59 @@ def test_grpo_loss_bad_input():
     with pytest.raises(ValueError, match="group_size"):
         grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0, group_size=3)
     with pytest.raises(ValueError, match="group-size"):
-        grpo.main(GRPOConfig(group_size=1))
+        grpo_stage.main(GRPOConfig(group_size=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# E14: one iteration, by hand
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kl_in", ["loss", "reward"])
+def test_grpo_iteration_by_hand(world, kl_in):
+    from conftest import RecordingUpdate, eos_policy
+    tok = world.tokenizer
+    V = tok.vocab_size
+    policy = eos_policy(world, 50.0)                # pi(EOS) = 1 - (V - 1) e^-50: every answer is one EOS
+    reference = eos_policy(world, math.log(V - 1))  # pi_ref(EOS) = (V - 1) / ((V - 1) + (V - 1)) = 1/2
+    questions = world.arithmetic_questions("train")[:2]
+    hp = grpo.GRPOHyperparams(group_size=4, batch_size=8, inner_updates=2, beta=0.1, kl_in=kl_in,
+                              max_new_tokens=2, recompute_old_logps=True)
+    update = RecordingUpdate()
+    result = grpo.grpo_iteration(policy, reference, tok, lambda prompts, completions, finished, **_:
+                                 [1, 0, 0, 0, 1, 1, 0, 0], questions, hp, torch.Generator().manual_seed(0), update)
+    assert isinstance(result, grpo.GRPOIterationResult)
+    assert result.completions == [""] * 8 and result.rollout.finished.all()
+    assert result.rollout.response_mask.tolist() == [[1]] * 8     # |y_i| = 1: the EOS alone
+    # E11-E12, group 1 (1, 0, 0, 0): mean 0.25, sample std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5,
+    #   A = 0.75 / 0.5001 = 1.499700, -0.25 / 0.5001 = -0.499900
+    # group 2 (1, 1, 0, 0): mean 0.5, std sqrt(4 * 0.25 / 3) = 0.577350, A = +-0.5 / 0.577450 = +-0.865875
+    # with kl_in="reward" every r_i drops by the same beta * KL_i (below), which changes no advantage
+    expect(result.advantages, [1.499700, -0.499900, -0.499900, -0.499900, 0.865875, 0.865875, -0.865875,
+                               -0.865875], abs=1e-6)
+    # k3 per token, log pi = 0 and log pi_ref = log 1/2: 1/2 - log(1/2) - 1 = 0.193147
+    # E13 (answer_mean), rho = 1 on every token, the mean of each group's A is 0:
+    #   loss = -(mean_i A_i - beta * k3) = 0.1 * 0.193147 = 0.019315 with the KL in the loss, 0 in the reward
+    want = 0.019315 if kl_in == "loss" else 0.0
+    assert len(update.calls) == 2                                  # mu = 2 passes, one minibatch of 8 each
+    for call in update.calls:
+        assert call["rows"] == list(range(8)) and call["units"] == 8 and call["total"] == 8  # 8 answers
+        expect(call["loss"], want, abs=1e-6)
+    m = result.metrics
+    # 3 of 8 answers rewarded; no group has zero spread; the clip never binds at rho = 1
+    expect([m["reward"], m["accuracy"], m["kl"], m["loss"], m["zero_spread"], m["clip_frac"], m["answer_len"]],
+           [0.375, 0.375, 0.193147, want, 0.0, 0.0, 1.0], abs=1e-6)
+    if kl_in == "reward":  # E14: r_i - beta * KL_i = 0.375 - 0.1 * 0.193147 = 0.355685 on average
+        expect(m["kl_penalised_reward"], 0.355685, abs=1e-6)
+    else:
+        assert "kl_penalised_reward" not in m
+
+
+def test_hyperparams_are_checked_alone():
+    with pytest.raises(ValueError, match="group-size must be >= 2"):
+        grpo.GRPOHyperparams(group_size=1)
+    with pytest.raises(ValueError, match="kl-in must be one of loss, reward"):
+        grpo.GRPOHyperparams(kl_in="value")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,13 +297,13 @@ def test_main_tiny_end_to_end(tiny_run, tmp_path, monkeypatch, options):
     config = GRPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=8,
                         questions=8, group_size=4, batch_size=32, inner_updates=2, eval_every=4,
                         eval_samples=2, final_eval_samples=4, progress=False, device="cpu", lr=3e-3, **options)
-    summary = grpo.main(config)
+    summary = grpo_stage.main(config)
     run = tmp_path / "grpo"
     for f in ("model.pt", "summary.json", "metrics.jsonl", "accuracy.png", "answer_len.png", "config.json"):
         assert (run / f).is_file(), f
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in rows for k in r}
-    for key in ("reward", "accuracy", "kl", "clip_frac", "answer_len", "zero_spread", "heldout_accuracy"):
+    for key in ("reward", "accuracy", "kl", "clip_frac", "answer_len", "zero_spread", "heldout/accuracy"):
         assert key in logged, key
     assert ("kl_penalised_reward" in logged) == (config.kl_in == "reward")
     assert all(math.isfinite(v) for r in rows for v in r.values())

@@ -18,7 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from minialign.dpo import chosen_rejected_logps, dpo_loss, preference_batch, tokenize_pairs  # noqa: E402
 from minialign.generation import generate  # noqa: E402
-from minialign.grpo import GRPOConfig, group_advantages, grpo_iteration, grpo_loss, response_logps  # noqa: E402
+from minialign.grpo import group_advantages, grpo_iteration, grpo_loss, response_logps  # noqa: E402
+from minialign.stages.grpo import GRPOConfig  # noqa: E402
+from minialign.train import gradient_update  # noqa: E402
 from minialign.hf import (CausalLM, HFCausalLM, HFTokenizer, check_tokenizer_fits, hf_tokenizer_from_toy,  # noqa: E402
                           load_hf)
 from minialign.model import GPT, GPTConfig  # noqa: E402
@@ -245,12 +247,12 @@ def test_one_grpo_step_on_a_transformers_model(hf_model, world):
 
 def test_grpo_iteration_runs_unchanged_on_a_transformers_model(hf_model, world):
     """``grpo.grpo_iteration`` itself (sample, score with r*, E11-E13, update) on the adapter."""
-    model, tok = hf_model
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    policy, tok = hf_model
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
     config = GRPOConfig(group_size=4, questions=2, batch_size=8, inner_updates=1, max_new_tokens=4,
                         lr=1e-3, progress=False, device="cpu")
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(policy.parameters(), lr=config.lr)
+    before = [p.detach().clone() for p in policy.parameters()]
 
     class FirstWordReward:
         """A random model never answers right (r* = 0 everywhere, advantage 0, no gradient):
@@ -258,8 +260,9 @@ def test_grpo_iteration_runs_unchanged_on_a_transformers_model(hf_model, world):
         def true_reward(self, prompt, text, finished=True):
             return float(bool(text) and text.split()[0] < "m")
 
-    stats = grpo_iteration(model, ref_model, optimizer, tok, FirstWordReward(),
-                           world.arithmetic_questions("train")[:2], config, 0, torch.Generator().manual_seed(0))
+    stats = grpo_iteration(policy, reference, tok, FirstWordReward(), world.arithmetic_questions("train")[:2],
+                           config, torch.Generator().manual_seed(0),
+                           gradient_update(policy, policy, optimizer, config, 0)).metrics
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
     assert stats["zero_spread"] < 1  # some group had different rewards, so a gradient
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))

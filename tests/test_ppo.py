@@ -8,9 +8,9 @@ import pytest
 import torch
 from handworked import expect
 
-from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, PPOConfig,
-                           clipped_surrogate_loss, explained_variance, gae, logps_values_entropy,
-                           one_step_advantages, per_token_rewards, value_loss)
+from minialign.ppo import (AdaptiveKLController, PolicyWithValueHead, clipped_surrogate_loss, explained_variance,
+                           gae, logps_values_entropy, one_step_advantages, per_token_rewards, value_loss)
+from minialign.stages.ppo import PPOConfig
 
 # ----------------------------------------------------------------------------------------------
 # E5: the clipped surrogate
@@ -321,6 +321,61 @@ def test_rollout_tensors_line_up_with_each_response(tiny_model, world):
 
 
 # ----------------------------------------------------------------------------------------------
+# E6: one iteration, by hand
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ppo_iteration_by_hand(world):
+    from conftest import RecordingUpdate, eos_policy
+
+    from minialign.ppo import PPOHyperparams, PPOIterationResult, ppo_iteration
+    tok = world.tokenizer
+    V = tok.vocab_size
+    actor_critic = PolicyWithValueHead(eos_policy(world, 50.0)).double()  # pi(EOS) = 1: every response is one EOS
+    reference = eos_policy(world, math.log(V - 1))                          # pi_ref(EOS) = 1/2
+    scores = torch.tensor([2.0, -1.0, 0.5, 1.0], dtype=torch.float64)
+
+    def reward_model(sequences, attention_mask, response_mask):             # r_phi of the four responses
+        return scores
+
+    hp = PPOHyperparams(minibatch_size=4, ppo_epochs=2, max_new_tokens=2, advantage="source",
+                        whiten_advantages=False)
+    update = RecordingUpdate()
+    prompts = [tok.prompt(p) for p in world.review_prompts()[:4]]
+    result = ppo_iteration(actor_critic, reference, reward_model, tok, prompts, hp, 0.1,
+                           torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), update)
+    assert isinstance(result, PPOIterationResult)
+    assert result.rollout.response_mask.tolist() == [[1]] * 4 and result.rollout.finished.all()
+    # E2/E6: log pi(EOS) = 0, log pi_ref(EOS) = log 1/2: r = r_phi - 0.1 * 0.693147 = r_phi - 0.069315;
+    # V = 0 (the head starts at zero), so A = r - V(x) = r and the returns are r:
+    # 2 - 0.069315 = 1.930685, -1.069315, 0.430685, 0.930685
+    r = [1.930685, -1.069315, 0.430685, 0.930685]
+    expect(result.advantages[:, 0], r)
+    expect(result.returns[:, 0], r)
+    # E5 at rho = 1: -mean A = -(1.930685 - 1.069315 + 0.430685 + 0.930685) / 4 = -0.555685
+    # value loss, V = V_old = 0: 0.5 * (3.727546 + 1.143434 + 0.185490 + 0.866175) / 4 = 0.740331
+    # loss = -0.555685 + 0.5 * 0.740331 = -0.185520 (entropy bonus off)
+    assert len(update.calls) == 2                                           # 2 epochs of one minibatch
+    for call in update.calls:
+        assert call["rows"] == [0, 1, 2, 3] and call["units"] == 4 and call["total"] == 4  # 4 tokens
+        expect(call["loss"], -0.185520)
+    m = result.metrics
+    # KL per response 0.693147; objective E2 = mean r_phi - 0.1 * 0.693147 = 0.625 - 0.069315 = 0.555685;
+    # a critic at V = 0 explains none of the returns' variance
+    expect([m["pg_loss"], m["value_loss"], m["loss"], m["kl"], m["objective"], m["score"], m["clip_frac"],
+            m["explained_variance"], m["response_length"]],
+           [-0.555685, 0.740331, -0.185520, 0.693147, 0.555685, 0.625, 0.0, 0.0, 1.0])
+
+
+def test_ppo_hyperparams_are_checked_alone():
+    from minialign.ppo import PPOHyperparams
+    with pytest.raises(ValueError, match="--lam must be in \\[0, 1\\]"):
+        PPOHyperparams(lam=1.5)
+    with pytest.raises(ValueError, match="--minibatch-size must be >= 1"):
+        PPOHyperparams(minibatch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # end to end on the tiny checkpoints
 # ----------------------------------------------------------------------------------------------
 
@@ -340,7 +395,7 @@ def _tiny_reward_model(tiny_run):
 @pytest.mark.parametrize("options", [dict(), dict(advantage="source", shared_trunk=True, kl_target=1.0,
                                                    ent_coef=0.01, whiten_advantages=False)])
 def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
-    from minialign.ppo import main
+    from minialign.stages.ppo import main
     config = PPOConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"),
                        reward_model=str(_tiny_reward_model(tiny_run)), steps=8, batch_size=16,
                        minibatch_size=8, ppo_epochs=2, max_new_tokens=12, eval_every=4, eval_samples=2,
@@ -358,10 +413,10 @@ def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
     first, last = (sum(r["score"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
     assert last > first + 0.5
     for key in ["objective", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
-                "score", "true_reward", "pg_loss"]:
+                "score", "rollout/true_reward", "pg_loss"]:
         assert key in rows[0], key
         assert math.isfinite(rows[0][key]) or key == "explained_variance", key  # EV is NaN if Var(R) = 0
-    assert "eval_true_reward" in rows[-1] and rows[-1]["eval_true_reward"] == summary["true_reward"]
+    assert "true_reward" in rows[-1] and rows[-1]["true_reward"] == summary["true_reward"]
     # on the first epoch of the first rollout the policy is the rollout policy: the KL to pi_ref is 0
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert math.isfinite(summary["true_reward"]) and -7 <= summary["true_reward"] <= 7
@@ -370,6 +425,6 @@ def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
 
 
 def test_ppo_rejects_a_bad_minibatch_size(tmp_path):
-    from minialign.ppo import main
+    from minialign.stages.ppo import main
     with pytest.raises(ValueError, match="minibatch-size"):
         main(PPOConfig(out=str(tmp_path), batch_size=4, minibatch_size=8))

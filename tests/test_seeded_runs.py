@@ -13,7 +13,7 @@ def test_seeded_runs_are_identical_to_the_record(tmp_path):
     if recorded["machine"] != seeded_runs.machine():
         pytest.skip(f"the record is of {recorded['machine']}; run `python tests/seeded_runs.py record` "
                     "on this machine before a change and `compare` after it")
-    diff = seeded_runs.differences(recorded["results"], seeded_runs.run_all(tmp_path))
+    diff = seeded_runs.differences(recorded["results"], seeded_runs.run_all(tmp_path), seeded_runs.RENAMED)
     assert not diff, "\n".join(diff)
 
 

@@ -212,26 +212,27 @@ def test_a_dpo_step_with_and_without_sharing_gives_the_same_weights(world):
 
 
 def test_a_grpo_iteration_with_and_without_sharing_gives_the_same_weights(world):
-    from minialign.grpo import GRPOConfig, grpo_iteration
-    from minialign.train import make_optimizer
+    from minialign.grpo import grpo_iteration
+    from minialign.stages.grpo import GRPOConfig
+    from minialign.train import gradient_update, make_optimizer
     tok = world.tokenizer
     torch.manual_seed(0)
     start = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=16)).double()
     questions = world.arithmetic_questions("train")[:4]
     stepped, metrics = [], []
     for share in (False, True):
-        model = copy.deepcopy(start)
-        ref = copy.deepcopy(start).requires_grad_(False)
+        policy = copy.deepcopy(start)
+        reference = copy.deepcopy(start).requires_grad_(False)
         with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
-            for p in ref.parameters():
+            for p in reference.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
                                           dtype=p.dtype))
         config = GRPOConfig(device="cpu", progress=False, group_size=4, batch_size=8, inner_updates=2,
                             max_new_tokens=4, recompute_old_logps=True, share_prompt=share)
-        optimizer = make_optimizer(model, config)
-        metrics.append(grpo_iteration(model, ref, optimizer, tok, world, questions, config, 0,
-                                      torch.Generator().manual_seed(0)))
-        stepped.append(model)
+        update = gradient_update(policy, policy, make_optimizer(policy, config), config, 0)
+        metrics.append(grpo_iteration(policy, reference, tok, world, questions, config,
+                                      torch.Generator().manual_seed(0), update).metrics)
+        stepped.append(policy)
     assert metrics[0]["kl"] > 0 and metrics[0]["answer_len"] > 1
     assert max((p - q).abs().max() for p, q in zip(start.parameters(), stepped[0].parameters())) > 1e-4
     _assert_same_weights(*stepped)

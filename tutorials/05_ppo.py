@@ -26,7 +26,7 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_reward_model, ensure_sft, parse_args, summary
 
-from minialign.ppo import PPOConfig, main as ppo
+from minialign.stages.ppo import PPOConfig, main as ppo
 from minialign.train import plot_panels, standardise
 
 parser = base_parser(__doc__.split("\n")[0])
@@ -45,11 +45,11 @@ args = parse_args(parser)
 
 def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path) -> None:
     step = [r["step"] for r in rows]
-    ev = [(r["step"], r["eval_true_reward"]) for r in rows if "eval_true_reward" in r]
+    ev = [(r["step"], r["true_reward"]) for r in rows if "true_reward" in r]
     x = f"PPO iteration (a rollout of {batch_size} responses)"
     plot_panels(path, [
         {"title": "1. hidden true reward r*", "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)",
-         "curves": [(step, [r["true_reward"] for r in rows], "r* of each rollout (noisy)"),
+         "curves": [(step, [r["rollout/true_reward"] for r in rows], "r* of each rollout (noisy)"),
                     ([e[0] for e in ev], [e[1] for e in ev], "r* of fresh samples of every prompt", "o-")],
          "hlines": [(sft_true, f"SFT model, r* = {sft_true:.3f}")]},
         {"title": "2. KL to the SFT model (E2's penalty)", "xlabel": x, "ylabel": "KL, nats per response",
@@ -57,7 +57,7 @@ def overview_plot(rows: list[dict], sft_true: float, batch_size: int, path: Path
         {"title": "3. learned r_phi beside hidden r*, standardised", "xlabel": x,
          "ylabel": "standard deviations from the run's mean",
          "curves": [(step, standardise([r["score"] for r in rows]), "learned r_phi (what PPO maximises)"),
-                    (step, standardise([r["true_reward"] for r in rows]), "hidden r*")]},
+                    (step, standardise([r["rollout/true_reward"] for r in rows]), "hidden r*")]},
     ], caption="r* climbs above the SFT model's while the KL levels off. r_phi's scale is arbitrary, so panel 3 "
                "standardises both: reward hacking would show as r_phi rising while r* falls.")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
-from minialign.grpo import GRPOConfig, main as grpo
+from minialign.stages.grpo import GRPOConfig, main as grpo
 from minialign.train import plot_panels
 
 parser = base_parser(__doc__.split("\n")[0])
@@ -42,11 +42,12 @@ parser.add_argument("--init", default="", help="SFT checkpoint (default: <out>/s
                     "trained now if missing)")
 parser.add_argument("--steps", type=int, default=None, help="GRPO iterations (default: GRPOConfig's)")
 parser.add_argument("--group-size", type=int, default=None, help="G answers per question")
-parser.add_argument("--lr", type=float, default=None)
+parser.add_argument("--lr", type=float, default=None, help="AdamW's learning rate")
 parser.add_argument("--beta", type=float, default=None, help="KL coefficient")
 parser.add_argument("--kl-in", choices=["loss", "reward"], default=None,
                     help="KL in the loss (E13, DeepSeekMath) or in the reward (E14)")
-parser.add_argument("--aggregation", choices=["answer_mean", "token_mean", "constant"], default=None)
+parser.add_argument("--aggregation", choices=["answer_mean", "token_mean", "constant"], default=None,
+                    help="E13's mean over tokens: per answer (E13), over the batch's tokens (DAPO), a constant (Dr. GRPO)")
 parser.add_argument("--scale-by-std", action=argparse.BooleanOptionalAction, default=None,
                     help="E12's division by the group's std")
 parser.add_argument("--ref-reset-every", type=int, default=None, help="E14: pi_ref <- pi_theta every N")
@@ -57,7 +58,7 @@ args = parse_args(parser)
 
 def overview_plot(rows: list[dict], path: Path) -> None:
     train = [r for r in rows if "accuracy" in r]
-    held = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+    held = [(r["step"], r["heldout/accuracy"]) for r in rows if "heldout/accuracy" in r]
     step = [r["step"] for r in train]
     x = "GRPO iteration"
     plot_panels(path, [

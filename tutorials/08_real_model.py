@@ -121,7 +121,7 @@ for i in (0, 1, 2, 5, 10):
 print(f"largest difference over all steps: DPO {worst['dpo']:.1e}, GRPO {worst['grpo']:.1e} "
       f"(float32 rounding; the weights move the same way)")
 print(f"wall time of both stages: transformers {seconds['hf']:.0f} s, minialign's GPT {seconds['minialign']:.0f} s")
-for stage, key in (("dpo", "heldout/accuracy"), ("grpo", "heldout_accuracy")):
+for stage, key in (("dpo", "heldout/accuracy"), ("grpo", "heldout/accuracy")):
     s = json.loads((here / "hf" / stage / "summary.json").read_text())
     print(f"{stage}: held-out {'implicit-reward accuracy' if stage == 'dpo' else 'answer accuracy'} "
           f"{s['heldout_accuracy_before']:.3f} -> {s['heldout_accuracy']:.3f}"

@@ -110,7 +110,7 @@ def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
     common = dict(out=str(out), init=str(sft), beta=beta, seed=args.seed, device=args.device, progress=False,
                   overwrite=True)  # a rerun replaces the sweep's last run
     if algorithm == "ppo":
-        from minialign.ppo import PPOConfig, main
+        from minialign.stages.ppo import PPOConfig, main
         main(PPOConfig(reward_model=str(rm), steps=args.ppo_steps, eval_every=args.ppo_steps,
                        eval_samples=2, final_eval_samples=2, **common))
         return out / "ppo" / "model.pt"
@@ -128,10 +128,12 @@ def train_grpo_on_reviews(args, sft: Path, rm: Path, **common) -> Path:
 
     import torch
 
-    from minialign.grpo import GRPOConfig, grpo_iteration
+    from minialign.grpo import grpo_iteration
     from minialign.reward_model import RewardModel, reward_function
+    from minialign.stages.grpo import GRPOConfig
     from minialign.toyworld import ToyWorld
-    from minialign.train import load_policy, make_optimizer, progress, resolve_device, save_policy, seed_everything
+    from minialign.train import (gradient_update, load_policy, make_optimizer, progress, resolve_device, save_policy,
+                                 seed_everything)
 
     world = ToyWorld()
     prompts = world.review_prompts()
@@ -139,18 +141,19 @@ def train_grpo_on_reviews(args, sft: Path, rm: Path, **common) -> Path:
                         batch_size=len(prompts) * args.group_size, max_new_tokens=24, lr=args.grpo_lr, **common)
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    model, tok = load_policy(sft, device, world.tokenizer)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)             # pi_ref: the SFT model
+    policy, tok = load_policy(sft, device, world.tokenizer)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)            # pi_ref: the SFT model
     reward_model, _ = RewardModel.load(rm, device, tok)
     reward = reward_function(reward_model.eval(), tok)                          # r_phi, not the hidden r*
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(policy, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model.train()
+    policy.train()
     for step in progress(range(config.steps), config, f"grpo beta={config.beta:g}"):
-        grpo_iteration(model, reference, optimizer, tok, reward, [{"prompt": p} for p in prompts], config,
-                       step, generator)
+        update = gradient_update(policy, policy, optimizer, config, step)      # one optimizer step per call
+        grpo_iteration(policy, reference, tok, reward, [{"prompt": p} for p in prompts], config, generator, update,
+                       config.dtype)
     path = Path(config.out) / "grpo" / "model.pt"
-    save_policy(model, tok, path)
+    save_policy(policy, tok, path)
     return path
 
 

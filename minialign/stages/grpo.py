@@ -1,0 +1,141 @@
+"""``minialign grpo``: the run around ``grpo.grpo_iteration`` (flags, run folder, loop, plots, summary)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import distributed
+from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
+from ..loading import load_model, save_model
+from ..toyworld import ToyWorld, WorldConfig
+from ..train import (ConfigError, Run, TrainConfig, check_range, gradient_update, input_path, make_optimizer,
+                     resolve_device, seed_everything, stage)
+from .rollout_tasks import grpo_task
+
+
+@dataclass
+class GRPOConfig(GRPOHyperparams, TrainConfig):
+    """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
+
+    Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
+    questions with --data. Writes OUT/grpo/: model.pt (the aligned policy; a model/ folder after
+    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json."""
+    init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
+    steps: int = 150                # iterations of E14 (sample, score, update)
+    questions: int = 16             # questions per iteration
+    lr: float = 1e-3                # AdamW's learning rate
+    warmup_steps: int = 0           # iterations of linear warm-up before the cosine decay
+    log_every: int = 1              # one metrics row per iteration (cheap next to the iteration)
+    weight_decay: float = 0.1       # on AdamW's matrices, as in the measured runs (docs/measurements.md)
+    reward: str = ""                # your reward function module:function (default: r*, or exact match with --data)
+    eval_every: int = 25            # held-out accuracy every N iterations (0 = only before and after)
+    eval_samples: int = 16          # samples per held-out question during training
+    final_eval_samples: int = 64    # samples per held-out question before and after
+
+    INPUTS = {"init": "sft"}
+    SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("questions", "eval_samples", "final_eval_samples"):
+            check_range(self, name, 1)
+        check_range(self, "eval_every", 0)
+
+
+@stage("grpo")
+def main(config: GRPOConfig) -> dict:
+    """Train the SFT model with GRPO on the arithmetic questions; save ``out/grpo/model.pt``.
+
+    ``--model`` starts from a Hugging Face folder; ``--data`` samples your questions
+    (``{"prompt", "answer"}``, scored by exact match of the final number) or scores them with
+    ``--reward module:function``; the held-out figure is then the mean reward on ``--eval-data``.
+    """
+    data_generator = seed_everything(config.seed)  # question order (CPU)
+    device = resolve_device(config.device)
+    world = ToyWorld(WorldConfig(seed=config.world_seed))
+    policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model
+    task = grpo_task(world, tok, config, policy.config.block_size)  # the questions and how they are measured
+    if config.questions > len(task.train):
+        raise ConfigError(f"--questions must be <= {len(task.train)} (the questions there are to draw "
+                          f"from), got {config.questions}")
+    run = Run(config, "grpo")
+    distributed.check_divisible(config.questions, 1, "questions")
+    distributed.check_divisible(config.batch_size, config.grad_accum)
+    # sampling; under torchrun each rank samples its own answers, rank 0 as one process would
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
+    optimizer = make_optimizer(policy, config)
+    parallel = distributed.wrap(policy)  # DDP under torchrun
+
+    before = task.evaluate(policy, config.final_eval_samples)  # {} when nothing is held out
+    examples_before = task.examples(policy)
+    if before:
+        run.log(0, **before)
+    policy.train()
+    history = []
+    bar = run.loop(config.steps, "grpo", model=policy, ref_model=reference, optimizer=optimizer,  # resume.pt's names
+                   generator=generator, data_generator=data_generator, history=history)
+    for step in bar:
+        if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
+            reset_reference(reference, policy)  # E14's option
+        pick = torch.randperm(len(task.train), generator=data_generator)[:config.questions].tolist()
+        mine = distributed.local_share(pick)  # this rank's questions: whole groups stay on one rank
+        update = gradient_update(policy, parallel, optimizer, config, step)
+        result = grpo_iteration(policy, reference, tok, task.reward_fn, [task.train[i] for i in mine], config,
+                                generator, update, config.dtype)
+        metrics = distributed.mean_over_ranks(result.metrics)
+        history.append(metrics)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before:
+            metrics.update(task.evaluate(policy, config.eval_samples))
+        if step % config.log_every == 0 or "heldout/accuracy" in metrics or step == config.steps - 1:
+            run.log(step + 1, **metrics)  # step k = after k iterations
+        bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", kl=f"{metrics['kl']:.3f}")
+    after = task.evaluate(policy, config.final_eval_samples)
+    if after:
+        run.log(config.steps, **after)
+    seconds = time.time() - run.start
+
+    save_model(policy, tok, run.dir)
+    plots(run, config)
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+    k = max(1, min(5, len(history) // 2))  # first / last few iterations (one is noisy)
+    summary = {"heldout_accuracy_before": before.get("heldout/accuracy"),
+               "heldout_accuracy": after.get("heldout/accuracy"),
+               "train_accuracy_first": mean("accuracy", history[:k]),
+               "train_accuracy_last": mean("accuracy", history[-k:]),
+               "answer_len_first": mean("answer_len", history[:k]),
+               "answer_len_last": mean("answer_len", history[-k:]),
+               "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
+               "seconds": seconds, "examples_before": examples_before, "examples": task.examples(policy),
+               **{name: report.as_dict() for name, report in task.reports.items()}}
+    run.finish(summary)
+    return summary
+
+
+def plots(run: Run, config: GRPOConfig) -> None:
+    """accuracy.png, answer_len.png, kl_clip.png (drawn by ``train.plot_panels``)."""
+    heldout_label = ("held-out questions (never trained on)" if not config.data else
+                     "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
+    x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
+    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
+              "heldout/accuracy": heldout_label}, "accuracy.png",
+             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
+             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
+    run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
+             ylabel="tokens per answer", xlabel=x,
+             caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")
+    run.plot_panels("kl_clip.png", [
+        {"title": "distance from pi_ref", "metrics": {"kl": "KL(pi_old || pi_ref) per token, k3"},
+         "xlabel": x, "ylabel": "KL, nats per token"},
+        {"title": "clipping (E13)", "metrics": {"clip_frac": "tokens whose clip binds"},
+         "xlabel": x, "ylabel": "fraction of answer tokens"},
+        {"title": "groups that teach nothing", "metrics": {"zero_spread": "all G answers score the same (A = 0)"},
+         "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1)}],
+        caption="As the train questions are learnt, more groups score all-right and teach nothing; the KL to "
+                "pi_ref stays bounded, noisy from batch to batch.")
