@@ -48,8 +48,10 @@ MUTATIONS = [
      "test_ops.py"),
     ("ops.py", "return torch.exp(log_r) - 1 - log_r", "return torch.exp(log_r) - log_r", "k3 without its -1",
      "test_ops.py"),
-    ("ops.py", "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)",
+    ("ops.py", "return -torch.where(p > 0, p * logp, 0.0).sum(-1)", "return torch.where(p > 0, p * logp, 0.0).sum(-1)",
      "entropy with its sign flipped", "test_ops.py"),
+    ("ops.py", "return -torch.where(p > 0, p * logp, 0.0).sum(-1)", "return -(p * logp).sum(-1)",
+     "entropy's 0 * -inf left as NaN", "test_ops.py"),
     # reward_model.py: E3, E4, the reward read at the EOS
     ("reward_model.py", "return torch.sigmoid(upcast(r_w) - upcast(r_l))  # E3",
      "return torch.sigmoid(upcast(r_l) - upcast(r_w))  # E3", "E3 with chosen and rejected swapped",
