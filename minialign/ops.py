@@ -289,6 +289,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, mask, dim) / count
 
 
+def masked_sum_over(x: torch.Tensor, mask: torch.Tensor, constant: float, dim=None) -> torch.Tensor:
+    r"""$\frac{1}{C}\sum$ of ``x`` where ``mask`` is 1, for a constant $C$ = ``constant`` that does not depend on the mask.
+
+    Dr. GRPO's normaliser ($C = B\cdot$max_new_tokens): unlike ``masked_mean``, a token's weight in the
+    gradient does not depend on how many tokens its answer or its batch happen to have. It equals
+    ``masked_mean`` when $C$ is the number of masked entries.
+    """
+    if not bool((torch.as_tensor(constant) > 0).all()):  # a number, or one per row with dim (NaN refused)
+        raise ValueError(f"constant must be > 0 (it divides the masked sum), got {constant}")
+    return masked_sum(x, mask, dim) / constant
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of the masked entries of ``x`` (over all of them)."""
     mean = masked_mean(x, mask)

@@ -8,7 +8,7 @@ from handworked import expect
 
 from minialign.ops import (check_choice, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
                            check_positive, check_sequence_logps, check_token_tensors, entropy_from_logits, kl_k1,
-                           kl_k2, kl_k3, masked_mean, masked_sum, masked_var, masked_whiten, model_token_logps,
+                           kl_k2, kl_k3, masked_mean, masked_sum, masked_sum_over, masked_var, masked_whiten, model_token_logps,
                            sequence_logps, token_logps)
 
 
@@ -73,6 +73,21 @@ def test_masked_sum_mean_by_hand():
         masked_mean(x, torch.zeros_like(m))
     with pytest.raises(ValueError, match="shape"):
         masked_sum(x, m[:, :2])
+
+
+def test_masked_sum_over_a_constant_by_hand():
+    x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, 5.0, 6.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # (1 + 2 + 4) / 6 = 1.166667: the masked sum over a constant (Dr. GRPO: B * max_len = 2 * 3)
+    expect(masked_sum_over(x, m, 6), 1.166667, abs=1e-6)
+    # per row over the constant 4: (1 + 2) / 4 = 0.75, 4 / 4 = 1
+    expect(masked_sum_over(x, m, 4, dim=1), [0.75, 1.0], abs=0)
+    # over the token count (3, or per row 2 and 1) it is masked_mean
+    expect(masked_sum_over(x, m, 3), masked_mean(x, m).item(), abs=1e-7)
+    expect(masked_sum_over(x, m, m.sum(1), dim=1), masked_mean(x, m, dim=1), abs=0)
+    for bad in (0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="constant must be > 0"):
+            masked_sum_over(x, m, bad)
 
 
 def test_masked_var_and_whiten():
