@@ -135,8 +135,8 @@ def main() -> None:
     if not args.write:
         record["machine"] = machine()
         wanted = [t for t in TUTORIALS if not args.only or t in args.only.split(",")]
-        for seed in range(args.seeds):
-            for name in wanted:
+        for name in wanted:          # tutorial by tutorial: a partial sweep has whole ranges
+            for seed in range(args.seeds):
                 key = f"{name}@{seed}"
                 if key in record["runs"]:
                     continue
