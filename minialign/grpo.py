@@ -151,7 +151,9 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
 
 def zero_spread_fraction(rewards, group_size: int) -> float:
     """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0)."""
-    r = torch.as_tensor(rewards).view(-1, group_size)
+    r = torch.as_tensor(rewards)
+    check_groups(r.numel(), group_size)  # a group of one always has zero spread: refused, not 1.0
+    r = r.view(-1, group_size)
     return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
 
 

@@ -251,6 +251,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """
     check_token_tensors(values=values, old_values=old_values, returns=returns, mask=mask)
     check_nonempty_rows(mask)
+    if clip_range is not None:  # a negative or NaN range would clip to nonsense and return a number
+        check_nonnegative(clip_range=clip_range)
     # Exercise value_loss (PPO value loss): from here to the end of the function.
     err = (values - returns) ** 2                                             # (B, T)
     if not clip_range:

@@ -44,6 +44,10 @@ def test_groups_are_consecutive_rows_and_zero_spread_gives_zero():
     A = group_advantages(torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64), group_size=3)
     assert A.tolist() == [0.0, 0.0, 0.0]
     assert zero_spread_fraction(r, 2) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="group of one"):      # always 'zero spread': a meaningless 1.0
+        zero_spread_fraction(r, 1)
+    with pytest.raises(ValueError, match="6 answers is not a"):  # 6 rewards do not make groups of 4
+        zero_spread_fraction(r, 4)
 
 
 def test_group_advantages_bad_input():

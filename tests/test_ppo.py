@@ -219,6 +219,9 @@ def test_value_loss_by_hand():
     expect(values.grad, [[0.0, -1 / 3, 1 / 3, 0.0]], abs=1e-5)
     plain, _ = value_loss(values, old_values, returns, mask, clip_range=None)
     expect(plain, 0.5 * (1 + 1 + 1) / 3, rel=1e-6)  # 0.5 mean (V - R)^2 = 0.5
+    for bad in (-1.0, float("nan")):  # a negative range returned 0.5, a NaN one NaN
+        with pytest.raises(ValueError, match="clip_range must be >= 0"):
+            value_loss(values, old_values, returns, mask, clip_range=bad)
 
 
 @pytest.mark.exercise("value_loss")
