@@ -7,6 +7,10 @@ dataset from a seed and knows the truth (entropy floor, hidden reward r*) to mea
 
 import importlib
 
+from .runtime import old_paths as _old_paths
+
+_old_paths.install()  # shim: old import path, removed once every importer uses minialign.runtime
+
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "ToyWorld", "WorldConfig", "__version__"]
 

@@ -36,9 +36,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from . import files
-from .files import CheckpointError, ConfigError, NonFiniteError, StageError  # noqa: F401 (re-exported)
-from . import distributed
+from .runtime import files
+from .runtime.files import CheckpointError, ConfigError, NonFiniteError, StageError  # noqa: F401 (re-exported)
+from .runtime import distributed
 from .model import GPT, load_checkpoint
 from .tokenizer import Tokenizer
 

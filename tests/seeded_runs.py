@@ -85,7 +85,7 @@ def _sha(path: Path) -> str:
 
 def run_all(root: Path, cases=CASES) -> dict:
     """Run every case under ``root``; {case: {"files": {name: sha256}, "summary": {key: value}}}."""
-    from minialign.cli import main
+    from minialign.runtime.cli import main
     chain = root / "chain"
     results = {}
     for case, stage, flags in cases:

@@ -1,11 +1,11 @@
-"""Checks minialign/cli.py: every command has --help; the pipeline names its stages."""
+"""Checks minialign/runtime/cli.py: every command has --help; the pipeline names its stages."""
 
 import subprocess
 import sys
 
 import pytest
 
-from minialign.cli import STAGES, TOOLS, build_parser, main
+from minialign.runtime.cli import STAGES, TOOLS, build_parser, main
 
 
 @pytest.mark.parametrize("command", list(STAGES) + list(TOOLS) + ["pipeline"])
@@ -30,7 +30,7 @@ def test_stage_help_opens_with_what_it_does_reads_and_writes(command, capsys):
 
 def test_top_level_help_imports_neither_torch_nor_a_stage():
     code = ("import sys, contextlib, io\n"
-            "from minialign.cli import main\n"
+            "from minialign.runtime.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['--help'])\n"
             "    except SystemExit: pass\n"

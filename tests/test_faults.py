@@ -14,9 +14,10 @@ import signal
 import pytest
 import torch
 
-from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft
+from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
+from minialign.runtime import cli, files
 from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
                              stage_problem)
 
@@ -459,7 +460,7 @@ def test_non_finite_loss_and_weights_are_refused(tmp_path):
 
 def test_non_finite_weights_are_not_exported_as_a_hugging_face_folder(tmp_path, world):
     pytest.importorskip("transformers")
-    from minialign.loading import save_hf_folder
+    from minialign.runtime.loading import save_hf_folder
     gpt = GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **TINY))
     with torch.no_grad():
         gpt.blocks[0].attn.c_attn.weight[1, 2] = float("inf")

@@ -35,7 +35,7 @@ def _model(impl: str, dtype: torch.dtype):
         model = GPT(GPTConfig(vocab_size=VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=16))
     else:
         transformers = pytest.importorskip("transformers")
-        from minialign.hf import HFCausalLM
+        from minialign.real.hf import HFCausalLM
         config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=2, n_head=2,
                                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = HFCausalLM(transformers.GPT2LMHeadModel(config))

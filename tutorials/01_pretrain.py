@@ -20,7 +20,7 @@ import random
 import torch
 from _common import banner, base_parser, parse_args, summary
 
-from minialign.evaluate import sample_texts
+from minialign.stages.evaluate import sample_texts
 from minialign.generation import generate
 from minialign.pretrain import PretrainConfig, main as pretrain
 from minialign.tokenizer import Tokenizer

@@ -69,7 +69,7 @@ def what_the_samples_show(policy_path: Path, sft_path: Path, device: str, seed: 
 
     import torch
 
-    from minialign.evaluate import sample_texts
+    from minialign.stages.evaluate import sample_texts
     from minialign.toyworld import ITEMS, ToyWorld, WorldConfig
     from minialign.train import load_policy, resolve_device
 

@@ -77,7 +77,7 @@ class Point:
 # (``dpo.sampled_kl``): exactly 0 for the SFT model itself.
 def measure(policy_path, sft_path, samples: int, seed: int, device: str) -> dict:
     from minialign.dpo import sampled_kl
-    from minialign.evaluate import review_eval
+    from minialign.stages.evaluate import review_eval
     from minialign.toyworld import ToyWorld
     from minialign.train import load_policy, resolve_device
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .model import GPT, GPTConfig
+from ..model import GPT, GPTConfig
 
 # safetensors dtype codes -> torch dtypes (the ones a language model checkpoint holds)
 SAFETENSORS_DTYPES = {

@@ -2,7 +2,7 @@
 
 Launch any stage on N processes (one per GPU, or N CPU processes with the gloo backend)::
 
-    torchrun --nproc_per_node 2 -m minialign.cli dpo --out runs/demo ...
+    torchrun --nproc_per_node 2 -m minialign dpo --out runs/demo ...
 
 Every process (a *rank*) runs the same stage code on its own device. What differs, written here
 once so that an algorithm file only calls it:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 
 from . import distributed, files
-from .model import GPT
-from .tokenizer import Tokenizer
-from .train import load_policy, save_policy  # the model a stage reads: train.input_path
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from ..train import load_policy, save_policy  # the model a stage reads: train.input_path
 
 REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a folder
 
@@ -39,11 +39,11 @@ def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Token
     if impl not in ("minialign", "hf"):
         raise ValueError(f"model_impl must be 'minialign' or 'hf', got {impl!r}")
     if path.is_dir():
-        from .hf import HFTokenizer, check_tokenizer_fits, load_hf
+        from ..real.hf import HFTokenizer, check_tokenizer_fits, load_hf
 
         if impl == "hf":
             return load_hf(path, device)
-        from .gpt2 import load_gpt2
+        from ..real.gpt2 import load_gpt2
 
         model = load_gpt2(path, device).train()
         tok = HFTokenizer.from_pretrained(path)
@@ -71,13 +71,13 @@ def save_model(model, tokenizer, stage_dir) -> Path | None:
 
 def save_hf_folder(model, tokenizer, folder) -> Path:
     """``model`` (own GPT or ``HFCausalLM``) and its tokenizer as a Hugging Face folder."""
-    from .gpt2 import save_gpt2
+    from ..real.gpt2 import save_gpt2
 
     folder = Path(folder)
     files.refuse_non_finite(model.state_dict(), folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, Tokenizer):  # the toy tokenizer, as a transformers tokenizer
-        from .hf import hf_tokenizer_from_toy
+        from ..real.hf import hf_tokenizer_from_toy
 
         hf_tok = hf_tokenizer_from_toy(tokenizer)
     else:
@@ -122,7 +122,7 @@ def save_reward_model(rm, tokenizer, stage_dir) -> Path | None:
 
 def load_reward_model(path, impl: str = "minialign", device="cpu"):
     """(reward model, tokenizer) from ``save_reward_model``'s output (file or folder), frozen."""
-    from .reward_model import RewardModel
+    from ..reward_model import RewardModel
 
     path = Path(path)
     if path.is_dir():
