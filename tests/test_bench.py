@@ -14,10 +14,10 @@ from minialign.tools.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_ste
                              time_alternately)
 from minialign.dpo import chosen_rejected_logps, dpo_loss
 from minialign.generation import generate
-from minialign.real.gpt2 import expected_gpt2_shapes, save_gpt2
 from minialign.model import GPT, GPTConfig
 from minialign.ops import model_token_logps, sequence_logps
-from minialign.train import autocast
+from minialign.real.gpt2 import expected_gpt2_shapes, save_gpt2
+from minialign.runtime.devices import autocast
 
 TINY_BENCH = dict(device="cpu", n_layer=1, n_head=2, n_embd=16, vocab_size=32, batch_size=4, seq_len=8,
                   steps=2, repeats=2, new_tokens=8, gen_batch=2, dpo_pairs=2, dpo_prompt_len=3, grpo_questions=2,

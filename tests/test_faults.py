@@ -1,4 +1,4 @@
-"""Runs that never lie: fault injection against train.py's run folder, files.py and the CLI.
+"""Runs that never lie: fault injection against minialign/runtime/ (the run folder, files.py) and the CLI.
 
 A bad value is refused before the run folder exists; a failure or Ctrl-C leaves the previous
 results intact and a status that says why, and the next stage refuses the unfinished one; a
@@ -18,8 +18,11 @@ from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
 from minialign.runtime import cli, files
-from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
-                             stage_problem)
+from minialign.runtime.config import TrainConfig
+from minialign.runtime.folders import stage_problem
+from minialign.runtime.loading import load_policy, save_policy
+from minialign.runtime.optim import optimizer_step
+from minialign.runtime.run import DivergenceWarning, Run
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 FAST = dict(progress=False, device="cpu")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from minialign.generation import generate
-from minialign.real.gpt2 import load_gpt2, read_safetensors, save_gpt2, write_safetensors
 from minialign.model import GPT, GPTConfig
+from minialign.real.gpt2 import load_gpt2, read_safetensors, save_gpt2, write_safetensors
 
 TINY = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=16)
 

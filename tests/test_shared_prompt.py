@@ -213,7 +213,7 @@ def test_a_dpo_step_with_and_without_sharing_gives_the_same_weights(world):
 
 def test_a_grpo_iteration_with_and_without_sharing_gives_the_same_weights(world):
     from minialign.grpo import GRPOConfig, grpo_iteration
-    from minialign.train import make_optimizer
+    from minialign.runtime.optim import make_optimizer
     tok = world.tokenizer
     torch.manual_seed(0)
     start = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=16)).double()

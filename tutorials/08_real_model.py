@@ -35,8 +35,8 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
+from minialign.runtime.plots import plot_panels
 from minialign.toyworld import ToyWorld, WorldConfig, write_jsonl
-from minialign.train import plot_panels
 
 
 def cli(*args) -> None:

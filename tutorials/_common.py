@@ -45,7 +45,7 @@ def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
     trained now into ``out`` (after its prerequisites) with the defaults, as the tutorial of that
     stage does."""
     from minialign.runtime.cli import ensure_stage
-    from minialign.train import partial_dir, stage_model, stage_problem
+    from minialign.runtime.folders import partial_dir, stage_model, stage_problem
     own, shared = Path(out) / stage, Path(DEFAULT_OUT) / stage
     if (not own.exists() and not partial_dir(own).exists() and own.resolve() != shared.resolve()
             and stage_problem(shared) is None):

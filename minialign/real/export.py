@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..runtime import files
 from ..runtime.loading import REWARD_HEAD, save_hf_folder
-from ..train import stage_model
+from ..runtime.folders import stage_model
 
 
 def export(source, dest) -> Path:
@@ -42,7 +42,7 @@ def export(source, dest) -> Path:
         save_hf_folder(rm.body, tok, dest)
         files.torch_save({"kind": "reward_head", "score_head": rm.score_head.state_dict()}, dest / REWARD_HEAD)
         return dest
-    from ..train import load_policy
+    from ..runtime.loading import load_policy
 
     model, tok = load_policy(source)
     save_hf_folder(model, tok, dest)

@@ -120,7 +120,7 @@ class _Closure(torch.nn.Module):
 def wrap(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
     """``DistributedDataParallel`` around ``model`` under torchrun; the model itself in one process.
 
-    Give the result to ``train.accumulated_step``: it computes each micro-batch's loss inside
+    Give the result to ``optim.accumulated_step``: it computes each micro-batch's loss inside
     DDP's forward, whose backward averages the gradients of the ranks. Sampling, evaluation and
     saving use the model itself.
     """

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from ..generation import generate
 from ..model import GPT, GPTConfig
-from ..train import Config, autocast, check_range, require, resolve_device, resolve_dtype
+from ..runtime.config import Config, check_range, require
+from ..runtime.devices import autocast, resolve_device, resolve_dtype
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -274,7 +275,7 @@ def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=N
     here, untimed, as ``dpo.main`` precomputes its table; else the reference runs in every step).
     """
     from ..dpo import DPOConfig, chosen_rejected_logps, dpo_loss
-    from ..train import make_optimizer, optimizer_step
+    from ..runtime.optim import make_optimizer, optimizer_step
 
     config = config or DPOConfig(progress=False)
     device = batches[0]["input_ids"].device
@@ -300,7 +301,7 @@ def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], 
     """One ``grpo.grpo_iteration`` (sample, score, E11-E13 updates) per call, on ``question_batches``
     in turn (cycled)."""
     from ..grpo import grpo_iteration
-    from ..train import make_optimizer
+    from ..runtime.optim import make_optimizer
 
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, config)
