@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from minialign.hf import HFCausalLM  # noqa: E402
 from minialign.ops import sequence_logps  # noqa: E402
+from minialign.real.hf import HFCausalLM  # noqa: E402
 
 GiB = 2 ** 30
 

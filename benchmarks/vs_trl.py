@@ -67,11 +67,11 @@ try:
 except ImportError as e:  # an optional benchmark: say what to install
     raise SystemExit(f"benchmarks/vs_trl.py needs TRL ({e}); install it with: pip install trl==1.16.0")
 
-from minialign.bench import dpo_step, grpo_step, spread
 from minialign.dpo import DPOConfig, preference_batch
-from minialign.gpt2 import load_gpt2
+from minialign.real.gpt2 import load_gpt2
+from minialign.real.hf import hf_tokenizer_from_toy
 from minialign.stages.grpo import GRPOConfig
-from minialign.hf import hf_tokenizer_from_toy
+from minialign.tools.bench import dpo_step, grpo_step, spread
 from minialign.toyworld import ToyWorld, WorldConfig
 
 PAIRS, PROMPT_WORDS, RESPONSE_WORDS = 64, 8, 21      # DPO: 8 + (21 + EOS) = 30 tokens per sequence

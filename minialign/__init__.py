@@ -1,11 +1,45 @@
 """minialign: a from-scratch, readable reference implementation of LLM alignment.
 
-Stages: pre-training (``pretrain``), SFT (``sft``), then alignment: a Bradley-Terry reward model,
-PPO with a value head, DPO and GRPO, one file each. The toy world (``toyworld``) generates every
-dataset from a seed and knows the truth (entropy floor, hidden reward r*) to measure against.
+The files at the top of the package are the course; read them in this order:
+
+1. ``model.py``: the tiny GPT (embeddings, causal self-attention, pre-norm blocks, tied head, KV cache)
+2. ``tokenizer.py``: the toy world's tokens, special tokens and chat template
+3. ``toyworld.py``: the toy world: its grammar, datasets and the hidden true reward r*, known exactly
+4. ``data.py``: batches with padding and masks (``input_ids``, ``attention_mask``, ``response_mask``)
+5. ``ops.py``: the shared math: token log-probs (E1), masked means, whitening, KL estimators, entropy
+6. ``generation.py``: sampling with temperature / top-k / top-p, returning the log-probs
+7. ``pretrain.py``: stage 1, language modelling (E0a)
+8. ``sft.py``: stage 2, supervised fine-tuning on the response tokens (E0b)
+9. ``reward_model.py``: the Bradley-Terry reward model (E3, E4)
+10. ``ppo.py``: PPO with a value head against the reward model (E2, E5, E6, GAE)
+11. ``dpo.py``: direct preference optimisation, no reward model (E7-E10)
+12. ``grpo.py``: group relative policy optimisation (E11-E14)
+13. ``theory.py``: what each algorithm converges to, computed exactly
+
+Then the families beyond the source, each member a small delta of its parent:
+
+14. ``policy_gradient.py``: REINFORCE, RLOO, REINFORCE++, DAPO, GSPO, CISPO (deltas of GRPO's step),
+    and ``theory_policy_gradient.py``: where each converges, computed exactly
+15. ``preference.py``: cDPO, rDPO, IPO, SimPO, KTO, ORPO (deltas of DPO's loss), ``best_of_n.py``:
+    best-of-N and rejection sampling, and ``theory_preference.py``: their exact optima
+
+What to skip on a first reading (the machinery, not the course):
+
+- ``runtime/``: configs and flags, devices, the optimizer and schedule, the run folder, the
+  ``@stage`` decorator, plots, model loading, files, torchrun, data files, the ``minialign`` command
+- ``stages/``: what the stage runners share to measure a run (``evaluate``) and reward functions
+  (``rewards``)
+- ``real/``: real models (the Hugging Face adapter, GPT-2 weights, ``minialign export``)
+- ``tools/``: ``minialign bench`` and ``minialign exercises``
+
+``train.py`` only re-exports the names of ``runtime/`` at their old path, for a while.
 """
 
 import importlib
+
+from .runtime import old_paths as _old_paths
+
+_old_paths.install()  # shim: old import path, removed once every importer uses minialign.runtime
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "ToyWorld", "WorldConfig", "__version__"]

@@ -77,12 +77,13 @@ from typing import Literal
 
 import torch
 
-from . import distributed
+from .runtime import distributed
 from .generation import Generation, generate
 from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
-from .rewards import score_answers, toy_reward
-from .train import Config, autocast, check_range
+from .stages.rewards import score_answers, toy_reward
+from .runtime.config import Config, check_range
+from .runtime.devices import autocast
 
 KL_IN = ("loss", "reward")
 AGGREGATIONS = ("answer_mean", "token_mean", "constant")

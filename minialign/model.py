@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import files
+from .runtime import files
 
 
 @dataclass

@@ -88,7 +88,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from . import distributed
+from .runtime import distributed
 from .data import minibatches
 from .generation import Generation, generate
 from .model import GPT
@@ -96,7 +96,8 @@ from .ops import (check_finite, check_in_range, check_nonempty_rows, check_nonne
                   check_positive, check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var,
                   masked_whiten, response_hidden, response_logps, token_logps)
 from .reward_model import last_token_index
-from .train import Config, autocast, check_range
+from .runtime.config import Config, check_range
+from .runtime.devices import autocast
 
 
 @dataclass

@@ -426,7 +426,7 @@ def write_jsonl(path, rows: list[dict]) -> None:
 
 def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a JSONL file; a malformed line or a missing field is an error naming file and line."""
-    from .datafiles import read_rows
+    from .runtime.datafiles import read_rows
 
     rows, bad = read_rows(path)
     bad += [(where, f"missing or non-string field(s) {missing}") for where, row in rows

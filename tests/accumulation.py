@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from minialign import distributed
+from minialign.runtime import distributed
 from minialign.toyworld import ToyWorld, WorldConfig
 
 ROWS = 12
 
 
 def float64_model(tiny_run):
-    from minialign.loading import load_policy
+    from minialign.runtime.loading import load_policy
     model, tok = load_policy(tiny_run / "sft" / "model.pt", "cpu")
     return model.double().train(), tok
 

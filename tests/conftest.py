@@ -10,7 +10,7 @@ from handworked import hand_worked_case
 
 from minialign.model import GPT, GPTConfig
 from minialign.toyworld import ToyWorld, WorldConfig
-from minialign.train import Update
+from minialign.runtime.optim import Update
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 

@@ -117,7 +117,7 @@ def write_data(folder: Path) -> Path:
 def run_all(root: Path, cases=CASES) -> dict:
     """Run every case under ``root``; {case: {"files": {name: sha256}, "summary": {key: value}}}.
     ``root`` is written as ROOT in the summaries (a data report names its file)."""
-    from minialign.cli import main
+    from minialign.runtime.cli import main
     chain = root / "chain"
     data = write_data(root / "data")
     results = {}

@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from minialign import bench
-from minialign.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
+from minialign.tools import bench
+from minialign.tools.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
                              main, matmul_flops, model_config, peak_memory_bytes, random_preference_batch, spread,
                              time_alternately)
 from minialign.dpo import chosen_rejected_logps, dpo_loss
 from minialign.generation import generate
-from minialign.gpt2 import expected_gpt2_shapes, save_gpt2
 from minialign.model import GPT, GPTConfig
 from minialign.ops import model_token_logps, sequence_logps
-from minialign.train import autocast
+from minialign.real.gpt2 import expected_gpt2_shapes, save_gpt2
+from minialign.runtime.devices import autocast
 
 TINY_BENCH = dict(device="cpu", n_layer=1, n_head=2, n_embd=16, vocab_size=32, batch_size=4, seq_len=8,
                   steps=2, repeats=2, new_tokens=8, gen_batch=2, dpo_pairs=2, dpo_prompt_len=3, grpo_questions=2,
@@ -274,7 +274,7 @@ def test_cuda_bench_tiny_bf16():
 @cuda
 def test_cuda_hf_adapter_bf16(world):
     transformers = pytest.importorskip("transformers")
-    from minialign.hf import HFCausalLM
+    from minialign.real.hf import HFCausalLM
 
     tok = world.tokenizer
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=48,

@@ -1,11 +1,12 @@
-"""Checks minialign/cli.py: every command has --help; the pipeline names its stages."""
+"""Checks minialign/runtime/cli.py: every command has --help; the pipeline names its stages."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
 
-from minialign.cli import STAGES, TOOLS, build_parser, main
+from minialign.runtime.cli import STAGES, TOOLS, build_parser, main
 
 
 @pytest.mark.parametrize("command", list(STAGES) + list(TOOLS) + ["pipeline"])
@@ -30,11 +31,12 @@ def test_stage_help_opens_with_what_it_does_reads_and_writes(command, capsys):
 
 def test_top_level_help_imports_neither_torch_nor_a_stage():
     code = ("import sys, contextlib, io\n"
-            "from minialign.cli import main\n"
+            "from minialign.runtime.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['--help'])\n"
             "    except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'numpy', 'minialign.train', 'minialign.pretrain') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'numpy', 'minialign.train', 'minialign.runtime.config', 'minialign.pretrain')\n"
+            "         if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -78,3 +80,25 @@ def test_pipeline_runs_the_stages_asked_for_in_dependency_order(monkeypatch, tmp
                             lambda config, name=name: ran.append((name, config.out, config.seed)) or {})
     main(["pipeline", "--stages", "grpo,sft,reward_model,pretrain", "--out", str(tmp_path), "--seed", "3"])
     assert ran == [(s, str(tmp_path), 3) for s in ("pretrain", "sft", "reward_model", "grpo")]
+
+
+def test_an_old_import_path_is_the_same_module_as_the_new_one():
+    from minialign.runtime import old_paths
+    assert len(old_paths.MOVED) == 12
+    for old, new in old_paths.MOVED.items():
+        module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert module.__spec__.name == new  # it keeps its own name
+        assert old.split(".") == ["minialign", new.split(".")[-1]], (old, new)  # the same file, moved
+    from minialign.loading import load_model  # as the algorithm files import it
+    assert load_model.__module__ == "minialign.runtime.loading"
+    from minialign import train
+    from minialign.runtime import loading, run, stage
+    assert (train.Run, train.stage, train.load_policy) == (run.Run, stage.stage, loading.load_policy)
+
+
+@pytest.mark.parametrize("module", ["minialign", "minialign.cli"])
+def test_python_m_runs_the_command(module):
+    done = subprocess.run([sys.executable, "-m", module, "sft", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: minialign sft")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign import exercises
+from minialign.tools import exercises
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["reading_guide.md", "course.md", "course_answers.md", "glossary.md"]
@@ -38,9 +38,9 @@ def page(name: str) -> str:
 @pytest.mark.parametrize("name", PAGES)
 def test_every_function_test_and_tutorial_named_exists(name):
     text = page(name)
-    functions = re.findall(r"`minialign/(\w+)\.py: ([\w.]+)`", text)
+    functions = re.findall(r"`minialign/([\w/]+)\.py: ([\w.]+)`", text)
     tests = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)", text)
-    files = re.findall(r"`((?:tutorials|minialign|tests)/\w+\.py)", text)
+    files = re.findall(r"`((?:tutorials|minialign|tests)/[\w/]+\.py)", text)
     assert functions or tests or files, f"{name} names no code"
     missing = [f"minialign/{f}.py: {fn}" for f, fn in functions
                if fn not in defined_names(ROOT / "minialign" / f"{f}.py")]

@@ -1,11 +1,11 @@
-"""Checks minialign/datafiles.py: TRL-format rows, bad rows named by line, --max-length as TRL 1.16."""
+"""Checks minialign/runtime/datafiles.py: TRL-format rows, bad rows named by line, --max-length as TRL 1.16."""
 
 import json
 
 import pytest
 
-from minialign.datafiles import (DataError, _implicit_prompt, preference_data, prompt_data, read_rows, sft_data,
-                                 text_data)
+from minialign.runtime.datafiles import (DataError, _implicit_prompt, preference_data, prompt_data, read_rows,
+                                         sft_data, text_data)
 
 
 def write(path, rows):
@@ -136,7 +136,7 @@ def test_parquet_rows(tmp_path, world):
 def test_real_data_flags_are_checked_when_the_config_is_made():
     from minialign.dpo import DPOConfig
     from minialign.stages.grpo import GRPOConfig
-    from minialign.loading import load_model
+    from minialign.runtime.loading import load_model
     from minialign.sft import SFTConfig
 
     with pytest.raises(ValueError, match="--eval-data is held-out data for --data"):

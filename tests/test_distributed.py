@@ -1,4 +1,4 @@
-"""Checks minialign/distributed.py: gradient accumulation and torchrun (DDP, gloo on the CPU) give
+"""Checks minialign/runtime/distributed.py: gradient accumulation and torchrun (DDP, gloo on the CPU) give
 the update of one process with the whole global batch."""
 
 import json
@@ -11,8 +11,8 @@ import pytest
 import accumulation
 import torch
 
-from minialign import distributed
 from minialign.dpo import DPOConfig, main as dpo
+from minialign.runtime import distributed
 from minialign.sft import SFTConfig, main as sft
 
 SMALL_SFT = dict(steps=3, batch_size=8, lr=1e-3, num_examples=64, eval_size=8, eval_every=100,
@@ -57,7 +57,7 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(tiny_run):
 def _torchrun(args, cwd):
     exe = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([exe, "--standalone", "--nproc_per_node", "2", "-m", "minialign.cli", *args],
+    done = subprocess.run([exe, "--standalone", "--nproc_per_node", "2", "-m", "minialign", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -69,7 +69,7 @@ def test_every_test_the_docs_cite_exists():
 
 
 def test_one_notation_and_no_path_outside_the_repository():
-    for path in DOCS + sorted((ROOT / "minialign").glob("*.py")) + [ROOT / "README.md"]:
+    for path in DOCS + sorted((ROOT / "minialign").rglob("*.py")) + [ROOT / "README.md"]:
         text = path.read_text()
         assert ".. math::" not in text, f"{path.name} uses RST math; write $...$ as GitHub renders it"
         assert "seeds/" not in text, f"{path.name} names the source post's path, outside this repository"

@@ -1,4 +1,4 @@
-"""Checks minialign/exercises.py and the ``expect`` helper: the markers agree with the registry,
+"""Checks minialign/tools/exercises.py and the ``expect`` helper: the markers agree with the registry,
 ``make`` removes every marked body (the copy imports, each exercise's tests fail with
 NotImplementedError), ``check`` passes an unmodified copy and reports a wrong solution with the
 hand-worked case and the numbers expected and received."""
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from handworked import expect
 
-from minialign import exercises
-from minialign.cli import main as cli
+from minialign.runtime.cli import main as cli
+from minialign.tools import exercises
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,10 +138,11 @@ def test_make_removes_every_marked_body(tmp_path):
     for e in exercises.EXERCISES:
         assert f'raise NotImplementedError("exercise {e.name} ({e.equations})' in \
             (copy / "minialign" / e.file).read_text(), e.name
-    # the copy imports: every module of the package, from the copy
-    modules = sorted(p.stem for p in (copy / "minialign").glob("*.py") if p.stem not in ("__init__", "hf", "gpt2"))
+    # the copy imports: every module of the package and its subpackages, from the copy
+    modules = sorted(".".join(p.relative_to(copy).with_suffix("").parts) for p in (copy / "minialign").rglob("*.py")
+                     if p.stem not in ("__init__", "__main__", "hf", "gpt2"))
     code = "import importlib, minialign; print(minialign.__file__); " + "; ".join(
-        f"importlib.import_module('minialign.{m}')" for m in modules)
+        f"importlib.import_module('{m}')" for m in modules)
     out = subprocess.run([sys.executable, "-c", code], cwd=copy, env={"PYTHONPATH": str(copy)},
                          capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()).parent == copy / "minialign"

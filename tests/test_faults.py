@@ -1,4 +1,4 @@
-"""Runs that never lie: fault injection against train.py's run folder, files.py and the CLI.
+"""Runs that never lie: fault injection against minialign/runtime/ (the run folder, files.py) and the CLI.
 
 A bad value is refused before the run folder exists; a failure or Ctrl-C leaves the previous
 results intact and a status that says why, and the next stage refuses the unfinished one; a
@@ -14,12 +14,17 @@ import signal
 import pytest
 import torch
 
-from minialign import cli, dpo, files, grpo, ppo, pretrain, reward_model, sft, train
+from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
+from minialign.runtime import optim
 from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
-from minialign.train import (DivergenceWarning, Run, TrainConfig, load_policy, optimizer_step, save_policy,
-                             stage_problem)
+from minialign.runtime import cli, files
+from minialign.runtime.config import TrainConfig
+from minialign.runtime.folders import stage_problem
+from minialign.runtime.loading import load_policy, save_policy
+from minialign.runtime.optim import optimizer_step
+from minialign.runtime.run import DivergenceWarning, Run
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 FAST = dict(progress=False, device="cpu")
@@ -67,8 +72,8 @@ def config(stage, out, inputs=None, **kw):
 MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo_stage,
            "grpo": grpo_stage}
 # where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm; a step given the
-# update hook reaches it through train.gradient_update)
-STEPPERS = {**MODULES, "sft": pretrain, "ppo": train, "grpo": train}
+# update hook reaches it through runtime.optim.gradient_update)
+STEPPERS = {**MODULES, "sft": pretrain, "ppo": optim, "grpo": optim}
 
 
 def at_step(monkeypatch, stage, step, action):
@@ -462,7 +467,7 @@ def test_non_finite_loss_and_weights_are_refused(tmp_path):
 
 def test_non_finite_weights_are_not_exported_as_a_hugging_face_folder(tmp_path, world):
     pytest.importorskip("transformers")
-    from minialign.loading import save_hf_folder
+    from minialign.runtime.loading import save_hf_folder
     gpt = GPT(GPTConfig(vocab_size=world.tokenizer.vocab_size, **TINY))
     with torch.no_grad():
         gpt.blocks[0].attn.c_attn.weight[1, 2] = float("inf")

@@ -1,4 +1,4 @@
-"""GPT-2 checkpoints in minialign's GPT (minialign/gpt2.py).
+"""GPT-2 checkpoints in minialign's GPT (minialign/real/gpt2.py).
 
 The safetensors reader/writer and the round trip run everywhere; the comparisons with
 ``transformers.GPT2LMHeadModel`` skip where the ``hf`` extra is not installed.
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from minialign.generation import generate
-from minialign.gpt2 import load_gpt2, read_safetensors, save_gpt2, write_safetensors
 from minialign.model import GPT, GPTConfig
+from minialign.real.gpt2 import load_gpt2, read_safetensors, save_gpt2, write_safetensors
 
 TINY = dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=16)
 

@@ -1,4 +1,4 @@
-"""The model interface and the Hugging Face adapter (minialign/hf.py).
+"""The model interface and the Hugging Face adapter (minialign/real/hf.py).
 
 A tiny random ``GPT2LMHeadModel`` on the toy world's vocabulary, saved to a temporary folder
 and loaded back through ``HFCausalLM`` / ``HFTokenizer`` (no network), runs one DPO step and one
@@ -20,8 +20,8 @@ from minialign.dpo import chosen_rejected_logps, dpo_loss, preference_batch, tok
 from minialign.generation import generate  # noqa: E402
 from minialign.grpo import group_advantages, grpo_iteration, grpo_loss, response_logps  # noqa: E402
 from minialign.stages.grpo import GRPOConfig  # noqa: E402
-from minialign.train import gradient_update  # noqa: E402
-from minialign.hf import (CausalLM, HFCausalLM, HFTokenizer, check_tokenizer_fits, hf_tokenizer_from_toy,  # noqa: E402
+from minialign.runtime.optim import gradient_update  # noqa: E402
+from minialign.real.hf import (CausalLM, HFCausalLM, HFTokenizer, check_tokenizer_fits, hf_tokenizer_from_toy,  # noqa: E402
                           load_hf)
 from minialign.model import GPT, GPTConfig  # noqa: E402
 from minialign.ops import model_token_logps  # noqa: E402

@@ -385,7 +385,7 @@ def test_ppo_hyperparams_are_checked_alone():
 
 def _tiny_reward_model(tiny_run):
     from minialign.reward_model import RewardModel
-    from minialign.train import load_policy
+    from minialign.runtime.loading import load_policy
     path = tiny_run / "ppo_test_rm" / "model.pt"
     if not path.is_file():
         torch.manual_seed(0)
@@ -423,7 +423,7 @@ def test_ppo_end_to_end_tiny(tiny_run, tmp_path, options):
     # on the first epoch of the first rollout the policy is the rollout policy: the KL to pi_ref is 0
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert math.isfinite(summary["true_reward"]) and -7 <= summary["true_reward"] <= 7
-    from minialign.train import load_policy
+    from minialign.runtime.loading import load_policy
     load_policy(run / "model.pt")                               # a plain policy checkpoint
 
 

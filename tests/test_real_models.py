@@ -13,11 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minialign.cli import main  # noqa: E402
-from minialign.gpt2 import load_gpt2  # noqa: E402
-from minialign.hf import hf_tokenizer_from_toy  # noqa: E402
-from minialign.loading import load_model, load_reward_model  # noqa: E402
+from minialign.real.gpt2 import load_gpt2  # noqa: E402
+from minialign.real.hf import hf_tokenizer_from_toy  # noqa: E402
 from minialign.reward_model import RewardModel  # noqa: E402
+from minialign.runtime.cli import main  # noqa: E402
+from minialign.runtime.loading import load_model, load_reward_model  # noqa: E402
 from minialign.toyworld import write_jsonl  # noqa: E402
 
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "0"]

@@ -12,7 +12,7 @@ from minialign.model import GPT
 from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability, centring_penalty,
                                     collate_pairs, encode_pairs, last_token_index, main,
                                     pair_rewards, reward_function, reward_model_loss, score)
-from minialign.train import save_policy
+from minialign.runtime.loading import save_policy
 
 # ----------------------------------------------------------------------------------------------
 # E3: Bradley-Terry probability

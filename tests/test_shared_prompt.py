@@ -35,7 +35,7 @@ def _model(impl: str, dtype: torch.dtype):
         model = GPT(GPTConfig(vocab_size=VOCAB, block_size=24, n_layer=2, n_head=2, n_embd=16))
     else:
         transformers = pytest.importorskip("transformers")
-        from minialign.hf import HFCausalLM
+        from minialign.real.hf import HFCausalLM
         config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=2, n_head=2,
                                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = HFCausalLM(transformers.GPT2LMHeadModel(config))
@@ -214,7 +214,7 @@ def test_a_dpo_step_with_and_without_sharing_gives_the_same_weights(world):
 def test_a_grpo_iteration_with_and_without_sharing_gives_the_same_weights(world):
     from minialign.grpo import grpo_iteration
     from minialign.stages.grpo import GRPOConfig
-    from minialign.train import gradient_update, make_optimizer
+    from minialign.runtime.optim import gradient_update, make_optimizer
     tok = world.tokenizer
     torch.manual_seed(0)
     start = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=16)).double()

@@ -1,4 +1,4 @@
-"""Checks minialign/train.py: config flags, the schedule, the optimizer step, the run folder."""
+"""Checks minialign/runtime/: config flags, the schedule, the optimizer step, the run folder, plots."""
 
 import argparse
 import json
@@ -8,8 +8,12 @@ from typing import Literal, Optional
 import pytest
 import torch
 
-from minialign.train import (Run, TrainConfig, add_config_args, config_from_args, load_policy,
-                             lr_at, make_optimizer, optimizer_step, resolve_device, save_policy)
+from minialign.runtime.config import TrainConfig
+from minialign.runtime.devices import resolve_device
+from minialign.runtime.flags import add_config_args, config_from_args
+from minialign.runtime.loading import load_policy, save_policy
+from minialign.runtime.optim import lr_at, make_optimizer, optimizer_step
+from minialign.runtime.run import Run
 
 
 @dataclass

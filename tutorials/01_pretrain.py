@@ -20,12 +20,13 @@ import random
 import torch
 from _common import banner, base_parser, parse_args, summary
 
-from minialign.evaluate import sample_texts
 from minialign.generation import generate
 from minialign.pretrain import PretrainConfig, main as pretrain
+from minialign.runtime.devices import resolve_device
+from minialign.runtime.loading import load_policy
+from minialign.stages.evaluate import sample_texts
 from minialign.tokenizer import Tokenizer
 from minialign.toyworld import ToyWorld, WorldConfig
-from minialign.train import load_policy, resolve_device
 
 parser = base_parser(__doc__.split("\n")[0])
 parser.add_argument("--steps", type=int, default=PretrainConfig.steps, help="pre-training steps")

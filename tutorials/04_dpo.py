@@ -26,7 +26,7 @@ import torch
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
 from minialign.dpo import DPOConfig, implied_reward, log_partition, main as dpo, optimal_policy, preference_probability
-from minialign.train import plot_panels
+from minialign.runtime.plots import plot_panels
 
 parser = base_parser(__doc__.splitlines()[0])
 parser.add_argument("--betas", type=lambda s: [float(b) for b in s.split(",")], default=[0.1, 1.0, 10.0],

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_reward_model, ensure_sft, parse_args, summary
 
+from minialign.runtime.plots import plot_panels, standardise
 from minialign.stages.ppo import PPOConfig, main as ppo
-from minialign.train import plot_panels, standardise
 
 parser = base_parser(__doc__.split("\n")[0])
 d = PPOConfig()
@@ -69,9 +69,10 @@ def what_the_samples_show(policy_path: Path, sft_path: Path, device: str, seed: 
 
     import torch
 
-    from minialign.evaluate import sample_texts
+    from minialign.runtime.devices import resolve_device
+    from minialign.runtime.loading import load_policy
+    from minialign.stages.evaluate import sample_texts
     from minialign.toyworld import ITEMS, ToyWorld, WorldConfig
-    from minialign.train import load_policy, resolve_device
 
     world, dev = ToyWorld(WorldConfig()), resolve_device(device)
     prompts = [p for p in world.review_prompts() for _ in range(per_prompt)]

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
+from minialign.runtime.plots import plot_panels
 from minialign.stages.grpo import GRPOConfig, main as grpo
-from minialign.train import plot_panels
 
 parser = base_parser(__doc__.split("\n")[0])
 parser.add_argument("--init", default="", help="SFT checkpoint (default: <out>/sft/model.pt, "

@@ -30,7 +30,7 @@ import _common  # (puts the source checkout on sys.path)
 import torch
 
 from minialign import theory as T
-from minialign.train import plot_panels
+from minialign.runtime.plots import plot_panels
 
 parser = _common.base_parser(__doc__.splitlines()[0])
 parser.add_argument("--beta", type=float, default=0.5, help="KL coefficient of the graded problem")

@@ -35,14 +35,14 @@ from pathlib import Path
 
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
+from minialign.runtime.plots import plot_panels
 from minialign.toyworld import ToyWorld, WorldConfig, write_jsonl
-from minialign.train import plot_panels
 
 
 def cli(*args) -> None:
-    """One ``minialign`` command, as a user types it (``python -m minialign.cli`` = ``minialign``)."""
+    """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``)."""
     print("$ minialign " + " ".join(str(a) for a in args))
-    subprocess.run([sys.executable, "-m", "minialign.cli", *map(str, args)], check=True,
+    subprocess.run([sys.executable, "-m", "minialign", *map(str, args)], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 
@@ -157,7 +157,7 @@ Try this (its seeded outcome is in docs/course.md, beyond the course):
   python tutorials/08_real_model.py --grad-accum 4 --out runs/real_model_accum
       each optimizer step from four micro-batches (a quarter of the memory per forward pass): the
       same losses as above up to float rounding, and again the same through transformers.
-Beyond one process: torchrun --nproc_per_node 2 -m minialign.cli dpo --model FOLDER --data FILE ...
+Beyond one process: torchrun --nproc_per_node 2 -m minialign dpo --model FOLDER --data FILE ...
 (the same weights as one process: tests/test_distributed.py); --max-length 12 cuts rows as TRL does.
 """
 print(TRY_THIS)

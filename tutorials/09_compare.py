@@ -77,9 +77,10 @@ class Point:
 # (``dpo.sampled_kl``): exactly 0 for the SFT model itself.
 def measure(policy_path, sft_path, samples: int, seed: int, device: str) -> dict:
     from minialign.dpo import sampled_kl
-    from minialign.evaluate import review_eval
+    from minialign.runtime.devices import resolve_device
+    from minialign.runtime.loading import load_policy
+    from minialign.stages.evaluate import review_eval
     from minialign.toyworld import ToyWorld
-    from minialign.train import load_policy, resolve_device
 
     world = ToyWorld()
     device = resolve_device(device)
@@ -130,10 +131,12 @@ def train_grpo_on_reviews(args, sft: Path, rm: Path, **common) -> Path:
 
     from minialign.grpo import grpo_iteration
     from minialign.reward_model import RewardModel, reward_function
+    from minialign.runtime.devices import resolve_device, seed_everything
+    from minialign.runtime.loading import load_policy, save_policy
+    from minialign.runtime.optim import gradient_update, make_optimizer
+    from minialign.runtime.run import progress
     from minialign.stages.grpo import GRPOConfig
     from minialign.toyworld import ToyWorld
-    from minialign.train import (gradient_update, load_policy, make_optimizer, progress, resolve_device, save_policy,
-                                 seed_everything)
 
     world = ToyWorld()
     prompts = world.review_prompts()

@@ -3,7 +3,7 @@
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
 tutorial needs the models of the earlier ones; if they are missing (or unfinished, or made from
 a model that has changed since) it trains them first with the default settings (pre-training
-then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.cli.ensure_stage``, what
+then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.runtime.cli.ensure_stage``, what
 ``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
 before (``overwrite=True``), whatever flags it was given then. An experiment written to another
 folder (``--out runs/my_try``) starts from the complete models of ``runs/tutorial`` when it has
@@ -44,8 +44,8 @@ def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
     an unfinished one), the tutorials' own ``runs/tutorial/<stage>`` when it is complete; else
     trained now into ``out`` (after its prerequisites) with the defaults, as the tutorial of that
     stage does."""
-    from minialign.cli import ensure_stage
-    from minialign.train import partial_dir, stage_model, stage_problem
+    from minialign.runtime.cli import ensure_stage
+    from minialign.runtime.folders import partial_dir, stage_model, stage_problem
     own, shared = Path(out) / stage, Path(DEFAULT_OUT) / stage
     if (not own.exists() and not partial_dir(own).exists() and own.resolve() != shared.resolve()
             and stage_problem(shared) is None):

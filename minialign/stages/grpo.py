@@ -8,12 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed
+from ..runtime import distributed
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
-from ..loading import load_model, save_model
+from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
-from ..train import (ConfigError, Run, TrainConfig, check_range, gradient_update, input_path, make_optimizer,
-                     resolve_device, seed_everything, stage)
+from ..runtime.config import TrainConfig, check_range
+from ..runtime.devices import resolve_device, seed_everything
+from ..runtime.files import ConfigError
+from ..runtime.folders import input_path
+from ..runtime.optim import gradient_update, make_optimizer
+from ..runtime.run import Run
+from ..runtime.stage import stage
 from .rollout_tasks import grpo_task
 
 

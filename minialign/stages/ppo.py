@@ -8,13 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed, files
-from ..loading import load_model, load_reward_model, same_tokenizer, save_model
+from ..runtime import distributed, files
+from ..runtime.loading import load_model, load_reward_model, same_tokenizer, save_model
 from ..ppo import AdaptiveKLController, PolicyWithValueHead, PPOHyperparams, ppo_iteration
 from ..reward_model import RewardModel
 from ..toyworld import ToyWorld, WorldConfig
-from ..train import (Run, TrainConfig, check_range, gradient_update, input_path, make_optimizer, resolve_device,
-                     seed_everything, stage)
+from ..runtime.config import TrainConfig, check_range
+from ..runtime.devices import resolve_device, seed_everything
+from ..runtime.folders import input_path
+from ..runtime.optim import gradient_update, make_optimizer
+from ..runtime.run import Run
+from ..runtime.stage import stage
 from .ppo_plots import plots
 from .rollout_tasks import ppo_task
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..train import Run, standardise
+from ..runtime.plots import standardise
+from ..runtime.run import Run
 
 
 def plots(run: Run, config, sft_true_reward: float | None) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
-from ..datafiles import prompt_data
-from ..evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts
-from ..rewards import exact_match_reward, load_reward, toy_reward
-from ..train import check_max_new_tokens
+from ..runtime import distributed
+from ..runtime.datafiles import prompt_data
+from .evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts
+from .rewards import exact_match_reward, load_reward, toy_reward
+from ..runtime.config import check_max_new_tokens
 
 
 class RolloutTask:

@@ -333,7 +333,7 @@ def hf_tokenizer_from_toy(tok):
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from .tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
+    from ..tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
 
     raw = RawTokenizer(models.WordLevel(vocab=dict(tok.stoi), unk_token=None))
     raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),

@@ -2,7 +2,7 @@
 
 Launch any stage on N processes (one per GPU, or N CPU processes with the gloo backend)::
 
-    torchrun --nproc_per_node 2 -m minialign.cli dpo --out runs/demo ...
+    torchrun --nproc_per_node 2 -m minialign dpo --out runs/demo ...
 
 Every process (a *rank*) runs the same stage code on its own device. What differs, written here
 once so that an algorithm file only calls it:
@@ -120,7 +120,7 @@ class _Closure(torch.nn.Module):
 def wrap(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
     """``DistributedDataParallel`` around ``model`` under torchrun; the model itself in one process.
 
-    Give the result to ``train.accumulated_step``: it computes each micro-batch's loss inside
+    Give the result to ``optim.accumulated_step``: it computes each micro-batch's loss inside
     DDP's forward, whose backward averages the gradients of the ranks. Sampling, evaluation and
     saving use the model itself.
     """

@@ -3,7 +3,7 @@
 Two kinds of model folder, one interface (``hf.CausalLM``) for the algorithms:
 
 - **toy-world checkpoints** ``model.pt``: minialign's GPT and the toy tokenizer, what every
-  stage writes when it starts from the toy world (``train.save_policy``).
+  stage writes when it starts from the toy world (``save_policy``, ``load_policy``).
 - **Hugging Face folders** (``config.json``, weights, tokenizer files), given with
   ``--model PATH``. ``--model-impl hf`` runs them through ``transformers`` (any causal LM:
   GPT-2, Llama, Qwen, ...); ``--model-impl minialign`` (the default) loads the weights into
@@ -19,13 +19,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
+from ..model import GPT, load_checkpoint
+from ..tokenizer import Tokenizer
 from . import distributed, files
-from .model import GPT
-from .tokenizer import Tokenizer
-from .train import load_policy, save_policy  # the model a stage reads: train.input_path
 
 REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a folder
+
+
+# ----------------------------------------------------------------------------------------------
+# toy-world checkpoints: minialign's GPT and the toy tokenizer in one model.pt
+# ----------------------------------------------------------------------------------------------
+
+
+def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
+    """The GPT and its toy tokenizer in one checkpoint, atomically (``load_policy`` reads it)."""
+    model.save(path, tokenizer=tokenizer.state_dict())
+
+
+def checkpoint_tokenizer(ckpt: dict, path, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer saved in a checkpoint, checked against ``tokenizer`` (if given) and the model."""
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{path} has no tokenizer state; save it with minialign.runtime.loading.save_policy")
+    saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    if tokenizer is not None and saved_tok != tokenizer:
+        raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
+                         f"than the one given ({tokenizer.vocab_size} tokens)")
+    if ckpt["config"]["vocab_size"] != saved_tok.vocab_size:
+        raise ValueError(f"{path}: model vocab_size {ckpt['config']['vocab_size']} != tokenizer's "
+                         f"{saved_tok.vocab_size}")
+    return saved_tok
+
+
+def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
+    """A GPT and the tokenizer it was trained with; ``tokenizer``, if given, must be the same."""
+    ckpt = load_checkpoint(path)
+    saved_tok = checkpoint_tokenizer(ckpt, path, tokenizer)
+    model = GPT.from_checkpoint(ckpt, source=str(path))
+    return model.to(device), saved_tok
+
+
+# ----------------------------------------------------------------------------------------------
+# any model: a toy checkpoint or a Hugging Face folder
+# ----------------------------------------------------------------------------------------------
 
 
 def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Tokenizer | None = None):
@@ -39,11 +74,11 @@ def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Token
     if impl not in ("minialign", "hf"):
         raise ValueError(f"model_impl must be 'minialign' or 'hf', got {impl!r}")
     if path.is_dir():
-        from .hf import HFTokenizer, check_tokenizer_fits, load_hf
+        from ..real.hf import HFTokenizer, check_tokenizer_fits, load_hf
 
         if impl == "hf":
             return load_hf(path, device)
-        from .gpt2 import load_gpt2
+        from ..real.gpt2 import load_gpt2
 
         model = load_gpt2(path, device).train()
         tok = HFTokenizer.from_pretrained(path)
@@ -71,13 +106,13 @@ def save_model(model, tokenizer, stage_dir) -> Path | None:
 
 def save_hf_folder(model, tokenizer, folder) -> Path:
     """``model`` (own GPT or ``HFCausalLM``) and its tokenizer as a Hugging Face folder."""
-    from .gpt2 import save_gpt2
+    from ..real.gpt2 import save_gpt2
 
     folder = Path(folder)
     files.refuse_non_finite(model.state_dict(), folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, Tokenizer):  # the toy tokenizer, as a transformers tokenizer
-        from .hf import hf_tokenizer_from_toy
+        from ..real.hf import hf_tokenizer_from_toy
 
         hf_tok = hf_tokenizer_from_toy(tokenizer)
     else:
@@ -122,7 +157,7 @@ def save_reward_model(rm, tokenizer, stage_dir) -> Path | None:
 
 def load_reward_model(path, impl: str = "minialign", device="cpu"):
     """(reward model, tokenizer) from ``save_reward_model``'s output (file or folder), frozen."""
-    from .reward_model import RewardModel
+    from ..reward_model import RewardModel
 
     path = Path(path)
     if path.is_dir():

@@ -5,11 +5,11 @@
     minialign dpo --out runs/demo --with-prerequisites   # trains pretrain and sft first if needed
     minialign pipeline --out runs/demo        # every stage below, in order, into one folder
     minialign export runs/demo/dpo DIR        # a trained model as a Hugging Face folder
-    torchrun --nproc_per_node 2 -m minialign.cli dpo ...   # any stage on several processes (DDP)
+    torchrun --nproc_per_node 2 -m minialign dpo ...   # any stage on several processes (DDP)
     minialign exercises make course/          # a copy with the equations' bodies to write
 
 Each stage module has a dataclass config (its flags, checked by its ``validate()``) and a
-``main(config) -> summary`` wrapped by ``train.stage``. A command's module (and torch) is imported
+``main(config) -> summary`` wrapped by ``runtime.stage.stage``. A command's module (and torch) is imported
 only when that command runs or prints its help, so ``minialign --help`` answers at once.
 
 An expected error (a bad flag value, a missing or corrupt checkpoint, an input stage that did not
@@ -29,7 +29,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import exercises, files
+from . import files
+from ..tools import exercises
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
 STAGES = {
@@ -42,7 +43,7 @@ STAGES = {
 }
 # other commands that are not pipeline stages: name -> (module, config class, help)
 TOOLS = {
-    "bench": ("minialign.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
+    "bench": ("minialign.tools.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
 # the pipeline's flags: the settings every stage shares (TrainConfig's fields of these names)
 PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every", "resume", "overwrite")
@@ -83,7 +84,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
             _add_command_args(p, config_cls, help_, prerequisites=name in STAGES)
     p = sub.add_parser("pipeline", help="run every stage in order into one run folder: " + ", ".join(STAGES))
     if commands is None or "pipeline" in commands:
-        from .train import TrainConfig
+        from ..runtime.config import TrainConfig
         _add_command_args(p, TrainConfig, only=PIPELINE_SHARED, prerequisites=True)
         p.description = (f"Run the stages in order ({', '.join(STAGES)}) into OUT/<stage>/,\n"
                          "each with its defaults and the shared flags below. With --resume, a stage already\n"
@@ -103,7 +104,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def _add_command_args(p, config_cls, help_: str = "", only=None, prerequisites: bool = False) -> None:
-    from .train import add_config_args
+    from ..runtime.flags import add_config_args
     doc = inspect.cleandoc(config_cls.__doc__ or "")
     if help_ and (not doc or doc.startswith(config_cls.__name__ + "(")):  # the dataclass's generated signature
         doc = help_
@@ -126,7 +127,7 @@ def ensure_stage(name: str, **shared) -> Path:
     inputs that changed, train it now (its own inputs first). A missing stage runs with its
     defaults and ``shared`` settings, an interrupted one resumes, a stale one reruns with the
     settings recorded in its folder."""
-    from .train import RESUME, partial_dir, stage_model, stage_problem
+    from ..runtime.folders import RESUME, partial_dir, stage_model, stage_problem
     final = Path(shared["out"]) / name
     problem = stage_problem(final)
     if problem is None:
@@ -238,13 +239,13 @@ def _run(argv: list[str]) -> int:
     args = build_parser(commands).parse_args(argv)
     name = _canonical(args.command)
     if name == "export":
-        from .export import export
+        from ..real.export import export
         print(f"wrote {export(args.source, args.dest)}")
         return 0
     if name == "exercises":
         return exercises.cli_main(args)
     from . import distributed
-    from .train import config_from_args
+    from ..runtime.flags import config_from_args
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
         if name == "pipeline":
             run_pipeline(args)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .generation import generate
-from .tokenizer import Tokenizer
-from .toyworld import ToyWorld
+from ..generation import generate
+from ..tokenizer import Tokenizer
+from ..toyworld import ToyWorld
 
 
 def sample_texts(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 24,

@@ -30,9 +30,9 @@ raw little-endian tensor bytes. ``read_safetensors`` does exactly that.
 
 Usage::
 
-    from minialign.gpt2 import load_gpt2
+    from minialign.real.gpt2 import load_gpt2
     model = load_gpt2("path/to/gpt2")          # a folder saved by save_pretrained, no network
-    # the tokenizer: minialign.hf.HFTokenizer.from_pretrained("path/to/gpt2") (needs the hf extra)
+    # the tokenizer: minialign.real.hf.HFTokenizer.from_pretrained("path/to/gpt2") (needs the hf extra)
     save_gpt2(model, "out/folder")             # the inverse: a folder transformers can load
 """
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .model import GPT, GPTConfig
+from ..model import GPT, GPTConfig
 
 # safetensors dtype codes -> torch dtypes (the ones a language model checkpoint holds)
 SAFETENSORS_DTYPES = {

@@ -14,9 +14,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import files
-from .loading import REWARD_HEAD, save_hf_folder
-from .train import stage_model
+from ..runtime import files
+from ..runtime.loading import REWARD_HEAD, save_hf_folder
+from ..runtime.folders import stage_model
 
 
 def export(source, dest) -> Path:
@@ -32,17 +32,17 @@ def export(source, dest) -> Path:
     if source.is_dir():
         shutil.copytree(source, dest, dirs_exist_ok=True)
         return dest
-    from .model import load_checkpoint
+    from ..model import load_checkpoint
 
     ckpt = load_checkpoint(source)
     if ckpt.get("kind") == "reward_model":
-        from .reward_model import RewardModel
+        from ..reward_model import RewardModel
 
         rm, tok = RewardModel.load(source)
         save_hf_folder(rm.body, tok, dest)
         files.torch_save({"kind": "reward_head", "score_head": rm.score_head.state_dict()}, dest / REWARD_HEAD)
         return dest
-    from .train import load_policy
+    from ..runtime.loading import load_policy
 
     model, tok = load_policy(source)
     save_hf_folder(model, tok, dest)

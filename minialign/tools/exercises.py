@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent          # the minialign package that runs this code
+PACKAGE = Path(__file__).resolve().parent.parent   # the minialign package that runs this code
 REPO = PACKAGE.parent                              # its source checkout (tests/, tutorials/)
 
 

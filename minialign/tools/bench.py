@@ -47,9 +47,10 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from .generation import generate
-from .model import GPT, GPTConfig
-from .train import Config, autocast, check_range, require, resolve_device, resolve_dtype
+from ..generation import generate
+from ..model import GPT, GPTConfig
+from ..runtime.config import Config, check_range, require
+from ..runtime.devices import autocast, resolve_device, resolve_dtype
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -273,8 +274,8 @@ def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=N
     ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref is read from a table computed
     here, untimed, as ``dpo.main`` precomputes its table; else the reference runs in every step).
     """
-    from .dpo import DPOConfig, chosen_rejected_logps, dpo_loss
-    from .train import make_optimizer, optimizer_step
+    from ..dpo import DPOConfig, chosen_rejected_logps, dpo_loss
+    from ..runtime.optim import make_optimizer, optimizer_step
 
     config = config or DPOConfig(progress=False)
     device = batches[0]["input_ids"].device
@@ -299,8 +300,8 @@ def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=N
 def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], config) -> Callable[[], dict]:
     """One ``grpo.grpo_iteration`` (sample, score, E11-E13 updates) per call, on ``question_batches``
     in turn (cycled)."""
-    from .grpo import grpo_iteration
-    from .train import gradient_update, make_optimizer
+    from ..grpo import grpo_iteration
+    from ..runtime.optim import gradient_update, make_optimizer
 
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, config)
@@ -370,7 +371,7 @@ def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
 
 
 def pretrain_figure(cfg: BenchConfig, device) -> dict:
-    from .pretrain import PretrainConfig, main as pretrain
+    from ..pretrain import PretrainConfig, main as pretrain
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
@@ -413,7 +414,7 @@ def model_matmul_flops(config: GPTConfig, device, dtype: str) -> float:
 def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
     """A DPO step (policy forward and backward, reference forward, E9, AdamW) with the shared
     prompt and with the plain forward, alternated, from the same fresh model."""
-    from .dpo import DPOConfig
+    from ..dpo import DPOConfig
 
     P = cfg.dpo_prompt_len
     if not 1 <= P < cfg.seq_len:
@@ -434,8 +435,8 @@ def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> d
 def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
     """A GRPO iteration (sample G answers per question, score, E11-E13 updates: ``grpo.grpo_iteration``
     with its defaults, one minibatch of all answers) with the shared prompt and without, alternated."""
-    from .stages.grpo import GRPOConfig
-    from .toyworld import ToyWorld, WorldConfig
+    from ..stages.grpo import GRPOConfig
+    from ..toyworld import ToyWorld, WorldConfig
 
     world = ToyWorld(WorldConfig(seed=0))
     tok = world.tokenizer
@@ -483,7 +484,7 @@ def main(cfg: BenchConfig) -> dict:
     resolve_dtype(cfg.dtype)  # a bad --dtype fails here, before any timing
     torch.manual_seed(cfg.seed)
     if cfg.gpt2_path:
-        from .gpt2 import load_gpt2
+        from ..real.gpt2 import load_gpt2
         model = load_gpt2(cfg.gpt2_path, device)
         config = model.config
     else:

@@ -1,0 +1,80 @@
+"""Seeds, devices and dtypes: where a run computes, in which precision, and every random generator
+it draws from (saved and restored by a resumable checkpoint)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from . import distributed
+from .files import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def valid_device_name(name: str) -> bool:
+    """``auto`` or a name ``torch.device`` accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device named (``auto``: CUDA, else MPS, else CPU); under torchrun, this rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return distributed.device_for_rank(torch.device("cuda"))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available here (try --device cpu)")
+    return distributed.device_for_rank(device)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16/fp16 autocast for the matmuls; a no-op in float32. ``ops`` keeps log-probs float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=resolve_dtype(dtype))
+
+
+def rng_state() -> dict:
+    """Every global random generator: python, numpy, torch's CPU one and (if in use) CUDA's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

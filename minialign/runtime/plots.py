@@ -1,0 +1,130 @@
+"""Every figure of the stages and the tutorials, drawn by ``plot_panels`` (panels side by side with
+a caption that says what to see) and ``plot_scatter``; ``plot_metrics`` and ``plot_metric_panels``
+draw a run's logged metrics against the step. matplotlib is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", width: float = 5.0,
+                height: float = 4.0) -> Path:
+    """Panels side by side in one PNG, with a one-line caption under them that says what to see.
+
+    One panel per unit. Each panel is a dict with ``title``, ``xlabel`` and ``ylabel`` (each naming
+    its unit) and ``curves``, a list of ``(x, y, label)`` or ``(x, y, label, fmt)`` whose labels are
+    words, not metric keys; optional ``hlines`` (a list of ``(y, label)``), ``bars`` (a list of
+    ``(x, heights, label)``), ``xlim``, ``ylim``, ``xscale``, ``yscale``, ``xticks`` (positions,
+    labels) and ``legend`` (a matplotlib legend location, or False). A series of at most 30 points
+    drawn without a ``fmt`` gets markers, so that each measurement shows.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(width * len(panels), 6.5)  # a lone panel gets room for its caption
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for x, y, label, *fmt in panel.get("curves", []):
+            if len(x):
+                style = {} if fmt or len(x) > 30 else {"marker": "o"}
+                ax.plot(x, y, *fmt, label=label, **style)
+        bars = panel.get("bars", [])
+        for i, (x, heights, label) in enumerate(bars):
+            w = 0.8 / len(bars)
+            ax.bar([xi + (i - (len(bars) - 1) / 2) * w for xi in x], heights, w, label=label)
+        for y, label in panel.get("hlines", []):
+            ax.axhline(y, linestyle="--", color="gray", label=label)
+        for key in ("xscale", "yscale"):
+            if panel.get(key):
+                getattr(ax, f"set_{key}")(panel[key])
+        if panel.get("xlim") is not None:
+            ax.set_xlim(*panel["xlim"])
+        if panel.get("ylim") is not None:
+            ax.set_ylim(*panel["ylim"])
+        if panel.get("xticks") is not None:
+            ax.set_xticks(*panel["xticks"])
+        ax.set_title(panel.get("title", ""), fontsize=10)
+        ax.set_xlabel(panel.get("xlabel", ""))
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("legend", "best") and ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=panel.get("legend", "best"), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path, caption)
+    plt.close(fig)
+    return Path(path)
+
+
+def _save(fig, path, caption: str) -> None:
+    """Write ``fig`` with ``caption`` in italics under it, wrapped to the figure's width."""
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(caption, int(width * 15)) if caption else []
+    if lines:
+        fig.text(0.5, 0.02, "\n".join(lines), ha="center", va="bottom", fontsize=9, style="italic")
+    fig.tight_layout(rect=(0, (0.08 + 0.17 * len(lines)) / height if lines else 0, 1, 1))
+    fig.savefig(path, dpi=100)
+
+
+def plot_scatter(path, x, y, xlabel: str, ylabel: str, title: str = "", caption: str = "",
+                 jitter: float = 0.0) -> Path:
+    """One point per item, ``y`` against ``x`` (``jitter`` spreads an ``x`` that takes few values)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    dx = np.random.default_rng(0).uniform(-jitter, jitter, len(x)) if jitter else 0.0
+    ax.scatter(np.asarray(x) + dx, y, s=6, alpha=0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path, caption)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_metrics(run, keys, filename: str, title: str = "", hlines: dict | None = None, ylabel: str = "",
+                 ylim: tuple | None = None, caption: str = "", xlabel: str = "step") -> Path | None:
+    """One panel of ``run``'s logged metrics against the step: ``keys`` maps each metric to its
+    legend in words (a list of keys is drawn with the keys as labels); ``hlines`` maps a label to a
+    horizontal line; ``ylabel`` and ``xlabel`` name the unit; ``caption`` says what to see."""
+    panel = {"metrics": keys, "title": title, "ylabel": ylabel, "xlabel": xlabel,
+             "hlines": [(y, label) for label, y in (hlines or {}).items()], "ylim": ylim}
+    return plot_metric_panels(run, filename, [panel], caption)
+
+
+def plot_metric_panels(run, filename: str, panels: list[dict], caption: str = "", title: str = "") -> Path | None:
+    """``plot_panels`` of ``run``'s logged metrics, into its folder: a panel's ``metrics``
+    ({key: legend}) are drawn against the step, beside any explicit ``curves`` it has. Only the
+    writing rank draws (under torchrun, rank 0)."""
+    if not run.writes:
+        return None
+    drawn = []
+    for panel in panels:
+        metrics = panel.get("metrics") or {}
+        labels = metrics if isinstance(metrics, dict) else {k: k for k in metrics}
+        curves = [run.series(key) + (label,) for key, label in labels.items()]
+        drawn.append({**panel, "curves": curves + list(panel.get("curves", []))})
+    return plot_panels(run.dir / filename, drawn, caption, title)
+
+
+def standardise(values: list[float]) -> list[float]:
+    """(v - mean) / std over the list (all 0 if the values are all equal): two series of different
+    units on one axis, when only their trends compare."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
