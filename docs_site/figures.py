@@ -8,7 +8,8 @@ command that makes them.
     python docs_site/figures.py --tiny     # tiny settings into build/tiny_tutorial (a minute): checks
                                            # the wiring, not the documented figures; captions say so
 
-``docs/figures/`` is generated (ignored by git) and read by ``mkdocs build``: ``docs_site/hooks.py``
+``docs/figures/`` is generated (ignored by git) and read by ``mkdocs build`` (or the folder that
+``$MINIALIGN_SITE_FIGURES`` names: tests/test_notebooks.py builds the site with its notebooks' plots): ``docs_site/hooks.py``
 puts each plot of ``FIGURES`` below the paragraph that names it and stops the build with the
 command to run when one is missing. With the defaults, tutorials 01-07 and 09 took about 6 min on
 an idle 2-core CPU (the README's table); ``--tiny`` took about a minute.
@@ -119,14 +120,20 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"{runs} lacks {missing}: run " +
                          "; ".join(f"python tutorials/{t}" for t in tutorials_for(missing)))
-    shutil.rmtree(FIGURES_DIR, ignore_errors=True)
-    for p in plots():
-        (FIGURES_DIR / p).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(runs / p, FIGURES_DIR / p)
     settings = "tiny" if args.tiny else "defaults"
-    MANIFEST.write_text(json.dumps({"settings": settings, "plots": plots()}, indent=1) + "\n")
+    copy_plots(runs, FIGURES_DIR, settings)
     print(f"copied {len(plots())} plots ({settings}) from {runs} into {FIGURES_DIR.relative_to(ROOT)}/")
     return 0
+
+
+def copy_plots(runs: Path, dest: Path, settings: str) -> None:
+    """The plots of FIGURES from a run folder into ``dest`` (replaced), with the manifest the
+    captions read: ``settings`` is "defaults" (the documented figures) or "tiny"."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for p in plots():
+        (dest / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(runs / p, dest / p)
+    (dest / MANIFEST.name).write_text(json.dumps({"settings": settings, "plots": plots()}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
   from it at every build so it cannot go stale: the equation, the function to write, its shapes,
   the tests that grade it and the commands that make the copy and grade it.
 - the plots of ``docs_site/figures.py``'s FIGURES below the paragraph that names them, from
-  ``docs/figures/`` (``python docs_site/figures.py`` makes them); where that folder lacks them the
-  page says which command makes them, and ``tests/test_site.py`` names what is missing.
+  ``docs/figures/`` (``python docs_site/figures.py`` makes them) or the folder that
+  ``$MINIALIGN_SITE_FIGURES`` names; where they are missing the page says which command makes
+  them, and ``tests/test_site.py`` names what is missing.
 - MathJax's single-file build (``tex-svg-full.js``: the TeX input, every extension and SVG
   output, so no font files), copied from the installed PyPI package ``django-static-mathjax``
   into ``assets/mathjax/``: the equations render with no network at view time.
@@ -22,6 +23,7 @@ import importlib
 import importlib.resources
 import json
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -31,7 +33,7 @@ from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from figures import FIGURES, MANIFEST  # noqa: E402
+from figures import FIGURES, FIGURES_DIR, MANIFEST, plots  # noqa: E402
 
 log = logging.getLogger("mkdocs.hooks.minialign")
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +211,17 @@ def mathjax_file() -> Path:
     return path
 
 
+def figures_source() -> Path:
+    """Where the plots are: docs/figures/, or the folder $MINIALIGN_SITE_FIGURES names."""
+    return Path(os.environ.get("MINIALIGN_SITE_FIGURES") or FIGURES_DIR)
+
+
 def on_files(files, config):
+    source = figures_source()
+    if source.resolve() != FIGURES_DIR.resolve():         # served at figures/ as if under docs/
+        for p in plots():
+            if (source / p).is_file() and files.get_file_from_path(f"figures/{p}") is None:
+                files.append(File.generated(config, f"figures/{p}", abs_src_path=str(source / p)))
     for uri, content in (("quickstart.md", readme_page()), ("exercises.md", exercises_page())):
         files.append(File.generated(config, uri, content=content))
     js = mathjax_file()
@@ -223,8 +235,8 @@ def on_files(files, config):
 # ----------------------------------------------------------------------------------------------
 
 
-def figure_block(plots, docs_dir: Path, settings: str | None) -> str:
-    present = [p for p in plots if (docs_dir / "figures" / p).is_file()]
+def figure_block(plots, source: Path, settings: str | None) -> str:
+    present = [p for p in plots if (source / p).is_file()]
     tutorials = sorted({t for f in FIGURES if set(f.plots) & set(plots) for t in f.tutorials})
     made_by = " and ".join(f"`python tutorials/{t}`" for t in tutorials)
     if len(present) < len(plots):
@@ -240,8 +252,9 @@ def figure_block(plots, docs_dir: Path, settings: str | None) -> str:
     return f'<div class="tutorial-plots" markdown>\n{images}\n</div>\n<p class="tutorial-plots-caption" markdown>{caption}</p>\n'
 
 
-def insert_figures(markdown: str, page: str, docs_dir: Path) -> str:
-    settings = json.loads(MANIFEST.read_text())["settings"] if MANIFEST.is_file() else None
+def insert_figures(markdown: str, page: str, source: Path) -> str:
+    manifest = source / MANIFEST.name
+    settings = json.loads(manifest.read_text())["settings"] if manifest.is_file() else None
     for figure in [f for f in FIGURES if f.page == page]:
         count = markdown.count(figure.anchor)
         if count != 1:
@@ -250,10 +263,10 @@ def insert_figures(markdown: str, page: str, docs_dir: Path) -> str:
         start = markdown.index(figure.anchor)
         end = markdown.find("\n\n", start)
         end = len(markdown) if end < 0 else end
-        markdown = markdown[:end] + "\n\n" + figure_block(figure.plots, docs_dir, settings) + markdown[end:]
+        markdown = markdown[:end] + "\n\n" + figure_block(figure.plots, source, settings) + markdown[end:]
     return markdown
 
 
 def on_page_markdown(markdown, page, config, files):
     markdown = re.sub(r"\]\(\.\./README\.md", "](quickstart.md", markdown)
-    return insert_figures(markdown, page.file.src_uri, Path(config["docs_dir"]))
+    return insert_figures(markdown, page.file.src_uri, figures_source())

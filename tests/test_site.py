@@ -6,9 +6,9 @@ rendering error, an image that does not load, a console error or a request off t
 saves a screenshot of the DPO page to build/screenshots/.
 
 Skips, each with its reason: without mkdocs (``pip install -e '.[docs]'``); the browser test
-without Chromium (Debian: ``apt-get install chromium``); the plots' tests without docs/figures/
-(``python docs_site/figures.py``), except under CI, which makes them first (.ci/run) and fails
-here when they are missing.
+without Chromium (Debian: ``apt-get install chromium``); the plots' test without docs/figures/
+(``python docs_site/figures.py``): then the slow tests/test_notebooks.py checks the plots, in a
+site built with those its notebooks drew.
 """
 
 from __future__ import annotations
@@ -52,14 +52,22 @@ def mkdocs_config() -> dict:
     return yaml.load((ROOT / "mkdocs.yml").read_text(), Loader)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
+def build_site(out: Path, figures: Path | None = None) -> Path:
+    """``mkdocs build`` into ``out``, with the plots of ``figures`` (default: docs/figures/)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
+    if figures is not None:
+        env["MINIALIGN_SITE_FIGURES"] = str(figures)
+    else:
+        env.pop("MINIALIGN_SITE_FIGURES", None)
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--site-dir", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"mkdocs build failed:\n{done.stdout}\n{done.stderr}"
     return out
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    return build_site(tmp_path_factory.mktemp("site"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +214,13 @@ def test_every_page_of_docs_is_in_the_nav_in_the_course_order():
 
 
 @needs_mkdocs
+def test_the_built_nav_lists_the_six_sessions_in_order(site):
+    hrefs = [url for tag, attr, url in parsed(site / "dpo" / "index.html").refs if "#session-" in url]
+    numbers = [int(re.search(r"#session-(\d)", u).group(1)) for u in hrefs]
+    assert numbers[:6] == [1, 2, 3, 4, 5, 6], hrefs
+
+
+@needs_mkdocs
 def test_pending_pages_are_dropped_only_while_they_do_not_exist(tmp_path):
     hooks = load_hooks()
     nav = [{"A": "index.md"}, {"Algorithms": [{"PG": "policy_gradient.md"}, {"DPO": "dpo.md"}]}]
@@ -227,25 +242,25 @@ def test_each_plot_is_named_once_by_its_page():
                 f"docs/{figure.page} does not talk about {name}"
 
 
-def figures_present() -> list[str]:
-    missing = [p for p in plots() if not (FIGURES_DIR / p).is_file()]
-    if missing and not os.environ.get("CI"):
-        pytest.skip(f"docs/figures/ lacks {len(missing)} of {len(plots())} plots (e.g. {missing[0]}): "
-                    "python docs_site/figures.py makes them (or --tiny, in a minute)")
-    assert not missing, f"CI made no plots for the site: docs/figures/ lacks {missing}"
-    return plots()
+def plots_on_their_pages(site: Path) -> list[str]:
+    """What is wrong with the tutorials' plots in a built site: each where its paragraph is."""
+    problems = []
+    for figure in FIGURES:
+        page = site / Path(figure.page).stem / "index.html"
+        srcs = {src for tag, attr, src in parsed(page).refs if tag == "img"}
+        problems += [f"{figure.page} does not show {plot}" for plot in figure.plots if f"../figures/{plot}" not in srcs]
+        if "Plots not built" in page.read_text():
+            problems.append(f"{figure.page} says its plots are not built")
+    return problems
 
 
 @needs_mkdocs
 def test_the_tutorials_plots_are_on_the_pages_that_talk_about_them(site):
-    figures_present()
-    for figure in FIGURES:
-        page = site / Path(figure.page).stem / "index.html"
-        srcs = {src for tag, attr, src in parsed(page).refs if tag == "img"}
-        for plot in figure.plots:
-            assert f"../figures/{plot}" in srcs, f"{figure.page} does not show {plot}"
-        text = page.read_text()
-        assert "Plots not built" not in text
+    if not (FIGURES_DIR / "figures.json").is_file():
+        pytest.skip("docs/figures/ is not made: python docs_site/figures.py makes it (or --tiny, in minutes); "
+                    "the slow tests/test_notebooks.py builds the site with its notebooks' plots and checks them there")
+    problems = plots_on_their_pages(site)
+    assert not problems, "\n".join(problems)
 
 
 @needs_mkdocs

@@ -30,10 +30,10 @@ TINY = {
     "01_pretrain": "--steps 20",
     "02_sft": "--steps 10",
     "03_reward_model": "--steps 4 --batch-size 16 --num-pairs 64 --eval-pairs 32",
-    "04_dpo": "--betas 0.1,1 --steps 2 --batch-size 8 --eval-every 1 --eval-pairs 16 --samples 2",
+    "04_dpo": "--betas 0.1 --steps 2 --batch-size 8 --eval-every 2 --eval-pairs 16 --samples 2",
     "05_ppo": "--steps 2 --batch-size 16",
     "06_grpo": "--steps 2 --group-size 2",
-    "07_theory_lab": "",                     # exact and fast: its defaults
+    "07_theory_lab": "--steps 200",
     "08_real_model": "--dpo-steps 2 --grpo-steps 1",
     "09_compare": "--betas 0.1 --ppo-steps 1 --dpo-steps 2 --grpo-steps 1 --samples 2",
 }
@@ -43,8 +43,9 @@ SETUP = '''\
 import os, sys
 from pathlib import Path
 _here = Path.cwd().resolve()
-_root = next((p for p in [_here, *_here.parents] if (p / "tutorials" / "_common.py").is_file()), None)
-if _root is None:
+_root = next((p for p in [_here, *_here.parents] if (p / "tutorials" / "_common.py").is_file()),
+             Path({root!r}))                      # else the checkout that wrote this notebook
+if not (_root / "tutorials" / "_common.py").is_file():
     raise RuntimeError(f"{{_here}} is not inside a minialign checkout: open the notebook from its notebooks/ folder")
 os.chdir(_root)                                   # the tutorials run from the repository root
 sys.path.insert(0, str(_root / "tutorials"))      # where _common is
@@ -61,7 +62,7 @@ def notebook(script: Path):
     nb = jupytext.reads(source, fmt="py:percent")
     cells = [c for c in nb.cells if not (c.cell_type == "code" and _is_docstring(c.source))]
     nb.cells = [nbformat.v4.new_markdown_cell(f"**{script.name}**\n\n```\n{doc.strip()}\n```"),
-                nbformat.v4.new_code_cell(SETUP.format(name=script.name, doc=doc))] + cells
+                nbformat.v4.new_code_cell(SETUP.format(name=script.name, doc=doc, root=str(ROOT)))] + cells
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata.pop("jupytext", None)
     return nb

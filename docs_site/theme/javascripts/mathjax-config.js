@@ -9,6 +9,8 @@ window.MathJax = {
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
     processEnvironments: true,
+    // an undefined macro is an error (merror, which tests/browser.py reports), not red text
+    packages: { "[-]": ["noundefined"] },
   },
   options: {
     ignoreHtmlClass: ".*|",
