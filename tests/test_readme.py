@@ -5,14 +5,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ci_section(name: str) -> str:
+def ci_sections() -> dict[str, str]:
+    """name -> the command under each ``# --- README: name ---`` line of .ci/run."""
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    i = lines.index(f"# --- README: {name} ---")
-    return lines[i + 1].strip()
+    return {line.removeprefix("# --- README: ").removesuffix(" ---"): lines[i + 1].strip()
+            for i, line in enumerate(lines) if line.startswith("# --- README: ")}
 
 
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
-    for name in ("install", "test"):
-        command = ci_section(name)
+    sections = ci_sections()
+    assert {"install", "test", "docs install", "site"} <= set(sections), sections
+    for name, command in sections.items():
         assert f"\n{command}\n" in readme, f"README does not show the CI {name} command {command!r}"

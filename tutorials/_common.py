@@ -10,12 +10,18 @@ folder (``--out runs/my_try``) starts from the complete models of ``runs/tutoria
 none of its own, so a "Try this" run leaves the tutorials' folder as it was.
 
 The tutorials are plain scripts and notebooks at once: ``# %%`` lines start the cells that
-Jupyter, VS Code and Jupytext read, and ``parse_args`` takes the defaults inside a notebook.
+Jupyter, VS Code and Jupytext read (``python tutorials/make_notebooks.py`` writes them as
+``notebooks/*.ipynb``). Inside a notebook ``parse_args`` takes the defaults, or the flags in the
+environment variable ``MINIALIGN_TUTORIAL_ARGS`` (as on the command line, e.g.
+``MINIALIGN_TUTORIAL_ARGS="--steps 20 --out runs/nb"`` before starting Jupyter): that is how the
+slow test ``tests/test_notebooks.py`` runs every notebook on tiny settings (make_notebooks.TINY).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,9 +40,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The command line's flags, or the defaults when the tutorial runs as a notebook (a kernel's
-    own arguments are not the tutorial's)."""
-    return parser.parse_args([] if "ipykernel" in sys.modules else None)
+    """The command line's flags; in a notebook (a kernel's own arguments are not the tutorial's)
+    the flags in ``$MINIALIGN_TUTORIAL_ARGS``, the defaults where it is unset."""
+    if "ipykernel" in sys.modules:
+        return parser.parse_args(shlex.split(os.environ.get("MINIALIGN_TUTORIAL_ARGS", "")))
+    return parser.parse_args()
 
 
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
