@@ -5,9 +5,10 @@ the sha256 of each saved model and every number and text of each ``summary.json`
     python tests/seeded_runs.py compare  # run again and list every difference (exit 1 if any)
 
 Bit-identical results hold on one machine, with one thread count and one torch version (the
-float reduction order depends on all three), so the record keeps the machine it was made on and
-``tests/test_seeded_runs.py`` compares only there. A refactor is checked by recording before it
-and comparing after it, on the same machine.
+float reduction order depends on all three), so the record keeps one entry per machine it was made
+on, and ``tests/test_seeded_runs.py`` compares where the record has this machine's entry. A
+refactor is checked by recording before it and comparing after it, on the same machine; ``record``
+replaces this machine's entry and keeps the others.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def records() -> list[dict]:
+    """Every machine's entry in the record: [{"machine": ..., "results": ...}]."""
+    return json.loads(RECORD.read_text())["records"] if RECORD.exists() else []
+
+
+def this_machines_record() -> dict | None:
+    """The results recorded on this machine (CPU, threads, torch, python), or None."""
+    return next((r["results"] for r in records() if r["machine"] == machine()), None)
 
 
 def _numbers_and_text(value, prefix=""):
@@ -170,14 +181,16 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = run_all(Path(tmp))
     if argv[0] == "record":
-        RECORD.write_text(json.dumps({"machine": machine(), "results": results}, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {RECORD}: {len(results)} seeded cases on {machine()}")
+        others = [r for r in records() if r["machine"] != machine()]
+        RECORD.write_text(json.dumps({"records": others + [{"machine": machine(), "results": results}]},
+                                     indent=1, sort_keys=True) + "\n")
+        print(f"wrote {RECORD}: {len(results)} seeded cases on {machine()} (and {len(others)} other machines)")
         return 0
-    recorded = json.loads(RECORD.read_text())
-    if recorded["machine"] != machine():
-        print(f"the record was made on {recorded['machine']}, this is {machine()}: nothing to compare")
+    recorded = this_machines_record()
+    if recorded is None:
+        print(f"the record holds {[r['machine'] for r in records()]}, this is {machine()}: nothing to compare")
         return 2
-    diff = differences(recorded["results"], results, RENAMED)
+    diff = differences(recorded, results, RENAMED)
     print("\n".join(diff) or f"all {len(results)} seeded cases are identical to the record")
     return 1 if diff else 0
 
