@@ -4,7 +4,7 @@ r"""Best-of-N: the simplest alignment baseline, at sampling time and as training
 reward $r(x, y)$ (a reward model's $r_\phi$, or the verifiable reward), answer with the best one.
 No parameter changes; the cost is $N$ samples per answer. It defines a policy $\pi_{BoN}$, and every
 comparison of RLHF methods starts from it: a trained policy should beat best-of-N at the same
-$\mathrm{KL}(\pi\Vert\pi_{ref})$ (``theory_preference.best_of_n_table`` sets it beside E7's frontier).
+$\mathrm{KL}(\pi\Vert\pi_{ref})$ (``best_of_n_table`` sets it beside E7's frontier).
 
 **Ties** (``best_of_n``): among samples with the same, largest reward the *first* (lowest sample
 index) is chosen. The samples are exchangeable, so the chosen response is then distributed as
@@ -44,6 +44,7 @@ import torch
 
 from .generation import generate
 from .ops import check_finite, check_positive
+from .theory import Problem, frontier_reward_at
 
 DTYPE = torch.float64
 
@@ -258,3 +259,32 @@ def best_of_n_from_samples(scores: torch.Tensor, values: torch.Tensor, n: int) -
     ref = torch.full_like(scores, 1.0 / scores.numel())
     law = best_of_n_distribution(ref, scores, n)                    # (M,) P(sample j is the best of N)
     return float((law * values).sum()), best_of_n_kl(ref, scores, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# the theory lab's tables of best-of-N (``python -m minialign.theory_preference`` prints them)
+# ----------------------------------------------------------------------------------------------
+
+
+def best_of_n_table(problem: Problem, ns=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+    r"""Best-of-N exactly: its KL, the formula $\log N - \frac{N-1}{N}$, its reward, E7's frontier at the same KL."""
+    rows = []
+    for n in ns:
+        k = best_of_n_kl(problem.ref_probs, problem.rewards, n)
+        reward = best_of_n_expected_reward(problem.ref_probs, problem.rewards, n)
+        rows.append({"N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k,
+                     "reward": reward, "frontier_reward": frontier_reward_at(problem, k),
+                     "below_frontier": frontier_reward_at(problem, k) - reward})
+    return rows
+
+
+def continuous_limit_table(ks=(6, 100, 10_000), ns=(2, 16, 64)) -> list[dict]:
+    r"""Uniform $\pi_{ref}$ over K responses with distinct rewards: the exact KL approaches $\log N - \frac{N-1}{N}$ as K grows."""
+    rows = []
+    for K in ks:
+        q = torch.full((K,), 1.0 / K, dtype=DTYPE)
+        r = torch.arange(K, dtype=DTYPE)
+        for n in ns:
+            k = best_of_n_kl(q, r, n)
+            rows.append({"K": K, "N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k})
+    return rows
