@@ -206,16 +206,6 @@ MUTATIONS = [
      "grpo_iteration: E13's KL term dropped from the loss", "test_grpo.py"),
     ("grpo.py", "for _ in range(hp.inner_updates):", "for _ in range(1):",
      "grpo_iteration: one pass instead of inner_updates", "test_grpo.py"),
-    # pretrain.py (E0a) and sft.py (E0b)
-    ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
-     "logps = token_logps(logits[:, 1:], input_ids[:, 1:])", "LM loss: logits one position late",
-     "test_pretrain.py"),
-    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -masked_mean(logps, response_mask[:, :-1])",
-     "LM loss: the mask not shifted with the targets", "test_pretrain.py"),
-    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -masked_sum(logps, response_mask[:, 1:])",
-     "LM loss: sum for mean", "test_pretrain.py"),
-    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -logps.mean()",
-     "E0b: prompt and padding counted (SFT = pre-training)", "test_sft.py"),
     # preference.py: the preference family, each a small change to E9; best_of_n.py
     ("preference.py", "losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)",
      "losses = -(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)",
@@ -259,6 +249,16 @@ MUTATIONS = [
     ("best_of_n.py", "completions = [texts[i * N:(i + 1) * N] for i in range(len(prompts))]",
      "completions = [texts[i::len(prompts)] for i in range(len(prompts))]",
      "rejection_sampling_round: samples given to the wrong prompts", "test_rejection_sampling.py"),
+    # pretrain.py (E0a) and sft.py (E0b)
+    ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
+     "logps = token_logps(logits[:, 1:], input_ids[:, 1:])", "LM loss: logits one position late",
+     "test_pretrain.py"),
+    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -masked_mean(logps, response_mask[:, :-1])",
+     "LM loss: the mask not shifted with the targets", "test_pretrain.py"),
+    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -masked_sum(logps, response_mask[:, 1:])",
+     "LM loss: sum for mean", "test_pretrain.py"),
+    ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -logps.mean()",
+     "E0b: prompt and padding counted (SFT = pre-training)", "test_sft.py"),
 ]
 
 
