@@ -200,7 +200,7 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         logps = [logps[0] / n_w, logps[1] / n_w, logps[2] / n_l, logps[3] / n_l]
     # Exercise ipo_loss (IPO): from here to the end of the function.
     r_w, r_l, h = _rewards_and_h(logps[0], logps[2], logps[1], logps[3], beta)
-    losses = (h - 1 / beta) ** 2                               # (B,) IPO
+    losses = (h - 1 / (2 * beta)) ** 2                               # (B,) IPO
     return PreferenceLossResult(losses.mean(), r_w, r_l, losses)
 
 
