@@ -180,7 +180,7 @@ def plot(path: Path) -> None:
                         "ylabel": "mean hidden reward r* of sampled reviews", "xscale": "symlog",
                         "curves": curves, "hlines": [(sft_point["true_reward"], "SFT model (pi_ref)")]}],
                 width=8, height=5.5,
-                caption="Best-of-N: the exact law on 512 SFT samples per prompt. A member above the r* curve beat "
+                caption=f"Best-of-N: the exact law on {args.bon_samples} SFT samples per prompt. A member above the r* curve beat "
                         "the oracle's best-of-N at its KL.")
 
 
@@ -209,12 +209,13 @@ if not all(math.isfinite(p.kl) for p in points):
 
 # %% Try this
 TRY_THIS = """
-Try this (its seeded outcome is in docs/course.md, session 11):
+Try this (its seeded outcome is in docs/course.md, "The preference family"):
   python tutorials/11_preference_family.py --members DPO,IPO,RS --steps 160 --out runs/family_long
       four times as long: which members cross best-of-N's curve, and at what KL?
 """
 print(TRY_THIS)
 summary("11_preference_family", r_star_sft=f"{sft_point['true_reward']:.3f}", epsilon=f"{EPSILON:.3f}",
-        bon8=f"{bon['r*'][min(8, args.max_n) - 1]['true_reward']:.3f}@{bon['r*'][min(8, args.max_n) - 1]['kl']:.2f}",
+        **{f"bon{n}": f"{bon['r*'][n - 1]['true_reward']:.3f}@{bon['r*'][n - 1]['kl']:.2f}"
+           for n in (8, 64) if n <= args.max_n},
         above="+".join(above) or "none",
         **{p.member: f"{p.true_reward:.3f}@{p.kl:.2f}" for p in points})
