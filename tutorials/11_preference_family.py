@@ -210,8 +210,9 @@ if not all(math.isfinite(p.kl) for p in points):
 # %% Try this
 TRY_THIS = """
 Try this (its seeded outcome is in docs/course.md, "The preference family"):
-  python tutorials/11_preference_family.py --members DPO,IPO,RS --steps 160 --out runs/family_long
-      four times as long: which members cross best-of-N's curve, and at what KL?
+  python tutorials/11_preference_family.py --members DPO,IPO --beta 1.0 --out runs/family_beta1
+      ten times the beta: IPO's target margin 1/(2 beta) shrinks to 0.5 nats; do DPO and IPO stay nearer
+      pi_ref, and where do they land against best-of-N's curve?
 """
 print(TRY_THIS)
 summary("11_preference_family", r_star_sft=f"{sft_point['true_reward']:.3f}", epsilon=f"{EPSILON:.3f}",
