@@ -175,10 +175,13 @@ def plot(path: Path) -> None:
     curves = [([r["kl"] for r in bon[k]], [r["true_reward"] for r in bon[k]],
                f"best-of-N, N = 1..{args.max_n}, ranked by {k}", style) for k, style in (("r*", "k-"), ("r_phi", "k--"))]
     curves += [([p.kl], [p.true_reward], p.member, "o") for p in points]
+    ys = [y for c in curves for y in c[1]] + [sft_point["true_reward"]]
+    low, high = min(ys), max(ys)  # room above the curves for the legend
     plot_panels(path, [{"title": "every member from the same SFT model, beside best-of-N",
                         "xlabel": "KL(pi || pi_ref), nats per response (sampled; symlog)",
                         "ylabel": "mean hidden reward r* of sampled reviews", "xscale": "symlog",
-                        "curves": curves, "hlines": [(sft_point["true_reward"], "SFT model (pi_ref)")]}],
+                        "curves": curves, "hlines": [(sft_point["true_reward"], "SFT model (pi_ref)")],
+                        "ylim": (low - 0.3, high + 0.9 * (high - low)), "legend": "upper left"}],
                 width=8, height=5.5,
                 caption=f"Best-of-N: the exact law on {args.bon_samples} SFT samples per prompt. A member above the r* curve beat "
                         "the oracle's best-of-N at its KL.")
