@@ -137,7 +137,7 @@ def test_real_data_flags_are_checked_when_the_config_is_made():
     from minialign.dpo import DPOConfig
     from minialign.stages.grpo import GRPOConfig
     from minialign.runtime.loading import load_model
-    from minialign.sft import SFTConfig
+    from minialign.stages.sft import SFTConfig
 
     with pytest.raises(ValueError, match="--eval-data is held-out data for --data"):
         SFTConfig(eval_data="eval.jsonl")

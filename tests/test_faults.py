@@ -14,9 +14,11 @@ import signal
 import pytest
 import torch
 
-from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
+from minialign import dpo, grpo, ppo, reward_model
 from minialign.runtime import optim
 from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
+from minialign.stages import pretrain, sft
+from minialign.stages import reward_model as reward_model_stage
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
 from minialign.runtime import cli, files
@@ -54,7 +56,7 @@ def config(stage, out, inputs=None, **kw):
                                                     eval_every=5, log_every=2, **TINY),
         "sft": lambda: sft.SFTConfig(init=inputs["pretrain"], steps=8, batch_size=8, num_examples=64, eval_size=16,
                                      eval_every=4, log_every=2),
-        "reward_model": lambda: reward_model.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
+        "reward_model": lambda: reward_model_stage.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
                                                                eval_pairs=16, eval_every=4, log_every=2),
         "dpo": lambda: dpo.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
                                      eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
@@ -69,11 +71,11 @@ def config(stage, out, inputs=None, **kw):
     return dataclasses.replace(settings, out=str(out), **{**FAST, **kw})
 
 
-MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo_stage,
+MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model_stage, "dpo": dpo, "ppo": ppo_stage,
            "grpo": grpo_stage}
-# where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm; a step given the
-# update hook reaches it through runtime.optim.gradient_update)
-STEPPERS = {**MODULES, "sft": pretrain, "ppo": optim, "grpo": optim}
+# where each stage's loop finds accumulated_step (a step given the update hook reaches it through
+# runtime.optim.gradient_update)
+STEPPERS = {**MODULES, "pretrain": optim, "sft": optim, "reward_model": optim, "ppo": optim, "grpo": optim}
 
 
 def at_step(monkeypatch, stage, step, action):

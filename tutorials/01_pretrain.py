@@ -21,7 +21,7 @@ import torch
 from _common import banner, base_parser, parse_args, summary
 
 from minialign.generation import generate
-from minialign.pretrain import PretrainConfig, main as pretrain
+from minialign.stages.pretrain import PretrainConfig, main as pretrain
 from minialign.runtime.devices import resolve_device
 from minialign.runtime.loading import load_policy
 from minialign.stages.evaluate import sample_texts

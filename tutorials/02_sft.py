@@ -18,7 +18,7 @@ A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jup
 from _common import banner, base_parser, ensure_pretrained, parse_args, summary
 
 from minialign.data import collate
-from minialign.sft import SFTConfig, main as sft
+from minialign.stages.sft import SFTConfig, main as sft
 from minialign.toyworld import ToyWorld, WorldConfig
 
 

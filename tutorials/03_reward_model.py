@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
-from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability, main,
-                                    reward_model_loss)
+from minialign.reward_model import RewardModel, bradley_terry_probability, reward_model_loss
+from minialign.stages.reward_model import RewardModelConfig, main
 from minialign.toyworld import ToyWorld, WorldConfig
 
 parser = base_parser(__doc__.splitlines()[0])

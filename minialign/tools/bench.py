@@ -371,7 +371,7 @@ def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
 
 
 def pretrain_figure(cfg: BenchConfig, device) -> dict:
-    from ..pretrain import PretrainConfig, main as pretrain
+    from ..stages.pretrain import PretrainConfig, main as pretrain
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()

@@ -67,7 +67,8 @@ EXERCISES = [
              (r"\mathcal{L}_{LM}(\theta) = -\sum_t \log\pi_\theta(x_t\mid x_{<t})",),
              "logits (B, T, V) from the model on input_ids (B, T); the logits at position t-1 predict "
              "token t; count only the N tokens where response_mask (B, T) is 1 (every token for "
-             "pre-training, E0a; the response for SFT, E0b) -> a scalar, nats per token",
+             "pre-training, E0a; the response for SFT, E0b) -> a scalar, nats per token; given a "
+             "constant C (SFT's --loss-aggregation constant), their sum divided by C instead",
              "01_pretrain.py"),
     Exercise("token_logps", "ops.py", "E1", "the log-probability of each token, a factor of E1",
              (r"\pi_\theta(\mathbf{y}\mid\mathbf{x}) = \prod_t \pi_\theta(y_t \mid \mathbf{x}, \mathbf{y}_{<t})",),
