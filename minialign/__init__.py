@@ -27,8 +27,8 @@ What to skip on a first reading (the machinery, not the course):
 
 - ``runtime/``: configs and flags, devices, the optimizer and schedule, the run folder, the
   ``@stage`` decorator, plots, model loading, files, torchrun, data files, the ``minialign`` command
-- ``stages/``: what the stage runners share to measure a run (``evaluate``) and reward functions
-  (``rewards``)
+- ``stages/``: the stage runners (flags, run folder, loop, plots, summary) and what they share to
+  measure a run (``evaluate``) and reward functions (``rewards``)
 - ``real/``: real models (the Hugging Face adapter, GPT-2 weights, ``minialign export``)
 - ``tools/``: ``minialign bench`` and ``minialign exercises``
 

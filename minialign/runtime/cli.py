@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 from . import files
-from ..tools import exercises
+from ..tools import exercises_command
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
 STAGES = {
@@ -98,7 +98,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
     p.add_argument("dest", help="the new folder to write")
     add_debug_flag(p)
-    for p in exercises.add_parser(sub):
+    for p in exercises_command.add_parser(sub):
         add_debug_flag(p)
     return parser
 
@@ -243,7 +243,7 @@ def _run(argv: list[str]) -> int:
         print(f"wrote {export(args.source, args.dest)}")
         return 0
     if name == "exercises":
-        return exercises.cli_main(args)
+        return exercises_command.cli_main(args)
     from . import distributed
     from ..runtime.flags import config_from_args
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
