@@ -38,8 +38,7 @@ class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
       ipo      IPO: the squared loss (h - 1/(2 beta))^2, whose margins stay bounded (--ipo-normalise)
       simpo    SimPO: no reference model; the mean log-prob per token is the reward, margin --simpo-gamma
       kto      KTO: chosen desirable, rejected undesirable, each against a reference point z_0
-      orpo     ORPO: SFT's loss plus an odds-ratio term, no reference; from the base model:
-               --init OUT/pretrain/model.pt
+      orpo     ORPO: SFT's loss plus an odds-ratio term, no reference; from the base model (--init OUT/pretrain/model.pt)
     simpo and orpo hold no reference model: KL(pi || init model) loads the init model to measure it."""
     init: str = ""                      # policy and reference checkpoint; default: out/sft/model.pt
     steps: int = 200
@@ -138,10 +137,11 @@ def main(config: DPOConfig) -> dict:
 def plots(run: Run, config: DPOConfig, task, before: dict) -> None:
     """loss.png, rewards.png, logps.png, and the task's: truth.png where r* is known, else kl.png, accuracy.png."""
     x = f"DPO step (batches of {config.batch_size} pairs)"
-    run.plot({"loss": "training batch"}, "loss.png", f"DPO loss (E9), beta = {config.beta:g}",
-             hlines={"ln 2: the policy equals the reference": math.log(2)}, ylabel="loss, nats per pair",
-             xlabel=x, caption="The loss starts at ln 2 (every implicit reward is 0) and falls as the "
-                               "implicit rewards order the training pairs.")
+    dpo = config.loss in ("sigmoid", "robust")  # E9, and its relatives that start at ln 2 too
+    run.plot({"loss": "training batch"}, "loss.png", f"{'DPO loss (E9)' if dpo else config.loss + ' loss'}, "
+             f"beta = {config.beta:g}", hlines={"ln 2: the policy equals the reference": math.log(2)} if dpo else {},
+             ylabel="loss, nats per pair", xlabel=x, caption="The loss starts at ln 2 (every implicit reward is 0) "
+             "and falls as the implicit rewards order the training pairs." if dpo else "")
     run.plot({"rewards/chosen": "chosen responses", "rewards/rejected": "rejected responses",
               "rewards/margins": "margin, chosen minus rejected"}, "rewards.png",
              "implicit rewards on training pairs (E10)", ylabel="beta x log(pi_theta / pi_ref), nats x beta",
