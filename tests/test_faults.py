@@ -14,9 +14,9 @@ import signal
 import pytest
 import torch
 
-from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
+from minialign import grpo, ppo, pretrain, reward_model, sft
 from minialign.runtime import optim
-from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
+from minialign.stages import dpo as dpo_stage, grpo as grpo_stage, ppo as ppo_stage
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
 from minialign.runtime import cli, files
@@ -56,8 +56,8 @@ def config(stage, out, inputs=None, **kw):
                                      eval_every=4, log_every=2),
         "reward_model": lambda: reward_model.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
                                                                eval_pairs=16, eval_every=4, log_every=2),
-        "dpo": lambda: dpo.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
-                                     eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
+        "dpo": lambda: dpo_stage.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
+                                           eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
         "ppo": lambda: ppo_stage.PPOConfig(init=inputs["sft"], reward_model=inputs["reward_model"], steps=5,
                                            batch_size=8, minibatch_size=4, max_new_tokens=8, eval_every=2,
                                            eval_samples=1, final_eval_samples=1, kl_target=1.0, kl_horizon=40),
@@ -69,11 +69,11 @@ def config(stage, out, inputs=None, **kw):
     return dataclasses.replace(settings, out=str(out), **{**FAST, **kw})
 
 
-MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo_stage,
+MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo_stage, "ppo": ppo_stage,
            "grpo": grpo_stage}
 # where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm; a step given the
 # update hook reaches it through runtime.optim.gradient_update)
-STEPPERS = {**MODULES, "sft": pretrain, "ppo": optim, "grpo": optim}
+STEPPERS = {**MODULES, "sft": pretrain, "dpo": optim, "ppo": optim, "grpo": optim}
 
 
 def at_step(monkeypatch, stage, step, action):
@@ -311,7 +311,7 @@ def test_an_input_changed_since_a_stage_ran_makes_that_stage_stale(tmp_path, tin
     problem = stage_problem(tmp_path / "sft")
     assert f"sft was made from {tmp_path / 'pretrain' / 'model.pt'} (--init), which has changed since" in problem
     with pytest.raises(files.StageError, match=f"rerun `minialign sft --out {tmp_path} "):
-        dpo.main(config("dpo", tmp_path))
+        dpo_stage.main(config("dpo", tmp_path))
     # a checkpoint edited after its stage completed is refused too
     with open(tmp_path / "pretrain" / "model.pt", "ab") as f:
         f.write(b"\0")
