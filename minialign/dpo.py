@@ -307,18 +307,15 @@ def dpo_step(policy, reference, tokenizer, pairs: dict[str, list[list[int]]], ro
              hp: DPOHyperparams, update, dtype: str = "float32", loss_fn=None) -> DPOStepResult:
     r"""One optimizer step of E9 on the training pairs ``rows`` (this rank's share of the batch).
 
-    ``pairs`` is ``tokenize_pairs``'s (or ``datafiles.preference_data``'s) token lists of every
-    training pair. ``reference`` is $\pi_{ref}$: the frozen model, whose log-probs are computed
-    here; or its log-probs of every pair precomputed, ``{"chosen": (N,), "rejected": (N,)}``
-    (``pair_logps``); or None for a member of the family that has no reference (SimPO, ORPO).
-    ``update(rows, loss_of) -> Update`` (``runtime.optim.gradient_update``) makes the optimizer
-    step from ``loss_of(micro) -> (mean loss, units, total units, stats)``: it hides the optimizer,
-    the schedule, ``--grad-accum`` and DDP. ``dtype`` is the autocast dtype ("float32": none).
-
-    ``loss_fn``: None is E9 (``dpo_loss``). Another member of the family (``preference.py``) comes
-    in as ``functools.partial(preference.preference_loss, hp)``, called with the log-probs, the
-    response lengths and, when ``pairs`` holds ``kl_chosen`` and ``kl_rejected`` (KTO's mismatched
-    responses of each pair's prompt), their log-probs for KTO's reference point $z_0$.
+    ``pairs``: the token lists of every training pair (``tokenize_pairs``). ``reference``: $\pi_{ref}$
+    itself (run here), its log-probs of every pair precomputed (``{"chosen": (N,), "rejected": (N,)}``,
+    ``pair_logps``), or None for a member without one (SimPO, ORPO). ``update(rows, loss_of) ->
+    Update`` (``runtime.optim.gradient_update``) makes the optimizer step from ``loss_of(micro) ->
+    (mean loss, units, total units, stats)``, hiding the optimizer, the schedule, ``--grad-accum``
+    and DDP. ``dtype`` is the autocast dtype ("float32": none). ``loss_fn``: None is E9
+    (``dpo_loss``); a relative (``preference.py``) comes as ``partial(preference_loss, hp)`` and gets
+    the response lengths too, and, where ``pairs`` holds KTO's mismatched responses (``kl_chosen``,
+    ``kl_rejected``), their log-probs for $z_0$.
     """
     device = next(policy.parameters()).device
     block = policy.config.block_size
