@@ -67,7 +67,8 @@ try:
 except ImportError as e:  # an optional benchmark: say what to install
     raise SystemExit(f"benchmarks/vs_trl.py needs TRL ({e}); install it with: pip install trl==1.16.0")
 
-from minialign.dpo import DPOConfig, preference_batch
+from minialign.dpo import preference_batch
+from minialign.stages.dpo import DPOConfig
 from minialign.real.gpt2 import load_gpt2
 from minialign.real.hf import hf_tokenizer_from_toy
 from minialign.stages.grpo import GRPOConfig

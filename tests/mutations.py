@@ -216,6 +216,18 @@ MUTATIONS = [
      "LM loss: sum for mean", "test_pretrain.py"),
     ("pretrain.py", "return -masked_mean(logps, response_mask[:, 1:])", "return -logps.mean()",
      "E0b: prompt and padding counted (SFT = pre-training)", "test_sft.py"),
+    # dpo.py: dpo_step, and the family's members through it
+    ("dpo.py", "return loss, len(micro), len(rows) * distributed.world_size(), stats",
+     "return loss, len(rows), len(rows) * distributed.world_size(), stats",
+     "dpo_step: each micro-batch weighted as the whole batch", "test_dpo.py"),
+    ("dpo.py", 'return reference[prefix + "chosen"][idx], reference[prefix + "rejected"][idx]',
+     'return reference[prefix + "rejected"][idx], reference[prefix + "chosen"][idx]',
+     "dpo_step: the precomputed reference log-probs of chosen and rejected swapped", "test_dpo.py"),
+    ("dpo.py", "rejected_lengths=lengths[len(micro):]", "rejected_lengths=lengths[:len(micro)]",
+     "dpo_step: the rejected responses given the chosen ones' lengths (SimPO, ORPO, IPO mean)",
+     "test_dpo_family.py"),
+    ("dpo.py", 'kl = {"kl_policy_logps": torch.cat([kl_w, kl_l])', 'kl = {"kl_policy_logps": torch.cat([kl_w, kl_w])',
+     "dpo_step: KTO's z_0 from the mismatched chosen responses twice", "test_dpo_family.py"),
 ]
 
 

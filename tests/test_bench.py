@@ -139,7 +139,7 @@ def test_flop_counter_by_hand():
 
 
 def test_dpo_step_cycles_its_batches_and_reads_a_precomputed_reference():
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     config = GPTConfig(vocab_size=20, block_size=12, n_layer=1, n_head=2, n_embd=8)
     torch.manual_seed(0)
     policy = GPT(config)

@@ -134,7 +134,7 @@ def test_parquet_rows(tmp_path, world):
 
 
 def test_real_data_flags_are_checked_when_the_config_is_made():
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     from minialign.stages.grpo import GRPOConfig
     from minialign.runtime.loading import load_model
     from minialign.stages.sft import SFTConfig

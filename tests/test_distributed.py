@@ -11,7 +11,7 @@ import pytest
 import accumulation
 import torch
 
-from minialign.dpo import DPOConfig, main as dpo
+from minialign.stages.dpo import DPOConfig, main as dpo
 from minialign.runtime import distributed
 from minialign.stages.sft import SFTConfig, main as sft
 

@@ -14,9 +14,9 @@ import signal
 import pytest
 import torch
 
-from minialign import dpo, grpo, ppo, reward_model
+from minialign import grpo, ppo, reward_model
 from minialign.runtime import optim
-from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
+from minialign.stages import dpo as dpo_stage, grpo as grpo_stage, ppo as ppo_stage
 from minialign.stages import pretrain, sft
 from minialign.stages import reward_model as reward_model_stage
 from minialign.model import GPT, GPTConfig
@@ -58,8 +58,8 @@ def config(stage, out, inputs=None, **kw):
                                      eval_every=4, log_every=2),
         "reward_model": lambda: reward_model_stage.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
                                                                eval_pairs=16, eval_every=4, log_every=2),
-        "dpo": lambda: dpo.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
-                                     eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
+        "dpo": lambda: dpo_stage.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
+                                           eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
         "ppo": lambda: ppo_stage.PPOConfig(init=inputs["sft"], reward_model=inputs["reward_model"], steps=5,
                                            batch_size=8, minibatch_size=4, max_new_tokens=8, eval_every=2,
                                            eval_samples=1, final_eval_samples=1, kl_target=1.0, kl_horizon=40),
@@ -71,11 +71,12 @@ def config(stage, out, inputs=None, **kw):
     return dataclasses.replace(settings, out=str(out), **{**FAST, **kw})
 
 
-MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model_stage, "dpo": dpo, "ppo": ppo_stage,
+MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model_stage, "dpo": dpo_stage, "ppo": ppo_stage,
            "grpo": grpo_stage}
 # where each stage's loop finds accumulated_step (a step given the update hook reaches it through
 # runtime.optim.gradient_update)
-STEPPERS = {**MODULES, "pretrain": optim, "sft": optim, "reward_model": optim, "ppo": optim, "grpo": optim}
+STEPPERS = {**MODULES, "pretrain": optim, "sft": optim, "reward_model": optim, "dpo": optim, "ppo": optim,
+            "grpo": optim}
 
 
 def at_step(monkeypatch, stage, step, action):
@@ -313,7 +314,7 @@ def test_an_input_changed_since_a_stage_ran_makes_that_stage_stale(tmp_path, tin
     problem = stage_problem(tmp_path / "sft")
     assert f"sft was made from {tmp_path / 'pretrain' / 'model.pt'} (--init), which has changed since" in problem
     with pytest.raises(files.StageError, match=f"rerun `minialign sft --out {tmp_path} "):
-        dpo.main(config("dpo", tmp_path))
+        dpo_stage.main(config("dpo", tmp_path))
     # a checkpoint edited after its stage completed is refused too
     with open(tmp_path / "pretrain" / "model.pt", "ab") as f:
         f.write(b"\0")

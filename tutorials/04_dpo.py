@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
-from minialign.dpo import DPOConfig, implied_reward, log_partition, main as dpo, optimal_policy, preference_probability
+from minialign.dpo import implied_reward, log_partition, optimal_policy, preference_probability
+from minialign.stages.dpo import DPOConfig, main as dpo
 from minialign.runtime.plots import plot_panels
 
 parser = base_parser(__doc__.splitlines()[0])

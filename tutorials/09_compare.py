@@ -116,7 +116,7 @@ def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
                        eval_samples=2, final_eval_samples=2, **common))
         return out / "ppo" / "model.pt"
     if algorithm == "dpo":
-        from minialign.dpo import DPOConfig, main
+        from minialign.stages.dpo import DPOConfig, main
         main(DPOConfig(steps=args.dpo_steps, lr=args.dpo_lr, num_pairs=args.dpo_steps * 64,
                        eval_every=args.dpo_steps, eval_pairs=16, eval_samples_per_prompt=2, **common))
         return out / "dpo" / "model.pt"

@@ -37,7 +37,7 @@ STAGES = {
     "pretrain": ("minialign.stages.pretrain", "PretrainConfig", "stage 1: pre-train a base model (E0a)"),
     "sft": ("minialign.stages.sft", "SFTConfig", "stage 2: supervised fine-tuning (E0b)"),
     "reward_model": ("minialign.stages.reward_model", "RewardModelConfig", "alignment: Bradley-Terry reward model (E3, E4)"),
-    "dpo": ("minialign.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10)"),
+    "dpo": ("minialign.stages.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10), or a relative (--loss)"),
     "ppo": ("minialign.stages.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
     "grpo": ("minialign.stages.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
 }

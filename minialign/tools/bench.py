@@ -252,7 +252,7 @@ class FlopCounter:
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm steps, as their training loops take them (``dpo.main``, ``grpo.main``)
+# the algorithm steps, as their training loops take them (``stages.dpo.main``, ``grpo.grpo_iteration``)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -268,13 +268,14 @@ def random_preference_batch(vocab_size: int, pairs: int, prompt_len: int, respon
 
 
 def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=None) -> Callable[[], float]:
-    """One DPO optimizer step of ``dpo.main`` per call, on ``batches`` in turn (cycled).
+    """One DPO optimizer step of ``stages.dpo.main`` per call, on ``batches`` in turn (cycled).
 
-    ``config`` (a ``dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
+    ``config`` (a ``stages.dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
     ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref is read from a table computed
-    here, untimed, as ``dpo.main`` precomputes its table; else the reference runs in every step).
+    here, untimed, as ``stages.dpo.main`` precomputes its table; else the reference runs in every step).
     """
-    from ..dpo import DPOConfig, chosen_rejected_logps, dpo_loss
+    from ..dpo import chosen_rejected_logps, dpo_loss
+    from ..stages.dpo import DPOConfig
     from ..runtime.optim import make_optimizer, optimizer_step
 
     config = config or DPOConfig(progress=False)
@@ -414,7 +415,7 @@ def model_matmul_flops(config: GPTConfig, device, dtype: str) -> float:
 def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
     """A DPO step (policy forward and backward, reference forward, E9, AdamW) with the shared
     prompt and with the plain forward, alternated, from the same fresh model."""
-    from ..dpo import DPOConfig
+    from ..stages.dpo import DPOConfig
 
     P = cfg.dpo_prompt_len
     if not 1 <= P < cfg.seq_len:
