@@ -79,7 +79,7 @@ import torch
 
 from .runtime import distributed
 from .generation import Generation, generate
-from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
+from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
 from .stages.rewards import score_answers, toy_reward
 from .runtime.config import Config, check_range
@@ -247,14 +247,6 @@ def _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_
         check_groups(B, group_size)
     if aggregation == "constant" and (max_len is None or max_len < T):
         raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
-
-
-def check_groups(B: int, group_size: int) -> None:
-    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
-    if B == 0 or B % group_size != 0:
-        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
 
 
 def reset_reference(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
