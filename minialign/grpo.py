@@ -408,7 +408,7 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
                "accuracy": (everything == 1).float().mean().item(),
                # KL(pi_old || pi_ref) per token of the sampled answers, before this iteration's updates
                "kl": masked_mean(kl_k3(old_logps, ref_logps), rollout.response_mask).item(),
-               "clip_frac": mean([s["clip_frac"] for s in stats]),
+               "clip_frac": mean([s.get("clip_frac", 0.0) for s in stats]),  # REINFORCE has no clip
                "loss": mean([s["loss"] for s in stats]),
                "grad_norm": mean(norms),
                "answer_len": lengths.mean().item(),

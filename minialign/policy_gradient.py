@@ -427,7 +427,8 @@ def policy_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor, advanta
         from .ppo import clipped_surrogate_loss
         if aggregation not in (None, "token_mean"):
             raise ValueError(f"ppo_clip is E5's token mean; got aggregation={aggregation!r}")
-        return clipped_surrogate_loss(logps, old_logps, _token_advantages(advantages, logps), mask, clip_eps)
+        value, stats = clipped_surrogate_loss(logps, old_logps, _token_advantages(advantages, logps), mask, clip_eps)
+        return value, {"loss": value.item(), **stats}
     low, high = CLIP_DEFAULTS[loss]
     low, high = low if eps_low is None else eps_low, high if eps_high is None else eps_high
     fn = {"dapo": dapo_loss, "gspo": gspo_loss, "cispo": cispo_loss}[loss]
