@@ -393,8 +393,9 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
     trained = mask.any(1).nonzero().squeeze(1)  # the rows the loss sees: all but the filtered answers
     per_step = hp.batch_size // distributed.world_size()  # this rank's answers per optimizer step
     stats, norms = [], []
-    for _ in range(hp.inner_updates if len(trained) else 0):  # mu passes against the same pi_old
-        for idx in trained[torch.randperm(len(trained), generator=generator, device=device)].split(per_step):
+    for _ in range(hp.inner_updates):  # mu passes against the same pi_old
+        order = trained[torch.randperm(len(trained), generator=generator, device=device)]
+        for idx in order.split(per_step) if len(order) else ():  # nothing to train on: every answer filtered out
             minibatch_units = units(idx) * distributed.world_size()
             done = update(idx, functools.partial(loss_of, minibatch_units=minibatch_units))
             stats += done.extras

@@ -424,6 +424,8 @@ def test_overlong_in_the_iteration(world, overlong):
     else:
         assert torch.equal(result.advantages, group_advantages(torch.tensor(rewards, dtype=torch.float32), 4))
         assert update.calls[0]["rows"] == finished.nonzero().squeeze(1).tolist()
+    # DAPO's token mean: the units are the tokens of the answers trained on
+    assert update.calls[0]["units"] == lengths[update.calls[0]["rows"]].sum().item()
 
 
 def test_member_options_are_checked():
