@@ -95,10 +95,11 @@ def test_cat_generations_pads_both_sides_and_keeps_every_log_prob():
     """Two draws with other prompt and response widths, joined (DAPO's dynamic sampling): the prompts are
     left-padded, the responses right-padded to the widest, and every response token keeps its log-prob."""
     model = make()
-    a = generate(model, [[1, 5]] * 2, 3, EOS, PAD, generator=torch.Generator().manual_seed(0))          # P = 2
-    b = generate(model, [[1, 6, 7, 8, 9]] * 2, 6, EOS, PAD, generator=torch.Generator().manual_seed(1))  # P = 5
+    a = generate(model, [[1, 5]] * 2, 2, EOS, PAD, generator=torch.Generator().manual_seed(0))          # P = 2
+    b = generate(model, [[1, 6, 7, 8, 9]] * 2, 8, EOS, PAD, generator=torch.Generator().manual_seed(1))  # P = 5
     both = cat_generations([a, b], PAD)
     P, T = 5, max(a.response_ids.shape[1], b.response_ids.shape[1])
+    assert T - a.response_ids.shape[1] not in (0, 3)  # a's rows grow by 3 on the left and by another width on the right
     assert both.prompt_len == P and both.sequences.shape == (4, P + T) and both.response_mask.shape == (4, T)
     assert both.sequences[:2, :3].eq(PAD).all() and both.attention_mask[:2, :3].eq(0).all()  # 3 more pads on the left
     assert torch.equal(both.sequences[:2, 3:P + a.response_ids.shape[1]], a.sequences)

@@ -37,6 +37,9 @@ def test_overlong_filter_and_penalty_by_hand():
     # a truncated answer (no EOS) is the paper's |y| > L_max: -1, whatever its length reads
     expect(PGS.overlong_penalty(torch.tensor([3, 8, 10]), 10, 4, finished=torch.tensor([True, True, False])),
            [0.0, -0.5, -1.0], abs=1e-7)
+    # ... also where its length alone would give less: |y| = 3 or 8 unfinished -> -1, not 0 or -0.5
+    expect(PGS.overlong_penalty(torch.tensor([3, 8]), 10, 4, finished=torch.tensor([False, False])), [-1.0, -1.0],
+           abs=1e-7)
 
 
 def test_bad_input_is_a_clear_error():
