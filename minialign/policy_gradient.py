@@ -178,6 +178,7 @@ def rloo_advantages(rewards, group_size: int) -> torch.Tensor:
     r = rewards_1d(rewards)
     check_groups(r.numel(), group_size)
     G = group_size
+    # Exercise rloo_advantages (RLOO): from here to the end of the function.
     groups = r.view(-1, G)                                                   # (Q, G)
     others = (groups.sum(dim=1, keepdim=True) - groups) / (G - 1)            # (Q, G) mean of the other G - 1
     return (groups - others).reshape(-1)                                     # (B,)
@@ -300,6 +301,7 @@ def gspo_sequence_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torc
     """
     check_token_tensors(logps=logps, old_logps=old_logps, mask=mask)
     check_nonempty_rows(mask)
+    # Exercise gspo_sequence_ratio (GSPO): from here to the end of the function.
     dtype = upcast(logps).dtype
     log_ratio = logps.to(dtype) - old_logps.to(dtype).detach()              # (B, T)
     return torch.exp(masked_mean(log_ratio, mask, dim=1))                  # (B,)
@@ -358,12 +360,14 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
     check_token_tensors(logps=logps, old_logps=old_logps, mask=mask)
     check_per_sequence(logps.shape[0], advantages=advantages)
     check_clip_range(eps_low, eps_high, low_may_be_one=True)
+    # Exercise cispo_loss (CISPO): from here to "End of exercise cispo_loss".
     dtype = upcast(logps).dtype
     logps = logps.to(dtype)
     ratio = torch.exp(logps - old_logps.to(dtype).detach())                # (B, T)
     weight = torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach()        # sg(clip(rho))
     A = _token_advantages(advantages, logps)                                # (B, T)
     loss = aggregate(-weight * A * logps, mask, "token_mean")
+    # End of exercise cispo_loss.
     with torch.no_grad():
         stats = {"loss": loss.item(), "ratio": masked_mean(ratio, mask).item(),
                  "clip_frac": masked_mean((weight != ratio).float(), mask).item()}

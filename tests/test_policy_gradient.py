@@ -104,6 +104,7 @@ def test_batch_mean_by_hand_and_as_one_big_group():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("rloo_advantages")
 def test_rloo_by_hand():
     # one group of G = 4, rewards 1, 0, 0, 3; the mean of the other three:
     # answer 0: (0 + 0 + 3) / 3 = 1 -> A = 1 - 1 = 0
@@ -128,6 +129,7 @@ def test_rloo_is_g_over_g_minus_1_times_the_centred_advantage():
     expect(diff[:4], [1.0, -1 / 3, -1 / 3, -1 / 3], abs=1e-12)
 
 
+@pytest.mark.exercise("rloo_advantages")
 def test_rloo_gradcheck_through_the_reinforce_loss():
     new, _, mask = random_batch()
     A = PG.rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=D), 2)
@@ -217,6 +219,7 @@ def test_dapo_gradcheck_float64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("gspo_sequence_ratio")
 def test_gspo_by_hand():
     # s_0 = (1.5 * 0.9)^(1/2) = sqrt(1.35) = 1.161895 ; s_1 = (0.5 * 1.1 * 1.0)^(1/3) = 0.55^(1/3) = 0.819321
     expect(PG.gspo_sequence_ratio(NEW, OLD, MASK), [1.161895, 0.819321], abs=1e-6)
@@ -248,6 +251,7 @@ def test_gspo_with_one_token_answers_is_grpo():
     assert torch.allclose(grad_of(gspo, new), grad_of(grpo, new), atol=1e-14)
 
 
+@pytest.mark.exercise("gspo_sequence_ratio")
 def test_gspo_gradcheck_float64_and_log_space():
     new, old, mask = random_batch()
     A = torch.tensor([1.0, -0.5, 2.0, -1.0], dtype=D)
@@ -265,6 +269,7 @@ def test_gspo_gradcheck_float64_and_log_space():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_by_hand():
     # weights sg(clip(rho, 1 - 1, 1 + 0.28)) = clip(rho, 0, 1.28): 1.28 (from 1.5), 0.9 ; 0.5, 1.1, 1.0
     # log pi = log(0.5 rho): ln 0.75 = -0.287682, ln 0.45 = -0.798508 ; ln 0.25 = -1.386294, ln 0.55 = -0.597837, ln 0.5 = -0.693147
@@ -281,6 +286,7 @@ def test_cispo_by_hand():
     expect(g[1, 0], 0.32, abs=1e-6)
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio():
     new, old, mask = random_batch()
     new = old + 4 * (new - old)  # ratios up to 1 +- 0.6: some clipped
@@ -292,6 +298,7 @@ def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio():
     assert (g_cispo[mask.bool()] != 0).all()  # every token keeps a gradient
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_gradcheck_float64():
     # the weight sg(clip(rho)) is a constant of the gradient, so the check differentiates at a fixed
     # log-ratio: old_logps = logps - log_ratio keeps rho, hence the weight, constant as logps moves
