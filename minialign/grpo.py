@@ -81,7 +81,8 @@ from .runtime import distributed
 from . import policy_gradient as PG
 from .generation import Generation, cat_generations, generate
 from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative,
-                  check_per_sequence, check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
+                  check_per_sequence, check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum,
+                  response_logps, upcast)
 from .stages.rewards import score_answers, toy_reward
 from .policy_gradient import CLIP_DEFAULTS
 from .policy_gradient_sampling import dynamic_sampling, overlong_filter, overlong_penalty
@@ -102,7 +103,7 @@ class GRPOHyperparams(Config):
     beta: float = 0.04              # KL coefficient
     kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
     # answer_mean (E13) | token_mean (DAPO) | constant (Dr. GRPO: divide by B * max_new_tokens)
-    aggregation: Literal["answer_mean", "token_mean", "constant", "sequence_sum"] = "answer_mean"  # E13's mean over tokens (sequence_sum: REINFORCE's sum over each answer, --loss reinforce only)
+    aggregation: Literal["answer_mean", "token_mean", "constant", "sequence_sum"] = "answer_mean"  # E13's mean over tokens (sequence_sum: REINFORCE's)
     scale_by_std: bool = True       # E12's division by the group's std (False: Dr. GRPO's r - mean)
     adv_eps: float = 1e-4           # E12's epsilon
     ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
@@ -111,15 +112,15 @@ class GRPOHyperparams(Config):
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
     share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
     # the policy-gradient family (policy_gradient.py): each member is GRPO with these changed
-    advantage: Literal["grpo", "none", "batch_mean", "rloo", "reinforce_pp"] = "grpo"  # grpo (E12) | none (REINFORCE: A = r) | batch_mean (r - the batch's mean) | rloo (r - the other answers' mean) | reinforce_pp (return-to-go whitened over the batch)
-    loss: Literal["grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo"] = "grpo"  # grpo (E13) | reinforce (-A log pi) | ppo_clip (E5, token mean) | dapo (clip-higher, token mean) | gspo (clip of the sequence ratio) | cispo (stopped clipped weight x REINFORCE)
-    clip_eps_low: float = 0.0       # dapo/gspo/cispo: 1 - eps_low is the lowest ratio (0: the paper's 0.2 / 3e-4 / 1.0)
-    clip_eps_high: float = 0.0      # dapo/gspo/cispo: 1 + eps_high is the highest ratio, clip-higher (0: the paper's 0.28 / 4e-4 / 0.28)
-    kl_estimator: Literal["k3", "k1"] = "k3"  # the per-token KL summed into the reward with --kl-in reward: k3 (GRPO's, >= 0) | k1 (log-ratio, E2's; reinforce_pp always k1)
-    dynamic_sampling: bool = False  # DAPO: drop the groups whose answers all score the same, draw more questions to fill the batch
-    max_draws: int = 4              # dynamic sampling: at most this many more draws of --questions per iteration (the paper sets no bound)
-    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: truncated answers (no EOS) left out of the loss (filter) or a soft length penalty added to the reward
-    overlong_cache: int = 1         # --overlong penalty: L_cache, the last tokens before max_new_tokens over which the penalty falls to -1
+    advantage: Literal["grpo", "none", "batch_mean", "rloo", "reinforce_pp"] = "grpo"  # E12, or none (A = r) | batch_mean | rloo (leave-one-out) | reinforce_pp
+    loss: Literal["grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo"] = "grpo"  # E13, or reinforce | ppo_clip (E5) | dapo | gspo | cispo
+    clip_eps_low: float = 0.0       # dapo/gspo/cispo: the lowest ratio is 1 - this (0: the paper's)
+    clip_eps_high: float = 0.0      # dapo/gspo/cispo: the highest ratio is 1 + this, clip-higher (0: the paper's)
+    kl_estimator: Literal["k3", "k1"] = "k3"  # the KL in the reward (--kl-in reward): k3 | k1 (E2's; reinforce_pp's)
+    dynamic_sampling: bool = False  # DAPO: only groups that carry a signal, more questions drawn to fill the batch
+    max_draws: int = 4              # dynamic sampling: at most this many more draws of --questions per iteration
+    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: truncated answers out of the loss, or a length penalty
+    overlong_cache: int = 1         # --overlong penalty: L_cache, the last tokens in which the penalty falls to -1
 
     def validate(self) -> None:
         super().validate()
@@ -141,7 +142,8 @@ class GRPOHyperparams(Config):
         aggregations = (("answer_mean",) if own_clip or self.loss == "ppo_clip" else  # they fix their own
                         AGGREGATIONS + ("sequence_sum",) if self.loss == "reinforce" else AGGREGATIONS)
         require(self, "aggregation", self.aggregation in aggregations, f"one of {aggregations} with --loss {self.loss}")
-        require(self, "advantage", self.advantage != "reinforce_pp" or self.loss in ("reinforce", "ppo_clip", "dapo", "cispo"),
+        per_token_ok = ("reinforce", "ppo_clip", "dapo", "cispo")  # the losses that take (B, T) advantages
+        require(self, "advantage", self.advantage != "reinforce_pp" or self.loss in per_token_ok,
                 f"one advantage per answer for --loss {self.loss} (reinforce_pp gives one per token)")
         require(self, "scale_by_std", self.scale_by_std or self.advantage == "grpo", "true unless --advantage grpo")
         for name in ("clip_eps_low", "clip_eps_high"):
@@ -298,7 +300,7 @@ class GRPOIterationResult:
     rollout: Generation             # the B = Q * G sampled answers, group i in rows i*G .. i*G+G-1
     completions: list[str]          # the answers as text, as the reward function saw them
     rewards: torch.Tensor           # (B,) r(x, y_i)
-    advantages: torch.Tensor        # (B,) E11-E12 (of the KL-penalised rewards with kl_in="reward"); (B, T) for reinforce_pp
+    advantages: torch.Tensor        # (B,) E11-E12 (of the KL-penalised rewards with kl_in="reward"); reinforce_pp: (B, T)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
