@@ -49,6 +49,32 @@ class Generation:
             out.append(ids[: n - 1] if done else ids[:n])
         return out
 
+    def select(self, rows: torch.Tensor) -> Generation:
+        """The rows ``rows`` (indices, or a (B,) bool mask) as a Generation of their own."""
+        return Generation(self.sequences[rows], self.attention_mask[rows], self.response_ids[rows],
+                          self.response_mask[rows], self.logps[rows], self.finished[rows], self.prompt_len)
+
+
+def cat_generations(parts: list[Generation], pad_id: int) -> Generation:
+    """The rows of several ``generate`` calls as one Generation, in order (DAPO's dynamic sampling).
+
+    The prompts are left-padded and the responses right-padded to the widest part: positions count
+    real tokens only (``model.py``), so the added padding changes no log-prob.
+    """
+    P = max(g.prompt_len for g in parts)
+    T = max(g.response_ids.shape[1] for g in parts)
+
+    def pad(x: torch.Tensor, left: int, right: int, value: int | float = 0) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+    grown = [(P - g.prompt_len, T - g.response_ids.shape[1], g) for g in parts]
+    return Generation(
+        sequences=torch.cat([pad(g.sequences, left, right, pad_id) for left, right, g in grown]),
+        attention_mask=torch.cat([pad(g.attention_mask, left, right) for left, right, g in grown]),
+        response_ids=torch.cat([pad(g.response_ids, 0, right, pad_id) for _, right, g in grown]),
+        response_mask=torch.cat([pad(g.response_mask, 0, right) for _, right, g in grown]),
+        logps=torch.cat([pad(g.logps, 0, right) for _, right, g in grown]),
+        finished=torch.cat([g.finished for g in parts]), prompt_len=P)
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf the logits outside the top-k tokens and outside the top-p nucleus."""

@@ -266,6 +266,14 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_groups(B: int, group_size: int) -> None:
+    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
+    if B == 0 or B % group_size != 0:
+        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
+
+
 # ----------------------------------------------------------------------------------------------
 # masked reductions
 # ----------------------------------------------------------------------------------------------

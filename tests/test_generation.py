@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minialign.generation import filter_logits, generate
+from minialign.generation import cat_generations, filter_logits, generate
 from minialign.model import GPT, GPTConfig
 from minialign.ops import model_token_logps, response_logps
 
@@ -89,3 +89,27 @@ def test_top_k_and_top_p_by_hand():
     a = generate(model, PROMPTS, 6, EOS, PAD, top_k=1, generator=torch.Generator().manual_seed(0))
     b = generate(model, PROMPTS, 6, EOS, PAD, temperature=0)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_cat_generations_pads_both_sides_and_keeps_every_log_prob():
+    """Two draws with other prompt and response widths, joined (DAPO's dynamic sampling): the prompts are
+    left-padded, the responses right-padded to the widest, and every response token keeps its log-prob."""
+    model = make()
+    a = generate(model, [[1, 5]] * 2, 2, EOS, PAD, generator=torch.Generator().manual_seed(0))          # P = 2
+    b = generate(model, [[1, 6, 7, 8, 9]] * 2, 8, EOS, PAD, generator=torch.Generator().manual_seed(1))  # P = 5
+    both = cat_generations([a, b], PAD)
+    P, T = 5, max(a.response_ids.shape[1], b.response_ids.shape[1])
+    assert T - a.response_ids.shape[1] not in (0, 3)  # a's rows grow by 3 on the left and by another width on the right
+    assert both.prompt_len == P and both.sequences.shape == (4, P + T) and both.response_mask.shape == (4, T)
+    assert both.sequences[:2, :3].eq(PAD).all() and both.attention_mask[:2, :3].eq(0).all()  # 3 more pads on the left
+    assert torch.equal(both.sequences[:2, 3:P + a.response_ids.shape[1]], a.sequences)
+    assert torch.equal(both.finished, torch.cat([a.finished, b.finished]))
+    for part, rows in ((a, slice(0, 2)), (b, slice(2, 4))):
+        t = part.response_ids.shape[1]
+        assert torch.equal(both.response_mask[rows, :t], part.response_mask) and both.response_mask[rows, t:].eq(0).all()
+    # positions count real tokens only: the model gives the joined rows the log-probs it sampled them with
+    resp = response_logps(model, both.sequences, both.attention_mask, P)
+    mask = both.response_mask.bool()
+    assert torch.allclose(resp[mask], both.logps[mask], atol=1e-5)
+    # select keeps the rows asked for
+    assert torch.equal(both.select(torch.tensor([False, True, True, False])).sequences, both.sequences[1:3])

@@ -28,7 +28,8 @@ PACKAGE = ROOT / "minialign"
 READING_LIST = ["model", "tokenizer", "toyworld", "data", "ops", "generation", "pretrain", "sft",
                 "reward_model", "ppo", "dpo", "grpo", "theory"]
 # files of the algorithm family beyond the source (RLOO, DAPO, IPO, ...) that sit beside them
-FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "best_of_n", "theory_preference"]
+FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "best_of_n", "theory_preference",
+          "policy_gradient_sampling"]
 # the other files at the top: the package itself, `python -m minialign`, and the old train.py's shim
 NOT_READ = ["__init__", "__main__", "train"]
 # not yet "math + one named step" (issue 19: the runners move to minialign/stages/)

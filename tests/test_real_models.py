@@ -210,3 +210,19 @@ def test_dpo_and_grpo_on_a_model_folder_on_cuda_in_bf16(hf_folder, data, tmp_pat
         rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN
         assert (tmp_path / stage / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_family_members_from_the_command_line_on_a_model_folder(hf_folder, data, tmp_path):
+    """Three members of the policy-gradient family (``minialign grpo --advantage/--loss ...``) on a Hugging
+    Face folder with --model and your questions with --data: RLOO, DAPO with dynamic sampling, CISPO."""
+    members = {"rloo": ["--advantage", "rloo", "--loss", "reinforce", "--kl-in", "reward", "--kl-estimator", "k1"],
+               "dapo": ["--loss", "dapo", "--beta", 0, "--dynamic-sampling", "--max-draws", 1],
+               "cispo": ["--loss", "cispo", "--beta", 0]}
+    for name, flags in members.items():
+        out = tmp_path / name
+        metrics, summary = run("grpo", out, "--model", hf_folder, "--model-impl", "hf", "--data", data / "qa.jsonl",
+                               "--eval-data", data / "qa_eval.jsonl", "--steps", 2, "--questions", 2, "--group-size", 4,
+                               "--batch-size", 8, "--eval-samples", 2, "--final-eval-samples", 2, *flags)
+        assert summary["heldout_accuracy"] is not None and (out / "grpo" / "model" / "config.json").is_file(), name
+        assert all(r["tokens"] >= 8 for r in metrics if "loss" in r), name

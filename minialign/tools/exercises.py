@@ -151,6 +151,25 @@ EXERCISES = [
              "rewards (B,), logps, ref_logps, mask (B, T) -> (B,) with no gradient; "
              "sequence_kl(logps, ref_logps, mask, estimator) sums a per-token estimate over each answer",
              "06_grpo.py"),
+    # the policy-gradient family (policy_gradient.py): three members as deltas of GRPO
+    Exercise("rloo_advantages", "policy_gradient.py", "RLOO", "RLOO's leave-one-out baseline",
+             (r"\hat A_i = r_i - \frac{1}{G-1}\sum_{j\ne i} r_j",),
+             "r (B,) float rewards with B = Q * G, the G answers of question q in rows q*G .. q*G+G-1, and G "
+             "-> (B,); the baseline of answer i is the mean of the G - 1 other answers to its question "
+             "(no std); vectorised over the groups, no loop",
+             "10_family.py"),
+    Exercise("gspo_sequence_ratio", "policy_gradient.py", "GSPO", "GSPO's sequence-level importance ratio",
+             (r"s_i = \Big(\frac{\pi_\theta(y_i\mid x)}{\pi_{old}(y_i\mid x)}\Big)^{1/|y_i|} = \exp\Big(\frac{1}{|y_i|}\sum_t \log\frac{\pi_\theta(y_{i,t}\mid\cdot)}{\pi_{old}(y_{i,t}\mid\cdot)}\Big)",),
+             "logps, old_logps, mask (B, T) -> s (B,), float32 at least (ops.upcast), float64 kept; no gradient "
+             "into old_logps; in log space (ops.masked_mean over each answer's tokens): the product of 2000 "
+             "token ratios overflows, their geometric mean does not",
+             "10_family.py"),
+    Exercise("cispo_loss", "policy_gradient.py", "CISPO", "CISPO's clipped, stopped importance weight",
+             (r"L_{CISPO} = -\frac{1}{\sum_i|y_i|}\sum_i\sum_t \mathrm{sg}\big(\mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high})\big)\,\hat A_i\,\log\pi_\theta(y_{i,t}\mid x, y_{i,<t})",),
+             "logps, old_logps, mask (B, T), advantages (B,) or (B, T) -> define ratio (B, T), weight (B, T) "
+             "= the clipped ratio with its gradient stopped, and loss (a scalar): the token mean over the "
+             "batch (aggregate(..., \"token_mean\")); _token_advantages(advantages, logps) gives A (B, T)",
+             "10_family.py"),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
