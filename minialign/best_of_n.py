@@ -4,7 +4,7 @@ r"""Best-of-N: the simplest alignment baseline, at sampling time and as training
 reward $r(x, y)$ (a reward model's $r_\phi$, or the verifiable reward), answer with the best one.
 No parameter changes; the cost is $N$ samples per answer. It defines a policy $\pi_{BoN}$, and every
 comparison of RLHF methods starts from it: a trained policy should beat best-of-N at the same
-$\mathrm{KL}(\pi\Vert\pi_{ref})$ (``theory_preference.best_of_n_table`` sets it beside E7's frontier).
+$\mathrm{KL}(\pi\Vert\pi_{ref})$ (``best_of_n_table`` sets it beside E7's frontier).
 
 **Ties** (``best_of_n``): among samples with the same, largest reward the *first* (lowest sample
 index) is chosen. The samples are exchangeable, so the chosen response is then distributed as
@@ -42,7 +42,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .generation import generate
 from .ops import check_finite, check_positive
+from .theory import Problem, frontier_reward_at
 
 DTYPE = torch.float64
 
@@ -151,6 +153,44 @@ def select_for_sft(prompts: list[str], completions: list[list[str]], rewards: to
     return RejectionSamplingResult(rows, P - dropped, dropped, mean_kept, float(rewards.mean()))
 
 
+@dataclass
+class RejectionSamplingRound:
+    """What one round of rejection sampling made: the SFT rows, and every sample with its reward."""
+    selection: RejectionSamplingResult  # the kept rows (``select_for_sft``)
+    completions: list[list[str]]        # (P, N) sampled texts
+    finished: list[list[bool]]          # (P, N) ended with EOS
+    rewards: torch.Tensor               # (P, N) their rewards
+
+
+@torch.no_grad()
+def rejection_sampling_round(policy, tokenizer, reward_fn, prompts: list[str], hp: RejectionSamplingHyperparams,
+                             generator: torch.Generator, max_new_tokens: int = 24,
+                             temperature: float = 1.0) -> RejectionSamplingRound:
+    r"""Rejection sampling's one step: $y_{i,1..N}\sim\pi_\theta(\cdot\mid x_i)$, score each with the reward,
+    keep the best (``select_for_sft``). The caller fine-tunes on ``selection.rows`` with E0b (``sft.py``).
+
+    ``reward_fn(prompts, completions, finished) -> list[float]`` has TRL's signature
+    (``stages/rewards.py``): the verifiable reward, r*, or a reward model's $r_\phi$. Differs from SFT
+    only in where the rows come from: the policy's own best samples instead of demonstrations.
+    """
+    hp.validate()
+    N = hp.samples_per_prompt
+    flat = [p for p in prompts for _ in range(N)]                   # (P*N,) each prompt N times in a row
+    texts, done = [], []
+    for i in range(0, len(flat), 512):  # bounded memory; a prompt's N samples share its prefill
+        rollout = generate(policy, [tokenizer.prompt(p) for p in flat[i:i + 512]], max_new_tokens, tokenizer.eos_id,
+                           tokenizer.pad_id, temperature=temperature, generator=generator)
+        texts += [tokenizer.decode(r) for r in rollout.responses()]
+        done += rollout.finished.tolist()
+    values = [float(v) for v in reward_fn(prompts=flat, completions=texts, finished=done)]
+    if len(values) != len(flat):
+        raise ValueError(f"the reward function returned {len(values)} rewards for {len(flat)} samples")
+    rewards = torch.tensor(values, dtype=DTYPE).view(len(prompts), N)  # (P, N)
+    completions = [texts[i * N:(i + 1) * N] for i in range(len(prompts))]
+    finished = [done[i * N:(i + 1) * N] for i in range(len(prompts))]
+    return RejectionSamplingRound(select_for_sft(prompts, completions, rewards, hp), completions, finished, rewards)
+
+
 # ----------------------------------------------------------------------------------------------
 # the exact theory: best-of-N on a discrete reference
 # ----------------------------------------------------------------------------------------------
@@ -201,3 +241,50 @@ def best_of_n_kl_bound(n: int) -> float:
     r"""$\log N - \frac{N-1}{N}$: the KL of best-of-N for a reward without ties; an upper bound otherwise."""
     check_positive(n=n)
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_from_samples(scores: torch.Tensor, values: torch.Tensor, n: int) -> tuple[float, float]:
+    r"""Best-of-N of one prompt estimated from $M$ samples of $\pi_{ref}$: (E[value of the best], KL).
+
+    The exact law (``best_of_n_distribution``) applied to the samples' empirical distribution
+    ($1/M$ each): ``scores`` (M,) pick the best (the reward best-of-N selects by), ``values`` (M,)
+    are what is reported of it (r*, which may differ from the score). The KL is then
+    $\sum_v P_v\log(P_v/\hat q_v)$ with the levels' sampled masses $\hat q_v$: exact formula, sampled
+    inputs (a plug-in estimate, close when $M \gg N$ and the levels are few, as r*'s are).
+    """
+    scores, values = torch.as_tensor(scores, dtype=DTYPE), torch.as_tensor(values, dtype=DTYPE)
+    if scores.dim() != 1 or scores.shape != values.shape:
+        raise ValueError(f"scores and values must be (M,) tensors of one shape, got {tuple(scores.shape)} "
+                         f"and {tuple(values.shape)}")
+    ref = torch.full_like(scores, 1.0 / scores.numel())
+    law = best_of_n_distribution(ref, scores, n)                    # (M,) P(sample j is the best of N)
+    return float((law * values).sum()), best_of_n_kl(ref, scores, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# the theory lab's tables of best-of-N (``python -m minialign.theory_preference`` prints them)
+# ----------------------------------------------------------------------------------------------
+
+
+def best_of_n_table(problem: Problem, ns=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+    r"""Best-of-N exactly: its KL, the formula $\log N - \frac{N-1}{N}$, its reward, E7's frontier at the same KL."""
+    rows = []
+    for n in ns:
+        k = best_of_n_kl(problem.ref_probs, problem.rewards, n)
+        reward = best_of_n_expected_reward(problem.ref_probs, problem.rewards, n)
+        rows.append({"N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k,
+                     "reward": reward, "frontier_reward": frontier_reward_at(problem, k),
+                     "below_frontier": frontier_reward_at(problem, k) - reward})
+    return rows
+
+
+def continuous_limit_table(ks=(6, 100, 10_000), ns=(2, 16, 64)) -> list[dict]:
+    r"""Uniform $\pi_{ref}$ over K responses with distinct rewards: the exact KL approaches $\log N - \frac{N-1}{N}$ as K grows."""
+    rows = []
+    for K in ks:
+        q = torch.full((K,), 1.0 / K, dtype=DTYPE)
+        r = torch.arange(K, dtype=DTYPE)
+        for n in ns:
+            k = best_of_n_kl(q, r, n)
+            rows.append({"K": K, "N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k})
+    return rows

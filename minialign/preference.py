@@ -154,6 +154,7 @@ def robust_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
                                  ref_rejected_logps, beta)
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) (1 - 2 eps divides), got {label_smoothing}")
+    # Exercise robust_dpo_loss (rDPO): from here to the end of the function.
     eps = label_smoothing
     losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)  # (B,)
     return PreferenceLossResult(losses.mean(), r_w, r_l, losses)
@@ -197,6 +198,7 @@ def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         _check_lengths(logps[0].shape[0], chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
         n_w, n_l = chosen_lengths.to(logps[0].dtype), rejected_lengths.to(logps[0].dtype)
         logps = [logps[0] / n_w, logps[1] / n_w, logps[2] / n_l, logps[3] / n_l]
+    # Exercise ipo_loss (IPO): from here to the end of the function.
     r_w, r_l, h = _rewards_and_h(logps[0], logps[2], logps[1], logps[3], beta)
     losses = (h - 1 / (2 * beta)) ** 2                               # (B,) IPO
     return PreferenceLossResult(losses.mean(), r_w, r_l, losses)
@@ -229,6 +231,7 @@ def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     check_positive(beta=beta)
     check_nonnegative(gamma=gamma)
     _check_lengths(policy_chosen_logps.shape[0], chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    # Exercise simpo_loss (SimPO): from here to the end of the function.
     pi_w, pi_l = upcast(policy_chosen_logps), upcast(policy_rejected_logps)
     r_w = beta * pi_w / chosen_lengths.to(pi_w.dtype)              # (B,) SimPO's reward, no pi_ref
     r_l = beta * pi_l / rejected_lengths.to(pi_l.dtype)            # (B,)

@@ -38,7 +38,7 @@ by Newton's method or bisection, never through ``preference.py`` or autograd):
   with $z_0$ its own fixed point (the exact KL, or the data estimate TRL uses, clamped at 0).
 - **ORPO** (``orpo_optimum``): no closed form for $\lambda > 0$; at $\lambda = 0$ it is SFT on the chosen
   responses, $\pi(y) = D_y$.
-- **Best-of-N** (``best_of_n_table``): exact, ``best_of_n.py``; the curve $(\mathrm{KL}, \mathbb{E}\,r)$ for
+- **Best-of-N** (``best_of_n.best_of_n_table``): exact, with its law in ``best_of_n.py``; the curve $(\mathrm{KL}, \mathbb{E}\,r)$ for
   N = 1..64 beside E7's frontier and beside $\log N - \frac{N-1}{N}$.
 
 ``python -m minialign.theory_preference`` prints every table of ``docs/preference.md``.
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from . import preference as P
-from .best_of_n import best_of_n_expected_reward, best_of_n_kl, best_of_n_kl_bound
+from .best_of_n import best_of_n_table, continuous_limit_table
 from .theory import (DTYPE, Problem, expected_reward, frontier_reward_at, graded_problem, kl, pi_star,
                      run_to_convergence, tv, verifiable_problem)
 
@@ -447,30 +447,6 @@ def deterministic_labels_table(problem: Problem, ts=(1.0, 10.0, 100.0)) -> dict:
     dpo_losses = [(t, float(pairwise_expected_loss(torch.log(problem.ref_probs) + t * problem.rewards, problem,
                                                    "dpo", W))) for t in ts]
     return {"ipo": landing_row("IPO, deterministic labels", p_ipo, problem), "dpo_loss_along_ray": dpo_losses}
-
-
-def best_of_n_table(problem: Problem, ns=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
-    r"""Best-of-N exactly: its KL, the formula $\log N - \frac{N-1}{N}$, its reward, E7's frontier at the same KL."""
-    rows = []
-    for n in ns:
-        k = best_of_n_kl(problem.ref_probs, problem.rewards, n)
-        reward = best_of_n_expected_reward(problem.ref_probs, problem.rewards, n)
-        rows.append({"N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k,
-                     "reward": reward, "frontier_reward": frontier_reward_at(problem, k),
-                     "below_frontier": frontier_reward_at(problem, k) - reward})
-    return rows
-
-
-def continuous_limit_table(ks=(6, 100, 10_000), ns=(2, 16, 64)) -> list[dict]:
-    r"""Uniform $\pi_{ref}$ over K responses with distinct rewards: the exact KL approaches $\log N - \frac{N-1}{N}$ as K grows."""
-    rows = []
-    for K in ks:
-        q = torch.full((K,), 1.0 / K, dtype=DTYPE)
-        r = torch.arange(K, dtype=DTYPE)
-        for n in ns:
-            k = best_of_n_kl(q, r, n)
-            rows.append({"K": K, "N": n, "kl": k, "bound": best_of_n_kl_bound(n), "bound_minus_kl": best_of_n_kl_bound(n) - k})
-    return rows
 
 
 def _print(rows: list[dict], cols: list[str]) -> None:

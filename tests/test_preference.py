@@ -38,6 +38,7 @@ def test_conservative_dpo_by_hand():
     expect(out.rejected_rewards, [-0.5])
 
 
+@pytest.mark.exercise("robust_dpo_loss")
 def test_label_smoothing_zero_is_dpo():
     a, b, c, d = (x.detach() for x in random_inputs())
     loss, r_w, r_l = dpo_loss(a, b, c, d, beta=0.3)
@@ -48,6 +49,7 @@ def test_label_smoothing_zero_is_dpo():
         expect(out.rejected_rewards, r_l, abs=0)
 
 
+@pytest.mark.exercise("robust_dpo_loss")
 def test_robust_dpo_by_hand():
     # beta h = 1 as above, eps = 0.1: (0.9 * 0.313262 - 0.1 * 1.313262) / 0.8 = (0.281936 - 0.131326) / 0.8
     #                                                                        = 0.150610 / 0.8 = 0.188262
@@ -55,6 +57,7 @@ def test_robust_dpo_by_hand():
     expect(out.loss, 0.188262, abs=1e-6)
 
 
+@pytest.mark.exercise("robust_dpo_loss")
 def test_robust_dpo_is_unbiased_for_its_flip_rate():
     # a label flipped with probability eps swaps y_w and y_l (h -> -h); averaged over the flip,
     # rDPO with that eps is E9 on the clean label: (1-eps) rdpo(h) + eps rdpo(-h) = dpo(h), per pair
@@ -69,6 +72,7 @@ def test_robust_dpo_is_unbiased_for_its_flip_rate():
     assert not torch.allclose(cons, clean)
 
 
+@pytest.mark.exercise("robust_dpo_loss")
 def test_robust_and_conservative_gradcheck_float64():
     inputs = random_inputs()
     for fn in (P.conservative_dpo_loss, P.robust_dpo_loss):
@@ -88,6 +92,7 @@ def test_label_smoothing_range_is_checked():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("ipo_loss")
 def test_ipo_by_hand():
     # pair 1: h = 2 (as above), beta = 0.5: 1/(2 beta) = 1, (2 - 1)^2 = 1
     # pair 2: h = (-1 - -1) - (-2 - -2) = 0: (0 - 1)^2 = 1... use pair 2 with h = 1: policy -1, -3, ref -1, -2
@@ -97,6 +102,7 @@ def test_ipo_by_hand():
     expect(out.loss, 0.5)
 
 
+@pytest.mark.exercise("ipo_loss")
 def test_ipo_minimiser_is_one_over_two_beta():
     # d/dh (h - 1/(2 beta))^2 = 2 (h - 1/(2 beta)) = 0 at h* = 1/(2 beta): the loss is 0 there, its gradient too
     for beta in (0.1, 0.5, 2.0):
@@ -112,6 +118,7 @@ def test_ipo_minimiser_is_one_over_two_beta():
             float(dpo_loss(t(h_star, dtype=D), t(0.0, dtype=D), t(0.0, dtype=D), t(0.0, dtype=D), beta)[0])
 
 
+@pytest.mark.exercise("ipo_loss")
 def test_ipo_mean_normalisation_divides_each_logp_by_its_length():
     # chosen (length 2): policy -2, ref -4 -> per token -1, -2; rejected (length 4): policy -8, ref -4 -> -2, -1
     # h = (-1 - -2) - (-2 - -1) = 1 + 1 = 2; beta = 0.25: 1/(2 beta) = 2, loss 0.  With "sum": h = 2 - (-4) = 6, (6-2)^2 = 16
@@ -124,6 +131,7 @@ def test_ipo_mean_normalisation_divides_each_logp_by_its_length():
         P.ipo_loss(*args, beta=0.25, normalise="mean")
 
 
+@pytest.mark.exercise("ipo_loss")
 def test_ipo_gradcheck_float64():
     inputs = random_inputs()
     lengths = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=D)
@@ -137,6 +145,7 @@ def test_ipo_gradcheck_float64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("simpo_loss")
 def test_simpo_by_hand():
     # r_w = beta / |y_w| log pi(y_w) = 1 * -2 / 2 = -1,  r_l = 1 * -6 / 3 = -2
     # z = r_w - r_l - gamma = -1 + 2 - 0.5 = 0.5,  -log sigma(0.5) = 0.474077
@@ -146,6 +155,7 @@ def test_simpo_by_hand():
     expect(out.loss, 0.474077, abs=1e-6)
 
 
+@pytest.mark.exercise("simpo_loss")
 def test_simpo_with_one_token_and_no_margin_is_dpo_with_a_uniform_reference():
     # |y| = 1, gamma = 0: -log sigma(beta (log pi_w - log pi_l)); a uniform reference over V responses
     # gives log pi_ref = -log V to both, which cancels in h: the same loss and the same rewards up to beta log V
@@ -160,6 +170,7 @@ def test_simpo_with_one_token_and_no_margin_is_dpo_with_a_uniform_reference():
     assert float(P.simpo_loss(a, b, ones, ones, beta=0.4, gamma=1.0).loss) > float(loss)
 
 
+@pytest.mark.exercise("simpo_loss")
 def test_simpo_gradcheck_and_bad_lengths():
     inputs = random_inputs(count=2)
     n_w, n_l = torch.tensor([1.0, 2, 3, 4, 5], dtype=D), torch.tensor([5.0, 1, 2, 2, 9], dtype=D)

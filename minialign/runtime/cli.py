@@ -40,7 +40,11 @@ STAGES = {
     "dpo": ("minialign.stages.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10), or a relative (--loss)"),
     "ppo": ("minialign.stages.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
     "grpo": ("minialign.stages.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
+    "rejection_sampling": ("minialign.stages.rejection_sampling", "RejectionSamplingConfig",
+                           "baseline: best-of-N and rejection-sampling fine-tuning (expert iteration)"),
 }
+# the stages ``pipeline`` runs, in order: the source's; a family's stage runs on its own
+PIPELINE = ("pretrain", "sft", "reward_model", "dpo", "ppo", "grpo")
 # other commands that are not pipeline stages: name -> (module, config class, help)
 TOOLS = {
     "bench": ("minialign.tools.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
@@ -82,15 +86,15 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
         if commands is None or name in commands:
             _, config_cls = _load(module, cls)
             _add_command_args(p, config_cls, help_, prerequisites=name in STAGES)
-    p = sub.add_parser("pipeline", help="run every stage in order into one run folder: " + ", ".join(STAGES))
+    p = sub.add_parser("pipeline", help="run every stage in order into one run folder: " + ", ".join(PIPELINE))
     if commands is None or "pipeline" in commands:
         from ..runtime.config import TrainConfig
         _add_command_args(p, TrainConfig, only=PIPELINE_SHARED, prerequisites=True)
-        p.description = (f"Run the stages in order ({', '.join(STAGES)}) into OUT/<stage>/,\n"
+        p.description = (f"Run the stages in order ({', '.join(PIPELINE)}) into OUT/<stage>/,\n"
                          "each with its defaults and the shared flags below. With --resume, a stage already\n"
                          "complete with these settings is skipped and an interrupted one continues from its\n"
                          "last checkpoint.")
-        p.add_argument("--stages", default=",".join(STAGES),
+        p.add_argument("--stages", default=",".join(PIPELINE),
                        help="comma-separated subset of the stages, run in pipeline order (default: %(default)s)")
     p = sub.add_parser("export", help="write a trained model as a Hugging Face folder",
                        description="Write the model of a stage folder (e.g. runs/demo/dpo) as a Hugging Face "
@@ -159,12 +163,12 @@ def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
 
 def run_pipeline(args) -> dict:
     wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
+    unknown = [s for s in wanted if s not in PIPELINE]
     if unknown:
-        raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(PIPELINE)}")
     shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
     configs = {}
-    for name in (s for s in STAGES if s in wanted):  # every config checked before any stage runs
+    for name in (s for s in PIPELINE if s in wanted):  # every config checked before any stage runs
         _, config_cls = _load(*STAGES[name][:2])
         fields = {f.name for f in dataclasses.fields(config_cls)}
         configs[name] = config_cls(**{k: v for k, v in shared.items() if k in fields})

@@ -170,6 +170,25 @@ EXERCISES = [
              "= the clipped ratio with its gradient stopped, and loss (a scalar): the token mean over the "
              "batch (aggregate(..., \"token_mean\")); _token_advantages(advantages, logps) gives A (B, T)",
              "10_family.py"),
+    # the preference family (preference.py): each a small change to E9
+    Exercise("robust_dpo_loss", "preference.py", "rDPO", "robust DPO, de-biased for labels flipped with probability epsilon",
+             (r"\mathcal{L}_{rDPO} = \frac{(1-\epsilon)\,\ell(h) - \epsilon\,\ell(-h)}{1 - 2\epsilon},\qquad \ell(h) = -\log\sigma(\beta h)",),
+             "h (B,), the log-ratio difference, and the implicit rewards r_w, r_l (B,) are given; "
+             "label_smoothing is epsilon -> PreferenceLossResult(loss: the mean over pairs, r_w, r_l, "
+             "losses (B,)); -log sigma must stay finite for a large |beta h| (F.logsigmoid)",
+             "11_preference_family.py"),
+    Exercise("ipo_loss", "preference.py", "IPO", "IPO's squared loss on the log-ratio difference",
+             (r"h = \log\frac{\pi_\theta(y_w\mid x)}{\pi_{ref}(y_w\mid x)} - \log\frac{\pi_\theta(y_l\mid x)}{\pi_{ref}(y_l\mid x)},\qquad \mathcal{L}_{IPO} = \Big(h - \frac{1}{2\beta}\Big)^2",),
+             "logps = [policy chosen, ref chosen, policy rejected, ref rejected], each (B,) and already "
+             "divided by the lengths under normalise='mean' -> PreferenceLossResult(loss: the mean over "
+             "pairs, r_w = beta (log pi_theta(y_w) - log pi_ref(y_w)) (B,), r_l likewise, losses (B,))",
+             "11_preference_family.py"),
+    Exercise("simpo_loss", "preference.py", "SimPO", "SimPO's reference-free, length-normalised loss with a margin",
+             (r"r_w = \frac{\beta}{|y_w|}\log\pi_\theta(y_w\mid x),\quad r_l = \frac{\beta}{|y_l|}\log\pi_\theta(y_l\mid x),\qquad \mathcal{L}_{SimPO} = -\log\sigma(r_w - r_l - \gamma)",),
+             "policy_chosen_logps, policy_rejected_logps (B,) sequence log-probs (E1), chosen_lengths, "
+             "rejected_lengths (B,) in tokens -> PreferenceLossResult(loss: the mean over pairs, r_w (B,), "
+             "r_l (B,), losses (B,)); compute in float32 or float64 (upcast)",
+             "11_preference_family.py"),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
