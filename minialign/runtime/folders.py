@@ -115,17 +115,29 @@ def stage_problem(folder) -> str | None:
     command = files.recorded_command(folder)
     if status.get("status") != "complete":
         return f"{folder} is {status.get('status')}; run `{command}`"
-    for name, sha in status.get("outputs", {}).items():  # the checkpoints: model.pt, a model/ folder, ...
-        path = folder / name
-        if (name.endswith(".pt") or path.is_dir()) and path.exists() and files.fingerprint(path) != sha:
-            return (f"{folder / name} changed after {folder.name} completed (its sha256 differs from the one "
-                    f"in {STATUS}); rerun `{command}`")
+    changed = output_changed(folder, status)
+    if changed:
+        return (f"{changed} after {folder.name} completed ({STATUS} holds the sha256 of every file it wrote); "
+                f"rerun `{command}`")
     for field, rec in status.get("inputs", {}).items():
         # an input that is gone (a stage folder copied on its own) leaves the stage as it was made;
         # one that is there with other contents means a newer model is upstream of this one
         source = folder.parent / rec["path"]  # an absolute path stays absolute
         if source.exists() and files.fingerprint(source) != rec["sha256"]:
             return f"{folder.name} was made from {source} ({flag(field)}), which has changed since; rerun `{command}`"
+    return None
+
+
+def output_changed(folder: Path, status: dict) -> str | None:
+    """The first output of a completed stage (checkpoints, ``config.json``, ``metrics.jsonl``,
+    ``summary.json``, plots: every file ``status.json`` fingerprints) that is gone or has other
+    contents, as ``"runs/x/sft/config.json changed"``; None if every one is as it was written."""
+    for name, sha in status.get("outputs", {}).items():
+        path = folder / name
+        if not path.exists():
+            return f"{path} was deleted"
+        if files.fingerprint(path) != sha:
+            return f"{path} changed"
     return None
 
 
@@ -177,7 +189,8 @@ def check_run_folder(config: TrainConfig, stage: str) -> bool:
             raise StageError(f"{partial} holds an interrupted {stage} run (resumable at step "
                              f"{status.get('checkpoint_step')} of {status.get('steps')}): continue it with --resume, "
                              "or start over with --overwrite")
-    if final.exists() and not config.overwrite:
+    # a completed run whose files were edited since holds nothing trustworthy that a rerun would lose
+    if final.exists() and not config.overwrite and not output_changed(final, files.read_json(final / STATUS) or {}):
         changes = config_changes(files.read_json(final / "config.json"), config)
         if changes:
             raise StageError(f"{final} holds a {stage} run made with other settings ({changes}); add --overwrite "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import distributed, files
 from .config import TrainConfig
+from .datafiles import check_enough_rows
 from .devices import resolve_device
 from .files import ConfigError, NonFiniteError
 from .flags import flag
@@ -43,6 +44,9 @@ def stage(name: str):
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there
                 if getattr(config, field) and not Path(getattr(config, field)).exists():
                     raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
+            rows_per_step = type(config).ROWS_PER_STEP
+            if config.data and rows_per_step:
+                check_enough_rows(config.data, getattr(config, rows_per_step), flag(rows_per_step))
             for field in type(config).INPUTS:
                 stage_input(config, field)
             final = Path(config.out) / name
