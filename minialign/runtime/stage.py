@@ -17,7 +17,7 @@ from . import distributed, files
 from .config import TrainConfig
 from .datafiles import check_enough_rows
 from .devices import resolve_device
-from .files import ConfigError, NonFiniteError
+from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
 from .folders import RESUME, check_run_folder, config_changes, partial_dir, stage_input, stage_problem
 from .run import _RUNS, Run
@@ -71,6 +71,8 @@ def stage(name: str):
                         raise StageInterrupted(_resume_hint(runs[-1])) from None
                     if runs and isinstance(e, NonFiniteError):
                         raise NonFiniteError(f"{e}. {_last_good(runs[-1])}") from e
+                    if isinstance(e, WriteError):
+                        raise WriteError(f"{e} {name} stopped; {_previous(final)}") from e
                     raise
         return run_stage
     return decorate
@@ -81,6 +83,13 @@ def _resume_hint(run: Run) -> str:
         return (f"{run.stage} stopped after step {run.step} of {run.steps}; continue from step {run.checkpoint_step} "
                 f"with `{run.command} --resume`")
     return f"{run.stage} stopped after step {run.step} of {run.steps} with no resumable checkpoint (--save-every)"
+
+
+def _previous(final: Path) -> str:
+    """What a failed run left of the stage's previous results (a run replaces them only when it completes)."""
+    if final.exists():
+        return f"{final} still holds the previous results, untouched"
+    return f"there were no previous results in {final}, and nothing was put there"
 
 
 def _last_good(run: Run) -> str:
