@@ -42,7 +42,12 @@ class StageError(MinialignError, RuntimeError):
 
 
 class NonFiniteError(MinialignError, FloatingPointError):
-    """A NaN or inf in the loss, the gradients or the weights; the message names the step."""
+    """A NaN or inf in the loss, the gradients, the weights or the logits; the message names the
+    step (``step``, when the place that found it knows it; else the stage adds it)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class WriteError(MinialignError, OSError):

@@ -70,7 +70,7 @@ def stage(name: str):
                     if runs and isinstance(e, KeyboardInterrupt):
                         raise StageInterrupted(_resume_hint(runs[-1])) from None
                     if runs and isinstance(e, NonFiniteError):
-                        raise NonFiniteError(f"{e}. {_last_good(runs[-1])}") from e
+                        raise NonFiniteError(f"{_found_at(e, runs[-1])}{e}. {_last_good(runs[-1])}") from e
                     if isinstance(e, WriteError):
                         raise WriteError(f"{e} {name} stopped; {_previous(final)}") from e
                     raise
@@ -90,6 +90,14 @@ def _previous(final: Path) -> str:
     if final.exists():
         return f"{final} still holds the previous results, untouched"
     return f"there were no previous results in {final}, and nothing was put there"
+
+
+def _found_at(error: NonFiniteError, run: Run) -> str:
+    """Where a NaN or inf turned up (the step), unless the error says so already."""
+    if error.step is not None:
+        return ""
+    # run.step counts the steps done: the loop's step index while its body runs
+    return f"at step {run.step}: " if run.step < run.steps else f"after the last step ({run.steps}): "
 
 
 def _last_good(run: Run) -> str:
