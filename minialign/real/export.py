@@ -17,12 +17,13 @@ from pathlib import Path
 from ..runtime import files
 from ..runtime.loading import REWARD_HEAD, save_hf_folder
 from ..runtime.files import StageError
-from ..runtime.folders import STATUS, partial_dir, stage_model, stage_problem
+from ..runtime.folders import STATUS, check_writable, partial_dir, stage_model, stage_problem
 
 
 def export(source, dest) -> Path:
     """Write the model of ``source`` (a stage folder, a ``model.pt`` or a ``model/`` folder) to ``dest``."""
     source, dest = exportable(source), Path(dest)
+    check_writable(dest, "the destination")
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; export into a new folder")
     if source.is_dir():

@@ -194,6 +194,8 @@ def error_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, EXPECTED):
         return text
+    if isinstance(e, OSError) and e.filename and e.strerror:  # the file system refused: say what, and where
+        return f"{e.filename}: {e.strerror}"
     return f"{type(e).__name__}: {text} (unexpected: run again with --debug to see the traceback)"
 
 

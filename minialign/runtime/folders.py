@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import files
 from .config import RUN_CONTROL, TrainConfig
-from .files import StageError
+from .files import ConfigError, StageError
 from .flags import flag
 
 STATUS, RESUME = "status.json", "resume.pt"
@@ -53,6 +53,19 @@ def config_changes(saved: dict | None, config: TrainConfig) -> str:
              for f in dataclasses.fields(config) if f.name not in RUN_CONTROL
              and saved.get(f.name, getattr(defaults, f.name)) != getattr(config, f.name)]
     return "; ".join(diffs)
+
+
+def check_writable(folder, name: str = "--out") -> None:
+    """Refuse a folder that this process cannot create or write into (read-only, not its
+    user's), before any work is done; ``name`` is the flag or argument that gave it."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {folder}: this user cannot write in {existing} (a read-only file system, or "
+                          f"another user's folder); choose another folder")
 
 
 def stage_model(out: str, stage: str) -> Path:

@@ -19,7 +19,7 @@ from .datafiles import check_enough_rows
 from .devices import resolve_device
 from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
-from .folders import RESUME, check_run_folder, config_changes, partial_dir, stage_input, stage_problem
+from .folders import RESUME, check_run_folder, check_writable, config_changes, partial_dir, stage_input, stage_problem
 from .run import _RUNS, Run
 
 
@@ -41,6 +41,7 @@ def stage(name: str):
         def run_stage(config: TrainConfig):
             config.validate()
             resolve_device(config.device)
+            check_writable(config.out)
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there
                 if getattr(config, field) and not Path(getattr(config, field)).exists():
                     raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
