@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
 import socket
 from pathlib import Path
 
@@ -155,10 +156,21 @@ def output_changed(folder: Path, status: dict) -> str | None:
 
 
 def _finish_swap(folder: Path) -> None:
-    """Complete a ``Run.finish`` that was stopped between its two renames."""
+    """Complete a ``Run.finish`` that was killed after it marked the partial folder complete: before
+    its first rename (the previous results still in ``folder``), between its two renames (no
+    ``folder``), or before it removed the previous results (a ``.<stage>.old-PID`` folder)."""
     partial = partial_dir(folder)
-    if not folder.exists() and (files.read_json(partial / STATUS) or {}).get("status") == "complete":
+    status = files.read_json(partial / STATUS) or {}
+    if status.get("status") == "complete" and not (status.get("host") == socket.gethostname()
+                                                   and _alive(status.get("pid"))):
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
         os.replace(partial, folder)
+    for old in folder.parent.glob(f".{folder.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and _alive(int(pid))):  # the finishing process is gone: the swap is done
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def input_fingerprints(config: TrainConfig) -> dict:
