@@ -99,10 +99,10 @@ def test_an_input_stage_edited_after_it_completed_is_refused(run_copy, name, edi
 
 def test_a_completed_stage_whose_files_were_edited_can_be_rerun_without_overwrite(run_copy):
     path = run_copy / "sft" / "config.json"
-    path.write_text(path.read_text().replace('"lr": ', '"lr": 1'))
     recorded = json.loads(path.read_text())
     config = sft.SFTConfig(**{k: v for k, v in recorded.items() if k != "out"}, out=str(run_copy))
-    assert folders.check_run_folder(config, "sft") is False  # not "made with other settings"
+    path.write_text(path.read_text().replace('"lr": ', '"lr": 1'))  # now it seems made with another lr
+    assert folders.check_run_folder(config, "sft") is False  # not "made with other settings": it is broken
 
 
 # ----------------------------------------------------------------------------------------------
