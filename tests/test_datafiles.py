@@ -150,3 +150,26 @@ def test_real_data_flags_are_checked_when_the_config_is_made():
     with pytest.raises(ValueError, match="model_impl must be 'minialign' or 'hf'"):
         load_model("anywhere", "vllm")
     assert DPOConfig(data="d.jsonl", eval_data="e.jsonl", max_length=12).max_length == 12
+
+
+def test_rows_that_max_length_drops_below_a_step_are_refused_by_require_rows(tmp_path, world):
+    """The line count (``check_enough_rows``) passes; what --max-length leaves does not."""
+    from minialign.runtime.datafiles import check_enough_rows
+    long = {"prompt": "review the movie " * 3, "completion": "the movie was good ."}
+    path = write(tmp_path / "sft.jsonl", [long] * 3 + [{"prompt": "review the movie", "completion": "good ."}])
+    check_enough_rows(path, 4, "--batch-size")
+    with pytest.raises(DataError, match=r"4 row\(s\), fewer than the 5 one step draws \(--batch-size 5\)"):
+        check_enough_rows(path, 5, "--batch-size")
+    *_, report = sft_data(path, world.tokenizer, context=48, max_length=12)
+    report.require_rows(1, "--batch-size")
+    with pytest.raises(DataError, match=r"sft.jsonl: 1 usable row\(s\) of 4 \(3 dropped by --max-length 12\), "
+                                        r"fewer than the 4 one step draws \(--batch-size 4\)"):
+        report.require_rows(4, "--batch-size")
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line_in_every_reader(tmp_path, world):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(b'{"prompt": "review the movie", "completion": "the movie was good ."}\n'
+                     b'{"prompt": "review the movie", "completion": "the movie was \xff ."}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl: 1 bad row\(s\) of 2: line 2: not UTF-8 text \(byte 0xff"):
+        sft_data(path, world.tokenizer, context=48)

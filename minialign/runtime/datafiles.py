@@ -70,6 +70,14 @@ class Report:
             raise DataError(f"{self.path}: no usable rows ({self.rows} read, {self.dropped + self.same_when_cut} "
                             f"dropped by --max-length {self.max_length})")
 
+    def require_rows(self, needed: int, name: str) -> None:
+        """Refuse the file if ``--max-length`` left fewer rows than one step draws (``needed``,
+        the value of flag ``name``); ``check_enough_rows`` counted its lines before any were read."""
+        if self.kept < needed:
+            raise DataError(f"{self.path}: {self.kept} usable row(s) of {self.rows} ({self.dropped + self.same_when_cut} "
+                            f"dropped by --max-length {self.max_length}), fewer than the {needed} one step draws "
+                            f"({name} {needed})")
+
     def describe(self) -> str:
         text = f"{self.path}: {self.rows} rows"
         if self.truncated:
