@@ -152,19 +152,20 @@ def test_real_data_flags_are_checked_when_the_config_is_made():
     assert DPOConfig(data="d.jsonl", eval_data="e.jsonl", max_length=12).max_length == 12
 
 
-def test_rows_that_max_length_drops_below_a_step_are_refused_by_require_rows(tmp_path, world):
-    """The line count (``check_enough_rows``) passes; what --max-length leaves does not."""
-    from minialign.runtime.datafiles import check_enough_rows
+def test_a_file_with_fewer_usable_rows_than_a_step_is_refused_while_a_stage_reads_it(tmp_path, world):
+    """Counted after bad rows are named and --max-length has dropped rows; only while a stage runs."""
+    from minialign.runtime.datafiles import rows_per_step
     long = {"prompt": "review the movie " * 3, "completion": "the movie was good ."}
     path = write(tmp_path / "sft.jsonl", [long] * 3 + [{"prompt": "review the movie", "completion": "good ."}])
-    check_enough_rows(path, 4, "--batch-size")
-    with pytest.raises(DataError, match=r"4 row\(s\), fewer than the 5 one step draws \(--batch-size 5\)"):
-        check_enough_rows(path, 5, "--batch-size")
-    *_, report = sft_data(path, world.tokenizer, context=48, max_length=12)
-    report.require_rows(1, "--batch-size")
-    with pytest.raises(DataError, match=r"sft.jsonl: 1 usable row\(s\) of 4 \(3 dropped by --max-length 12\), "
-                                        r"fewer than the 4 one step draws \(--batch-size 4\)"):
-        report.require_rows(4, "--batch-size")
+    with rows_per_step(path, 5, "--batch-size"):
+        with pytest.raises(DataError, match=r"sft.jsonl: 4 row\(s\), fewer than the 5 one step draws \(--batch-size 5\)"):
+            sft_data(path, world.tokenizer, context=48)
+    with rows_per_step(path, 2, "--batch-size"):
+        with pytest.raises(DataError, match=r"sft.jsonl: 1 usable row\(s\) of 4 \(3 dropped by --max-length 12\), "
+                                            r"fewer than the 2 one step draws \(--batch-size 2\)"):
+            sft_data(path, world.tokenizer, context=48, max_length=12)
+    *_, report = sft_data(path, world.tokenizer, context=48, max_length=12)  # no stage: no such rule
+    assert report.kept == 1
 
 
 def test_a_line_that_is_not_utf8_names_file_and_line_in_every_reader(tmp_path, world):

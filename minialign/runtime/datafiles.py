@@ -34,6 +34,7 @@ before anything is written to the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +72,14 @@ class Report:
                             f"dropped by --max-length {self.max_length})")
 
     def require_rows(self, needed: int, name: str) -> None:
-        """Refuse the file if ``--max-length`` left fewer rows than one step draws (``needed``,
-        the value of flag ``name``); ``check_enough_rows`` counted its lines before any were read."""
+        """Refuse the file if it holds fewer usable rows than one step draws (``needed``, the value
+        of flag ``name``)."""
         if self.kept < needed:
-            raise DataError(f"{self.path}: {self.kept} usable row(s) of {self.rows} ({self.dropped + self.same_when_cut} "
-                            f"dropped by --max-length {self.max_length}), fewer than the {needed} one step draws "
-                            f"({name} {needed})")
+            dropped = self.dropped + self.same_when_cut
+            left = f"{self.kept} usable row(s) of {self.rows} ({dropped} dropped by --max-length " \
+                   f"{self.max_length})" if dropped else f"{self.rows} row(s)"
+            raise DataError(f"{self.path}: {left}, fewer than the {needed} one step draws ({name} {needed}); "
+                            f"give more rows or a smaller {name}")
 
     def describe(self) -> str:
         text = f"{self.path}: {self.rows} rows"
@@ -137,26 +140,22 @@ def read_rows(path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
     return rows, bad
 
 
-def check_enough_rows(path, needed: int, name: str) -> None:
-    """Refuse a data file with fewer rows than one step draws (``needed``, the value of flag
-    ``name``), counting its non-blank lines (or Parquet rows) before anything is parsed or
-    written. A file that passes may still lose rows to ``--max-length`` or hold bad ones: the
-    reader says so."""
-    path = Path(path)
-    if not path.is_file() or path.suffix not in (".jsonl", ".json", ".parquet"):
-        return  # read_rows names the problem
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            return
-        rows = pq.read_metadata(path).num_rows
-    else:
-        with path.open("rb") as f:
-            rows = sum(1 for line in f if line.strip())
-    if rows < needed:
-        raise DataError(f"{path}: {rows} row(s), fewer than the {needed} one step draws ({name} {needed}); "
-                        f"give more rows or a smaller {name}")
+@contextlib.contextmanager
+def rows_per_step(path, needed: int, name: str):
+    """While a stage runs: reading its ``--data`` file ``path`` refuses it if fewer than ``needed``
+    usable rows (the value of flag ``name``: the rows one step draws without replacement) are left
+    once bad rows are named and ``--max-length`` has dropped what it drops. The ``@stage``
+    decorator sets it; the stage reads its data before its run folder exists, so a small file is
+    refused before that."""
+    key = Path(path).resolve()
+    _ROWS_PER_STEP[key] = (needed, name)
+    try:
+        yield
+    finally:
+        _ROWS_PER_STEP.pop(key, None)
+
+
+_ROWS_PER_STEP: dict[Path, tuple[int, str]] = {}  # --data file -> (rows one step draws, flag), while a stage runs
 
 
 def _read(path, max_length: int | None, context: int, parse) -> tuple[list, Report]:
@@ -178,6 +177,8 @@ def _read(path, max_length: int | None, context: int, parse) -> tuple[list, Repo
     report.bad.sort(key=lambda b: int(b[0].split()[1]))
     report.kept = len(examples)
     report.check()
+    if Path(path).resolve() in _ROWS_PER_STEP:
+        report.require_rows(*_ROWS_PER_STEP[Path(path).resolve()])
     return examples, report
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import distributed, files
 from .config import TrainConfig
-from .datafiles import check_enough_rows
+from .datafiles import rows_per_step
 from .devices import resolve_device
 from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
@@ -45,9 +45,6 @@ def stage(name: str):
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there
                 if getattr(config, field) and not Path(getattr(config, field)).exists():
                     raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
-            rows_per_step = type(config).ROWS_PER_STEP
-            if config.data and rows_per_step:
-                check_enough_rows(config.data, getattr(config, rows_per_step), flag(rows_per_step))
             for field in type(config).INPUTS:
                 stage_input(config, field)
             final = Path(config.out) / name
@@ -57,7 +54,9 @@ def stage(name: str):
                 return files.read_json(final / "summary.json")
             check_run_folder(config, name)
             started = len(_RUNS)
-            with _stop_loops_on_ctrl_c() as ctrl_c:
+            rows = type(config).ROWS_PER_STEP  # a --data file smaller than a step is refused as it is read
+            with _stop_loops_on_ctrl_c() as ctrl_c, (rows_per_step(config.data, getattr(config, rows), flag(rows))
+                                                     if config.data and rows else contextlib.nullcontext()):
                 try:
                     summary = main(config)
                     if ctrl_c.after_training:  # the run completed first; a pipeline stops here
