@@ -24,6 +24,14 @@ import torch
 
 from .data import left_pad
 from .ops import prefill, token_logps
+from .runtime.files import NonFiniteError
+
+
+def check_probabilities(probs: torch.Tensor) -> None:
+    """Refuse to sample from NaN probabilities: they come from a model whose weights diverged."""
+    if not torch.isfinite(probs).all():
+        raise NonFiniteError("the model's next-token probabilities hold NaN or inf while sampling: its weights "
+                             "have diverged (a lower --lr?)")
 
 
 @dataclass
@@ -125,6 +133,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     for step in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            check_probabilities(probs)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         else:
             token = logits.argmax(-1)

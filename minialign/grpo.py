@@ -97,7 +97,7 @@ AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 class GRPOHyperparams(Config):
     """What E11-E14 and one iteration need (``minialign grpo`` adds the run's settings to these)."""
     group_size: int = 8             # G answers sampled per question
-    batch_size: int = 128           # answers per gradient step (the Q*G answers are split into these)
+    batch_size: int = 128           # answers per gradient step: the Q*G answers split into steps (>= Q*G: one step)
     inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
     clip_eps: float = 0.2           # E13's epsilon: the ratio is clipped to [1 - eps, 1 + eps]
     beta: float = 0.04              # KL coefficient

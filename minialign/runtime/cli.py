@@ -175,9 +175,34 @@ def run_pipeline(args) -> dict:
     summaries = {}
     for name, config in configs.items():
         print(f"\n=== {name}: {STAGES[name][2]} -> {args.out}/{name}")
-        summaries[name] = run_stage(name, config, args.with_prerequisites)
+        try:
+            summaries[name] = run_stage(name, config, args.with_prerequisites)
+        except KeyboardInterrupt as e:  # the stage's own hint resumes that stage only
+            hint = f"continue the pipeline with `{pipeline_command(args)} --resume`"
+            raise type(e)(f"{e}; {hint}" if str(e) else hint) from None
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
+
+
+def pipeline_command(args) -> str:
+    """The ``minialign pipeline`` command of ``args``: its flags that differ from their defaults
+    (``--resume`` and ``--overwrite`` left out)."""
+    import shlex
+    from ..runtime.config import TrainConfig
+    from ..runtime.flags import flag
+    defaults = TrainConfig()
+    words = ["minialign", "pipeline", "--out", args.out]
+    for name in PIPELINE_SHARED:
+        value = getattr(args, name)
+        if name in ("out", "resume", "overwrite") or value == getattr(defaults, name):
+            continue
+        words += [flag(name) if value is True else "--no-" + flag(name)[2:]] if isinstance(value, bool) else \
+            [flag(name), str(value)]
+    if args.stages != ",".join(STAGES):
+        words += ["--stages", args.stages]
+    if args.with_prerequisites:
+        words.append("--with-prerequisites")
+    return shlex.join(words)
 
 
 def _brief(summary: dict) -> dict:
@@ -198,6 +223,8 @@ def error_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, EXPECTED):
         return text
+    if isinstance(e, OSError) and e.filename and e.strerror:  # the file system refused: say what, and where
+        return f"{e.filename}: {e.strerror}"
     return f"{type(e).__name__}: {text} (unexpected: run again with --debug to see the traceback)"
 
 

@@ -121,6 +121,9 @@ class TrainConfig(Config):
     # the global batches that are shared out: field -> whether it is also cut into --grad-accum
     # micro-batches (else over the ranks only); each must split evenly (equal shares, equal weights)
     SPLITS: typing.ClassVar[dict[str, bool]] = {"batch_size": True}
+    # the field that counts the rows of --data one step draws without replacement (None: drawn with
+    # replacement); the file must hold that many, checked before the run folder exists
+    ROWS_PER_STEP: typing.ClassVar[str | None] = "batch_size"
 
     def validate(self) -> None:
         super().validate()

@@ -68,7 +68,7 @@ def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Token
 
         model = load_gpt2(path, device).train()
         tok = HFTokenizer.from_pretrained(path)
-        check_tokenizer_fits(model, tok)
+        check_tokenizer_fits(model, tok, path)
         return model, tok
     if impl == "hf":
         raise ValueError(f"{path} is a minialign checkpoint: it runs with --model-impl minialign "

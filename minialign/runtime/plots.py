@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
+
 
 def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", width: float = 5.0,
                 height: float = 4.0) -> Path:
@@ -67,7 +69,7 @@ def _save(fig, path, caption: str) -> None:
     if lines:
         fig.text(0.5, 0.02, "\n".join(lines), ha="center", va="bottom", fontsize=9, style="italic")
     fig.tight_layout(rect=(0, (0.08 + 0.17 * len(lines)) / height if lines else 0, 1, 1))
-    fig.savefig(path, dpi=100)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:] or "png"))
 
 
 def plot_scatter(path, x, y, xlabel: str, ylabel: str, title: str = "", caption: str = "",

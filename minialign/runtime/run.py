@@ -81,8 +81,11 @@ class Run:
         row.update({k: float(v) for k, v in metrics.items()})
         self.rows.append(row)
         if self.writes:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise files.write_failed(self.metrics_path, e) from e
         self._watch_divergence(row)
         return row
 
@@ -181,7 +184,10 @@ class Run:
         """Record why the run stopped: ``interrupted`` (Ctrl-C) or ``failed`` (with the error)."""
         self.status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self.error = " ".join(f"{type(error).__name__}: {error}".split()) if self.status == "failed" else None
-        self.write_status()
+        try:
+            self.write_status()
+        except OSError:  # the full disk that failed the run may refuse this too: the error says why
+            pass
         if self in _RUNS:
             _RUNS.remove(self)
 

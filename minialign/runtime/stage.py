@@ -15,10 +15,11 @@ from pathlib import Path
 
 from . import distributed, files
 from .config import TrainConfig
+from .datafiles import rows_per_step
 from .devices import resolve_device
-from .files import ConfigError, NonFiniteError
+from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
-from .folders import RESUME, check_run_folder, config_changes, partial_dir, stage_input, stage_problem
+from .folders import RESUME, check_run_folder, check_writable, config_changes, partial_dir, stage_input, stage_problem
 from .run import _RUNS, Run
 
 
@@ -40,6 +41,7 @@ def stage(name: str):
         def run_stage(config: TrainConfig):
             config.validate()
             resolve_device(config.device)
+            check_writable(config.out)
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there
                 if getattr(config, field) and not Path(getattr(config, field)).exists():
                     raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
@@ -52,7 +54,9 @@ def stage(name: str):
                 return files.read_json(final / "summary.json")
             check_run_folder(config, name)
             started = len(_RUNS)
-            with _stop_loops_on_ctrl_c() as ctrl_c:
+            rows = type(config).ROWS_PER_STEP  # a --data file smaller than a step is refused as it is read
+            with _stop_loops_on_ctrl_c() as ctrl_c, (rows_per_step(config.data, getattr(config, rows), flag(rows))
+                                                     if config.data and rows else contextlib.nullcontext()):
                 try:
                     summary = main(config)
                     if ctrl_c.after_training:  # the run completed first; a pipeline stops here
@@ -66,7 +70,9 @@ def stage(name: str):
                     if runs and isinstance(e, KeyboardInterrupt):
                         raise StageInterrupted(_resume_hint(runs[-1])) from None
                     if runs and isinstance(e, NonFiniteError):
-                        raise NonFiniteError(f"{e}. {_last_good(runs[-1])}") from e
+                        raise NonFiniteError(f"{_found_at(e, runs[-1])}{e}. {_last_good(runs[-1])}") from e
+                    if isinstance(e, WriteError):
+                        raise WriteError(f"{e} {name} stopped; {_previous(final)}") from e
                     raise
         return run_stage
     return decorate
@@ -77,6 +83,21 @@ def _resume_hint(run: Run) -> str:
         return (f"{run.stage} stopped after step {run.step} of {run.steps}; continue from step {run.checkpoint_step} "
                 f"with `{run.command} --resume`")
     return f"{run.stage} stopped after step {run.step} of {run.steps} with no resumable checkpoint (--save-every)"
+
+
+def _previous(final: Path) -> str:
+    """What a failed run left of the stage's previous results (a run replaces them only when it completes)."""
+    if final.exists():
+        return f"{final} still holds the previous results, untouched"
+    return f"there were no previous results in {final}, and nothing was put there"
+
+
+def _found_at(error: NonFiniteError, run: Run) -> str:
+    """Where a NaN or inf turned up (the step), unless the error says so already."""
+    if error.step is not None:
+        return ""
+    # run.step counts the steps done: the loop's step index while its body runs
+    return f"at step {run.step}: " if run.step < run.steps else f"after the last step ({run.steps}): "
 
 
 def _last_good(run: Run) -> str:

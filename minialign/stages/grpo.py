@@ -12,7 +12,7 @@ from ..runtime import distributed
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
-from ..runtime.config import TrainConfig, check_range
+from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
 from ..runtime.files import ConfigError
 from ..runtime.folders import input_path
@@ -53,12 +53,18 @@ class GRPOConfig(GRPOHyperparams, TrainConfig):
 
     INPUTS = {"init": "sft"}
     SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
+    ROWS_PER_STEP = "questions"  # distinct questions per iteration
 
     def validate(self) -> None:
         super().validate()
         for name in ("questions", "eval_samples", "final_eval_samples"):
             check_range(self, name, 1)
         check_range(self, "eval_every", 0)
+        answers = self.questions * self.group_size  # what one iteration samples and splits into steps
+        require(self, "batch_size", self.batch_size >= answers or answers % self.batch_size == 0,
+                f"a divisor of the {answers} answers an iteration samples (--questions {self.questions} x "
+                f"--group-size {self.group_size}), so that every step weighs its answers alike; or >= {answers}: "
+                "one step of all of them")
 
 
 @stage("grpo")
