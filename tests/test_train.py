@@ -34,15 +34,58 @@ def test_config_flags_roundtrip():
         parser.parse_args(["--kl-in", "elsewhere"])
 
 
-@pytest.mark.parametrize("flags, expected", [([], True), (["--progress"], True), (["--no-progress"], False),
+@pytest.mark.parametrize("flags, expected", [([], None), (["--progress"], True), (["--no-progress"], False),
                                              (["--progress", "false"], False), (["--progress", "True"], True),
-                                             (["--progress", "no"], False)])
+                                             (["--progress", "no"], False), (["--progress", "auto"], None)])
 def test_boolean_flags_take_every_spelling(flags, expected):
     parser = argparse.ArgumentParser()
     add_config_args(parser, DemoConfig)
     assert parser.parse_args(flags).progress is expected
     with pytest.raises(SystemExit):
         parser.parse_args(["--progress", "maybe"])
+
+
+@pytest.mark.parametrize("asked, hidden", [(None, True), (True, False), (False, True)])
+def test_progress_bars_follow_tqdm_off_when_the_output_is_not_a_terminal(asked, hidden):
+    """pytest captures stderr, so it is not a terminal: by default (None) no bar is drawn there,
+    as tqdm does with disable=None; --progress draws one anyway, --no-progress never."""
+    from minialign.runtime.run import progress
+    bar = progress(range(3), DemoConfig(progress=asked), "demo")
+    assert bar.disable is hidden
+    bar.close()
+
+
+def test_threads_are_set_before_the_stage_runs_recorded_and_no_other_setting(tmp_path):
+    from minialign.runtime.devices import set_threads
+    from minialign.runtime.folders import command_line, config_changes
+    from minialign.runtime.stage import stage
+
+    seen = []
+
+    @stage("demo")
+    def main(config):
+        seen.append(torch.get_num_threads())
+        run = Run(config, "demo")
+        run.finish({})
+        return {}
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0) == before  # 0, the default, leaves torch's own choice alone
+        main(DemoConfig(out=str(tmp_path), threads=1))
+        assert seen == [1]
+        saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+        assert saved["threads"] == 1
+        assert "--threads 1" in json.loads((tmp_path / "demo" / "status.json").read_text())["command"]
+        torch.set_num_threads(before)
+        main(DemoConfig(out=str(tmp_path)))  # another thread count is the same run, not other settings
+        assert seen == [1, before] and config_changes(saved, DemoConfig(out=str(tmp_path))) == ""
+        assert json.loads((tmp_path / "demo" / "config.json").read_text())["threads"] == before  # the count in use
+        assert "--threads" not in command_line("demo", DemoConfig(out=str(tmp_path)))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--threads must be >= 0, got -1"):
+        DemoConfig(threads=-1)
 
 
 def test_lr_schedule_by_hand():

@@ -45,7 +45,7 @@ print(f"\nfloor H(response | prompt) = {floor['nats_per_token']:.4f} nats per re
 # %% 2. Fine-tuning the base model (E0b)
 banner("2. Fine-tuning the base model")
 s = sft(SFTConfig(out=args.out, init=str(base), device=args.device, seed=args.seed, steps=args.steps,
-                  overwrite=True))
+                  progress=args.progress, overwrite=True))
 print(f"\nheld-out response loss {s['heldout_loss']:.4f} vs floor {s['entropy_floor']:.4f} "
       f"({100 * (s['heldout_loss'] / s['entropy_floor'] - 1):.1f}% above), {s['seconds']:.0f} s")
 

@@ -34,7 +34,6 @@ parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=
 parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
 parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs, help="training pairs")
 parser.add_argument("--eval-pairs", type=int, default=defaults.eval_pairs, help="held-out pairs")
-parser.add_argument("--progress", action="store_true", help="show a tqdm bar")
 args = parse_args(parser)
 world = ToyWorld(WorldConfig())  # the world is fixed; --seed varies training
 

@@ -76,7 +76,7 @@ def sweep(args, sft_path: Path) -> dict[float, dict]:
         config = DPOConfig(out=out, init=str(sft_path), beta=beta, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, num_pairs=args.steps * args.batch_size, eval_every=args.eval_every,
                            eval_pairs=args.eval_pairs, eval_samples_per_prompt=args.samples,
-                           device=args.device, seed=args.seed, overwrite=True)
+                           device=args.device, seed=args.seed, progress=args.progress, overwrite=True)
         t = time.time()
         summary = dpo(config)
         rows = [r for r in _rows(Path(out) / "dpo") if "kl" in r]

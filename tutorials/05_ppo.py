@@ -120,7 +120,8 @@ rm = ensure_reward_model(args.out, args.device, args.seed)
 banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
 config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
                    steps=args.steps, batch_size=args.batch_size, beta=args.beta,
-                   advantage=args.advantage, shared_trunk=args.shared_trunk, overwrite=True)
+                   advantage=args.advantage, shared_trunk=args.shared_trunk, progress=args.progress,
+                   overwrite=True)
 result = ppo(config)
 run = Path(args.out) / "ppo"
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

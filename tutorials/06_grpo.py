@@ -81,7 +81,8 @@ t0 = time.time()
 init = args.init or str(ensure_sft(args.out, args.device, args.seed))
 options = {k: v for k, v in vars(args).items() if v is not None and k in (
     "steps", "group_size", "lr", "beta", "kl_in", "aggregation", "scale_by_std", "ref_reset_every")}
-config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, overwrite=True, **options)
+config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, progress=args.progress,
+                    overwrite=True, **options)
 
 # %% GRPO from the SFT model, on the verifiable arithmetic reward
 banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers per iteration, "

@@ -39,10 +39,12 @@ from minialign.runtime.plots import plot_panels
 from minialign.toyworld import ToyWorld, WorldConfig, write_jsonl
 
 
-def cli(*args) -> None:
-    """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``)."""
-    print("$ minialign " + " ".join(str(a) for a in args))
-    subprocess.run([sys.executable, "-m", "minialign", *map(str, args)], check=True,
+def cli(*words) -> None:
+    """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``), with
+    this tutorial's ``--threads`` when given."""
+    words = (*words, "--threads", args.threads) if args.threads else words
+    print("$ minialign " + " ".join(str(a) for a in words))
+    subprocess.run([sys.executable, "-m", "minialign", *map(str, words)], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 

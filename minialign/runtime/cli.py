@@ -25,6 +25,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -46,9 +47,10 @@ TOOLS = {
     "bench": ("minialign.tools.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
 # the pipeline's flags: the settings every stage shares (TrainConfig's fields of these names)
-PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every", "resume", "overwrite")
+PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every", "resume",
+                   "overwrite")
 # what a prerequisite stage inherits from the stage that needs it
-PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every")
+PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every")
 
 
 def _load(module: str, cls: str):
@@ -136,9 +138,9 @@ def ensure_stage(name: str, **shared) -> Path:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     recorded = files.read_json(partial_dir(final) / "config.json") or files.read_json(final / "config.json")
     settings = {k: v for k, v in shared.items() if k in fields}
-    if recorded is not None:  # the settings it was (being) made with
+    if recorded is not None:  # the settings it was (being) made with, watched and threaded as this run is
         settings = {**{k: v for k, v in recorded.items() if k in fields}, "out": shared["out"],
-                    "progress": shared.get("progress", True)}
+                    "progress": shared.get("progress"), "threads": shared.get("threads", 0)}
     resume = (partial_dir(final) / RESUME).is_file()
     config = config_cls(**{**settings, "resume": resume, "overwrite": not resume})
     print(f"[{problem}: running {name} first]")
@@ -158,6 +160,7 @@ def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
 
 
 def run_pipeline(args) -> dict:
+    from ..runtime.stage import StageInterrupted, resume_hint
     wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
@@ -171,9 +174,27 @@ def run_pipeline(args) -> dict:
     summaries = {}
     for name, config in configs.items():
         print(f"\n=== {name}: {STAGES[name][2]} -> {args.out}/{name}")
-        summaries[name] = run_stage(name, config, args.with_prerequisites)
+        try:
+            summaries[name] = run_stage(name, config, args.with_prerequisites)
+        except StageInterrupted as e:  # continue with the pipeline, which skips the stages complete
+            again = pipeline_command(args)
+            raise StageInterrupted(resume_hint(e.run, again) if e.run else f"{e}; continue with `{again} --resume`",
+                                   e.run) from None
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
+
+
+def pipeline_command(args) -> str:
+    """The ``minialign pipeline`` command that ``args`` came from (its flags that differ from their
+    defaults, run-control flags left out), for the message that says how to continue it."""
+    from ..runtime.config import TrainConfig
+    from ..runtime.folders import command_line
+    words = [command_line("pipeline", TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED}))]
+    if args.stages != ",".join(STAGES):
+        words.append(f"--stages {shlex.quote(args.stages)}")
+    if args.with_prerequisites:
+        words.append("--with-prerequisites")
+    return " ".join(words)
 
 
 def _brief(summary: dict) -> dict:
@@ -245,7 +266,9 @@ def _run(argv: list[str]) -> int:
     if name == "exercises":
         return exercises.cli_main(args)
     from . import distributed
+    from ..runtime.devices import set_threads
     from ..runtime.flags import config_from_args
+    set_threads(getattr(args, "threads", 0))  # before torchrun's process group, the first work torch does
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
         if name == "pipeline":
             run_pipeline(args)

@@ -95,6 +95,7 @@ class TrainConfig(Config):
     world_seed: int = 0          # the toy world (its held-out split): fixed across stages and seeds
     device: str = "auto"         # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "float32"       # float32 | bfloat16 (autocast; log-probs and losses stay float32)
+    threads: int = 0             # CPU threads for torch (0: torch's choice, $OMP_NUM_THREADS or one per core); 1 is often faster on a busy machine
     steps: int = 300             # optimizer steps
     batch_size: int = 64
     lr: float = 1e-3
@@ -103,7 +104,7 @@ class TrainConfig(Config):
     weight_decay: float = 0.0
     grad_clip: float = 1.0       # max global gradient norm (0 = off)
     log_every: int = 10
-    progress: bool = True        # tqdm progress bars
+    progress: bool | None = None  # tqdm progress bars (auto: only when the output is a terminal, as tqdm does)
     save_every: int = 0          # steps between resumable checkpoints (0: only when stopped by Ctrl-C)
     resume: bool = False         # continue an interrupted run from its last resumable checkpoint
     overwrite: bool = False      # replace a finished run of this stage made with other settings
@@ -132,7 +133,7 @@ class TrainConfig(Config):
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
         check_range(self, "min_lr_ratio", 0, 1)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every", "threads"):
             check_range(self, name, 0)
         # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
@@ -154,3 +155,6 @@ class TrainConfig(Config):
 
 # settings that change how a run is watched or kept, never its numbers
 RUN_CONTROL = ("out", "progress", "save_every", "resume", "overwrite")
+# settings that change only how a run's sums are split over CPU threads: the same run up to the
+# last bits of rounding, so a run may resume, or serve as an input, under another value
+ROUNDING_ONLY = ("threads",)

@@ -13,6 +13,25 @@ from . import distributed
 from .files import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+_INTEROP_SET = False  # torch sizes its inter-op pool once per process
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` CPU threads for torch's operators (0: leave torch's own choice untouched);
+    return the number in use, which a run records in its ``config.json``.
+
+    Called before a run's first tensor operation. The intra-op pool (the threads that split one
+    matrix product) can be resized at any time; the inter-op pool (independent operators run side
+    by side, which eager code hardly uses) only before it first runs, so it is sized once, and
+    left as it is when something has used it already."""
+    global _INTEROP_SET
+    if threads > 0:
+        torch.set_num_threads(threads)
+        if not _INTEROP_SET:
+            _INTEROP_SET = True
+            with contextlib.suppress(RuntimeError):  # "cannot set ... after parallel work has started"
+                torch.set_num_interop_threads(threads)
+    return torch.get_num_threads()
 
 
 def valid_device_name(name: str) -> bool:
