@@ -1,6 +1,6 @@
 """Tutorial 01: pre-training a base model (E0a), measured against the exact entropy floor.
 
-    python tutorials/01_pretrain.py            # 103 s on an idle 2-core CPU
+    python tutorials/01_pretrain.py
 
 What it shows:
 1. the toy corpus: lines from a small probabilistic grammar, so the best possible loss (the

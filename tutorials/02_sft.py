@@ -1,6 +1,6 @@
 """Tutorial 02: supervised fine-tuning (E0b): from a base model to an instruct model.
 
-    python tutorials/02_sft.py                 # 162 s on an idle 2-core CPU (after tutorial 01)
+    python tutorials/02_sft.py                 # after tutorial 01
 
 What it shows:
 1. the SFT data: instruction -> response pairs in a chat template; the loss counts response
@@ -55,6 +55,8 @@ print(f"  mean r* of sampled reviews:        {s['true_reward_before']:+.3f} -> {
       f"   (malformed after SFT: {100 * s['malformed']:.1f}%)")
 print(f"  held-out arithmetic accuracy (T=1): {s['heldout_accuracy_before']:.3f} -> {s['heldout_accuracy']:.3f}"
       f"   (demonstrations are right {1 - world.config.arithmetic_noise:.0%} of the time)")
+print("  (truth.png's points sample fewer answers per question than this figure, so its last point differs\n"
+      "  from it by sampling noise)")
 print("\n  samples from the instruct model:")
 for prompt, text in s["examples"]:
     print(f"  {prompt!r:22} -> {text!r}")

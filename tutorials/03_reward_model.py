@@ -1,6 +1,6 @@
 """Tutorial 03: a Bradley-Terry reward model learns the hidden reward from noisy preferences (E3, E4).
 
-    python tutorials/03_reward_model.py            # 145 s on an idle 2-core CPU (after tutorial 02)
+    python tutorials/03_reward_model.py            # after tutorial 02
 
 What it shows:
 1. the preference data: two reviews of one item, and which one the (simulated) annotator chose;

@@ -8,7 +8,7 @@ missing), runs PPO, and shows:
 3. the learned reward r_phi beside r*: if the policy found a way to please r_phi that r* does not
    like (reward hacking), the two curves would part.
 
-    python tutorials/05_ppo.py                 # 38 s on an idle 2-core CPU (after tutorials 02 and 03)
+    python tutorials/05_ppo.py                 # after tutorials 02 and 03
     python tutorials/05_ppo.py --steps 100 --beta 0.02
 
 Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own

@@ -1,7 +1,7 @@
 """Tutorial 08: the same stage commands on a real model folder and your own data files.
 
-    python tutorials/08_real_model.py     # offline, a few minutes on a 2-core CPU (after tutorials 01-02;
-                                          # without their SFT model it trains it first: _common.ensure_sft)
+    python tutorials/08_real_model.py     # offline, after tutorials 01-02; without their
+                                          # SFT model it trains it first: _common.ensure_sft
 
 What a user with a GPT-2 or Qwen folder does, on a model small enough for a laptop:
 

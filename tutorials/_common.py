@@ -3,8 +3,8 @@
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
 tutorial needs the models of the earlier ones; if they are missing (or unfinished, or made from
 a model that has changed since) it trains them first with the default settings (pre-training
-then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.runtime.cli.ensure_stage``, what
-``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
+then SFT, as tutorials 01 and 02 do; the README's table has their times) and says so:
+``minialign.runtime.cli.ensure_stage``, what ``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
 before (``overwrite=True``), whatever flags it was given then. An experiment written to another
 folder (``--out runs/my_try``) starts from the complete models of ``runs/tutorial`` when it has
 none of its own, so a "Try this" run leaves the tutorials' folder as it was.

@@ -159,15 +159,23 @@ def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
     return mod.main(config)
 
 
-def run_pipeline(args) -> dict:
-    from ..runtime.stage import StageInterrupted, resume_hint
+def pipeline_stages(args) -> list[str]:
+    """The stages ``--stages`` names, in pipeline order, once the pipeline's flags are checked:
+    they are ``TrainConfig`` fields, so this needs no torch and a bad value is refused at once."""
+    from ..runtime.config import TrainConfig
     wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED})
+    return [s for s in STAGES if s in wanted]
+
+
+def run_pipeline(args) -> dict:
+    from ..runtime.stage import StageInterrupted, resume_hint
     shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
     configs = {}
-    for name in (s for s in STAGES if s in wanted):  # every config checked before any stage runs
+    for name in pipeline_stages(args):  # every config checked before any stage runs
         _, config_cls = _load(*STAGES[name][:2])
         fields = {f.name for f in dataclasses.fields(config_cls)}
         configs[name] = config_cls(**{k: v for k, v in shared.items() if k in fields})
@@ -250,12 +258,48 @@ def main(argv=None) -> int:
 RENAMED = {"--kl-coef": "--beta (the KL strength is beta in every algorithm)"}
 
 
+# TrainConfig's fields whose checks also read other fields (how a stage's batches split, --data):
+# only the stage's own config, with its own defaults, checks them
+CROSS_CHECKED = ("batch_size", "grad_accum", "data", "eval_data", "max_length", "model")
+
+
+class _Unparsed(Exception):
+    """The flags did not parse; the command's own parser will say why."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Unparsed(message)
+
+
+def check_shared_flags(argv: list[str]) -> None:
+    """Refuse a bad value of a flag that every stage shares (``--lr -1``, ``--steps 0``) before the
+    stage's module is imported, and torch with it (seconds of CPU): ``TrainConfig`` checks the
+    flags typed, without torch, with the message the stage's own config gives them. The stage's
+    config checks everything again, its own flags and the cross-checked ones included."""
+    from ..runtime.config import TrainConfig
+    from ..runtime.flags import add_config_args
+    if {"-h", "--help"} & set(argv):
+        return
+    parser = _QuietParser(add_help=False, allow_abbrev=False)
+    add_config_args(parser, TrainConfig, only=[f.name for f in dataclasses.fields(TrainConfig)
+                                                if f.name not in CROSS_CHECKED])
+    try:
+        typed, _ = parser.parse_known_args(argv)
+    except _Unparsed:
+        return
+    defaults = TrainConfig()
+    TrainConfig(**{k: v for k, v in vars(typed).items() if v != getattr(defaults, k)})
+
+
 def _run(argv: list[str]) -> int:
     for word in argv:
         old = word.split("=", 1)[0]
         if old in RENAMED:
             raise files.ConfigError(f"{old} is now {RENAMED[old]}")  # main prints it as one line
     command = _command_in(argv)
+    if command in STAGES:
+        check_shared_flags(argv)
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)
     name = _canonical(args.command)
@@ -265,6 +309,8 @@ def _run(argv: list[str]) -> int:
         return 0
     if name == "exercises":
         return exercises.cli_main(args)
+    if name == "pipeline":
+        pipeline_stages(args)  # a bad flag is refused here, before torch is imported
     from . import distributed
     from ..runtime.devices import set_threads
     from ..runtime.flags import config_from_args

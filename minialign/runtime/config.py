@@ -3,21 +3,54 @@ every value is checked (``validate``) before anything is written.
 
 ``TrainConfig`` holds what every stage has; a stage's config subclasses it. ``require``,
 ``check_range`` and ``check_max_new_tokens`` are the input checks, with errors that name the flag.
+
+This module imports no torch (it asks torch only about a ``--device`` other than ``auto``, and
+about torchrun's ranks once they exist), so that a config module that imports only it, and
+``flags``, can refuse a bad value before torch's import (seconds of CPU) is paid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from . import distributed
-from .devices import DTYPES, valid_device_name
 from .files import ConfigError
 from .flags import flag
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def valid_device_name(name: str) -> bool:
+    """``auto`` or a name ``torch.device`` accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``); torch is
+    asked only about a name other than ``auto``."""
+    if name == "auto":
+        return True
+    import torch
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _ranks() -> int:
+    """The torchrun ranks a global batch is shared over. A process group exists only once torch's
+    distributed module is imported, so a config checked before that has one rank."""
+    if "torch.distributed" not in sys.modules:
+        return 1
+    from . import distributed
+    return distributed.world_size()
+
+
+def _launched() -> bool:
+    """Started by torchrun with more than one rank (``distributed.launched``, without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def require(config, name: str, ok: bool, allowed: str) -> None:
@@ -138,7 +171,7 @@ class TrainConfig(Config):
         # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
         for name, micro in type(self).SPLITS.items():
-            ranks, parts = distributed.world_size(), self.grad_accum if micro else 1
+            ranks, parts = _ranks(), self.grad_accum if micro else 1
             require(self, name, getattr(self, name) % (ranks * parts) == 0,
                     f"a multiple of {ranks * parts} ({ranks} rank(s) x {parts} micro-batch(es) of --grad-accum)")
         if self.eval_data and not self.data:
@@ -148,7 +181,7 @@ class TrainConfig(Config):
                               "the toy world's rows all fit its model")
         require(self, "model", not (self.model and getattr(self, "init", "")),
                 "left out when --init names the model to start from")
-        if distributed.launched():  # one checkpoint holds one process's generators
+        if _launched():  # one checkpoint holds one process's generators
             require(self, "save_every", self.save_every == 0, "0 under torchrun (resume works in one process)")
             require(self, "resume", not self.resume, "off under torchrun (resume works in one process)")
 

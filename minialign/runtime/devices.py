@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from . import distributed
+from .config import DTYPES, valid_device_name  # noqa: F401 (valid_device_name: its old place)
 from .files import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")
 _INTEROP_SET = False  # torch sizes its inter-op pool once per process
 
 
@@ -32,17 +32,6 @@ def set_threads(threads: int) -> int:
             with contextlib.suppress(RuntimeError):  # "cannot set ... after parallel work has started"
                 torch.set_num_interop_threads(threads)
     return torch.get_num_threads()
-
-
-def valid_device_name(name: str) -> bool:
-    """``auto`` or a name ``torch.device`` accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    if name == "auto":
-        return True
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
 
 
 def seed_everything(seed: int) -> torch.Generator:
