@@ -88,6 +88,20 @@ def test_threads_are_set_before_the_stage_runs_recorded_and_no_other_setting(tmp
         DemoConfig(threads=-1)
 
 
+def test_a_zoom_that_cuts_points_off_gets_the_whole_range_beside_it(tmp_path):
+    """A loss plot zoomed on its floor (ylim) hid the first steps' loss: such a panel becomes two,
+    the whole range and the zoom; a panel that hides nothing, or zooms on a region (xlim), stays one."""
+    from PIL import Image
+    from minialign.runtime.plots import _with_whole_range, plot_panels
+    loss = {"title": "loss", "curves": [([0, 10, 20], [4.07, 1.2, 1.1], "training batch")], "ylim": (1.0, 1.6)}
+    whole, zoom = _with_whole_range(loss)
+    assert "ylim" not in whole and whole["title"] == "loss: the whole run" and zoom["ylim"] == (1.0, 1.6)
+    assert _with_whole_range({**loss, "ylim": (0, 5)}) == [{**loss, "ylim": (0, 5)}]
+    assert len(_with_whole_range({**loss, "xlim": (15, 20)})) == 1
+    path = plot_panels(tmp_path / "grid.png", [loss, {"curves": []}, {"curves": []}], columns=2, width=4)
+    assert Image.open(path).size == (800, 800)  # two columns of 4 in, two rows of 4 in, 100 dpi
+
+
 def test_lr_schedule_by_hand():
     cfg = TrainConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)     # (0 + 1) / 10

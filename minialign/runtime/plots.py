@@ -28,7 +28,8 @@ def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", wi
     So that every measurement shows: a series of at most 30 points drawn without a ``fmt`` gets
     markers, and one much sparser than another curve of its panel (a held-out figure measured every
     few hundred steps beside a training curve) is drawn as markers alone, not as a line between
-    them. A ``ylim`` that cuts points off gets a panel of the whole range before it, its zoom.
+    them. A ``ylim`` that cuts points off (with no ``xlim``) gets a panel of the whole range before
+    it, its zoom.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -94,8 +95,11 @@ def plot_panels(path, panels: list[dict], caption: str = "", title: str = "", wi
 
 def _with_whole_range(panel: dict) -> list[dict]:
     """``[panel]``, or, when its ``ylim`` cuts off points of its curves (a zoom on the end of a
-    run), a panel of the whole range first and the zoom after it, so that no point is hidden."""
-    ylim = panel.get("ylim")
+    run), a panel of the whole range first and the zoom after it, so that no point is hidden. A
+    panel with an ``xlim`` as well is a zoom on a region, whose outside is meant to be cut."""
+    ylim, xlim = panel.get("ylim"), panel.get("xlim")
+    if xlim is not None:
+        return [panel]
     ys = [v for c in panel.get("curves", []) for v in c[1] if v == v]  # v == v: not NaN
     if ylim is None or not ys or ylim[0] <= min(ys) and max(ys) <= ylim[1]:
         return [panel]
