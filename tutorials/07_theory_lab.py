@@ -121,18 +121,24 @@ estimator_section(graded, out)
 
 
 # %% 3. and 4. Where each algorithm lands
-def where_they_land(rows: list[dict], pb: T.Problem, tol: float = 1e-3) -> str:
+def where_they_land(rows: list[dict], pb: T.Problem, cap: int, tol: float = 1e-6) -> str:
     """The frontier plot's caption, read off the landings (each problem has its own): at pi*
-    (total variation below ``tol``), on the frontier elsewhere (another beta's pi*), or below it."""
-    at_star = [r for r in rows if r["tv_to_pi_star"] < tol]
-    elsewhere = [r for r in rows if r["tv_to_pi_star"] >= tol]
-    on = [r for r in elsewhere if T.frontier_reward_at(pb, r["kl"]) - r["reward"] < tol]
-    below = [r for r in elsewhere if r not in on]
+    (total variation below ``tol``), on the frontier elsewhere (another beta's pi*, or the
+    frontier's end), below it, or still moving when the step cap stopped the run."""
+    moving = [r for r in rows if r["steps"] >= cap and r["tv_to_pi_star"] >= tol]
+    landed = [r for r in rows if r not in moving]
+    at_star = [r for r in landed if r["tv_to_pi_star"] < tol]
+    on = [r for r in landed if r not in at_star and T.frontier_reward_at(pb, r["kl"]) - r["reward"] < tol]
+    below = [r for r in landed if r not in at_star and r not in on]
     names = lambda group: "; ".join(r["algorithm"] for r in group)  # noqa: E731
-    return " ".join(["No policy lies above the frontier.",
-                     f"At pi*: {names(at_star)}." if at_star else "None lands at pi*.",
-                     f"On the frontier away from pi* (the pi* of another beta): {names(on)}." if on else "",
-                     f"Below the frontier: {names(below)}." if below else "Nothing lands below it."]).replace("  ", " ")
+    parts = ["No policy lies above the frontier.", f"At pi*: {names(at_star)}." if at_star else "None lands at pi*."]
+    if on:
+        parts.append(f"On the frontier away from pi* (the pi* of another beta, or the frontier's end): {names(on)}.")
+    parts.append(f"Below the frontier: {names(below)}." if below else "None lands below it.")
+    if moving:
+        parts.append(f"Still moving at the {cap}-step cap: " + "; ".join(
+            f"{r['algorithm']} (TV to pi* {r['tv_to_pi_star']:.0e})" for r in moving) + ".")
+    return " ".join(parts)
 
 
 def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
@@ -170,7 +176,7 @@ def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f
          "legend": "lower right"},
         {"title": "zoom around pi*", **axes, "curves": curves, "legend": False,
          "xlim": (min(kls) - pad_k, max(kls) + pad_k), "ylim": (min(rws) - pad_r, max(rws) + pad_r)}],
-        width=6.5, height=5, caption=where_they_land(rows, pb))
+        width=6.5, height=5, caption=where_they_land(rows, pb, steps))
 
     # convergence: E2's objective along each run
     plot_panels(out / f"convergence_{pb.name}.png", [
