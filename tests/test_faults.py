@@ -6,8 +6,10 @@ resumed run ends bit-identical to an uninterrupted one; nothing NaN is saved; a 
 checkpoint gives one clear error naming the file. All on tiny models (seconds).
 """
 
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 
@@ -353,6 +355,20 @@ def test_ctrl_c_after_the_last_step_lets_the_stage_complete(tmp_path, monkeypatc
     assert stage_problem(tmp_path / "pretrain") is None and not (tmp_path / "pretrain.partial").exists()
 
 
+def test_ctrl_c_in_the_pipeline_says_how_to_continue_the_pipeline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
+    at_step(monkeypatch, "pretrain", 2, ctrl_c)
+    assert cli.main(["pipeline", "--out", str(tmp_path), "--seed", "1", "--stages", "pretrain", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    again = f"minialign pipeline --out {tmp_path} --seed 1 --stages pretrain --resume"
+    assert f"pretrain stopped after step 3 of 6; continue from step 3 with `{again}`" in err, err
+    monkeypatch.undo()
+    monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
+    assert cli.main([*shlex.split(again)[1:], "--no-progress"]) == 0  # the command it names continues the run
+    assert "resuming pretrain at step 3 of 6" in capsys.readouterr().out
+    assert stage_problem(tmp_path / "pretrain") is None
+
+
 def _flags(cfg) -> list[str]:
     """The command-line flags of a config (every field, explicitly)."""
     import dataclasses
@@ -540,20 +556,20 @@ def test_rewards_must_be_finite():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_with_prerequisites_makes_missing_and_stale_inputs(tmp_path, monkeypatch, capsys):
-    import dataclasses
+@dataclasses.dataclass
+class TinyPretrain(pretrain.PretrainConfig):  # the defaults a prerequisite (or the pipeline) runs with, made tiny
+    steps: int = 6
+    batch_size: int = 8
+    corpus_size: int = 200
+    eval_size: int = 20
+    eval_every: int = 5
+    n_layer: int = 1
+    n_head: int = 2
+    n_embd: int = 32
+    block_size: int = 48
 
-    @dataclasses.dataclass
-    class TinyPretrain(pretrain.PretrainConfig):  # the defaults a prerequisite runs with, made tiny
-        steps: int = 6
-        batch_size: int = 8
-        corpus_size: int = 200
-        eval_size: int = 20
-        eval_every: int = 5
-        n_layer: int = 1
-        n_head: int = 2
-        n_embd: int = 32
-        block_size: int = 48
+
+def test_with_prerequisites_makes_missing_and_stale_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
     sft_flags = ["--steps", "2", "--batch-size", "8", "--num-examples", "16", "--eval-size", "8", "--eval-every", "2",
                  "--no-progress"]

@@ -25,6 +25,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -50,9 +51,10 @@ TOOLS = {
     "bench": ("minialign.tools.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
 # the pipeline's flags: the settings every stage shares (TrainConfig's fields of these names)
-PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every", "resume", "overwrite")
+PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every", "resume",
+                   "overwrite")
 # what a prerequisite stage inherits from the stage that needs it
-PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every")
+PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every")
 
 
 def _load(module: str, cls: str):
@@ -140,9 +142,9 @@ def ensure_stage(name: str, **shared) -> Path:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     recorded = files.read_json(partial_dir(final) / "config.json") or files.read_json(final / "config.json")
     settings = {k: v for k, v in shared.items() if k in fields}
-    if recorded is not None:  # the settings it was (being) made with
+    if recorded is not None:  # the settings it was (being) made with, watched and threaded as this run is
         settings = {**{k: v for k, v in recorded.items() if k in fields}, "out": shared["out"],
-                    "progress": shared.get("progress", True)}
+                    "progress": shared.get("progress"), "threads": shared.get("threads", 0)}
     resume = (partial_dir(final) / RESUME).is_file()
     config = config_cls(**{**settings, "resume": resume, "overwrite": not resume})
     print(f"[{problem}: running {name} first]")
@@ -161,14 +163,23 @@ def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
     return mod.main(config)
 
 
-def run_pipeline(args) -> dict:
+def pipeline_stages(args) -> list[str]:
+    """The stages ``--stages`` names, in pipeline order, once the pipeline's flags are checked:
+    they are ``TrainConfig`` fields, so this needs no torch and a bad value is refused at once."""
+    from ..runtime.config import TrainConfig
     wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in PIPELINE]
     if unknown:
         raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(PIPELINE)}")
+    TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED})
+    return [s for s in PIPELINE if s in wanted]
+
+
+def run_pipeline(args) -> dict:
+    from ..runtime.stage import StageInterrupted, resume_hint
     shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
     configs = {}
-    for name in (s for s in PIPELINE if s in wanted):  # every config checked before any stage runs
+    for name in pipeline_stages(args):  # every config checked before any stage runs
         _, config_cls = _load(*STAGES[name][:2])
         fields = {f.name for f in dataclasses.fields(config_cls)}
         configs[name] = config_cls(**{k: v for k, v in shared.items() if k in fields})
@@ -177,32 +188,25 @@ def run_pipeline(args) -> dict:
         print(f"\n=== {name}: {STAGES[name][2]} -> {args.out}/{name}")
         try:
             summaries[name] = run_stage(name, config, args.with_prerequisites)
-        except KeyboardInterrupt as e:  # the stage's own hint resumes that stage only
-            hint = f"continue the pipeline with `{pipeline_command(args)} --resume`"
-            raise type(e)(f"{e}; {hint}" if str(e) else hint) from None
+        except StageInterrupted as e:  # continue with the pipeline, which skips the stages complete
+            again = pipeline_command(args)
+            raise StageInterrupted(resume_hint(e.run, again) if e.run else f"{e}; continue with `{again} --resume`",
+                                   e.run) from None
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
 
 
 def pipeline_command(args) -> str:
-    """The ``minialign pipeline`` command of ``args``: its flags that differ from their defaults
-    (``--resume`` and ``--overwrite`` left out)."""
-    import shlex
+    """The ``minialign pipeline`` command that ``args`` came from (its flags that differ from their
+    defaults, run-control flags left out), for the message that says how to continue it."""
     from ..runtime.config import TrainConfig
-    from ..runtime.flags import flag
-    defaults = TrainConfig()
-    words = ["minialign", "pipeline", "--out", args.out]
-    for name in PIPELINE_SHARED:
-        value = getattr(args, name)
-        if name in ("out", "resume", "overwrite") or value == getattr(defaults, name):
-            continue
-        words += [flag(name) if value is True else "--no-" + flag(name)[2:]] if isinstance(value, bool) else \
-            [flag(name), str(value)]
-    if args.stages != ",".join(STAGES):
-        words += ["--stages", args.stages]
+    from ..runtime.folders import command_line
+    words = [command_line("pipeline", TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED}))]
+    if args.stages != ",".join(PIPELINE):
+        words.append(f"--stages {shlex.quote(args.stages)}")
     if args.with_prerequisites:
         words.append("--with-prerequisites")
-    return shlex.join(words)
+    return " ".join(words)
 
 
 def _brief(summary: dict) -> dict:
@@ -260,12 +264,48 @@ def main(argv=None) -> int:
 RENAMED = {"--kl-coef": "--beta (the KL strength is beta in every algorithm)"}
 
 
+# TrainConfig's fields whose checks also read other fields (how a stage's batches split, --data):
+# only the stage's own config, with its own defaults, checks them
+CROSS_CHECKED = ("batch_size", "grad_accum", "data", "eval_data", "max_length", "model")
+
+
+class _Unparsed(Exception):
+    """The flags did not parse; the command's own parser will say why."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Unparsed(message)
+
+
+def check_shared_flags(argv: list[str]) -> None:
+    """Refuse a bad value of a flag that every stage shares (``--lr -1``, ``--steps 0``) before the
+    stage's module is imported, and torch with it (seconds of CPU): ``TrainConfig`` checks the
+    flags typed, without torch, with the message the stage's own config gives them. The stage's
+    config checks everything again, its own flags and the cross-checked ones included."""
+    from ..runtime.config import TrainConfig
+    from ..runtime.flags import add_config_args
+    if {"-h", "--help"} & set(argv):
+        return
+    parser = _QuietParser(add_help=False, allow_abbrev=False)
+    add_config_args(parser, TrainConfig, only=[f.name for f in dataclasses.fields(TrainConfig)
+                                                if f.name not in CROSS_CHECKED])
+    try:
+        typed, _ = parser.parse_known_args(argv)
+    except _Unparsed:
+        return
+    defaults = TrainConfig()
+    TrainConfig(**{k: v for k, v in vars(typed).items() if v != getattr(defaults, k)})
+
+
 def _run(argv: list[str]) -> int:
     for word in argv:
         old = word.split("=", 1)[0]
         if old in RENAMED:
             raise files.ConfigError(f"{old} is now {RENAMED[old]}")  # main prints it as one line
     command = _command_in(argv)
+    if command in STAGES:
+        check_shared_flags(argv)
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)
     name = _canonical(args.command)
@@ -275,8 +315,12 @@ def _run(argv: list[str]) -> int:
         return 0
     if name == "exercises":
         return exercises_command.cli_main(args)
+    if name == "pipeline":
+        pipeline_stages(args)  # a bad flag is refused here, before torch is imported
     from . import distributed
+    from ..runtime.devices import set_threads
     from ..runtime.flags import config_from_args
+    set_threads(getattr(args, "threads", 0))  # before torchrun's process group, the first work torch does
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
         if name == "pipeline":
             run_pipeline(args)

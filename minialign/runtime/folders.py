@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 from . import files
-from .config import RUN_CONTROL, TrainConfig
+from .config import ROUNDING_ONLY, RUN_CONTROL, TrainConfig
 from .files import ConfigError, StageError
 from .flags import flag
 
@@ -45,13 +45,14 @@ def command_line(stage: str, config: TrainConfig) -> str:
 
 
 def config_changes(saved: dict | None, config: TrainConfig) -> str:
-    """The settings (not run-control) in which ``config`` differs from a saved config.json, as
-    ``"beta: 0.1 there, 0.5 here"``; empty if none. A field the saved config lacks counts as its default."""
+    """The settings (not run-control, nor the thread count) in which ``config`` differs from a saved
+    config.json, as ``"beta: 0.1 there, 0.5 here"``; empty if none. A field the saved config lacks
+    counts as its default."""
     if saved is None:
         return "no config.json there"
     defaults = type(config)()
     diffs = [f"{f.name}: {saved.get(f.name, getattr(defaults, f.name))!r} there, {getattr(config, f.name)!r} here"
-             for f in dataclasses.fields(config) if f.name not in RUN_CONTROL
+             for f in dataclasses.fields(config) if f.name not in RUN_CONTROL + ROUNDING_ONLY
              and saved.get(f.name, getattr(defaults, f.name)) != getattr(config, f.name)]
     return "; ".join(diffs)
 

@@ -63,7 +63,8 @@ class Run:
                 print(f"nothing to resume in {self.dir}: {stage} starts from step 0")
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
-            files.write_json(self.dir / "config.json", dataclasses.asdict(config))
+            # the thread count in use, not the flag's 0 ("torch's choice"): bit-identical reruns need it
+            files.write_json(self.dir / "config.json", {**dataclasses.asdict(config), "threads": torch.get_num_threads()})
             (self.dir / "metrics.jsonl").write_text("")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume_from = self.checkpoint if resuming else None
@@ -243,6 +244,9 @@ def _load_into(obj, state) -> None:
 
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None, initial: int = 0):
+    """A tqdm bar over ``iterable``, drawn by the main rank only: always with ``--progress``, never
+    with ``--no-progress``, and by default (``progress`` None) only when the output is a terminal,
+    tqdm's own convention (``disable=None``), so that a log file gets no carriage returns."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, initial=initial,
-                disable=not (config.progress and distributed.is_main()), dynamic_ncols=True)
+    disable = True if not distributed.is_main() else None if config.progress is None else not config.progress
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=disable, dynamic_ncols=True)

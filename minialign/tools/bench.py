@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..generation import generate
 from ..model import GPT, GPTConfig
 from ..runtime.config import Config, check_range, require
-from ..runtime.devices import autocast, resolve_device, resolve_dtype
+from ..runtime.devices import autocast, resolve_device, resolve_dtype, set_threads
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -480,8 +480,7 @@ def main(cfg: BenchConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {list(PARTS)}")
     device = resolve_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     resolve_dtype(cfg.dtype)  # a bad --dtype fails here, before any timing
     torch.manual_seed(cfg.seed)
     if cfg.gpt2_path:
