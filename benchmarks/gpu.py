@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minialign.model import GPT, GPTConfig  # noqa: E402
 from minialign.tools.bench import (GPT2_SHAPE, KNOWN_BF16_PEAKS, FlopCounter, dpo_step, grpo_step,  # noqa: E402
-                                   random_preference_batch, spread)
+                                   random_preference_batch)
 
 TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64)
 
@@ -126,16 +126,8 @@ def compare(vs_trl, kind: str, folder: Path, world, tok, args, device: str, dtyp
     flops = step_flops(kind, folder, device, dtype, world, vs_trl, shape)
     title = (f"DPO step, {shape['pairs']} pairs x 30 tokens" if kind == "dpo" else
              f"GRPO iteration, {shape['questions']} questions x G={vs_trl.GROUP}, <= {vs_trl.ANSWER_TOKENS} answer tokens")
-    times = {name: ts[args.warmup:] for name, ts in result["times"].items()}
-    trl_ = spread(times["TRL"])
-    print(f"{title}, {dtype} on {device}, TRL's gradient checkpointing off: {len(times['TRL'])} steps timed per side "
-          f"after {args.warmup} warm-up; {flops / 1e9:.1f} GFLOP of model work per step (the plain forward's count)")
-    for name, ts in times.items():
-        s = spread(ts)
-        ratio = "" if name == "TRL" else (f"; minialign / TRL {s['min'] / trl_['min']:.2f} at the min, "
-                                          f"{s['median'] / trl_['median']:.2f} at the median")
-        print(f"  {name:26s} {1e3 * s['min']:8.1f} ms min, {1e3 * s['median']:8.1f} ms median; "
-              f"MFU {mfu(flops, s['min'], peak)} at the min{ratio}")
+    print(f"{title}: {flops / 1e9:.1f} GFLOP of model work per step (the plain forward's count)")
+    vs_trl.report(f"  {dtype} on {device}", result, args.warmup, note=lambda s: f"MFU {mfu(flops, s, peak)}")
     print(f"  ({time.perf_counter() - t:.0f} s for this comparison, TRL's trainer built and run)")
     sys.stdout.flush()
 

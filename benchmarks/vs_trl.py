@@ -216,7 +216,13 @@ def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, devic
     return {"times": timer.times, "trl_checkpointing": timer.checkpointing, "threads": timer.threads}
 
 
-def report(title: str, result: dict, warmup: int) -> None:
+def _seconds(x: float) -> str:
+    return f"{x:.3f} s" if x >= 0.1 else f"{1e3 * x:.1f} ms"
+
+
+def report(title: str, result: dict, warmup: int, note=None) -> None:
+    """Each side's min and median after ``warmup`` steps and its ratio to TRL; ``note(seconds)``,
+    if given, adds a figure of each side's fastest step (``benchmarks/gpu.py``: its MFU)."""
     times = {name: t[warmup:] for name, t in result["times"].items()}
     trl_ = spread(times["TRL"])
     checkpointing = ", ".join(map(str, sorted(result["trl_checkpointing"])))
@@ -226,7 +232,8 @@ def report(title: str, result: dict, warmup: int) -> None:
         s = spread(t)
         ratio = "" if name == "TRL" else (f"; minialign / TRL: {s['min'] / trl_['min']:.2f} at the min, "
                                           f"{s['median'] / trl_['median']:.2f} at the median")
-        print(f"  {name:26s} {s['min']:.3f} s min, {s['median']:.3f} s median{ratio}")
+        extra = f"; {note(s['min'])}" if note else ""
+        print(f"  {name:26s} {_seconds(s['min'])} min, {_seconds(s['median'])} median{extra}{ratio}")
     sys.stdout.flush()
 
 

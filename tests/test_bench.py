@@ -3,6 +3,7 @@ bf16 autocast on the CPU keeps log-probs and losses float32; the CUDA tests skip
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -70,6 +71,8 @@ def test_bench_runs_every_part_at_tiny_size(capsys):
 def test_bench_parts_and_bad_flags(capsys):
     results = main(BenchConfig(**TINY_BENCH, parts="train"))
     assert set(results) >= {"train", "model"} and "generation" not in results and "dpo" not in results
+    json.dumps(results)  # the command prints its results as JSON
+    assert "theoretical peak" in capsys.readouterr().out and results["peak"]["flops_per_s"] > 0
     with pytest.raises(ValueError, match="unknown bench part"):
         main(BenchConfig(**TINY_BENCH, parts="train,rlhf"))
     with pytest.raises(ValueError, match="shorter than seq_len"):
