@@ -200,7 +200,9 @@ class GPT(nn.Module):
     def decode(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:
         """``hidden`` for the next tokens ``idx`` (B, T) after the cached ones, when the caller keeps
-        their ``positions`` (B, T) and the boolean ``attn_mask`` (B, 1, T, S) up to date itself.
+        their ``positions`` (B, T) and ``attn_mask`` (B, 1, T, S) up to date itself: boolean, or
+        SDPA's additive bias (0 where a key is seen, -inf where not), which is what SDPA turns a
+        boolean mask into (``generation.generate`` keeps the bias).
 
         Generation calls it once per new token: ``hidden`` would rebuild both from the whole
         attention mask every step (a cumsum and comparisons over all S columns) and check the
