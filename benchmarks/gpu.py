@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minialign.model import GPT, GPTConfig  # noqa: E402
 from minialign.tools.bench import (GPT2_SHAPE, KNOWN_BF16_PEAKS, FlopCounter, dpo_step, grpo_step,  # noqa: E402
-                                   random_preference_batch)
+                                   random_preference_batch, spread, time_alternately)
 
 TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64)
 
@@ -132,6 +132,46 @@ def compare(vs_trl, kind: str, folder: Path, world, tok, args, device: str, dtyp
     sys.stdout.flush()
 
 
+def minialign_alone(kind: str, config: GPTConfig, args, device: torch.device, dtype: str, peak, shape) -> None:
+    """Without TRL: minialign's step alone, shared prompt and plain forward alternated, with MFU
+    (the same shapes and FLOP count as the comparison)."""
+    import copy
+
+    from minialign.dpo import DPOConfig
+    from minialign.stages.grpo import GRPOConfig
+    from minialign.toyworld import ToyWorld, WorldConfig
+
+    torch.manual_seed(0)
+    start = GPT(config).to(device)
+    world = ToyWorld(WorldConfig(seed=0))
+    world.tokenizer = WideVocabulary(world.tokenizer)
+    steps, counters = {}, {}
+    for name, share in (("minialign", True), ("minialign, plain forward", False)):
+        policy, reference = copy.deepcopy(start).train(), copy.deepcopy(start).requires_grad_(False)
+        if kind == "dpo":
+            batch = random_preference_batch(config.vocab_size, shape["pairs"], 8, 22, torch.Generator().manual_seed(0),
+                                            device)
+            steps[name] = dpo_step(policy, reference, [batch], DPOConfig(share_prompt=share, precompute_ref_logps=False,
+                                                                         dtype=dtype, progress=False))
+        else:
+            questions = world.arithmetic_questions("train")[:shape["questions"]]
+            steps[name] = grpo_step(policy, reference, world.tokenizer, world, [questions], GRPOConfig(
+                questions=len(questions), group_size=8, batch_size=8 * len(questions), inner_updates=1,
+                max_new_tokens=4, share_prompt=share, device=str(device), dtype=dtype, progress=False))
+        counters[name] = FlopCounter(policy, reference)
+    with counters["minialign, plain forward"] as counter:
+        steps["minialign, plain forward"]()
+    flops = counter.flops
+    times = time_alternately(steps, args.steps - args.warmup, warmup=args.warmup, device=device)
+    print(f"{'DPO step' if kind == 'dpo' else 'GRPO iteration'} without TRL, {dtype} on {device}: "
+          f"{flops / 1e9:.1f} GFLOP of model work per step (the plain forward's count)")
+    for name, t in times.items():
+        s = spread(t)
+        print(f"  {name:26s} {1e3 * s['min']:.1f} ms min, {1e3 * s['median']:.1f} ms median; "
+              f"MFU {mfu(flops, s['min'], peak)}")
+    sys.stdout.flush()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -158,7 +198,12 @@ def main(argv=None) -> int:
     vs_trl = load_vs_trl()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if vs_trl is None:
-        print("TRL is not installed (pip install trl==1.16.0): the comparisons are skipped")
+        print("TRL is not installed (pip install trl==1.16.0): minialign's steps are timed alone")
+        config = GPTConfig(**(TINY_SHAPE if args.tiny else GPT2_SHAPE))
+        shape = dict(pairs=min(args.dpo_pairs, 4) if args.tiny else args.dpo_pairs,
+                     questions=min(args.grpo_questions, 2) if args.tiny else args.grpo_questions)
+        for kind in parts:
+            minialign_alone(kind, config, args, device, dtype, peak, shape)
     else:
         import transformers
         from minialign.real.gpt2 import save_gpt2

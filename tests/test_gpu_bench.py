@@ -49,3 +49,16 @@ def test_tiny_run_on_the_cpu_times_both_libraries(capsys):
     out = capsys.readouterr().out
     assert out.count("minialign / TRL:") == 4 and out.count("MFU n/a") == 6 and "DPO step, 4 pairs" in out and "GRPO iteration, 2 questions" in out
     assert "GFLOP of model work per step" in out and "CUDA tests: not run" in out
+
+
+def test_without_trl_it_times_minialign_alone(monkeypatch, capsys):
+    gpu = load()
+    monkeypatch.setattr(gpu, "load_vs_trl", lambda: None)
+    threads = torch.get_num_threads()
+    try:
+        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "TRL is not installed" in out and "DPO step without TRL" in out and "GRPO iteration without TRL" in out
+    assert out.count("MFU n/a") == 4  # two sides of two steps, no datasheet peak on the CPU
