@@ -52,7 +52,7 @@ class PreferenceTask:
         (and of KTO's mismatched ones), returned as ``dpo.dpo_step`` reads them: ``{"chosen": (N,), ...}``."""
         c, t = self.config, self.train
         if self.heldout is not None:
-            self.ref_heldout = pair_logps(reference, self.heldout, self.tokenizer.pad_id, pi_device(reference),
+            self.ref_heldout = pair_logps(reference, self.heldout, self.tokenizer.pad_id, device_of(reference),
                                           c.dtype, share_prompt=c.share_prompt)
         if not train:
             return None
@@ -60,7 +60,7 @@ class PreferenceTask:
         for k in ("", "kl_") if "kl_chosen" in t else ("",):
             table[k + "chosen"], table[k + "rejected"] = pair_logps(
                 reference, {"prompt": t["prompt"], "chosen": t[k + "chosen"], "rejected": t[k + "rejected"]},
-                self.tokenizer.pad_id, pi_device(reference), c.dtype, share_prompt=c.share_prompt)
+                self.tokenizer.pad_id, device_of(reference), c.dtype, share_prompt=c.share_prompt)
         return table
 
     def truth(self, policy) -> dict:
@@ -80,7 +80,7 @@ class PreferenceTask:
     def heldout_accuracy(self, policy) -> float:
         """The fraction of held-out pairs whose implicit reward orders them like their label (a tie counts half)."""
         c = self.config
-        pi_w, pi_l = pair_logps(policy, self.heldout, self.tokenizer.pad_id, pi_device(policy), c.dtype,
+        pi_w, pi_l = pair_logps(policy, self.heldout, self.tokenizer.pad_id, device_of(policy), c.dtype,
                                 share_prompt=c.share_prompt)
         ref_w, ref_l = self.ref_heldout or (None, None)
         if self.member is None or self.member.loss == "kto":  # E10: DPO's implicit reward, and KTO's
@@ -107,7 +107,7 @@ class PreferenceTask:
         return out
 
 
-def pi_device(model) -> torch.device:
+def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
