@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from minialign import dpo, pretrain, reward_model, sft
+from minialign.stages import dpo, pretrain, reward_model, sft
 from minialign.generation import generate
 from minialign.model import GPT, GPTConfig
 from minialign.runtime import cli, files, folders, run as run_module
