@@ -29,7 +29,8 @@ plain-forward step counted by ``bench.FlopCounter`` (2 N per token forward, 4 L 
 with the backward: the work the step needs without the shared prompt, which is what TRL
 computes), the same count for every side; the peak is the datasheet's (``bench.KNOWN_BF16_PEAKS``:
 H100 SXM and H200 989.4 TFLOP/s dense bf16), named in the output. Then ``pytest -k cuda`` runs the
-CUDA tests (``--no-tests`` skips them).
+CUDA tests (``--no-tests`` skips them). Without TRL installed, minialign's steps are timed alone
+(shared prompt and plain forward, alternated, from the same random GPT-2), with the same MFU.
 """
 
 from __future__ import annotations
