@@ -190,18 +190,20 @@ def run_pipeline(args) -> dict:
             summaries[name] = run_stage(name, config, args.with_prerequisites)
         except StageInterrupted as e:  # continue with the pipeline, which skips the stages complete
             again = pipeline_command(args)
-            raise StageInterrupted(resume_hint(e.run, again) if e.run else f"{e}; continue with `{again} --resume`",
-                                   e.run) from None
+            raise StageInterrupted(resume_hint(e.run, again) if e.run else
+                                   f"{e}; continue the pipeline with `{again} --resume`", e.run) from None
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
 
 
 def pipeline_command(args) -> str:
     """The ``minialign pipeline`` command that ``args`` came from (its flags that differ from their
-    defaults, run-control flags left out), for the message that says how to continue it."""
+    defaults, and the progress bars as asked), for the message that says how to continue it."""
     from ..runtime.config import TrainConfig
     from ..runtime.folders import command_line
     words = [command_line("pipeline", TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED}))]
+    if args.progress is not None:
+        words.append("--progress" if args.progress else "--no-progress")
     if args.stages != ",".join(PIPELINE):
         words.append(f"--stages {shlex.quote(args.stages)}")
     if args.with_prerequisites:

@@ -71,11 +71,13 @@ def main(config: PretrainConfig) -> dict:
     last = fit_lm(model, task.train, task.heldout, config, run, "pretrain", step_fn)
     save_model(model, tok, run.dir)
     floor = task.floor  # the toy corpus's exact entropy; None for your text
-    run.plot({"loss": "training batch", "heldout_loss": "held-out text"}, "loss.png", "pre-training loss (E0a)",
+    run.plot({"loss": "training batch", "heldout_loss": f"held-out text (every {config.eval_every} steps)"},
+             "loss.png", "pre-training loss (E0a)",
              hlines={f"exact entropy floor {floor:.3f}": floor} if floor else None,
              ylabel="loss, nats per token", xlabel="optimizer step",
              ylim=(0.95 * floor, 1.5 * floor) if floor else None,  # zoom on the approach to the floor
-             caption="The loss falls towards the corpus's exact entropy (dashed): no model can go below it."
+             caption="The loss falls towards the corpus's exact entropy (dashed), the least expected loss: one "
+                     "batch's loss can dip below it by chance, the expectation cannot."
              if floor else "The language-modelling loss on your text, training batches and held-out text.")
     summary = {"heldout_loss": last.get("heldout_loss"), "params": model.num_params(), "seconds": last["time"],
                **{k: r.as_dict() for k, r in task.reports.items()}}

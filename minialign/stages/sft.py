@@ -66,7 +66,7 @@ def main(config: SFTConfig) -> dict:
     step_fn = functools.partial(sft_step, hp=config, pad_id=0, dtype=config.dtype)
     last = fit_lm(model, task.train, task.heldout, config, run, "sft", step_fn, extra_metrics=task.truth)
     save_model(model, tok, run.dir)
-    plots(run, task.floor)
+    plots(run, task.floor, config.eval_every)
     summary = {"heldout_loss": last.get("heldout_loss"), **task.final(model, before), "seconds": last["time"],
                **{k: r.as_dict() for k, r in task.reports.items()}}
     if task.floor is not None:
@@ -77,20 +77,22 @@ def main(config: SFTConfig) -> dict:
     return summary
 
 
-def plots(run: Run, floor: float | None) -> None:
+def plots(run: Run, floor: float | None, eval_every: int) -> None:
     """loss.png, with the exact floor where it is known; truth.png where r* judged the samples."""
-    run.plot({"loss": "training batch", "heldout_loss": "held-out examples"}, "loss.png",
+    run.plot({"loss": "training batch", "heldout_loss": f"held-out examples (every {eval_every} steps)"}, "loss.png",
              "SFT loss on response tokens (E0b)", hlines={f"exact entropy floor {floor:.3f}": floor} if floor else None,
              ylabel="loss, nats per response token", xlabel="optimizer step",
              ylim=(0.95 * floor, 1.5 * floor) if floor else None,  # zoom on the approach to the floor
-             caption="The response loss falls towards its exact floor H(response | prompt) (dashed)." if floor else
+             caption="The response loss falls towards its exact floor H(response | prompt) (dashed), the least "
+                     "expected loss: one batch's loss can dip below it by chance, the expectation cannot." if floor else
              "The loss on your responses; held-out examples are the honest measure.")
     if floor is None:
         return
     run.plot_panels("truth.png", [
         {"title": "reviews", "metrics": {"true_reward": "mean r* of sampled reviews"},
          "xlabel": "optimizer step", "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
-        {"title": "arithmetic", "metrics": {"heldout_accuracy": "held-out questions, sampled at T = 1"},
+        {"title": "arithmetic", "metrics": {"heldout_accuracy": "held-out questions, 4 samples each at T = 1"},
          "xlabel": "optimizer step", "ylabel": "fraction answered right", "ylim": (0, 1)}],
-        caption="Judged by the hidden truth (8 samples per review prompt, 4 per question): "
-                "the instruct model writes well-formed reviews and answers sums.")
+        caption="Judged by the hidden truth (8 samples per review prompt, 4 per question): the instruct model "
+                "writes well-formed reviews and answers sums. The summary's accuracy takes 16 samples per question, "
+                "so it differs from the last point by sampling noise.")
