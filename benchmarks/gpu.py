@@ -97,7 +97,7 @@ def load_vs_trl():
 
 def step_flops(kind: str, folder: Path, device: str, dtype: str, world, vs_trl, shape: dict) -> float:
     """Model FLOPs of one minialign plain-forward DPO step or GRPO iteration at the comparison's shapes."""
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     from minialign.real.gpt2 import load_gpt2
     from minialign.stages.grpo import GRPOConfig
 
@@ -138,7 +138,7 @@ def minialign_alone(kind: str, config: GPTConfig, args, device: torch.device, dt
     (the same shapes and FLOP count as the comparison)."""
     import copy
 
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     from minialign.stages.grpo import GRPOConfig
     from minialign.toyworld import ToyWorld, WorldConfig
 
