@@ -33,7 +33,7 @@ FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "best_of_n"
 # the other files at the top: the package itself, `python -m minialign`, and the old train.py's shim
 NOT_READ = ["__init__", "__main__", "train"]
 # not yet "math + one named step" (issue 19: the runners move to minialign/stages/)
-UNTIL_MERGED = ["ppo", "grpo"]
+UNTIL_MERGED: list[str] = []  # every algorithm file is its math and one named step
 
 # what a reading-list file may use of minialign/runtime/: a module (all of it) or module.name
 RUNTIME_HELPERS = {
@@ -46,6 +46,8 @@ RUNTIME_HELPERS = {
     "minialign.runtime.files.ConfigError": "the error of a bad setting",
     "minialign.runtime.files": "model.py's atomic checkpoint writes and reads, and their errors",
     "minialign.runtime.datafiles.read_rows": "toyworld.read_jsonl's rows, each bad line named",
+    "minialign.stages.rewards.score_answers": "a reward function called on the answers, its mistakes named",
+    "minialign.stages.rewards.toy_reward": "the toy world's r* as a reward function",
 }
 THIRD_PARTY = {"torch", "numpy"}
 
