@@ -96,24 +96,6 @@ def test_pipeline_runs_the_stages_asked_for_in_dependency_order(monkeypatch, tmp
     assert ran == [(s, str(tmp_path), 3) for s in ("pretrain", "sft", "reward_model", "grpo")]
 
 
-def test_ctrl_c_in_a_pipeline_says_how_to_continue_the_pipeline(monkeypatch, tmp_path, capsys):
-    """Issue 18: the stage's own hint (``minialign sft ... --resume``) would continue that stage only."""
-    import importlib
-    from minialign.runtime.stage import StageInterrupted
-
-    def interrupted(config):
-        raise StageInterrupted("sft stopped after step 3 of 10; continue from step 3 with `minialign sft --out X "
-                               "--resume`")
-    monkeypatch.setattr(importlib.import_module(STAGES["sft"][0]), "main", interrupted)
-    monkeypatch.setattr(importlib.import_module(STAGES["pretrain"][0]), "main", lambda config: {})
-    out = str(tmp_path / "run")
-    assert main(["pipeline", "--stages", "pretrain,sft,dpo", "--out", out, "--seed", "3", "--no-progress"]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("minialign: interrupted: sft stopped after step 3 of 10;")
-    assert err.endswith(f"; continue the pipeline with `minialign pipeline --out {out} --seed 3 --no-progress "
-                        "--stages pretrain,sft,dpo --resume`")
-
-
 def test_an_old_import_path_is_the_same_module_as_the_new_one():
     from minialign.runtime import old_paths
     assert len(old_paths.MOVED) == 12
