@@ -67,7 +67,8 @@ try:
 except ImportError as e:  # an optional benchmark: say what to install
     raise SystemExit(f"benchmarks/vs_trl.py needs TRL ({e}); install it with: pip install trl==1.16.0")
 
-from minialign.dpo import DPOConfig, preference_batch
+from minialign.dpo import preference_batch
+from minialign.stages.dpo import DPOConfig
 from minialign.real.gpt2 import load_gpt2
 from minialign.real.hf import hf_tokenizer_from_toy
 from minialign.stages.grpo import GRPOConfig
@@ -81,7 +82,17 @@ DPO_SETTINGS = {"defaults": dict(gradient_checkpointing=True, precompute=False),
                 "precomputed": dict(gradient_checkpointing=False, precompute=True)}
 GRPO_SETTINGS = {"defaults": dict(gradient_checkpointing=True),
                  "no-checkpointing": dict(gradient_checkpointing=False)}
-COMMON = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+COMMON = dict(report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+
+
+def trl_device(device: str, dtype: str) -> dict:
+    """TRL's settings for a device and dtype: the CPU in float32, or a GPU with bf16 autocast."""
+    return dict(use_cpu=device == "cpu", bf16=dtype == "bfloat16", **COMMON)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a step's time includes its GPU work
 
 
 class Alternate(TrainerCallback):
@@ -92,24 +103,29 @@ class Alternate(TrainerCallback):
         self.checkpointing, self.threads = set(), set()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        _sync()
         self.times["TRL"].append(time.perf_counter() - self.start)
         # what TRL's step really ran with (transformers 5.2x renames the flag activation_checkpointing)
         self.checkpointing.add(getattr(model, "is_activation_checkpointing", None)
                                if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing)
         self.threads.add(torch.get_num_threads())
         for name, step in self.sides.items():
+            _sync()
             t = time.perf_counter()
             step()
+            _sync()
             self.times[name].append(time.perf_counter() - t)
 
 
-def save_fresh_gpt2(folder: Path, tok) -> None:
-    """The shared starting point: a seeded GPT-2 of the bench shape and its tokenizer, on disk."""
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=4, n_head=4, n_embd=128,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tok.pad_token_id,
+def save_fresh_gpt2(folder: Path, tok, shape: dict | None = None) -> None:
+    """The shared starting point: a seeded GPT-2 of the bench shape (or ``shape``: vocab_size,
+    n_positions, n_layer, n_head, n_embd) and its tokenizer, on disk."""
+    shape = shape or dict(vocab_size=len(tok), n_positions=64, n_layer=4, n_head=4, n_embd=128)
+    config = GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tok.pad_token_id,
                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(str(folder))
@@ -128,15 +144,18 @@ def dpo_rows(world: ToyWorld, n: int) -> list[dict]:
             for _ in range(n)]
 
 
-def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> dict:
+def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, device: str = "cpu",
+            dtype: str = "float32", pairs: int = PAIRS) -> dict:
+    """TRL's DPO trainer for ``steps`` steps of ``pairs`` pairs, each followed by one step of each
+    minialign side; on ``device`` in ``dtype`` (bfloat16: autocast on both sides)."""
     from trl import DPOConfig as TRLDPOConfig, DPOTrainer
 
     s = DPO_SETTINGS[setting]
-    rows = dpo_rows(world, PAIRS * steps)
-    args = TRLDPOConfig(output_dir=str(folder / "trl_dpo"), per_device_train_batch_size=PAIRS, max_steps=steps,
+    rows = dpo_rows(world, pairs * steps)
+    args = TRLDPOConfig(output_dir=str(folder / "trl_dpo"), per_device_train_batch_size=pairs, max_steps=steps,
                         learning_rate=1e-4, gradient_checkpointing=s["gradient_checkpointing"],
                         precompute_ref_log_probs=s["precompute"], model_init_kwargs={"dtype": torch.float32},
-                        **COMMON)
+                        **trl_device(device, dtype))
     trainer = DPOTrainer(model=str(folder), args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok)
     data = trainer.train_dataset
@@ -144,12 +163,12 @@ def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> dic
     assert lengths == {(PROMPT_WORDS, RESPONSE_WORDS + 1, RESPONSE_WORDS + 1)}, lengths
     sides = {}
     for name, share in (("minialign", True), ("minialign, plain forward", False)):
-        policy, reference = load_gpt2(folder).train(), load_gpt2(folder).requires_grad_(False)
-        batches = [preference_batch(data["prompt_ids"][i:i + PAIRS], data["chosen_ids"][i:i + PAIRS],
-                                    data["rejected_ids"][i:i + PAIRS], tok.pad_token_id)
-                   for i in range(0, PAIRS * steps, PAIRS)]
+        policy, reference = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
+        batches = [preference_batch(data["prompt_ids"][i:i + pairs], data["chosen_ids"][i:i + pairs],
+                                    data["rejected_ids"][i:i + pairs], tok.pad_token_id, device=device)
+                   for i in range(0, pairs * steps, pairs)]
         config = DPOConfig(lr=1e-4, steps=steps, share_prompt=share, precompute_ref_logps=s["precompute"],
-                           progress=False)
+                           dtype=dtype, progress=False)
         sides[name] = dpo_step(policy, reference, batches, config)
     timer = Alternate(sides)
     trainer.add_callback(timer)
@@ -158,13 +177,16 @@ def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> dic
     return {"times": timer.times, "trl_checkpointing": timer.checkpointing, "threads": timer.threads}
 
 
-def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> dict:
+def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, device: str = "cpu",
+             dtype: str = "float32", questions_per_step: int = QUESTIONS) -> dict:
+    """TRL's GRPO trainer for ``steps`` iterations of ``questions_per_step`` questions x G answers,
+    each followed by one iteration of each minialign side; on ``device`` in ``dtype``."""
     from trl import GRPOConfig as TRLGRPOConfig, GRPOTrainer
 
     s = GRPO_SETTINGS[setting]
     toy = world.tokenizer
     questions = world.arithmetic_questions("train")
-    questions = (questions * (QUESTIONS * steps // len(questions) + 1))[:QUESTIONS * steps]
+    questions = (questions * (questions_per_step * steps // len(questions) + 1))[:questions_per_step * steps]
     data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": q["prompt"]}],
                                         "question": q["prompt"]} for q in questions])
     ids = tok.apply_chat_template(data[0]["prompt"], add_generation_prompt=True, tokenize=True)
@@ -174,19 +196,19 @@ def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> di
     def reward(prompts, completions, question, **kwargs):
         return [world.true_reward(q, c[0]["content"] if isinstance(c, list) else c) for q, c in zip(question, completions)]
 
-    args = TRLGRPOConfig(output_dir=str(folder / "trl_grpo"), per_device_train_batch_size=QUESTIONS * GROUP,
+    args = TRLGRPOConfig(output_dir=str(folder / "trl_grpo"), per_device_train_batch_size=questions_per_step * GROUP,
                          num_generations=GROUP, max_completion_length=ANSWER_TOKENS, beta=0.04, loss_type="grpo",
                          learning_rate=1e-3, weight_decay=0.1, max_steps=steps, shuffle_dataset=False,
                          gradient_checkpointing=s["gradient_checkpointing"], model_init_kwargs={"dtype": torch.float32},
-                         **COMMON)
+                         **trl_device(device, dtype))
     trainer = GRPOTrainer(model=str(folder), reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
     sides = {}
     for name, share in (("minialign", True), ("minialign, plain forward", False)):
-        model, ref_model = load_gpt2(folder).train(), load_gpt2(folder).requires_grad_(False)
-        config = GRPOConfig(questions=QUESTIONS, group_size=GROUP, batch_size=QUESTIONS * GROUP, inner_updates=1,
-                            max_new_tokens=ANSWER_TOKENS, beta=0.04, lr=1e-3, weight_decay=0.1, steps=steps,
-                            share_prompt=share, device="cpu", progress=False)
-        batches = [questions[i:i + QUESTIONS] for i in range(0, len(questions), QUESTIONS)]
+        model, ref_model = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
+        config = GRPOConfig(questions=questions_per_step, group_size=GROUP, batch_size=questions_per_step * GROUP,
+                            inner_updates=1, max_new_tokens=ANSWER_TOKENS, beta=0.04, lr=1e-3, weight_decay=0.1, steps=steps,
+                            share_prompt=share, device=device, dtype=dtype, progress=False)
+        batches = [questions[i:i + questions_per_step] for i in range(0, len(questions), questions_per_step)]
         sides[name] = grpo_step(model, ref_model, toy, world, batches, config)
     timer = Alternate(sides)
     trainer.add_callback(timer)
@@ -195,7 +217,13 @@ def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int) -> di
     return {"times": timer.times, "trl_checkpointing": timer.checkpointing, "threads": timer.threads}
 
 
-def report(title: str, result: dict, warmup: int) -> None:
+def _seconds(x: float) -> str:
+    return f"{x:.3f} s" if x >= 0.1 else f"{1e3 * x:.1f} ms"
+
+
+def report(title: str, result: dict, warmup: int, note=None) -> None:
+    """Each side's min and median after ``warmup`` steps and its ratio to TRL; ``note(seconds)``,
+    if given, adds a figure of each side's fastest step (``benchmarks/gpu.py``: its MFU)."""
     times = {name: t[warmup:] for name, t in result["times"].items()}
     trl_ = spread(times["TRL"])
     checkpointing = ", ".join(map(str, sorted(result["trl_checkpointing"])))
@@ -205,7 +233,8 @@ def report(title: str, result: dict, warmup: int) -> None:
         s = spread(t)
         ratio = "" if name == "TRL" else (f"; minialign / TRL: {s['min'] / trl_['min']:.2f} at the min, "
                                           f"{s['median'] / trl_['median']:.2f} at the median")
-        print(f"  {name:26s} {s['min']:.3f} s min, {s['median']:.3f} s median{ratio}")
+        extra = f"; {note(s['min'])}" if note else ""
+        print(f"  {name:26s} {_seconds(s['min'])} min, {_seconds(s['median'])} median{extra}{ratio}")
     sys.stdout.flush()
 
 

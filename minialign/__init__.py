@@ -19,7 +19,8 @@ The files at the top of the package are the course; read them in this order:
 Then the families beyond the source, each member a small delta of its parent:
 
 14. ``policy_gradient.py``: REINFORCE, RLOO, REINFORCE++, DAPO, GSPO, CISPO (deltas of GRPO's step),
-    and ``theory_policy_gradient.py``: where each converges, computed exactly
+    ``policy_gradient_sampling.py``: DAPO's dynamic sampling and overlong handling (the batch before the
+    loss), and ``theory_policy_gradient.py``: where each converges, computed exactly
 15. ``preference.py``: cDPO, rDPO, IPO, SimPO, KTO, ORPO (deltas of DPO's loss), ``best_of_n.py``:
     best-of-N and rejection sampling, and ``theory_preference.py``: their exact optima
 
@@ -27,8 +28,8 @@ What to skip on a first reading (the machinery, not the course):
 
 - ``runtime/``: configs and flags, devices, the optimizer and schedule, the run folder, the
   ``@stage`` decorator, plots, model loading, files, torchrun, data files, the ``minialign`` command
-- ``stages/``: what the stage runners share to measure a run (``evaluate``) and reward functions
-  (``rewards``)
+- ``stages/``: the stage runners (flags, run folder, loop, plots, summary) and what they share to
+  measure a run (``evaluate``) and reward functions (``rewards``)
 - ``real/``: real models (the Hugging Face adapter, GPT-2 weights, ``minialign export``)
 - ``tools/``: ``minialign bench`` and ``minialign exercises``
 

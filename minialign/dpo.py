@@ -60,31 +60,38 @@ prompt and the padding masked out (``ops.sequence_logps``).
 - What DPO never sees is measured beside it: the hidden reward $r^*$ of sampled reviews and
   $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ on samples $y\sim\pi_\theta$ (``sampled_kl``).
 
-The file reads top to bottom: E7 and E8 on a discrete example, E9 and E10, sequence log-probs
-of chosen and rejected responses, the sampled KL, then the training loop ``main``.
+The file reads top to bottom: the hyperparameters, E7 and E8 on a discrete example, E9 and E10,
+sequence log-probs of chosen and rejected responses, the sampled KL, then the step a training loop
+calls, ``dpo_step`` (the loop itself, its flags and its plots: ``stages/dpo.py``).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .data import InfiniteMinibatches, collate
-from .datafiles import preference_data
-from .evaluate import review_eval
+from .runtime import distributed
+from .data import collate
 from .generation import generate
 from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
-from .loading import load_model, save_model
-from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, check_max_new_tokens, check_range, input_path,
-                    make_optimizer, require, resolve_device, seed_everything, stage)
+from .runtime.config import Config, check_range
+from .runtime.devices import autocast
+
+
+@dataclass
+class DPOHyperparams(Config):
+    """What E9-E10 and one step need (``minialign dpo`` adds the run's settings to these)."""
+    beta: float = 0.1                   # KL strength of E2; the implicit reward's scale (E10)
+    share_prompt: bool = True           # run x once for y_w and y_l (exact; ops.prefill)
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "beta", 0, low_open=True)
+
 
 # ----------------------------------------------------------------------------------------------
 # E7 and E8 on a discrete set of responses (one prompt): the closed form DPO starts from
@@ -280,204 +287,81 @@ def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_pe
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# One step: E1 for the pairs of a batch, E9 and E10, one optimizer step
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Align the SFT model with DPO (E7-E10) on the toy world's preference pairs; it is also pi_ref.
-
-    Reads OUT/sft/model.pt (or --init, or a --model folder), and your pairs with --data. Writes
-    OUT/dpo/: model.pt (the aligned policy; a model/ folder after --model), metrics.jsonl,
-    loss.png, rewards.png, logps.png, truth.png, summary.json, status.json."""
-    init: str = ""                      # policy and reference checkpoint; default: out/sft/model.pt
-    beta: float = 0.1                   # KL strength of E2; the implicit reward's scale (E10)
-    steps: int = 200
-    batch_size: int = 64                # preference pairs per step (2x rows in the forward pass)
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    num_pairs: int = 10_000             # training pairs drawn from the toy world (Bradley-Terry labels)
-    eval_pairs: int = 500               # held-out pairs for the implicit reward's accuracy
-    precompute_ref_logps: bool = True   # compute log pi_ref once; the reference leaves memory
-    share_prompt: bool = True           # run x once for y_w and y_l (exact; ops.prefill)
-    eval_every: int = 50                # steps between measurements of r* and KL (by sampling)
-    eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
-    max_new_tokens: int = 24
-
-    INPUTS = {"init": "sft"}
-
-    def validate(self) -> None:
-        super().validate()
-        check_range(self, "beta", 0, low_open=True)
-        for name in ("eval_pairs", "eval_every", "eval_samples_per_prompt", "max_new_tokens"):
-            check_range(self, name, 1)
-        require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
-                f">= --batch-size ({self.batch_size})")
+class DPOStepResult:
+    """What one ``dpo_step`` did, on this rank (``distributed.mean_over_ranks`` averages ``metrics``)."""
+    loss: float                     # the batch's mean loss over every rank's pairs (E9, or the member's)
+    grad_norm: float                # before clipping
+    chosen_rewards: torch.Tensor    # (B,) r_w (E10, or the member's implicit reward), this rank's pairs
+    rejected_rewards: torch.Tensor  # (B,) r_l
+    chosen_logps: torch.Tensor      # (B,) log pi_theta(y_w | x) before the step
+    rejected_logps: torch.Tensor    # (B,) log pi_theta(y_l | x)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-@stage("dpo")
-def main(config: DPOConfig) -> dict:
-    """Train the policy with DPO from the SFT model; save ``out/dpo/model.pt``, plots and a summary.
+def dpo_step(policy, reference, tokenizer, pairs: dict[str, list[list[int]]], rows: list[int],
+             hp: DPOHyperparams, update, dtype: str = "float32", loss_fn=None) -> DPOStepResult:
+    r"""One optimizer step of E9 on the training pairs ``rows`` (this rank's share of the batch).
 
-    ``--model`` starts policy and reference from a Hugging Face folder; ``--data`` trains on your
-    pairs, and the truth plotted is then what can be measured without r*: the implicit reward's
-    held-out accuracy (``--eval-data``) and KL(pi || pi_ref) of samples.
+    ``pairs``: the token lists of every training pair (``tokenize_pairs``). ``reference``: $\pi_{ref}$
+    itself (run here), its log-probs of every pair precomputed (``{"chosen": (N,), "rejected": (N,)}``,
+    ``pair_logps``), or None for a member without one (SimPO, ORPO). ``update(rows, loss_of) ->
+    Update`` (``runtime.optim.gradient_update``) makes the optimizer step from ``loss_of(micro) ->
+    (mean loss, units, total units, stats)``, hiding the optimizer, the schedule, ``--grad-accum``
+    and DDP. ``dtype`` is the autocast dtype ("float32": none). ``loss_fn``: None is E9
+    (``dpo_loss``); a relative (``preference.py``) comes as ``partial(preference_loss, hp)`` and gets
+    the response lengths too, and, where ``pairs`` holds KTO's mismatched responses (``kl_chosen``,
+    ``kl_rejected``), their log-probs for $z_0$.
     """
-    generator = seed_everything(config.seed)  # pair order
-    device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft's model unless --init or --model
-    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
+    device = next(policy.parameters()).device
     block = policy.config.block_size
 
-    reports, held_out_rows = {}, None
-    if config.data:  # refused here, before the run folder exists, if a row is bad
-        train, reports["data"] = preference_data(config.data, tok, block, config.max_length)
-        held_out = None
-        if config.eval_data:
-            held_out, reports["eval_data"] = preference_data(config.eval_data, tok, block, config.max_length)
-        for r in reports.values():
-            distributed.print_main(r.describe())
-        # KL(pi || pi_ref) is measured on samples for a few distinct prompts that leave room to answer
-        fits = [x for x in (held_out or train)["prompt"] if len(x) + config.max_new_tokens <= block]
-        kl_prompts = list({tuple(x): x for x in fits}.values())[:8]
-        run = Run(config, "dpo")
-    else:
-        kl_prompts = world.review_prompts()  # sampled to measure r* and the KL
-        check_max_new_tokens(config, [tok.prompt(p) for p in kl_prompts], block)
-        run = Run(config, "dpo")
-        train = tokenize_pairs(tok, world.preference_dataset(config.num_pairs, seed=config.seed))
-        held_out_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
-        held_out = tokenize_pairs(tok, held_out_rows)
+    def batch_of(micro, chosen="chosen", rejected="rejected"):  # 2B rows: (x, y_w) then (x, y_l)
+        return preference_batch([pairs["prompt"][i] for i in micro], [pairs[chosen][i] for i in micro],
+                                [pairs[rejected][i] for i in micro], tokenizer.pad_id, block, device)
 
-    # pi_ref: the SFT model, frozen. Its log-probs of the held-out pairs are always precomputed.
-    reference, _ = load_model(init, config.model_impl, device, tok if not config.data else None)
-    reference.requires_grad_(False).eval()
-    ref_eval = (pair_logps(reference, held_out, tok.pad_id, device, config.dtype, share_prompt=config.share_prompt)
-                if held_out else None)
-    if config.precompute_ref_logps:
-        ref_train = pair_logps(reference, train, tok.pad_id, device, config.dtype,
-                               share_prompt=config.share_prompt)                               # (N,), (N,)
-        del reference  # not needed in memory while training; reloaded to measure the KL
+    def reference_logps(batch, micro, prefix=""):  # log pi_ref(y_w | x), log pi_ref(y_l | x), (B,) each
+        if reference is None:
+            return None, None
+        if isinstance(reference, dict):  # precomputed
+            idx = torch.tensor(micro, device=device)
+            return reference[prefix + "chosen"][idx], reference[prefix + "rejected"][idx]
+        with torch.no_grad(), autocast(device, dtype):
+            return chosen_rejected_logps(reference, batch, hp.share_prompt)
 
-    def get_reference():
-        if config.precompute_ref_logps:
-            ref, _ = load_model(init, config.model_impl, device, tok if not config.data else None)
-            return ref.requires_grad_(False).eval()
-        return reference
+    def loss_of(micro: list[int]):
+        batch = batch_of(micro)
+        with autocast(device, dtype):
+            pi_w, pi_l = chosen_rejected_logps(policy, batch, hp.share_prompt)       # (B,), (B,) E1
+        ref_w, ref_l = reference_logps(batch, micro)
+        if loss_fn is None:
+            loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, hp.beta)            # E9, E10
+        else:  # a member of the family: its loss and its implicit rewards
+            lengths = batch["response_mask"].sum(1)                                  # (2B,) |y|, EOS included
+            kl = {}
+            if "kl_chosen" in pairs:  # KTO: log-probs of mismatched responses, for z_0 (no gradient)
+                kl_batch = batch_of(micro, "kl_chosen", "kl_rejected")
+                with torch.no_grad(), autocast(device, dtype):
+                    kl_w, kl_l = chosen_rejected_logps(policy, kl_batch, hp.share_prompt)
+                kl_ref = reference_logps(kl_batch, micro, "kl_")
+                kl = {"kl_policy_logps": torch.cat([kl_w, kl_l]), "kl_ref_logps": torch.cat(kl_ref)}
+            loss, r_w, r_l = loss_fn(pi_w, pi_l, ref_w, ref_l, chosen_lengths=lengths[:len(micro)],
+                                     rejected_lengths=lengths[len(micro):], **kl)[:3]
+        stats = {"loss": loss.detach(), "chosen_rewards": r_w.detach(), "rejected_rewards": r_l.detach(),
+                 "chosen_logps": pi_w.detach(), "rejected_logps": pi_l.detach()}
+        return loss, len(micro), len(rows) * distributed.world_size(), stats
 
-    def truth() -> dict:
-        """r* (toy world) and KL of sampled reviews, and the implicit reward's held-out accuracy."""
-        policy.eval()
-        out = {}
-        if held_out_rows is not None:  # the toy world knows r*
-            ev = review_eval(policy, tok, world, config.eval_samples_per_prompt, seed=config.seed,
-                             max_new_tokens=config.max_new_tokens)
-            out.update(true_reward=ev["true_reward"], malformed=ev["malformed"])
-        if kl_prompts:
-            out["kl"] = sampled_kl(policy, get_reference(), tok, kl_prompts, config.eval_samples_per_prompt,
-                                   config.max_new_tokens, seed=config.seed + 1,
-                                   share_prompt=config.share_prompt)
-        if held_out is not None:
-            pi_w, pi_l = pair_logps(policy, held_out, tok.pad_id, device, config.dtype,
-                                    share_prompt=config.share_prompt)
-            _, r_w, r_l = dpo_loss(pi_w, pi_l, *ref_eval, config.beta)
-            # a tie (as at the start, where every implicit reward is 0) counts as half right
-            out["heldout/accuracy"] = ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean().item()
-        policy.train()
-        if held_out_rows is not None:
-            out["examples"] = ev["examples"]
-        return out
-
-    before = truth()
-    optimizer = make_optimizer(policy, config)
-    parallel = distributed.wrap(policy)  # DDP under torchrun
-    distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = InfiniteMinibatches(len(train["prompt"]), config.batch_size, generator)
-
-    def loss_of(rows: list[int]):
-        batch = preference_batch([train["prompt"][i] for i in rows], [train["chosen"][i] for i in rows],
-                                 [train["rejected"][i] for i in rows], tok.pad_id, block, device)
-        with autocast(device, config.dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batch, config.share_prompt)   # (B,), (B,)
-        if config.precompute_ref_logps:
-            idx = torch.tensor(rows, device=device)
-            ref_w, ref_l = ref_train[0][idx], ref_train[1][idx]
-        else:
-            with torch.no_grad(), autocast(device, config.dtype):
-                ref_w, ref_l = chosen_rejected_logps(reference, batch, config.share_prompt)
-        loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)          # E9, E10
-        return loss, len(rows), config.batch_size, [t.detach() for t in (loss, r_w, r_l, pi_w, pi_l)]
-
-    policy.train()
-    bar = run.loop(config.steps, f"dpo beta={config.beta}", policy=policy, optimizer=optimizer, batches=batches)
-    for step in bar:
-        micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
-        grad_norm, parts = accumulated_step(policy, parallel, optimizer, micro, loss_of, step, config)
-        loss = distributed.global_mean([(p[0], len(p[1])) for p in parts], config.batch_size)
-        r_w, r_l, pi_w, pi_l = (torch.cat([p[k] for p in parts]) for k in range(1, 5))
-
-        last = step == config.steps - 1
-        evaluate_now = (step + 1) % config.eval_every == 0 or last
-        if step % config.log_every == 0 or evaluate_now:
-            metrics = distributed.mean_over_ranks({
-                "loss": loss, "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
-                "rewards/accuracies": (r_w > r_l).float().mean().item(),
-                "rewards/margins": (r_w - r_l).mean().item(),
-                "logps/chosen": pi_w.mean().item(), "logps/rejected": pi_l.mean().item()})
-            metrics.update(loss=loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
-            if step == 0:  # the SFT model's truth, measured before the first update (KL 0)
-                metrics.update({k: v for k, v in before.items() if k != "examples"})
-            if evaluate_now:
-                latest = truth()
-                metrics.update({k: v for k, v in latest.items() if k != "examples"})
-            run.log(step, **metrics)
-            bar.set_postfix(loss=f"{loss:.3f}", margin=f"{metrics['rewards/margins']:.2f}")
-
-    save_model(policy, tok, run.dir)
-    after = latest  # measured at the last step
-    x = f"DPO step (batches of {config.batch_size} pairs)"
-    run.plot({"loss": "training batch"}, "loss.png", f"DPO loss (E9), beta = {config.beta:g}",
-             hlines={"ln 2: the policy equals the reference": math.log(2)}, ylabel="loss, nats per pair",
-             xlabel=x, caption="The loss starts at ln 2 (every implicit reward is 0) and falls as the "
-                               "implicit rewards order the training pairs.")
-    run.plot({"rewards/chosen": "chosen responses", "rewards/rejected": "rejected responses",
-              "rewards/margins": "margin, chosen minus rejected"}, "rewards.png",
-             "implicit rewards on training pairs (E10)", ylabel="beta x log(pi_theta / pi_ref), nats x beta",
-             xlabel=x, caption="DPO widens the margin; both rewards may fall: it asks only that chosen "
-                               "beat rejected.")
-    run.plot({"logps/chosen": "chosen responses", "logps/rejected": "rejected responses"}, "logps.png",
-             "log pi_theta(y | x) of training pairs", ylabel="log-probability, nats per response", xlabel=x,
-             caption="Watch the chosen log-prob: when it falls too, probability goes to responses no pair showed.")
-    if held_out_rows is None:  # your own data: what can be measured without r*
-        run.plot({"kl": "KL(pi_theta || pi_ref), sampled"}, "kl.png", "distance from the reference",
-                 ylabel="KL, nats per response", xlabel=x,
-                 caption="What DPO never sees: how far the policy moved from the reference on its own samples.")
-        run.plot({"heldout/accuracy": "held-out pairs"}, "accuracy.png", "implicit-reward accuracy (E10)",
-                 ylabel="fraction of pairs with r_w > r_l", xlabel=x, ylim=(0, 1),
-                 caption="Pairs it never trained on, ordered by the implicit reward like their labels (ties count half).")
-        summary = {"beta": config.beta, "kl": after.get("kl"),
-                   "heldout_accuracy_before": before.get("heldout/accuracy"),
-                   "heldout_accuracy": after.get("heldout/accuracy"), "final_loss": run.rows[-1]["loss"],
-                   "seconds": round(time.time() - run.start, 1), **{k: r.as_dict() for k, r in reports.items()}}
-        run.finish(summary)
-        return summary
-    run.plot_panels("truth.png", [
-        {"title": "hidden reward of the policy's samples", "metrics": {"true_reward": "mean r* of sampled reviews"},
-         "hlines": [(before["true_reward"], f"SFT model, {before['true_reward']:.3f}")],
-         "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
-        {"title": "distance from the reference", "metrics": {"kl": "KL(pi_theta || pi_ref), sampled"},
-         "xlabel": x, "ylabel": "KL, nats per response"}],
-        caption=f"What DPO never sees, measured on {config.eval_samples_per_prompt} samples per review prompt: "
-                "the hidden reward it gained, and the KL it paid for it.")
-    summary = {"beta": config.beta, "true_reward_before": before["true_reward"],
-               "true_reward": after["true_reward"], "malformed_before": before["malformed"],
-               "malformed": after["malformed"], "kl": after["kl"],
-               "heldout_accuracy_before": before["heldout/accuracy"],
-               "heldout_accuracy": after["heldout/accuracy"],
-               "bayes_optimal_accuracy": world.bayes_optimal_accuracy(held_out_rows),
-               "final_loss": run.rows[-1]["loss"], "examples": after["examples"],
-               "seconds": round(time.time() - run.start, 1)}
-    run.finish(summary)
-    return summary
+    done = update(rows, loss_of)
+    parts = done.extras
+    loss = distributed.global_mean([(p["loss"], len(p["chosen_logps"])) for p in parts],
+                                   len(rows) * distributed.world_size())
+    r_w, r_l, pi_w, pi_l = (torch.cat([p[k] for p in parts]) for k in
+                            ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"))
+    metrics = {"loss": loss, "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
+               "rewards/accuracies": (r_w > r_l).float().mean().item(), "rewards/margins": (r_w - r_l).mean().item(),
+               "logps/chosen": pi_w.mean().item(), "logps/rejected": pi_l.mean().item()}
+    return DPOStepResult(loss, done.grad_norm, r_w, r_l, pi_w, pi_l, metrics)

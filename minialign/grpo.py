@@ -78,11 +78,15 @@ from typing import Literal
 import torch
 
 from .runtime import distributed
-from .generation import Generation, generate
-from .ops import (check_choice, check_finite, check_nonempty_rows, check_nonnegative, check_per_sequence,
-                  check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
+from . import policy_gradient as PG
+from .generation import Generation, cat_generations, generate
+from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative,
+                  check_per_sequence, check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum,
+                  response_logps, upcast)
 from .stages.rewards import score_answers, toy_reward
-from .runtime.config import Config, check_range
+from .policy_gradient import CLIP_DEFAULTS
+from .policy_gradient_sampling import dynamic_sampling, overlong_filter, overlong_penalty
+from .runtime.config import Config, check_range, require
 from .runtime.devices import autocast
 
 KL_IN = ("loss", "reward")
@@ -93,13 +97,13 @@ AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 class GRPOHyperparams(Config):
     """What E11-E14 and one iteration need (``minialign grpo`` adds the run's settings to these)."""
     group_size: int = 8             # G answers sampled per question
-    batch_size: int = 128           # answers per gradient step (the Q*G answers are split into these)
+    batch_size: int = 128           # answers per gradient step: the Q*G answers split into steps (>= Q*G: one step)
     inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
     clip_eps: float = 0.2           # E13's epsilon: the ratio is clipped to [1 - eps, 1 + eps]
     beta: float = 0.04              # KL coefficient
     kl_in: Literal["loss", "reward"] = "loss"  # loss (E13, DeepSeekMath; default) | reward (E14)
     # answer_mean (E13) | token_mean (DAPO) | constant (Dr. GRPO: divide by B * max_new_tokens)
-    aggregation: Literal["answer_mean", "token_mean", "constant"] = "answer_mean"  # E13's mean over tokens
+    aggregation: Literal["answer_mean", "token_mean", "constant", "sequence_sum"] = "answer_mean"  # E13's mean over tokens (sequence_sum: REINFORCE's)
     scale_by_std: bool = True       # E12's division by the group's std (False: Dr. GRPO's r - mean)
     adv_eps: float = 1e-4           # E12's epsilon
     ref_reset_every: int = 0        # E14: pi_ref <- pi_theta every N iterations (0 = never)
@@ -107,6 +111,16 @@ class GRPOHyperparams(Config):
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
     share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
+    # the policy-gradient family (policy_gradient.py): each member is GRPO with these changed
+    advantage: Literal["grpo", "none", "batch_mean", "rloo", "reinforce_pp"] = "grpo"  # E12, or none (A = r) | batch_mean | rloo (leave-one-out) | reinforce_pp
+    loss: Literal["grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo"] = "grpo"  # E13, or reinforce | ppo_clip (E5) | dapo | gspo | cispo
+    clip_eps_low: float = 0.0       # dapo/gspo/cispo: the lowest ratio is 1 - this (0: the paper's)
+    clip_eps_high: float = 0.0      # dapo/gspo/cispo: the highest ratio is 1 + this, clip-higher (0: the paper's)
+    kl_estimator: Literal["k3", "k1"] = "k3"  # the KL in the reward (--kl-in reward): k3 | k1 (E2's; reinforce_pp's)
+    dynamic_sampling: bool = False  # DAPO: only groups that carry a signal, more questions drawn to fill the batch
+    max_draws: int = 4              # dynamic sampling: at most this many more draws of --questions per iteration
+    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: truncated answers out of the loss, or a length penalty
+    overlong_cache: int = 1         # --overlong penalty: L_cache, the last tokens in which the penalty falls to -1
 
     def validate(self) -> None:
         super().validate()
@@ -115,8 +129,28 @@ class GRPOHyperparams(Config):
             check_range(self, name, 1)
         for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
             check_range(self, name, 0, low_open=True)
-        for name in ("beta", "ref_reset_every"):
+        for name in ("beta", "ref_reset_every", "max_draws"):
             check_range(self, name, 0)
+        self.check_member()
+
+    def check_member(self) -> None:
+        """The family's options: each refused where the chosen member does not read it."""
+        own_clip = self.loss in CLIP_DEFAULTS  # dapo, gspo, cispo
+        require(self, "kl_in", self.loss == "grpo" or self.kl_in == "reward" or self.beta == 0,
+                f"reward (or --beta 0) with --loss {self.loss}: only E13 has a KL term in the loss")
+        require(self, "kl_estimator", self.kl_estimator == "k3" or self.kl_in == "reward", "k3 unless --kl-in reward")
+        aggregations = (("answer_mean",) if own_clip or self.loss == "ppo_clip" else  # they fix their own
+                        AGGREGATIONS + ("sequence_sum",) if self.loss == "reinforce" else AGGREGATIONS)
+        require(self, "aggregation", self.aggregation in aggregations, f"one of {aggregations} with --loss {self.loss}")
+        per_token_ok = ("reinforce", "ppo_clip", "dapo", "cispo")  # the losses that take (B, T) advantages
+        require(self, "advantage", self.advantage != "reinforce_pp" or self.loss in per_token_ok,
+                f"one advantage per answer for --loss {self.loss} (reinforce_pp gives one per token)")
+        require(self, "scale_by_std", self.scale_by_std or self.advantage == "grpo", "true unless --advantage grpo")
+        for name in ("clip_eps_low", "clip_eps_high"):
+            require(self, name, getattr(self, name) == 0 or own_clip, f"0 with --loss {self.loss} (it uses --clip-eps)")
+        check_range(self, "clip_eps_low", 0, 1, high_open=self.loss != "cispo")  # 1 - eps_low > 0 (CISPO: >= 0)
+        check_range(self, "clip_eps_high", 0)
+        check_range(self, "overlong_cache", 1, self.max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,14 +283,6 @@ def _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_
         raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
 
 
-def check_groups(B: int, group_size: int) -> None:
-    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
-    if B == 0 or B % group_size != 0:
-        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
-
-
 def reset_reference(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
     r"""E14's option $\pi_{ref} \leftarrow \pi_\theta$: copy the policy's weights into the reference (no sharing)."""
     reference.load_state_dict(policy.state_dict())  # load_state_dict copies values into the reference's own tensors
@@ -274,12 +300,12 @@ class GRPOIterationResult:
     rollout: Generation             # the B = Q * G sampled answers, group i in rows i*G .. i*G+G-1
     completions: list[str]          # the answers as text, as the reward function saw them
     rewards: torch.Tensor           # (B,) r(x, y_i)
-    advantages: torch.Tensor        # (B,) E11-E12 (of the KL-penalised rewards with kl_in="reward")
+    advantages: torch.Tensor        # (B,) E11-E12 (of the KL-penalised rewards with kl_in="reward"); reinforce_pp: (B, T)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
 def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict], hp: GRPOHyperparams,
-                   generator: torch.Generator, update, dtype: str = "float32") -> GRPOIterationResult:
+                   generator: torch.Generator, update, dtype: str = "float32", draw=None) -> GRPOIterationResult:
     """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13).
 
     ``questions`` are rows with a ``prompt`` (and ``prompt_ids``, else ``tokenizer.prompt(prompt)``)
@@ -288,21 +314,40 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
     loss_of) -> Update`` (``train.gradient_update``) makes one optimizer step from ``loss_of(micro)
     -> (mean loss, units, total units, stats)`` over ``rows``; it hides the optimizer, the
     schedule, ``--grad-accum`` and DDP. ``dtype`` is the autocast dtype ("float32": none).
+    ``draw(n) -> n more questions`` feeds DAPO's dynamic sampling (``hp.dynamic_sampling``).
+    The members of the family (``policy_gradient.py``) replace E12 (``hp.advantage``) and E13 (``hp.loss``).
     """
     device = next(policy.parameters()).device
     if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
         reward_fn = toy_reward(reward_fn)
     G = hp.group_size
-    rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
-    prompts = [q["prompt_ids"] if "prompt_ids" in q else tokenizer.prompt(q["prompt"]) for q in rows]
+    if hp.dynamic_sampling and draw is None:
+        raise ValueError("dynamic_sampling needs draw(n) -> n more questions, to fill the batch")
 
-    # sample y ~ pi_old = the current policy (frozen for the whole iteration)
-    with autocast(device, dtype):
-        rollout = generate(policy, prompts, hp.max_new_tokens, tokenizer.eos_id,
-                           tokenizer.pad_id, temperature=hp.temperature, generator=generator,
-                           share_prompt=hp.share_prompt)
-    completions = [tokenizer.decode(r) for r in rollout.responses()]
-    rewards = score_answers(reward_fn, rows, completions, [bool(f) for f in rollout.finished.tolist()], device)  # (B,)
+    def sample(questions):  # y ~ pi_old = the current policy (frozen for the whole iteration), scored
+        rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
+        prompts = [q["prompt_ids"] if "prompt_ids" in q else tokenizer.prompt(q["prompt"]) for q in rows]
+        with autocast(device, dtype):
+            rollout = generate(policy, prompts, hp.max_new_tokens, tokenizer.eos_id,
+                               tokenizer.pad_id, temperature=hp.temperature, generator=generator,
+                               share_prompt=hp.share_prompt)
+        completions = [tokenizer.decode(r) for r in rollout.responses()]
+        finished = [bool(f) for f in rollout.finished.tolist()]
+        return rollout, completions, score_answers(reward_fn, rows, completions, finished, device)  # (B,)
+
+    sampled = [sample(questions)]  # every draw, for the metrics
+    rollout, completions, rewards = sampled[0]
+    if hp.dynamic_sampling:  # DAPO: keep only groups that carry a signal, draw more questions to fill the batch
+        filled = dynamic_sampling(rewards, G, len(questions))
+        while not filled.full and len(sampled) <= hp.max_draws:
+            sampled.append(sample(draw(len(questions))))
+            filled = dynamic_sampling(torch.cat([r for _, _, r in sampled]), G, len(questions))
+        if filled.kept:  # else no group carried a signal: the first draw, as without the filter
+            keep = filled.keep.tolist()
+            rollout = cat_generations([g for g, _, _ in sampled], tokenizer.pad_id).select(filled.keep)
+            completions = [c for (_, cs, _) in sampled for c in cs]
+            completions = [c for c, k in zip(completions, keep) if k]
+            rewards = torch.cat([r for _, _, r in sampled])[filled.keep]
     mask = rollout.response_mask                                                              # (B, T)
     seqs, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
 
@@ -314,43 +359,67 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
         if hp.recompute_old_logps:
             old_logps = response_logps(policy, seqs, attn, P, hp.temperature, hp.share_prompt)
         ref_logps = response_logps(reference, seqs, attn, P, hp.temperature, hp.share_prompt)
-    if hp.kl_in == "reward":  # E14's r_i = r(x, y_i) - beta KL_i
-        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta)
-    else:                     # E13: the KL is in the loss, r_i is the reward itself
+    if hp.kl_in == "reward" and hp.advantage != "reinforce_pp":  # E14's r_i = r(x, y_i) - beta KL_i
+        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta, hp.kl_estimator)
+    else:                     # E13: the KL is in the loss (or in REINFORCE++'s per-token reward), r_i is the reward
         total_reward = rewards
-    advantages = group_advantages(total_reward, G, hp.adv_eps, hp.scale_by_std)  # (B,) E11-E12
+    if hp.overlong == "penalty":  # DAPO's soft length penalty, in the reward
+        total_reward = total_reward + overlong_penalty(mask.sum(1), hp.max_new_tokens, hp.overlong_cache,
+                                                       rollout.finished)
+    if hp.advantage == "grpo":
+        advantages = group_advantages(total_reward, G, hp.adv_eps, hp.scale_by_std)  # (B,) E11-E12
+    else:                     # a member's baseline: (B,), or (B, T) for REINFORCE++
+        kl_per_token = dict(mask=mask, old_logps=old_logps, ref_logps=ref_logps,
+                            beta=hp.beta if hp.kl_in == "reward" else 0.0) if hp.advantage == "reinforce_pp" else {}
+        advantages = PG.advantages(hp.advantage, total_reward, G, eps=hp.adv_eps, **kl_per_token)
+    if hp.overlong == "filter":  # DAPO: a truncated answer leaves the loss, after it counted in its group's baseline
+        mask = overlong_filter(mask, rollout.finished)
+    aggregation = PG.effective_aggregation(hp.loss, hp.aggregation)
 
     def units(idx) -> float:  # what the loss averages over: answers, or tokens for token_mean
-        return float(mask[idx].sum()) if hp.aggregation == "token_mean" else len(idx)
+        return float(mask[idx].sum()) if aggregation == "token_mean" else len(idx)
 
     def loss_of(micro, minibatch_units: float):  # one micro-batch of the minibatch's answers
         with autocast(device, dtype):
             logps = response_logps(policy, seqs[micro], attn[micro], P, hp.temperature, hp.share_prompt)
-        loss, stats = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
-                                hp.clip_eps, hp.beta, hp.kl_in, hp.aggregation, max_len=hp.max_new_tokens)  # E13
+        if hp.loss == "grpo":
+            loss, stats = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
+                                    hp.clip_eps, hp.beta, hp.kl_in, hp.aggregation, max_len=hp.max_new_tokens)  # E13
+        else:                 # a member's loss, with no KL term (it is in the reward)
+            loss, stats = PG.policy_loss(
+                hp.loss, logps, old_logps[micro], advantages[micro], mask[micro], clip_eps=hp.clip_eps,
+                eps_low=hp.clip_eps_low or None, eps_high=hp.clip_eps_high or None, max_len=hp.max_new_tokens,
+                aggregation=hp.aggregation if hp.loss == "reinforce" else None)
         return loss, units(micro), minibatch_units, stats
 
-    B = len(prompts)
+    trained = mask.any(1).nonzero().squeeze(1)  # the rows the loss sees: all but the filtered answers
     per_step = hp.batch_size // distributed.world_size()  # this rank's answers per optimizer step
     stats, norms = [], []
     for _ in range(hp.inner_updates):  # mu passes against the same pi_old
-        for idx in torch.randperm(B, generator=generator, device=device).split(per_step):
+        order = trained[torch.randperm(len(trained), generator=generator, device=device)]
+        for idx in order.split(per_step) if len(order) else ():  # nothing to train on: every answer filtered out
             minibatch_units = units(idx) * distributed.world_size()
             done = update(idx, functools.partial(loss_of, minibatch_units=minibatch_units))
             stats += done.extras
             norms.append(done.grad_norm)
 
-    lengths = mask.sum(1).float()
-    metrics = {"reward": rewards.mean().item(),  # the verifiable reward (here = accuracy)
-               "accuracy": (rewards == 1).float().mean().item(),
+    def mean(values) -> float:  # nan where nothing was trained on (every answer filtered out)
+        return sum(values) / len(values) if values else float("nan")
+    everything = torch.cat([r for _, _, r in sampled])  # every answer sampled (dynamic sampling: more than trained on)
+    lengths = rollout.response_mask.sum(1).float()
+    metrics = {"reward": everything.mean().item(),  # the verifiable reward (here = accuracy)
+               "accuracy": (everything == 1).float().mean().item(),
                # KL(pi_old || pi_ref) per token of the sampled answers, before this iteration's updates
-               "kl": masked_mean(kl_k3(old_logps, ref_logps), mask).item(),
-               "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats),
-               "loss": sum(s["loss"] for s in stats) / len(stats),
-               "grad_norm": sum(norms) / len(norms),
+               "kl": masked_mean(kl_k3(old_logps, ref_logps), rollout.response_mask).item(),
+               "clip_frac": mean([s.get("clip_frac", 0.0) for s in stats]),  # REINFORCE has no clip
+               "loss": mean([s["loss"] for s in stats]),
+               "grad_norm": mean(norms),
                "answer_len": lengths.mean().item(),
                "finished": rollout.finished.float().mean().item(),
-               "zero_spread": zero_spread_fraction(rewards, G)}
+               "zero_spread": zero_spread_fraction(everything, G),
+               "tokens": float(sum(g.response_mask.sum() for g, _, _ in sampled))}  # generated, EOS included
     if hp.kl_in == "reward":
         metrics["kl_penalised_reward"] = total_reward.mean().item()  # what E11-E12 saw
+    if hp.dynamic_sampling:
+        metrics["questions_drawn"] = float(everything.numel() // G)  # sampled, to fill the batch
     return GRPOIterationResult(rollout, completions, rewards, advantages, metrics)

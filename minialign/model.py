@@ -195,11 +195,29 @@ class GPT(nn.Module):
             # let every query see itself; real queries are unaffected, pad outputs are ignored
             allowed = allowed | (k_slot == q_slot)[None]
             attn_mask = allowed[:, None]                                       # (B, 1, T, S)
+        return self._blocks(idx, pos, attn_mask, cache)
+
+    def decode(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
+               cache: KVCache) -> torch.Tensor:
+        """``hidden`` for the next tokens ``idx`` (B, T) after the cached ones, when the caller keeps
+        their ``positions`` (B, T) and ``attn_mask`` (B, 1, T, S) up to date itself: boolean, or
+        SDPA's additive bias (0 where a key is seen, -inf where not), which is what SDPA turns a
+        boolean mask into (``generation.generate`` keeps the bias).
+
+        Generation calls it once per new token: ``hidden`` would rebuild both from the whole
+        attention mask every step (a cumsum and comparisons over all S columns) and check the
+        shapes; here they are given, so a step runs the blocks and nothing else. The numbers are
+        ``hidden``'s, bit for bit, for the same positions and mask (``tests/test_generation.py``).
+        """
+        return self._blocks(idx, positions, attn_mask, cache)
+
+    def _blocks(self, idx, pos, attn_mask, cache) -> torch.Tensor:
+        """Embeddings, every block, the final LayerNorm: (B, T) -> (B, T, C)."""
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, attn_mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.shape[1]
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -20,6 +20,8 @@ k3 is GRPO's estimator (DeepSeekMath): $\frac{\pi_{ref}}{\pi_\theta} - \log\frac
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,33 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
     # Exercise token_logps (E1): from here to the end of the function.
     logp = F.log_softmax(upcast(logits) / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)    # (B, T)
+
+
+def inference(fn, *args, **kwargs):
+    r"""``fn(*args, **kwargs)`` under ``torch.inference_mode``, its tensors handed back as normal tensors.
+
+    For a pass no gradient flows through: $\pi_{ref}$'s log-probs, $\pi_{old}$'s, a sampler's.
+    ``inference_mode`` skips the bookkeeping that ``no_grad`` still does for every op (version
+    counters, the metadata of views), with the same kernels, so the same numbers. A tensor made
+    under it cannot be saved for a later backward (an embedding lookup of sampled tokens saves
+    them), so each tensor of the result (alone, in a tuple or list, or a field of a dataclass
+    such as ``generation.Generation``) is cloned out once: a copy of a few (B, T) tensors.
+    """
+    with torch.inference_mode():
+        out = fn(*args, **kwargs)
+    return _normal(out)
+
+
+def _normal(x):
+    """``x`` with every inference tensor in it cloned to a normal one (``inference``)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_normal(v) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _normal(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                         if f.init})
+    return x
 
 
 def model_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -264,6 +293,14 @@ def check_choice(name: str, value, choices) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_groups(B: int, group_size: int) -> None:
+    """B answers split into whole groups of ``group_size`` >= 2 (a group of one has no baseline)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one answer has no baseline), got {group_size}")
+    if B == 0 or B % group_size != 0:
+        raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
 
 
 # ----------------------------------------------------------------------------------------------

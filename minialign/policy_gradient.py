@@ -16,20 +16,21 @@ $\rho_{i,t} = \pi_\theta(y_{i,t}\mid x, y_{i,<t}) / \pi_{old}(y_{i,t}\mid x, y_{
 | GSPO | E12 | clip of the sequence ratio $s_i$ | none | Zheng et al., 2025 |
 | CISPO | E12 | $-\mathrm{sg}(\mathrm{clip}(\rho_{i,t}))\hat A_i\log\pi_\theta$, token mean | none | MiniMax, 2025 |
 
-**The API** (what ``grpo_iteration`` plugs in, one option each):
+**The API** (what ``grpo_iteration`` plugs in where GRPO's own E12 and E13 stand, one option each):
 
 - ``advantages(estimator, rewards, group_size, ...)``: ``estimator`` in ``ADVANTAGE_ESTIMATORS``:
-  ``"grpo"`` (E12), ``"group_mean"`` ($r_i - \bar R$: Dr. GRPO, REINFORCE with the group baseline),
-  ``"none"`` (REINFORCE, $\hat A_i = r_i$), ``"batch_mean"``, ``"rloo"``, ``"reinforce_pp"``. Returns
-  (B,), except ``"reinforce_pp"``: (B, T), one advantage per token (pass ``mask`` and, for its KL,
-  ``old_logps``, ``ref_logps``, ``beta``). The others take rewards that already hold any KL
+  ``"none"`` (REINFORCE, $\hat A_i = r_i$), ``"batch_mean"``, ``"rloo"``, ``"reinforce_pp"``; GRPO's own
+  E12 (and Dr. GRPO's $r_i - \bar R$, REINFORCE with the group baseline) is ``grpo.group_advantages``.
+  Returns (B,), except ``"reinforce_pp"``: (B, T), one advantage per token (pass ``mask`` and, for its
+  KL, ``old_logps``, ``ref_logps``, ``beta``). The others take rewards that already hold any KL
   (``grpo.kl_penalised_rewards(..., estimator="k1")``).
 - ``policy_loss(loss, logps, old_logps, advantages, mask, ...) -> (loss, stats)``: ``loss`` in
-  ``POLICY_LOSSES``: ``"grpo"`` (``grpo.grpo_loss``, the only one with a KL term in the loss),
-  ``"reinforce"``, ``"ppo_clip"`` (``ppo.clipped_surrogate_loss``), ``"dapo"``, ``"gspo"``, ``"cispo"``.
+  ``POLICY_LOSSES``: ``"reinforce"``, ``"ppo_clip"`` (``ppo.clipped_surrogate_loss``), ``"dapo"``,
+  ``"gspo"``, ``"cispo"``; none has a KL term (GRPO's E13, ``grpo.grpo_loss``, is the only one).
   ``eps_low`` / ``eps_high`` / ``aggregation`` left as None take the member's paper default.
 - ``MEMBERS``: member name -> (advantage estimator, loss, where the KL goes): the table above.
-- DAPO's two sampling-side pieces: ``dynamic_sampling`` (which groups carry a signal, how many
+- DAPO's two sampling-side pieces, which act on the batch before any of this, are in
+  ``policy_gradient_sampling.py``: ``dynamic_sampling`` (which groups carry a signal, how many
   questions were drawn to fill the batch) and ``overlong_filter`` / ``overlong_penalty``.
 
 Every function is pure (tensors in, tensors out), float64 stays float64 (the theory lab and
@@ -39,21 +40,19 @@ member (where its expected update converges) are in ``theory_policy_gradient.py`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .grpo import check_groups, group_advantages, grpo_loss
-from .ops import (check_choice, check_finite, check_mask, check_nonempty_rows, check_per_sequence,
+from .ops import (check_choice, check_finite, check_groups, check_mask, check_nonempty_rows, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, masked_mean, masked_sum, masked_sum_over, masked_var,
                   upcast)
 
-ADVANTAGE_ESTIMATORS = ("grpo", "group_mean", "none", "batch_mean", "rloo", "reinforce_pp")
-POLICY_LOSSES = ("grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo")
+# the members' own (GRPO's E12 and E13 are grpo.group_advantages and grpo.grpo_loss)
+ADVANTAGE_ESTIMATORS = ("none", "batch_mean", "rloo", "reinforce_pp")
+POLICY_LOSSES = ("reinforce", "ppo_clip", "dapo", "gspo", "cispo")
 # E13's per-answer mean, DAPO's token mean, Dr. GRPO's constant, and REINFORCE's sum over each answer
 AGGREGATIONS = ("answer_mean", "token_mean", "constant", "sequence_sum")
 
-# member -> (advantage estimator, policy loss, where the KL goes)
+# member -> (advantage estimator, policy loss, where the KL goes); "grpo": grpo.py's own
 MEMBERS = {
     "grpo": ("grpo", "grpo", "loss (k3, E13) or reward"),
     "reinforce": ("none", "reinforce", "reward (k1)"),
@@ -68,7 +67,7 @@ MEMBERS = {
 CLIP_DEFAULTS = {"dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "cispo": (1.0, 0.28)}
 
 
-def _rewards_1d(rewards) -> torch.Tensor:
+def rewards_1d(rewards) -> torch.Tensor:
     """(B,) float rewards (float64 stays), finite."""
     rewards = torch.as_tensor(rewards)
     rewards = rewards if rewards.is_floating_point() else rewards.float()
@@ -154,7 +153,7 @@ def batch_mean_advantages(rewards) -> torch.Tensor:
     not over the question's group; no std. Like the group mean, it includes $r_i$ itself, so in
     expectation it shrinks the gradient by $1 - 1/B$ (``theory_policy_gradient``).
     """
-    r = _rewards_1d(rewards)
+    r = rewards_1d(rewards)
     return r - r.mean()
 
 
@@ -176,9 +175,10 @@ def rloo_advantages(rewards, group_size: int) -> torch.Tensor:
     ($r - \beta\log\frac{\pi_\theta}{\pi_{ref}}$ summed over the answer): pass ``grpo.kl_penalised_rewards(..., estimator="k1")``.
     A group of one answer has no other answer: ``group_size`` must be >= 2.
     """
-    r = _rewards_1d(rewards)
+    r = rewards_1d(rewards)
     check_groups(r.numel(), group_size)
     G = group_size
+    # Exercise rloo_advantages (RLOO): from here to the end of the function.
     groups = r.view(-1, G)                                                   # (Q, G)
     others = (groups.sum(dim=1, keepdim=True) - groups) / (G - 1)            # (Q, G) mean of the other G - 1
     return (groups - others).reshape(-1)                                     # (B,)
@@ -209,7 +209,7 @@ def reinforce_pp_advantages(rewards, mask: torch.Tensor, old_logps: torch.Tensor
     *Where this departs from the paper:* the "global batch" is the batch passed in (under torchrun
     each rank's; gather the ranks' advantages first for the paper's); $\epsilon = 10^{-4}$ as E12's.
     """
-    r = _rewards_1d(rewards)
+    r = rewards_1d(rewards)
     check_token_tensors(mask=mask, old_logps=old_logps, ref_logps=ref_logps)
     check_per_sequence(mask.shape[0], rewards=r)
     check_nonempty_rows(mask)
@@ -236,7 +236,7 @@ def reinforce_pp_advantages(rewards, mask: torch.Tensor, old_logps: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# DAPO (Yu et al., 2025): clip-higher, token mean, dynamic sampling, overlong handling
+# DAPO (Yu et al., 2025): clip-higher, token mean (dynamic sampling, overlong: policy_gradient_sampling.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -288,93 +288,6 @@ def dapo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     return loss, stats
 
 
-def signal_groups(rewards, group_size: int) -> torch.Tensor:
-    """(Q,) bool: True for a group whose G rewards are not all equal (it carries a signal; E12 gives 0 otherwise)."""
-    r = _rewards_1d(rewards)
-    check_groups(r.numel(), group_size)
-    groups = r.view(-1, group_size)
-    return groups.max(dim=1).values > groups.min(dim=1).values
-
-
-@dataclass
-class DynamicSamplingResult:
-    """What ``dynamic_sampling`` kept out of the questions drawn so far."""
-    keep: torch.Tensor        # (B,) bool: the answers of the groups kept for the batch
-    kept: int                 # questions kept (<= the target)
-    drawn: int                # questions drawn until the batch was full (all of them if it is not)
-    full: bool                # kept == target: stop drawing
-    zero_spread: float        # fraction of the drawn questions whose group carried no signal
-
-
-def dynamic_sampling(rewards, group_size: int, questions: int) -> DynamicSamplingResult:
-    r"""DAPO's dynamic sampling: keep the first ``questions`` groups that carry a signal.
-
-    Yu et al. (2025), eq. (11): sample until the batch holds ``questions`` groups with
-    $0 < |\{i: y_i \text{ correct}\}| < G$; here, for any reward, groups whose rewards are not all equal
-    (``signal_groups``). ``rewards`` (B,) are the rewards of every group drawn so far, in draw order;
-    the caller draws more while ``full`` is False. ``drawn`` counts the questions up to the one that
-    filled the batch: the cost of the filter (in expectation $1/P(\text{signal})$ per kept question,
-    ``theory_policy_gradient``).
-
-    *Differs from its parent* (GRPO): GRPO keeps zero-spread groups, whose advantage is 0: they add
-    no gradient but dilute every mean over the batch. *Where this departs from the paper:* the
-    filter is "not all equal", which is the paper's for 0/1 rewards.
-    """
-    if questions < 1:
-        raise ValueError(f"questions must be >= 1, got {questions}")
-    signal = signal_groups(rewards, group_size)                             # (Q,)
-    kept_so_far = signal.long().cumsum(0)                                   # (Q,)
-    full = bool(kept_so_far[-1] >= questions)
-    drawn = int((kept_so_far < questions).sum()) + 1 if full else signal.numel()
-    keep_groups = signal & (kept_so_far <= questions)
-    keep_groups[drawn:] = False
-    return DynamicSamplingResult(keep=keep_groups.repeat_interleave(group_size), kept=int(keep_groups.sum()),
-                                 drawn=drawn, full=full, zero_spread=1 - signal[:drawn].float().mean().item())
-
-
-def overlong_filter(mask: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-    r"""DAPO's overlong filtering: the mask with every truncated answer (no EOS: ``finished`` False) removed.
-
-    A truncated answer's reward says nothing about its reasoning, only that it ran out of room
-    (Yu et al., 2025, section 3.4): it is left out of the loss (use with ``dapo_loss``, whose token mean
-    accepts empty rows) but still counts in its group's advantages.
-    """
-    check_token_tensors(mask=mask)
-    check_mask(mask)
-    finished = torch.as_tensor(finished, device=mask.device)
-    check_per_sequence(mask.shape[0], finished=finished)
-    return mask * finished.bool()[:, None].to(mask.dtype)
-
-
-def overlong_penalty(lengths, max_len: int, cache_len: int, finished=None) -> torch.Tensor:
-    r"""DAPO's soft overlong punishment, added to the reward, (B,):
-
-    $$R_{length}(y) = \begin{cases} 0 & |y| \le L_{max} - L_{cache} \\
-    \frac{(L_{max} - L_{cache}) - |y|}{L_{cache}} & L_{max} - L_{cache} < |y| \le L_{max} \\
-    -1 & L_{max} < |y| \end{cases}$$
-
-    Yu et al. (2025), eq. (13), with $L_{max}$ = ``max_len`` and $L_{cache}$ = ``cache_len`` (paper: 20480 and
-    4096). *Where this departs from the paper:* generation stops at $L_{max}$ here, so $|y| > L_{max}$
-    cannot be seen; a truncated answer (``finished`` False) counts as that case (-1).
-    """
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.numel() == 0:
-        raise ValueError(f"lengths must be a non-empty (B,) tensor, got shape {tuple(lengths.shape)}")
-    if not 0 < cache_len <= max_len:
-        raise ValueError(f"cache_len must be in (0, max_len = {max_len}], got {cache_len}")
-    if (lengths < 0).any() or (lengths > max_len).any():
-        raise ValueError(f"lengths must be in [0, max_len = {max_len}], got {lengths.min().item()}..{lengths.max().item()}")
-    dtype = lengths.dtype if lengths.is_floating_point() else torch.float32
-    y = lengths.to(dtype)
-    soft_start = max_len - cache_len                                        # L_max - L_cache
-    penalty = torch.where(y <= soft_start, torch.zeros_like(y), (soft_start - y) / cache_len)
-    if finished is not None:
-        finished = torch.as_tensor(finished, device=y.device)
-        check_per_sequence(y.shape[0], finished=finished)
-        penalty = torch.where(finished.bool(), penalty, torch.full_like(y, -1.0))  # |y| > L_max
-    return penalty
-
-
 # ----------------------------------------------------------------------------------------------
 # GSPO (Zheng et al., 2025): one ratio per sequence
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +301,7 @@ def gspo_sequence_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torc
     """
     check_token_tensors(logps=logps, old_logps=old_logps, mask=mask)
     check_nonempty_rows(mask)
+    # Exercise gspo_sequence_ratio (GSPO): from here to the end of the function.
     dtype = upcast(logps).dtype
     log_ratio = logps.to(dtype) - old_logps.to(dtype).detach()              # (B, T)
     return torch.exp(masked_mean(log_ratio, mask, dim=1))                  # (B,)
@@ -446,12 +360,14 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
     check_token_tensors(logps=logps, old_logps=old_logps, mask=mask)
     check_per_sequence(logps.shape[0], advantages=advantages)
     check_clip_range(eps_low, eps_high, low_may_be_one=True)
+    # Exercise cispo_loss (CISPO): from here to "End of exercise cispo_loss".
     dtype = upcast(logps).dtype
     logps = logps.to(dtype)
     ratio = torch.exp(logps - old_logps.to(dtype).detach())                # (B, T)
     weight = torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach()        # sg(clip(rho))
     A = _token_advantages(advantages, logps)                                # (B, T)
     loss = aggregate(-weight * A * logps, mask, "token_mean")
+    # End of exercise cispo_loss.
     with torch.no_grad():
         stats = {"loss": loss.item(), "ratio": masked_mean(ratio, mask).item(),
                  "clip_frac": masked_mean((weight != ratio).float(), mask).item()}
@@ -468,20 +384,16 @@ def advantages(estimator: str, rewards, group_size: int, *, eps: float = 1e-4, m
                beta: float = 0.0) -> torch.Tensor:
     """The advantage of each answer by ``estimator`` (``ADVANTAGE_ESTIMATORS``): (B,), or (B, T) for reinforce_pp.
 
-    ``eps`` is E12's (grpo) or the whitening's (reinforce_pp); ``mask``, ``old_logps``, ``ref_logps``
-    and ``beta`` are reinforce_pp's (its KL is in its per-token reward); the others take rewards that
-    already hold any KL. ``group_size`` checks the grouping (reinforce_pp and batch_mean ignore it).
+    ``eps`` is the whitening's (reinforce_pp); ``mask``, ``old_logps``, ``ref_logps`` and ``beta`` are
+    reinforce_pp's (its KL is in its per-token reward); the others take rewards that already hold any
+    KL. ``group_size`` checks the grouping (reinforce_pp and batch_mean ignore it).
     """
     check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
     if estimator != "reinforce_pp" and (beta != 0 or old_logps is not None or ref_logps is not None):
         raise ValueError(f"estimator {estimator!r} takes rewards that already hold the KL "
                          "(grpo.kl_penalised_rewards); beta, old_logps and ref_logps are reinforce_pp's")
-    if estimator == "grpo":
-        return group_advantages(rewards, group_size, eps, scale_by_std=True)    # E11-E12
-    if estimator == "group_mean":
-        return group_advantages(rewards, group_size, eps, scale_by_std=False)   # r - mean (Dr. GRPO)
     if estimator == "none":
-        return _rewards_1d(rewards).clone()                                      # REINFORCE: A = r
+        return rewards_1d(rewards).clone()                                       # REINFORCE: A = r
     if estimator == "batch_mean":
         return batch_mean_advantages(rewards)
     if estimator == "rloo":
@@ -491,36 +403,36 @@ def advantages(estimator: str, rewards, group_size: int, *, eps: float = 1e-4, m
     return reinforce_pp_advantages(rewards, mask, old_logps, ref_logps, beta, eps)
 
 
+def effective_aggregation(loss: str, aggregation: str | None = None) -> str:
+    """What ``loss`` averages over: dapo, cispo and ppo_clip fix the token mean, gspo the mean over answers."""
+    fixed = {"dapo": "token_mean", "cispo": "token_mean", "ppo_clip": "token_mean", "gspo": "answer_mean"}
+    return fixed.get(loss) or aggregation or "sequence_sum"
+
+
 def policy_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, *, ref_logps: torch.Tensor | None = None, beta: float = 0.0,
-                kl_in: str = "loss", clip_eps: float = 0.2, eps_low: float | None = None,
+                mask: torch.Tensor, *, clip_eps: float = 0.2, eps_low: float | None = None,
                 eps_high: float | None = None, aggregation: str | None = None,
                 max_len: int | None = None) -> tuple[torch.Tensor, dict]:
     """The policy loss ``loss`` (``POLICY_LOSSES``) and its stats.
 
-    ``grpo`` takes E13's settings (``ref_logps``, ``beta``, ``kl_in``, ``clip_eps``, ``aggregation``,
-    ``max_len``); ``ppo_clip`` takes ``clip_eps``; ``reinforce`` takes ``aggregation`` (default
-    sequence_sum) and ``max_len``; ``dapo``, ``gspo``, ``cispo`` take ``eps_low`` / ``eps_high``
-    (None: the paper's, ``CLIP_DEFAULTS``) and fix their own aggregation. Only grpo puts a KL term in
-    the loss; a setting a member does not read is refused rather than silently ignored.
+    ``ppo_clip`` takes ``clip_eps``; ``reinforce`` takes ``aggregation`` (default sequence_sum) and
+    ``max_len``; ``dapo``, ``gspo``, ``cispo`` take ``eps_low`` / ``eps_high`` (None: the paper's,
+    ``CLIP_DEFAULTS``) and fix their own aggregation. None has a KL term (put it in the reward,
+    ``grpo.kl_penalised_rewards``); a setting a member does not read is refused rather than ignored.
     """
     check_choice("loss", loss, POLICY_LOSSES)
-    if loss != "grpo" and (beta != 0 or ref_logps is not None):
-        raise ValueError(f"loss {loss!r} has no KL term: put the KL in the reward (grpo.kl_penalised_rewards) or use 'grpo'")
     if loss not in CLIP_DEFAULTS and (eps_low is not None or eps_high is not None):
         raise ValueError(f"eps_low / eps_high are dapo's, gspo's and cispo's; loss {loss!r} uses clip_eps")
     if loss in CLIP_DEFAULTS and aggregation is not None:
         raise ValueError(f"loss {loss!r} fixes its own aggregation; got aggregation={aggregation!r}")
-    if loss == "grpo":
-        return grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
-                         aggregation or "answer_mean", max_len=max_len)
     if loss == "reinforce":
         return reinforce_loss(logps, advantages, mask, aggregation or "sequence_sum", max_len)
     if loss == "ppo_clip":
         from .ppo import clipped_surrogate_loss
         if aggregation not in (None, "token_mean"):
             raise ValueError(f"ppo_clip is E5's token mean; got aggregation={aggregation!r}")
-        return clipped_surrogate_loss(logps, old_logps, _token_advantages(advantages, logps), mask, clip_eps)
+        value, stats = clipped_surrogate_loss(logps, old_logps, _token_advantages(advantages, logps), mask, clip_eps)
+        return value, {"loss": value.item(), **stats}
     low, high = CLIP_DEFAULTS[loss]
     low, high = low if eps_low is None else eps_low, high if eps_high is None else eps_high
     fn = {"dapo": dapo_loss, "gspo": gspo_loss, "cispo": cispo_loss}[loss]

@@ -18,9 +18,9 @@ one name this file adds. Each member changes one thing:
 | ``kto`` | the pairing: single responses marked desirable or undesirable, against a reference point | yes | ``kto_loss`` |
 | ``orpo`` | the stage: SFT's loss plus an odds-ratio term, from the base model, no reference | **no** | ``orpo_loss`` |
 
-``REFERENCE_FREE`` names the members that need no reference model (phase 2 skips loading it).
+``REFERENCE_FREE`` names the members that need no reference model (``minialign dpo`` loads none for them).
 
-**The dispatcher** (what ``minialign dpo --loss NAME`` will call)::
+**The dispatcher** (what ``minialign dpo --loss NAME`` calls, through ``dpo.dpo_step``'s ``loss_fn``)::
 
     result = preference_loss(hp, policy_chosen_logps, policy_rejected_logps,
                              ref_chosen_logps=None, ref_rejected_logps=None,
@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ from .dpo import dpo_loss
 from .ops import check_choice, check_finite, check_in_range, check_nonnegative, check_positive, check_sequence_logps, upcast
 
 LOSSES = ("sigmoid", "robust", "ipo", "simpo", "kto", "orpo")
-REFERENCE_FREE = frozenset({"simpo", "orpo"})   # no pi_ref: phase 2 need not load a reference model
+REFERENCE_FREE = frozenset({"simpo", "orpo"})   # no pi_ref: minialign dpo loads no reference model
 NEEDS_LENGTHS = frozenset({"simpo", "orpo"})     # and "ipo" with ipo_normalise="mean"
 
 
@@ -401,15 +401,15 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 
 @dataclass
 class PreferenceHyperparams:
-    """Which member, and its settings (each becomes a ``minialign dpo`` flag in phase 2)."""
-    loss: str = "sigmoid"             # one of LOSSES
+    """Which member, and its settings (each is a ``minialign dpo`` flag: ``stages.dpo.DPOConfig``)."""
+    loss: Literal["sigmoid", "robust", "ipo", "simpo", "kto", "orpo"] = "sigmoid"  # which member: DPO (sigmoid) or a relative (see above)
     beta: float = 0.1                 # E2's KL strength (DPO, cDPO, rDPO, IPO's tau, KTO); SimPO's reward scale
-    label_smoothing: float = 0.0      # epsilon: cDPO ("sigmoid") and rDPO ("robust")
-    ipo_normalise: str = "sum"        # IPO's h from summed ("sum", the paper) or per-token mean ("mean", TRL) log-probs
+    label_smoothing: float = 0.0      # epsilon, the labels' flip rate, in [0, 0.5): cDPO (loss sigmoid) and rDPO (robust)
+    ipo_normalise: Literal["sum", "mean"] = "sum"  # IPO's h from summed log-probs (sum, the paper) or per-token means (mean, TRL)
     simpo_gamma: float = 0.5          # SimPO's target margin gamma
-    desirable_weight: float = 1.0     # KTO's lambda_D
-    undesirable_weight: float = 1.0   # KTO's lambda_U
-    orpo_lambda: float = 0.1          # ORPO's lambda, the odds-ratio term's weight
+    desirable_weight: float = 1.0     # KTO's lambda_D, the weight of desirable (chosen) responses
+    undesirable_weight: float = 1.0   # KTO's lambda_U, the weight of undesirable (rejected) responses
+    orpo_lambda: float = 0.1          # ORPO's lambda, the odds-ratio term's weight beside SFT's loss
 
     def validate(self) -> None:
         check_choice("loss", self.loss, LOSSES)

@@ -43,23 +43,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, files
-from .data import InfiniteMinibatches, collate
-from .datafiles import preference_data
-from .loading import load_model, save_reward_model
+from .data import collate
 from .model import GPT, GPTConfig, load_checkpoint
 from .ops import align_responses, check_mask, response_hidden, upcast
-from .tokenizer import Tokenizer
-from .toyworld import ToyWorld, WorldConfig
-from .train import (Run, TrainConfig, accumulated_step, autocast, check_range, checkpoint_tokenizer, input_path,
-                    make_optimizer, plot_scatter, require, resolve_device, running_mean, seed_everything, stage)
+from .runtime import distributed, files
+from .runtime.config import Config, check_range
+from .runtime.devices import autocast
+from .tokenizer import Tokenizer, checkpoint_tokenizer
+
+
+@dataclass
+class RewardModelHyperparams(Config):
+    """What E4 and one step need (``minialign reward-model`` adds the run's settings to these)."""
+    center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
+    share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "center_rewards_coefficient", 0)
+
 
 # ----------------------------------------------------------------------------------------------
 # The pure functions: E3 and E4
@@ -299,227 +307,49 @@ def reward_function(model: RewardModel, tokenizer: Tokenizer, missing_eos_score:
     return reward
 
 
-def pearson(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# one step: E4 (and the centring term) on a batch of pairs, one optimizer update
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class RewardModelConfig(TrainConfig):
-    """Train a Bradley-Terry reward model r_phi (E3, E4) on the toy world's preference pairs.
-
-    Reads OUT/sft/model.pt (or --init, or a --model folder), whose trunk it starts from, and your
-    pairs with --data. Writes OUT/reward_model/: model.pt (the reward model; a model/ folder after
-    --model), metrics.jsonl, loss.png, accuracy.png, pearson.png, scatter.png, summary.json,
-    status.json."""
-    init: str = ""                # SFT checkpoint the trunk starts from; default: out/sft/model.pt
-    steps: int = 1000
-    batch_size: int = 32          # preference pairs per step (2 x batch_size sequences)
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    num_pairs: int = 20_000       # training pairs, labelled by sampling E3 with the hidden r*
-    eval_pairs: int = 2_000       # fresh held-out pairs
-    eval_every: int = 250
-    center_rewards_coefficient: float = 0.01  # TRL's term c * E[(r_w + r_l)^2]; 0 = pure E4
-    share_prompt: bool = True     # run x once for y_w and y_l (exact; ops.prefill)
-
-    INPUTS = {"init": "sft"}
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("eval_pairs", "eval_every"):
-            check_range(self, name, 1)
-        check_range(self, "center_rewards_coefficient", 0)
-        require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
-                f">= --batch-size ({self.batch_size})")
+class RewardModelStepResult:
+    """What one ``reward_model_step`` did: the rewards of this rank's pairs before the update, E4
+    over the whole batch, and the batch's metrics on this rank (``distributed.mean_over_ranks``
+    averages them over the ranks)."""
+    r_w: torch.Tensor               # (B,) r_phi(x, y_w) of this rank's pairs
+    r_l: torch.Tensor               # (B,) r_phi(x, y_l)
+    loss: float                     # E4 over the global batch (the centring term left out)
+    grad_norm: float                # before clipping
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def heldout_metrics(model: RewardModel, encoded, pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """E4 loss, accuracy and margin on encoded pairs [(x, y_w, y_l)]: what real data can measure.
-    Also returns r_w and r_l, (N,) each."""
-    x, y_w, y_l = zip(*encoded)
-    r_w, r_l = score(model, list(x), list(y_w), pad_id), score(model, list(x), list(y_l), pad_id)  # (N,), (N,)
-    return {"heldout_loss": reward_model_loss(r_w, r_l).item(),
-            "heldout_accuracy": (r_w > r_l).float().mean().item(),
-            "heldout_margin": (r_w - r_l).mean().item()}, r_w, r_l
+def reward_model_step(model: RewardModel, pairs, hp: RewardModelHyperparams, update, pad_id: int,
+                      dtype: str = "float32") -> RewardModelStepResult:
+    r"""One optimizer step on E4 $+$ ``center_rewards_coefficient`` $\cdot\,\mathbb{E}[(r_w + r_l)^2]$
+    over ``pairs``, the global batch of encoded pairs [(x, y_w, y_l)] (``encode_pairs``).
 
-
-@torch.no_grad()
-def evaluate(model: RewardModel, world: ToyWorld, tokenizer: Tokenizer, pairs: list[dict],
-             encoded=None) -> dict:
-    r"""Held-out metrics: E4 loss, accuracy, margin, and agreement of $r_\phi$ with the hidden $r^*$.
-
-    - ``accuracy``: fraction of pairs where $r_\phi(x, y_w) > r_\phi(x, y_l)$ (the labels are noisy);
-    - ``bayes_optimal_accuracy``: the best any model can do on these labels, $\mathbb{E}[\sigma(|r^*_w - r^*_l|)]$;
-    - ``true_reward_loss``: E4 with $r^*$ itself, the floor of the loss in expectation;
-    - ``pearson``: correlation of $r_\phi$ and $r^*$ over the distinct held-out (prompt, response)s;
-      ``pearson_within_prompt`` first removes each prompt's mean (the $c(x)$ E3 cannot see).
+    This rank takes its share of the pairs (``distributed.local_share``; all of them in one
+    process). ``update(rows, loss_of) -> Update`` (``runtime.optim.gradient_update``) makes the
+    optimizer step from ``loss_of(micro) -> (mean loss, units, total units, stats)`` over
+    ``rows``; it hides the optimizer, the schedule, ``--grad-accum`` and DDP. ``dtype`` is the
+    autocast dtype ("float32": none).
     """
-    encoded = encoded if encoded is not None else encode_pairs(pairs, tokenizer)
-    measured, r_w, r_l = heldout_metrics(model, encoded, tokenizer.pad_id)
-    true_w = torch.tensor([world.true_reward(p["prompt"], p["chosen"]) for p in pairs])
-    true_l = torch.tensor([world.true_reward(p["prompt"], p["rejected"]) for p in pairs])
+    device = next(model.parameters()).device
 
-    # the distinct responses of these pairs, with their learned and true rewards
-    seen: dict[tuple[str, str], tuple[float, float]] = {}
-    for p, rw, rl, tw, tl in zip(pairs, r_w.tolist(), r_l.tolist(), true_w.tolist(), true_l.tolist()):
-        seen[(p["prompt"], p["chosen"])] = (rw, tw)
-        seen[(p["prompt"], p["rejected"])] = (rl, tl)
-    keys = list(seen)
-    learned = np.array([seen[k][0] for k in keys])
-    true = np.array([seen[k][1] for k in keys])
-    prompts = np.array([k[0] for k in keys])
-    centred_learned, centred_true = learned.copy(), true.copy()
-    for prompt in set(prompts.tolist()):
-        m = prompts == prompt
-        centred_learned[m] -= learned[m].mean()
-        centred_true[m] -= true[m].mean()
-
-    true_gap = true_w - true_l
-    decided = true_gap != 0  # pairs where r* prefers one answer
-    return {
-        **measured,
-        "bayes_optimal_accuracy": world.bayes_optimal_accuracy(pairs),
-        "true_reward_loss": reward_model_loss(true_w, true_l).item(),
-        "true_order_accuracy": ((r_w - r_l).sign() == true_gap.sign())[decided].float().mean().item(),
-        "pearson": pearson(learned, true),
-        "pearson_within_prompt": pearson(centred_learned, centred_true),
-        "responses": (learned.tolist(), true.tolist()),
-    }
-
-
-@stage("reward_model")
-def main(config: RewardModelConfig) -> dict:
-    """Train r_phi from the SFT checkpoint on preference pairs; save ``out/reward_model/model.pt``.
-
-    ``--model`` takes the trunk from a Hugging Face folder; ``--data`` trains on your pairs
-    (``{"prompt", "chosen", "rejected"}``), and then the held-out metrics are those of
-    ``--eval-data`` without r*: E4 loss, accuracy and margin.
-    """
-    generator = seed_everything(config.seed)  # pair order
-    device = resolve_device(config.device)
-    world = ToyWorld(WorldConfig(seed=config.world_seed))
-    policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
-    model = RewardModel.from_policy(policy)
-    del policy
-    block = model.config.block_size
-
-    reports, held_out = {}, None
-    if config.data:  # refused here, before the run folder exists, if a row is bad
-        data, reports["data"] = preference_data(config.data, tok, block, config.max_length, truncate=False)
-        train_pairs = list(zip(data["prompt"], data["chosen"], data["rejected"]))
-        held_out_encoded = None
-        if config.eval_data:
-            data, reports["eval_data"] = preference_data(config.eval_data, tok, block, config.max_length,
-                                                         truncate=False)
-            held_out_encoded = list(zip(data["prompt"], data["chosen"], data["rejected"]))
-        for r in reports.values():
-            distributed.print_main(r.describe())
-    run = Run(config, "reward_model")
-    if not config.data:
-        train_pairs = encode_pairs(world.preference_dataset(config.num_pairs, seed=config.seed), tok)
-        held_out = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
-        held_out_encoded = encode_pairs(held_out, tok)
-
-    last_eval: dict = {}
-
-    def held_out_metrics() -> dict:
-        last_eval.clear()
-        if held_out is not None:  # the toy world: r* too
-            last_eval.update(evaluate(model, world, tok, held_out, held_out_encoded))
-        elif held_out_encoded is not None:
-            last_eval.update(heldout_metrics(model, held_out_encoded, tok.pad_id)[0])
-        return {k: v for k, v in last_eval.items() if k != "responses"}
-
-    before = held_out_metrics()  # the SFT trunk and a random head: about chance
-    optimizer = make_optimizer(model, config)
-    parallel = distributed.wrap(model, find_unused_parameters=True)  # DDP under torchrun; the LM head is unused
-    distributed.check_divisible(config.batch_size, config.grad_accum)
-    batches = InfiniteMinibatches(len(train_pairs), config.batch_size, generator)
-
-    def loss_of(rows: list[int]):
-        with autocast(device, config.dtype):
-            r_w, r_l = pair_rewards(model, [train_pairs[i] for i in rows], tok.pad_id, device,
-                                    config.share_prompt)  # (B,), (B,)
+    def loss_of(micro: list[int]):  # one micro-batch: positions in ``pairs``
+        with autocast(device, dtype):
+            r_w, r_l = pair_rewards(model, [pairs[i] for i in micro], pad_id, device, hp.share_prompt)  # (b,), (b,)
         bt_loss = reward_model_loss(r_w, r_l)  # E4
         loss = bt_loss
-        if config.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
-            loss = loss + config.center_rewards_coefficient * centring_penalty(r_w, r_l)
-        return loss, len(rows), config.batch_size, (r_w.detach(), r_l.detach(), bt_loss.detach(), len(rows))
+        if hp.center_rewards_coefficient > 0:  # pins the level E3 cannot see; no E3 probability changes
+            loss = loss + hp.center_rewards_coefficient * centring_penalty(r_w, r_l)
+        return loss, len(micro), len(pairs), (r_w.detach(), r_l.detach(), bt_loss.detach(), len(micro))
 
-    model.train()
-    bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,
-                   last_eval=last_eval)
-    for step in bar:
-        micro = distributed.split(distributed.local_share(next(batches).tolist()), config.grad_accum)
-        grad_norm, parts = accumulated_step(model, parallel, optimizer, micro, loss_of, step, config)
-        r_w, r_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        bt_loss = distributed.global_mean([(p[2], p[3]) for p in parts], config.batch_size)
-        last = step == config.steps - 1
-        evaluate_now = step % config.eval_every == 0 or last
-        if step % config.log_every == 0 or evaluate_now:
-            with torch.no_grad():
-                metrics = distributed.mean_over_ranks({
-                    "loss": bt_loss, "accuracy": (r_w > r_l).float().mean().item(),
-                    "margin": (r_w - r_l).mean().item(), "rewards/chosen": r_w.mean().item(),
-                    "rewards/rejected": r_l.mean().item()})
-                metrics.update(loss=bt_loss, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
-            if step == 0 and not last:  # the step-0 metrics are of the model before its first update, like `before`
-                metrics.update(before)
-            elif evaluate_now:
-                metrics.update(held_out_metrics())
-                model.train()
-            run.log(step, **metrics)
-            bar.set_postfix(loss=f"{bt_loss:.3f}", acc=f"{metrics['accuracy']:.2f}")
-
-    model.eval()
-    save_reward_model(model, tok, run.dir)
-    final = dict(last_eval)  # the evaluation after the last update
-    if held_out is None:  # your own data: what can be measured without r*
-        run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
-                 ylabel="loss, nats per pair", xlabel="optimizer step",
-                 caption="ln 2 = 0.693 is chance; your labels' noise sets how far below it the held-out loss can go.")
-        run.plot({"accuracy": "training batch", "heldout_accuracy": "held-out pairs"}, "accuracy.png",
-                 "preference accuracy: r_phi(chosen) > r_phi(rejected)", ylabel="fraction of pairs",
-                 xlabel="optimizer step", caption="Held-out pairs are the honest measure; training batches are "
-                 "the pairs being fit.")
-        summary = {**final, "heldout_accuracy_before": before.get("heldout_accuracy"),
-                   "loss": run.rows[-1]["loss"], "seconds": run.rows[-1]["time"],
-                   **{k: r.as_dict() for k, r in reports.items()}}
-        run.finish(summary)
-        return summary
-    learned, true = final.pop("responses")
-    bayes = final["bayes_optimal_accuracy"]
-    run.plot({"loss": "training batch", "heldout_loss": "held-out pairs"}, "loss.png", "reward-model loss (E4)",
-             hlines={f"E4 of the true r* on the held-out pairs ({final['true_reward_loss']:.3f})":
-                     final["true_reward_loss"]}, ylabel="loss, nats per pair", xlabel="optimizer step",
-             caption="The held-out loss falls towards that of the hidden reward itself: the labels' own noise.")
-    steps, batch_accuracy = run.series("accuracy")
-    window = max(1, 100 // config.log_every)
-    run.plot_panels("accuracy.png", [{
-        "title": "preference accuracy: r_phi(chosen) > r_phi(rejected)", "xlabel": "optimizer step",
-        "ylabel": "fraction of pairs", "metrics": {"heldout_accuracy": f"held-out pairs ({config.eval_pairs})"},
-        "curves": [(steps, running_mean(batch_accuracy, window),
-                    f"training batches of {config.batch_size} pairs, mean of the last {window} logged", "-")],
-        "hlines": [(bayes, f"Bayes-optimal accuracy of the labels, {bayes:.3f}")]}],
-        caption="Held-out accuracy rises towards the ceiling no model can pass on these noisy labels; "
-                "training pairs are the ones being fit, so their accuracy can pass it.")
-    run.plot({"pearson": "held-out responses"}, "pearson.png", "Pearson(r_phi, r*): did it learn the hidden reward?",
-             ylabel="correlation", xlabel="optimizer step",
-             caption="1 would be the hidden reward up to scale and shift; the labels never show r* itself.")
-    plot_scatter(run.dir / "scatter.png", true, learned, "hidden reward r*(x, y)", "learned reward r_phi(x, y)",
-                 f"{len(true)} held-out responses: Pearson {final['pearson']:.3f}", jitter=0.06,
-                 caption="Each point is a review; r* takes few values, so they are spread a little sideways.")
-    summary = {**final, "accuracy_vs_bayes": final["heldout_accuracy"] / bayes,
-               "heldout_accuracy_before": before["heldout_accuracy"], "pearson_before": before["pearson"],
-               "num_heldout_responses": len(true), "seconds": run.rows[-1]["time"]}
-    run.finish(summary)
-    return summary
+    done = update(distributed.local_share(list(range(len(pairs)))), loss_of)
+    r_w, r_l = torch.cat([e[0] for e in done.extras]), torch.cat([e[1] for e in done.extras])  # (B,), (B,)
+    loss = distributed.global_mean([(e[2], e[3]) for e in done.extras], len(pairs))
+    with torch.no_grad():
+        metrics = {"accuracy": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item(),
+                   "rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item()}
+    return RewardModelStepResult(r_w, r_l, loss, done.grad_norm, metrics)

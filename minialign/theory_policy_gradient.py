@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import policy_gradient as PG
-from .grpo import group_advantages
+from .policy_gradient_sampling import signal_groups
+from .grpo import group_advantages, grpo_loss
 from .ops import check_choice, kl_k3
 from .theory import (DTYPE, FLOOR, GroupEnumeration, Problem, expected_reward, forward_kl_optimum, graded_problem,
                      kl, objective, pi_star, run_to_convergence, tv, verifiable_problem)
@@ -60,8 +61,8 @@ from .theory import (DTYPE, FLOOR, GroupEnumeration, Problem, expected_reward, f
 # advantage estimator -> f(rewards (M*G,), G) for the rows of an enumeration, one group (or one batch) per row
 ADVANTAGE_FNS = {
     "none": lambda r, G: PG.advantages("none", r, G),
-    "group_mean": lambda r, G: PG.advantages("group_mean", r, G),
-    "grpo": lambda r, G: PG.advantages("grpo", r, G),
+    "group_mean": lambda r, G: group_advantages(r, G, scale_by_std=False),
+    "grpo": lambda r, G: group_advantages(r, G),
     "rloo": lambda r, G: PG.advantages("rloo", r, G),
     # one prompt: a batch of N answers is a group of N (tests/test_policy_gradient.py checks both identities)
     "batch_mean": lambda r, N: group_advantages(r, N, scale_by_std=False),
@@ -74,7 +75,7 @@ class Member:
     """One member of the family as the lab runs it."""
     name: str
     advantage: str                  # ADVANTAGE_FNS key
-    loss: str                       # policy_gradient.POLICY_LOSSES
+    loss: str                       # "grpo" (E13) or policy_gradient.POLICY_LOSSES
     size: int = 4                   # G (or N, the batch, for batch_mean / reinforce_pp)
     kl: str = "reward_k1"           # reward_k1 (E2's KL in the reward) | loss_k3 (E13's) | none
     dynamic: bool = False           # DAPO's dynamic sampling
@@ -87,7 +88,7 @@ def advantage_mass(estimator: str, rewards: torch.Tensor, logp: torch.Tensor, gr
     r"""$w^\pm(y) = \pi(y)\,\mathbb{E}[\hat A_i^\pm\mid y_i = y]$ over all groups of $G$ samples of $\pi$ = exp(``logp``), (K,) each.
 
     $\sum_g P(g)\sum_i \hat A^\pm_{g,i}[y_{g,i} = y] = G\,w^\pm(y)$. ``dynamic``: only groups that carry a signal
-    (``policy_gradient.signal_groups``), their probabilities renormalised (DAPO's dynamic sampling);
+    (``policy_gradient_sampling.signal_groups``), their probabilities renormalised (DAPO's dynamic sampling);
     where no group carries one (a fixed point) the mass is 0.
     """
     check_choice("estimator", estimator, ADVANTAGE_FNS)
@@ -95,7 +96,7 @@ def advantage_mass(estimator: str, rewards: torch.Tensor, logp: torch.Tensor, gr
     r = rewards.detach()[groups.members]                                      # (M, G)
     A = ADVANTAGE_FNS[estimator](r.reshape(-1), groups.G).view(r.shape)       # (M, G)
     if dynamic:
-        P = P * PG.signal_groups(r.reshape(-1), groups.G).to(DTYPE)
+        P = P * signal_groups(r.reshape(-1), groups.G).to(DTYPE)
         P = P / P.sum() if P.sum() > 0 else P
     index = groups.members.reshape(-1)
     plus = torch.zeros(groups.K, dtype=DTYPE).index_add_(0, index, (P[:, None] * A.clamp_min(0)).reshape(-1))
@@ -114,8 +115,8 @@ def expected_member_loss(theta: torch.Tensor, problem: Problem, member: Member, 
                          old_theta: torch.Tensor | None = None) -> torch.Tensor:
     r"""The member's loss in expectation over every group of $\pi_{old}$ = softmax(``old_theta``) (default: theta, detached).
 
-    One call of ``policy_gradient.policy_loss`` on 2K one-token rows: response $y$ with advantage $2K w^+(y)$
-    and again with $-2K w^-(y)$ (``advantage_mass``); with ``kl="loss_k3"`` E13's $\beta\,\mathbb{E}_{\pi_{old}}[k_3]$ is added.
+    One call of the member's loss (``grpo.grpo_loss`` or ``policy_gradient.policy_loss``) on 2K one-token
+    rows: response $y$ with advantage $2K w^+(y)$ and again with $-2K w^-(y)$ (``advantage_mass``); with ``kl="loss_k3"`` E13's $\beta\,\mathbb{E}_{\pi_{old}}[k_3]$ is added.
     """
     logp = torch.log_softmax(theta, 0)                                        # (K,)
     old_logp = torch.log_softmax((theta if old_theta is None else old_theta).detach(), 0)
@@ -125,7 +126,11 @@ def expected_member_loss(theta: torch.Tensor, problem: Problem, member: Member, 
     rows = torch.cat([logp, logp])[:, None]                                   # (2K, 1)
     old_rows = torch.cat([old_logp, old_logp])[:, None]
     A = 2 * K * torch.cat([w_plus, -w_minus])                                 # (2K,) the row means undo the 2K
-    loss, _ = PG.policy_loss(member.loss, rows, old_rows, A, torch.ones(2 * K, 1, dtype=DTYPE), **member.loss_options)
+    ones = torch.ones(2 * K, 1, dtype=DTYPE)
+    if member.loss == "grpo":  # E13's surrogate; its KL term is added below
+        loss, _ = grpo_loss(rows, old_rows, None, A, ones, beta=0.0, **member.loss_options)
+    else:
+        loss, _ = PG.policy_loss(member.loss, rows, old_rows, A, ones, **member.loss_options)
     if member.kl == "loss_k3":  # E13's KL term, pathwise, weighted by pi_old
         loss = loss + problem.beta * (old_logp.exp() * kl_k3(logp, torch.log(problem.ref_probs))).sum()
     return loss

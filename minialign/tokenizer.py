@@ -103,3 +103,18 @@ class Tokenizer:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.itos == other.itos
+
+
+def checkpoint_tokenizer(ckpt: dict, path, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer saved in a checkpoint ``ckpt`` (read from ``path``), checked against ``tokenizer`` (if
+    given) and the model's ``vocab_size``: a policy's or a reward model's ``model.pt``."""
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{path} has no tokenizer state; save it with minialign.runtime.loading.save_policy")
+    saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    if tokenizer is not None and saved_tok != tokenizer:
+        raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
+                         f"than the one given ({tokenizer.vocab_size} tokens)")
+    if ckpt["config"]["vocab_size"] != saved_tok.vocab_size:
+        raise ValueError(f"{path}: model vocab_size {ckpt['config']['vocab_size']} != tokenizer's "
+                         f"{saved_tok.vocab_size}")
+    return saved_tok

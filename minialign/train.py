@@ -32,5 +32,6 @@ from .runtime.optim import (Update, _clip_and_step, accumulated_step, gradient_u
                             make_optimizer, optimizer_step)
 from .runtime.plots import _save, plot_metric_panels, plot_metrics, plot_panels, plot_scatter, running_mean, standardise  # noqa: F401,E501
 from .runtime.run import _RUNS, DivergenceWarning, Run, Steps, _load_into, _state_of, progress  # noqa: F401
-from .runtime.stage import StageInterrupted, _last_good, _resume_hint, _stop_loops_on_ctrl_c, stage  # noqa: F401
+from .runtime.stage import StageInterrupted, _last_good, _stop_loops_on_ctrl_c, resume_hint, stage  # noqa: F401
+from .runtime.stage import resume_hint as _resume_hint  # noqa: F401  (its old name)
 from .tokenizer import Tokenizer  # noqa: F401

@@ -21,7 +21,7 @@ def float64_model(tiny_run):
 
 
 def _sft_loss_of(model, world, tok, n_rows):
-    """SFT's micro-batch loss as ``pretrain.fit_lm`` computes it: the mean over response tokens,
+    """SFT's micro-batch loss as ``pretrain.pretrain_step`` computes it: the mean over response tokens,
     weighted by the micro-batch's share of the global batch's tokens."""
     from minialign.data import collate
     from minialign.pretrain import lm_loss

@@ -32,8 +32,8 @@ def tiny_run(tmp_path_factory):
 
     Algorithm tests start from ``<tiny_run>/sft/model.pt`` with ``out=<their own tmp folder>``.
     """
-    from minialign.pretrain import PretrainConfig, main as pretrain
-    from minialign.sft import SFTConfig, main as sft
+    from minialign.stages.pretrain import PretrainConfig, main as pretrain
+    from minialign.stages.sft import SFTConfig, main as sft
 
     out = tmp_path_factory.mktemp("tiny_run")
     pretrain(PretrainConfig(out=str(out), steps=40, batch_size=32, corpus_size=2000, eval_size=100,

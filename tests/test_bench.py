@@ -3,12 +3,13 @@ bf16 autocast on the CPU keeps log-probs and losses float32; the CUDA tests skip
 """
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 
-from minialign.tools import bench
+from minialign.tools import bench, roofline
 from minialign.tools.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
                              main, matmul_flops, model_config, peak_memory_bytes, random_preference_batch, spread,
                              time_alternately)
@@ -18,6 +19,7 @@ from minialign.model import GPT, GPTConfig
 from minialign.ops import model_token_logps, sequence_logps
 from minialign.real.gpt2 import expected_gpt2_shapes, save_gpt2
 from minialign.runtime.devices import autocast
+from minialign.tools.roofline import Ceiling, cpu_peak, percent
 
 TINY_BENCH = dict(device="cpu", n_layer=1, n_head=2, n_embd=16, vocab_size=32, batch_size=4, seq_len=8,
                   steps=2, repeats=2, new_tokens=8, gen_batch=2, dpo_pairs=2, dpo_prompt_len=3, grpo_questions=2,
@@ -69,6 +71,8 @@ def test_bench_runs_every_part_at_tiny_size(capsys):
 def test_bench_parts_and_bad_flags(capsys):
     results = main(BenchConfig(**TINY_BENCH, parts="train"))
     assert set(results) >= {"train", "model"} and "generation" not in results and "dpo" not in results
+    json.dumps(results)  # the command prints its results as JSON
+    assert "theoretical peak" in capsys.readouterr().out and results["peak"]["flops_per_s"] > 0
     with pytest.raises(ValueError, match="unknown bench part"):
         main(BenchConfig(**TINY_BENCH, parts="train,rlhf"))
     with pytest.raises(ValueError, match="shorter than seq_len"):
@@ -139,7 +143,7 @@ def test_flop_counter_by_hand():
 
 
 def test_dpo_step_cycles_its_batches_and_reads_a_precomputed_reference():
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     config = GPTConfig(vocab_size=20, block_size=12, n_layer=1, n_head=2, n_embd=8)
     torch.manual_seed(0)
     policy = GPT(config)
@@ -173,9 +177,63 @@ def test_matmul_flops_counts_2mkn_per_matmul_and_keeps_the_best_round(monkeypatc
 
     clock = FakeClock()
     seconds = iter([100.0] + [2.0] * 5 + [1.0] * 5 + [4.0] * 5)
-    monkeypatch.setattr(bench, "time", clock)
-    monkeypatch.setattr(bench, "F", types.SimpleNamespace(linear=lambda a, b: clock.tick(next(seconds))))
+    monkeypatch.setattr(roofline, "time", clock)
+    monkeypatch.setattr(roofline, "F", types.SimpleNamespace(linear=lambda a, b: clock.tick(next(seconds))))
     assert matmul_flops(torch.device("cpu"), "float32", repeats=5, shape=(2, 3, 4)) == 48.0
+
+
+AVX2_CPUINFO = """processor\t: 0
+model name\t: AMD EPYC
+cpu MHz\t\t: 2445.428
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+processor\t: 1
+cpu MHz\t\t: 2445.428
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+"""
+
+
+def test_cpu_peak_by_hand_and_says_what_it_read_and_assumed():
+    # AVX2 + FMA at 2445.428 MHz, one core: 8 lanes x 2 (FMA) x 2 units (assumed) x 2.445428e9 = 78.254 GFLOP/s
+    peak = cpu_peak(1, cpuinfo=AVX2_CPUINFO, lscpu="")
+    assert peak.flops_per_s == pytest.approx(78.253696e9)
+    text = peak.describe()
+    assert "avx2" in text and "/proc/cpuinfo cpu MHz" in text and "assumed: 2 FMA units per core" in text
+    # two threads use both cores; more threads than cores count the cores present
+    assert cpu_peak(2, AVX2_CPUINFO, "").flops_per_s == cpu_peak(8, AVX2_CPUINFO, "").flops_per_s == 2 * peak.flops_per_s
+    # AVX-512 doubles the lanes; lscpu's max clock (turbo) wins over the clock of the moment
+    avx512 = AVX2_CPUINFO.replace("avx2", "avx2 avx512f")
+    fast = cpu_peak(1, avx512, "CPU max MHz:                  3500.0000\n")
+    assert fast.flops_per_s == pytest.approx(16 * 2 * 2 * 3.5e9) and "lscpu CPU max MHz" in fast.describe()
+    assert cpu_peak(1, "", "").flops_per_s is None  # no clock anywhere: no peak, said so
+    assert "unknown" in cpu_peak(1, "", "").describe()
+
+
+def test_ceiling_never_gives_a_fraction_above_one():
+    """Bursts of 10 and 12 FLOP/s: a step at 6 is 50%; a step at 15 beats them, so more bursts are
+    measured (14, then 16): 15 / 16; a step at 100 beats every burst: None, printed as disturbed."""
+    bursts = iter([10.0, 12.0, 14.0, 16.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    ceiling = Ceiling("cpu", "float32", (1, 1, 1), burst=lambda: next(bursts))
+    ceiling.measure()
+    ceiling.measure()
+    assert ceiling.fraction(6.0) == 0.5
+    assert ceiling.fraction(15.0) == 15.0 / 16.0 and ceiling.remeasured == 2
+    assert ceiling.fraction(100.0) is None and ceiling.remeasured == 7
+    assert percent(None, ceiling).startswith("not printed: the ceiling measurement was disturbed")
+    assert percent(0.5, ceiling) == "50%"
+
+
+def test_time_alternately_measures_between_rounds_untimed(monkeypatch):
+    """``between`` runs after each timed round (not after the warm-up), outside the timings."""
+    clock, order = FakeClock(), []
+    monkeypatch.setattr(bench, "time", clock)
+
+    def call(name, seconds):
+        order.append(name)
+        clock.tick(seconds)
+    times = time_alternately({"a": lambda: call("a", 1.0)}, repeats=2, warmup=1,
+                             between=lambda: call("burst", 50.0))
+    assert order == ["a", "a", "burst", "a", "burst"]
+    assert times == {"a": [1.0, 1.0]}
 
 
 # ----------------------------------------------------------------------------------------------

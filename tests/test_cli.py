@@ -63,6 +63,20 @@ def test_debug_after_any_command_shows_the_error_itself(argv, tmp_path, monkeypa
         main([*argv, "--debug"])
 
 
+@pytest.mark.parametrize("argv, message", [(["dpo", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+                                           (["grpo", "--beta", "0.1", "--steps", "0"], "--steps must be >= 1, got 0"),
+                                           (["pipeline", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+                                           (["pipeline", "--stages", "rlhf"], "--stages: unknown stage(s) ['rlhf']")])
+def test_a_bad_shared_flag_is_refused_before_torch_is_imported(argv, message, tmp_path):
+    """A flag every stage shares is checked by TrainConfig, which needs no torch: the refusal
+    does not wait seconds for torch's import (a stage's own flags, --beta, still do)."""
+    code = "import sys; from minialign.runtime.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.split() == ["1", "False"], done.stderr
+    assert f"minialign: error: {message}" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_pipeline_rejects_unknown_stage(capsys, tmp_path):
     assert main(["pipeline", "--out", str(tmp_path / "run"), "--stages", "pretrain,rlhf"]) == 1
     assert "--stages: unknown stage(s) ['rlhf']" in capsys.readouterr().err

@@ -120,7 +120,7 @@ def token_logps_by_hand(world):
 
 def heldout_pairs(world):
     """The reward model's held-out pairs: RewardModelConfig's eval_pairs at seed + 10000 (seed 0)."""
-    from minialign.reward_model import RewardModelConfig
+    from minialign.stages.reward_model import RewardModelConfig
     c = RewardModelConfig()
     return world.preference_dataset(c.eval_pairs, seed=c.seed + 10_000)
 

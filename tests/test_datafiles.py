@@ -134,10 +134,10 @@ def test_parquet_rows(tmp_path, world):
 
 
 def test_real_data_flags_are_checked_when_the_config_is_made():
-    from minialign.dpo import DPOConfig
+    from minialign.stages.dpo import DPOConfig
     from minialign.stages.grpo import GRPOConfig
     from minialign.runtime.loading import load_model
-    from minialign.sft import SFTConfig
+    from minialign.stages.sft import SFTConfig
 
     with pytest.raises(ValueError, match="--eval-data is held-out data for --data"):
         SFTConfig(eval_data="eval.jsonl")
@@ -150,3 +150,27 @@ def test_real_data_flags_are_checked_when_the_config_is_made():
     with pytest.raises(ValueError, match="model_impl must be 'minialign' or 'hf'"):
         load_model("anywhere", "vllm")
     assert DPOConfig(data="d.jsonl", eval_data="e.jsonl", max_length=12).max_length == 12
+
+
+def test_a_file_with_fewer_usable_rows_than_a_step_is_refused_while_a_stage_reads_it(tmp_path, world):
+    """Counted after bad rows are named and --max-length has dropped rows; only while a stage runs."""
+    from minialign.runtime.datafiles import rows_per_step
+    long = {"prompt": "review the movie " * 3, "completion": "the movie was good ."}
+    path = write(tmp_path / "sft.jsonl", [long] * 3 + [{"prompt": "review the movie", "completion": "good ."}])
+    with rows_per_step(path, 5, "--batch-size"):
+        with pytest.raises(DataError, match=r"sft.jsonl: 4 row\(s\), fewer than the 5 one step draws \(--batch-size 5\)"):
+            sft_data(path, world.tokenizer, context=48)
+    with rows_per_step(path, 2, "--batch-size"):
+        with pytest.raises(DataError, match=r"sft.jsonl: 1 usable row\(s\) of 4 \(3 dropped by --max-length 12\), "
+                                            r"fewer than the 2 one step draws \(--batch-size 2\)"):
+            sft_data(path, world.tokenizer, context=48, max_length=12)
+    *_, report = sft_data(path, world.tokenizer, context=48, max_length=12)  # no stage: no such rule
+    assert report.kept == 1
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line_in_every_reader(tmp_path, world):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(b'{"prompt": "review the movie", "completion": "the movie was good ."}\n'
+                     b'{"prompt": "review the movie", "completion": "the movie was \xff ."}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl: 1 bad row\(s\) of 2: line 2: not UTF-8 text \(byte 0xff"):
+        sft_data(path, world.tokenizer, context=48)

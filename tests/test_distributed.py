@@ -11,9 +11,9 @@ import pytest
 import accumulation
 import torch
 
-from minialign.dpo import DPOConfig, main as dpo
+from minialign.stages.dpo import DPOConfig, main as dpo
 from minialign.runtime import distributed
-from minialign.sft import SFTConfig, main as sft
+from minialign.stages.sft import SFTConfig, main as sft
 
 SMALL_SFT = dict(steps=3, batch_size=8, lr=1e-3, num_examples=64, eval_size=8, eval_every=100,
                  progress=False, device="cpu")

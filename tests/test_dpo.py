@@ -9,10 +9,12 @@ from handworked import expect
 
 from minialign import dpo
 from minialign.data import collate
-from minialign.dpo import (DPOConfig, chosen_rejected_logps, dpo_loss, dpo_loss_gradients, implied_reward,
+from minialign.dpo import (chosen_rejected_logps, dpo_loss, dpo_loss_gradients, implied_reward,
                            log_partition, optimal_policy, pair_logps, preference_batch,
                            preference_probability, sampled_kl, tokenize_pairs)
 from minialign.ops import sequence_logps
+from minialign.stages import dpo as dpo_stage
+from minialign.stages.dpo import DPOConfig
 
 
 def t(*xs, dtype=torch.float32):
@@ -289,6 +291,86 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(wo
 
 
 # ----------------------------------------------------------------------------------------------
+# dpo_step: one optimizer step through the ``update`` hook, by hand
+# ----------------------------------------------------------------------------------------------
+
+
+def two_pairs(world):
+    """Pair 0 prefers the empty answer (EOS alone) to "good" + EOS; pair 1 the other way round."""
+    tok = world.tokenizer
+    eos, good = [tok.eos_id], tok.response("good")  # [28, EOS]
+    return {"prompt": [tok.prompt(p) for p in world.review_prompts()[:2]], "chosen": [eos, good],
+            "rejected": [good, eos]}
+
+
+class SplittingUpdate:
+    """The ``update`` hook as ``--grad-accum 2`` runs it, without an optimizer: one micro-batch per
+    pair, each loss backpropagated with weight units / total (one process), the calls recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, rows, loss_of):
+        from minialign.runtime.optim import Update
+        extras = []
+        for micro in ([r] for r in rows):
+            loss, units, total, stats = loss_of(micro)
+            (loss * units / total).backward()
+            self.calls.append({"rows": micro, "loss": loss.item(), "units": units, "total": total})
+            extras.append(stats)
+        return Update(grad_norm=0.0, extras=extras)
+
+
+@pytest.mark.parametrize("precomputed", [False, True])
+def test_dpo_step_by_hand_through_the_update_hook(world, precomputed):
+    from conftest import eos_policy
+    V = world.tokenizer.vocab_size  # 53
+    policy = eos_policy(world, math.log(V - 1))  # pi(EOS) = 52 / (52 + 52) = 1/2, any other token 1/104
+    reference = eos_policy(world, 0.0)           # pi_ref: uniform, 1/53 each
+    pairs = two_pairs(world)
+    if precomputed:  # the table the stage precomputes: log pi_ref of every pair
+        ref_w, ref_l = pair_logps(reference, pairs, world.tokenizer.pad_id, "cpu")
+        reference = {"chosen": ref_w, "rejected": ref_l}
+    update = SplittingUpdate()
+    result = dpo.dpo_step(policy, reference, world.tokenizer, pairs, [0, 1], dpo.DPOHyperparams(beta=0.5), update)
+    assert isinstance(result, dpo.DPOStepResult)
+    # E1: log pi(EOS) = log 1/2 = -0.693147, log pi(good, EOS) = log 1/104 + log 1/2 = -5.337538;
+    #     log pi_ref(EOS) = -log 53 = -3.970292, log pi_ref(good, EOS) = -7.940584
+    expect(result.chosen_logps, [-0.693147, -5.337538], abs=1e-6)
+    # E10, beta 0.5: r(EOS) = 0.5 (-0.693147 + 3.970292) = 1.638572, r(good) = 0.5 (-5.337538 + 7.940584) = 1.301523
+    expect(result.chosen_rewards, [1.638572, 1.301523], abs=1e-6)
+    expect(result.rejected_rewards, [1.301523, 1.638572], abs=1e-6)
+    # E9 per pair: -log sigma(+-0.337049) = 0.538756 and 0.875806; one micro-batch of 1 pair each, of 2
+    assert [c["rows"] for c in update.calls] == [[0], [1]]
+    assert [(c["units"], c["total"]) for c in update.calls] == [(1, 2), (1, 2)]
+    expect([c["loss"] for c in update.calls], [0.538756, 0.875806], abs=1e-6)
+    # the step's loss is the mean over the batch, 0.707281; the metrics as TRL names them
+    expect(result.loss, 0.707281, abs=1e-6)
+    m = result.metrics
+    expect([m["rewards/chosen"], m["rewards/rejected"], m["rewards/accuracies"], m["rewards/margins"],
+            m["logps/chosen"], m["logps/rejected"]], [1.470048, 1.470048, 0.5, 0.0, -3.015343, -3.015343], abs=1e-6)
+    # the gradient reached the policy through the hook (the reference got none)
+    assert policy.ln_f.bias.grad is not None and policy.ln_f.bias.grad.abs().sum() > 0
+    if not precomputed:
+        assert all(p.grad is None for p in reference.parameters())
+
+
+def test_dpo_step_calls_another_member_through_loss_fn(world):
+    import functools
+    from conftest import eos_policy
+    from minialign.preference import PreferenceHyperparams, preference_loss
+    V = world.tokenizer.vocab_size
+    policy, reference = eos_policy(world, math.log(V - 1)), eos_policy(world, 0.0)
+    hp = PreferenceHyperparams(loss="ipo", beta=0.5)
+    result = dpo.dpo_step(policy, reference, world.tokenizer, two_pairs(world), [0, 1], dpo.DPOHyperparams(beta=0.5),
+                          SplittingUpdate(), loss_fn=functools.partial(preference_loss, hp))
+    # IPO: h = 2 x 0.337049 = 0.674099 for pair 0, -0.674099 for pair 1 (beta 0.5: 1/(2 beta) = 1);
+    #   (0.674099 - 1)^2 = 0.106211, (-0.674099 - 1)^2 = 2.802607, mean 1.454409
+    expect(result.loss, 1.454409, abs=1e-6)
+    expect(result.chosen_rewards, [1.638572, 1.301523], abs=1e-6)  # IPO's implicit reward is E10's
+
+
+# ----------------------------------------------------------------------------------------------
 # End to end on the tiny SFT checkpoint
 # ----------------------------------------------------------------------------------------------
 
@@ -299,7 +381,7 @@ def test_dpo_end_to_end_on_tiny_run(tiny_run, tmp_path):
                        lr=1e-3, warmup_steps=1, num_pairs=256, eval_pairs=64, eval_every=8, log_every=1,
                        eval_samples_per_prompt=2, max_new_tokens=8, precompute_ref_logps=True,
                        progress=False, device="cpu", beta=0.5)
-    summary = dpo.main(config)
+    summary = dpo_stage.main(config)
     run = tmp_path / "dpo"
     assert (run / "model.pt").is_file() and (run / "truth.png").is_file() and (run / "rewards.png").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -326,7 +408,7 @@ def test_precompute_option_does_not_change_the_result(tiny_run, tmp_path):
     common = dict(init=str(tiny_run / "sft" / "model.pt"), steps=3, batch_size=8, lr=1e-3, warmup_steps=1,
                   num_pairs=32, eval_pairs=8, eval_every=100, log_every=1, eval_samples_per_prompt=1,
                   max_new_tokens=6, progress=False, device="cpu")
-    a = dpo.main(DPOConfig(out=str(tmp_path / "a"), precompute_ref_logps=True, **common))
-    b = dpo.main(DPOConfig(out=str(tmp_path / "b"), precompute_ref_logps=False, **common))
+    a = dpo_stage.main(DPOConfig(out=str(tmp_path / "a"), precompute_ref_logps=True, **common))
+    b = dpo_stage.main(DPOConfig(out=str(tmp_path / "b"), precompute_ref_logps=False, **common))
     assert a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-5)
     assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)

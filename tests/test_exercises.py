@@ -1,7 +1,7 @@
-"""Checks minialign/tools/exercises.py and the ``expect`` helper: the markers agree with the registry,
-``make`` removes every marked body (the copy imports, each exercise's tests fail with
-NotImplementedError), ``check`` passes an unmodified copy and reports a wrong solution with the
-hand-worked case and the numbers expected and received."""
+"""Checks minialign/tools/exercises.py, its command (exercises_command.py) and the ``expect`` helper:
+the markers agree with the registry, ``make`` removes every marked body (the copy imports, each
+exercise's tests fail with NotImplementedError), ``check`` passes an unmodified copy and reports a
+wrong solution with the hand-worked case and the numbers expected and received."""
 
 import re
 import shutil
@@ -13,7 +13,7 @@ import pytest
 from handworked import expect
 
 from minialign.runtime.cli import main as cli
-from minialign.tools import exercises
+from minialign.tools import exercises, exercises_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,21 +147,21 @@ def test_make_removes_every_marked_body(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()).parent == copy / "minialign"
     # each exercise's tests fail with NotImplementedError, at least one with its own
-    result = exercises.run_tests(copy, exercises.EXERCISES)
-    rows = exercises.grade(exercises.EXERCISES, result)
+    result = exercises_command.run_tests(copy, exercises.EXERCISES)
+    rows = exercises_command.grade(exercises.EXERCISES, result)
     for row in rows:
         name = row["exercise"].name
         assert row["tests"] and not row["passed"], name
         assert all(t["error"] == "NotImplementedError" for t in row["tests"]), (name, row["tests"])
         assert any(f"exercise {name} (" in t["message"] for t in row["tests"]), name
     with pytest.raises(FileExistsError, match="--overwrite"):
-        exercises.make(copy)
+        exercises_command.make(copy)
 
 
 def test_check_passes_an_unmodified_copy(tmp_path, capsys):
     copy = tmp_path / "reference"
     shutil.copytree(exercises.PACKAGE, copy / "minialign", ignore=shutil.ignore_patterns("__pycache__"))
-    assert exercises.check(copy) == 0
+    assert exercises_command.check(copy) == 0
     out = capsys.readouterr().out
     assert f"{len(exercises.EXERCISES)} of {len(exercises.EXERCISES)} exercises passed" in out
     assert "FAILED" not in out and "NotImplementedError" not in out
@@ -169,7 +169,7 @@ def test_check_passes_an_unmodified_copy(tmp_path, capsys):
 
 def test_wrong_solutions_are_reported_with_expected_and_received(tmp_path, capsys):
     copy = tmp_path / "student"
-    exercises.make(copy, ["dpo_loss", "group_advantages", "kl_estimators", "value_loss", "lm_loss"])
+    exercises_command.make(copy, ["dpo_loss", "group_advantages", "kl_estimators", "value_loss", "lm_loss"])
     solve(copy, "dpo_loss", """
 chosen_rewards = beta * (pi_w - ref_w)
 rejected_rewards = beta * (pi_l - ref_l)
@@ -200,7 +200,7 @@ return advantages.reshape(-1)
     assert "E11: mean = (1 + 0 + 0 + 3) / 4 = 1" in grpo
     assert "expected: [0, -0.707057, -0.707057, 1.414114]\n  received: [0.7070568, 0, 0, 2.12117]" in grpo
     # a correct solution now passes
-    solve_right = exercises.make(tmp_path / "right", ["group_advantages"])
+    solve_right = exercises_command.make(tmp_path / "right", ["group_advantages"])
     assert [e.name for e in solve_right] == ["group_advantages"]
     solve(tmp_path / "right", "group_advantages", """
 r = rewards.view(-1, group_size)
@@ -210,18 +210,18 @@ if scale_by_std:
 spread = r.max(dim=1, keepdim=True).values > r.min(dim=1, keepdim=True).values
 return torch.where(spread, advantages, torch.zeros_like(advantages)).reshape(-1)
 """)
-    assert exercises.check(tmp_path / "right") == 0
+    assert exercises_command.check(tmp_path / "right") == 0
 
 
 def test_check_names_a_missing_copy(tmp_path):
     with pytest.raises(FileNotFoundError, match="exercises make"):
-        exercises.check(tmp_path / "nothing")
+        exercises_command.check(tmp_path / "nothing")
 
 
 @pytest.mark.slow
 def test_train_runs_the_tutorial_with_the_copy_beside_the_reference(tiny_run, tmp_path, capsys):
     copy = tmp_path / "student"
-    exercises.make(copy, ["dpo_loss"])
+    exercises_command.make(copy, ["dpo_loss"])
     solve(copy, "dpo_loss", """
 print("dpo_loss written by the student")
 chosen_rewards = beta * (pi_w - ref_w)

@@ -6,17 +6,21 @@ resumed run ends bit-identical to an uninterrupted one; nothing NaN is saved; a 
 checkpoint gives one clear error naming the file. All on tiny models (seconds).
 """
 
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 
 import pytest
 import torch
 
-from minialign import dpo, grpo, ppo, pretrain, reward_model, sft
+from minialign import grpo, ppo, reward_model
 from minialign.runtime import optim
-from minialign.stages import grpo as grpo_stage, ppo as ppo_stage
+from minialign.stages import dpo as dpo_stage, grpo as grpo_stage, ppo as ppo_stage
+from minialign.stages import pretrain, sft
+from minialign.stages import reward_model as reward_model_stage
 from minialign.model import GPT, GPTConfig
 from minialign.ops import check_mask, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum
 from minialign.runtime import cli, files
@@ -54,10 +58,10 @@ def config(stage, out, inputs=None, **kw):
                                                     eval_every=5, log_every=2, **TINY),
         "sft": lambda: sft.SFTConfig(init=inputs["pretrain"], steps=8, batch_size=8, num_examples=64, eval_size=16,
                                      eval_every=4, log_every=2),
-        "reward_model": lambda: reward_model.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
+        "reward_model": lambda: reward_model_stage.RewardModelConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64,
                                                                eval_pairs=16, eval_every=4, log_every=2),
-        "dpo": lambda: dpo.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
-                                     eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
+        "dpo": lambda: dpo_stage.DPOConfig(init=inputs["sft"], steps=8, batch_size=8, num_pairs=64, eval_pairs=8,
+                                           eval_every=4, log_every=1, eval_samples_per_prompt=1, max_new_tokens=8),
         "ppo": lambda: ppo_stage.PPOConfig(init=inputs["sft"], reward_model=inputs["reward_model"], steps=5,
                                            batch_size=8, minibatch_size=4, max_new_tokens=8, eval_every=2,
                                            eval_samples=1, final_eval_samples=1, kl_target=1.0, kl_horizon=40),
@@ -69,11 +73,12 @@ def config(stage, out, inputs=None, **kw):
     return dataclasses.replace(settings, out=str(out), **{**FAST, **kw})
 
 
-MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo_stage,
+MODULES = {"pretrain": pretrain, "sft": sft, "reward_model": reward_model_stage, "dpo": dpo_stage, "ppo": ppo_stage,
            "grpo": grpo_stage}
-# where each stage's loop finds accumulated_step (sft trains with pretrain.fit_lm; a step given the
-# update hook reaches it through runtime.optim.gradient_update)
-STEPPERS = {**MODULES, "sft": pretrain, "ppo": optim, "grpo": optim}
+# where each stage's loop finds accumulated_step (a step given the update hook reaches it through
+# runtime.optim.gradient_update)
+STEPPERS = {**MODULES, "pretrain": optim, "sft": optim, "reward_model": optim, "dpo": optim, "ppo": optim,
+            "grpo": optim}
 
 
 def at_step(monkeypatch, stage, step, action):
@@ -311,7 +316,7 @@ def test_an_input_changed_since_a_stage_ran_makes_that_stage_stale(tmp_path, tin
     problem = stage_problem(tmp_path / "sft")
     assert f"sft was made from {tmp_path / 'pretrain' / 'model.pt'} (--init), which has changed since" in problem
     with pytest.raises(files.StageError, match=f"rerun `minialign sft --out {tmp_path} "):
-        dpo.main(config("dpo", tmp_path))
+        dpo_stage.main(config("dpo", tmp_path))
     # a checkpoint edited after its stage completed is refused too
     with open(tmp_path / "pretrain" / "model.pt", "ab") as f:
         f.write(b"\0")
@@ -348,6 +353,20 @@ def test_ctrl_c_after_the_last_step_lets_the_stage_complete(tmp_path, monkeypatc
     assert "pretrain has done its 12 steps and stops once its results are saved" in err
     assert f"its results are complete in {tmp_path / 'pretrain'}; stopped there" in err
     assert stage_problem(tmp_path / "pretrain") is None and not (tmp_path / "pretrain.partial").exists()
+
+
+def test_ctrl_c_in_the_pipeline_says_how_to_continue_the_pipeline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
+    at_step(monkeypatch, "pretrain", 2, ctrl_c)
+    assert cli.main(["pipeline", "--out", str(tmp_path), "--seed", "1", "--stages", "pretrain", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    again = f"minialign pipeline --out {tmp_path} --seed 1 --no-progress --stages pretrain --resume"
+    assert f"pretrain stopped after step 3 of 6; continue from step 3 with `{again}`" in err, err
+    monkeypatch.undo()
+    monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
+    assert cli.main(shlex.split(again)[1:]) == 0  # the command it names continues the run
+    assert "resuming pretrain at step 3 of 6" in capsys.readouterr().out
+    assert stage_problem(tmp_path / "pretrain") is None
 
 
 def _flags(cfg) -> list[str]:
@@ -537,20 +556,20 @@ def test_rewards_must_be_finite():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_with_prerequisites_makes_missing_and_stale_inputs(tmp_path, monkeypatch, capsys):
-    import dataclasses
+@dataclasses.dataclass
+class TinyPretrain(pretrain.PretrainConfig):  # the defaults a prerequisite (or the pipeline) runs with, made tiny
+    steps: int = 6
+    batch_size: int = 8
+    corpus_size: int = 200
+    eval_size: int = 20
+    eval_every: int = 5
+    n_layer: int = 1
+    n_head: int = 2
+    n_embd: int = 32
+    block_size: int = 48
 
-    @dataclasses.dataclass
-    class TinyPretrain(pretrain.PretrainConfig):  # the defaults a prerequisite runs with, made tiny
-        steps: int = 6
-        batch_size: int = 8
-        corpus_size: int = 200
-        eval_size: int = 20
-        eval_every: int = 5
-        n_layer: int = 1
-        n_head: int = 2
-        n_embd: int = 32
-        block_size: int = 48
+
+def test_with_prerequisites_makes_missing_and_stale_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrain, "PretrainConfig", TinyPretrain)
     sft_flags = ["--steps", "2", "--batch-size", "8", "--num-examples", "16", "--eval-size", "8", "--eval-every", "2",
                  "--no-progress"]

@@ -320,3 +320,169 @@ def test_main_tiny_end_to_end(tiny_run, tmp_path, monkeypatch, options):
     before = torch.load(tiny_run / "sft" / "model.pt", weights_only=True)["model"]
     after = torch.load(run / "model.pt", weights_only=True)["model"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------------------
+# the family's members as options of the step (policy_gradient.py, policy_gradient_sampling.py)
+# ----------------------------------------------------------------------------------------------
+
+# (the member's options, its advantages by hand, its loss at rho = 1 by hand). Every answer is one EOS with
+# log pi = 0 (pi(EOS) = 1 - (V - 1) e^-50) and log pi_ref = log 1/2, so the KL in the reward is the same for
+# every answer: k1 = 0 - log 1/2 = 0.693147, beta * k1 = 0.069315. Rewards 1, 0, 0, 0 | 1, 1, 0, 0 (mean 0.375).
+MEMBER_CASES = {
+    # RLOO: r_i - the mean of the 3 others (the equal KL cancels): 1 - 0 = 1, 0 - 1/3; 1 - 1/3 = 2/3, 0 - 2/3.
+    # REINFORCE's loss -A log pi is 0 at log pi = 0.
+    "rloo": (dict(advantage="rloo", loss="reinforce", kl_in="reward", kl_estimator="k1"),
+             [1, -1 / 3, -1 / 3, -1 / 3, 2 / 3, 2 / 3, -2 / 3, -2 / 3], 0.0),
+    # REINFORCE, A = r - beta k1: 0.930685 or -0.069315; DAPO's loss at rho = 1 is -the token mean of A:
+    # -(3 - 8 * 0.069315) / 8 = -0.305685
+    "reinforce_dapo": (dict(advantage="none", loss="dapo", kl_in="reward", kl_estimator="k1"),
+                       [0.930685, -0.069315, -0.069315, -0.069315, 0.930685, 0.930685, -0.069315, -0.069315],
+                       -0.305685),
+    # the batch's mean 0.375 (the equal KL cancels): 0.625 or -0.375; GSPO's -mean(s A) at s = 1: 0
+    "batch_mean_gspo": (dict(advantage="batch_mean", loss="gspo", kl_in="reward"),
+                        [0.625, -0.375, -0.375, -0.375, 0.625, 0.625, -0.375, -0.375], 0.0),
+    # REINFORCE++: r - beta k1 per token, whitened over the 8 tokens: sample std of 1,0,0,0,1,1,0,0 is
+    # sqrt(8/7 * 0.234375) = 0.517549, A = 0.625 / 0.517649 = 1.207382 or -0.375 / 0.517649 = -0.724429;
+    # PPO's clip at rho = 1: -the token mean of A = 0
+    "reinforce_pp": (dict(advantage="reinforce_pp", loss="ppo_clip", kl_in="reward"),
+                     [1.207382, -0.724429, -0.724429, -0.724429, 1.207382, 1.207382, -0.724429, -0.724429], 0.0),
+    # CISPO on E12's advantages (beta 0): -the token mean of clip(rho) A log pi = 0 at log pi = 0
+    "cispo": (dict(loss="cispo", beta=0.0),
+              [1.499700, -0.499900, -0.499900, -0.499900, 0.865875, 0.865875, -0.865875, -0.865875], 0.0),
+}
+
+
+@pytest.mark.parametrize("member", MEMBER_CASES)
+def test_members_in_the_iteration_by_hand(world, member):
+    from conftest import RecordingUpdate, eos_policy
+    options, want_advantages, want_loss = MEMBER_CASES[member]
+    tok = world.tokenizer
+    policy, reference = eos_policy(world, 50.0), eos_policy(world, math.log(tok.vocab_size - 1))
+    hp = grpo.GRPOHyperparams(group_size=4, batch_size=8, inner_updates=1, beta=options.pop("beta", 0.1),
+                              max_new_tokens=2, recompute_old_logps=True, **options)
+    update = RecordingUpdate()
+    result = grpo.grpo_iteration(policy, reference, tok, lambda prompts, completions, finished, **_:
+                                 [1, 0, 0, 0, 1, 1, 0, 0], world.arithmetic_questions("train")[:2], hp,
+                                 torch.Generator().manual_seed(0), update)
+    assert result.rollout.response_mask.tolist() == [[1]] * 8
+    expect(result.advantages.reshape(-1), want_advantages, abs=1e-6)
+    assert len(update.calls) == 1 and update.calls[0]["rows"] == list(range(8))
+    expect(update.calls[0]["loss"], want_loss, abs=1e-6)
+    assert update.calls[0]["units"] == 8  # 8 answers, or 8 tokens for the token means: one token each
+    assert "questions_drawn" not in result.metrics and result.metrics["tokens"] == 8
+
+
+def test_dynamic_sampling_in_the_iteration_by_hand(world):
+    """Two questions a draw. Draw 1 rewards 1,1,1,1 | 1,0,0,0: the first group has no signal, so a second
+    draw is made: 0,0,0,0 | 0,1,0,0. The batch is full with the two groups that carry a signal (rows 4-7
+    and 12-15 of the 16 sampled); 4 questions were drawn, half of their groups without signal."""
+    from conftest import RecordingUpdate, eos_policy
+    tok = world.tokenizer
+    policy, reference = eos_policy(world, 50.0), eos_policy(world, 50.0)
+    draws = iter([[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]])
+    questions = world.arithmetic_questions("train")
+    more = []
+    hp = grpo.GRPOHyperparams(group_size=4, batch_size=8, inner_updates=1, beta=0.0, max_new_tokens=2,
+                              loss="dapo", dynamic_sampling=True)
+    update = RecordingUpdate()
+    result = grpo.grpo_iteration(policy, reference, tok, lambda prompts, completions, finished, **_: next(draws),
+                                 questions[:2], hp, torch.Generator().manual_seed(0), update,
+                                 draw=lambda n: more.append(n) or questions[2:2 + n])
+    assert more == [2]                                              # one more draw of two questions
+    assert result.rewards.tolist() == [1, 0, 0, 0, 0, 1, 0, 0]      # the two groups with a signal
+    # E12 of (1, 0, 0, 0): 1.499700, -0.499900 (test_grpo_iteration_by_hand); of (0, 1, 0, 0) the same, moved
+    expect(result.advantages, [1.4997, -0.4999, -0.4999, -0.4999, -0.4999, 1.4997, -0.4999, -0.4999], abs=1e-4)
+    m = result.metrics
+    assert m["questions_drawn"] == 4 and m["zero_spread"] == 0.5 and m["tokens"] == 16
+    assert m["accuracy"] == 6 / 16                                  # over every answer sampled, not the batch
+    with pytest.raises(ValueError, match="needs draw"):
+        grpo.grpo_iteration(policy, reference, tok, lambda *a, **k: [0] * 8, questions[:2], hp,
+                            torch.Generator().manual_seed(0), update)
+
+
+@pytest.mark.parametrize("overlong", ["penalty", "filter"])
+def test_overlong_in_the_iteration(world, overlong):
+    """pi(EOS) = 1/2 at every step, answers of at most 2 tokens, L_cache = 1: an answer of one token (its
+    EOS) gets no penalty, one of two tokens (finished or not) the paper's -1 (|y| = L_max, or truncated).
+    The filter takes the truncated answers out of the loss and keeps them in their group's advantages."""
+    from conftest import RecordingUpdate, eos_policy
+    tok = world.tokenizer
+    policy = eos_policy(world, math.log(tok.vocab_size - 1))        # pi(EOS) = (V - 1) / (2 (V - 1)) = 1/2
+    hp = grpo.GRPOHyperparams(group_size=4, batch_size=16, inner_updates=1, beta=0.0, max_new_tokens=2,
+                              overlong=overlong, overlong_cache=1, loss="dapo")
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1]
+    update = RecordingUpdate()
+    result = grpo.grpo_iteration(policy, policy, tok, lambda *a, **k: rewards, world.arithmetic_questions("train")[:4],
+                                 hp, torch.Generator().manual_seed(1), update)
+    lengths, finished = result.rollout.response_mask.sum(1), result.rollout.finished
+    assert 0 < (lengths == 1).sum() < 16 and 0 < (~finished).sum()  # this seed draws every case
+    if overlong == "penalty":
+        penalised = torch.tensor(rewards, dtype=torch.float32) - (lengths > 1).float()
+        assert torch.equal(result.advantages, group_advantages(penalised, 4))
+        assert update.calls[0]["rows"] == list(range(16))
+    else:
+        assert torch.equal(result.advantages, group_advantages(torch.tensor(rewards, dtype=torch.float32), 4))
+        assert update.calls[0]["rows"] == finished.nonzero().squeeze(1).tolist()
+    # DAPO's token mean: the units are the tokens of the answers trained on
+    assert update.calls[0]["units"] == lengths[update.calls[0]["rows"]].sum().item()
+
+
+def test_member_options_are_checked():
+    H = grpo.GRPOHyperparams
+    with pytest.raises(ValueError, match="kl-in must be reward"):
+        H(loss="dapo")                                              # beta 0.04 in a loss that has no KL term
+    H(loss="dapo", beta=0.0)
+    H(loss="dapo", kl_in="reward")
+    with pytest.raises(ValueError, match="kl-estimator must be k3 unless"):
+        H(kl_estimator="k1")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        H(loss="dapo", beta=0.0, aggregation="token_mean")      # DAPO fixes its token mean
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        H(aggregation="sequence_sum")                             # REINFORCE's, not E13's
+    H(loss="reinforce", kl_in="reward", aggregation="sequence_sum")
+    with pytest.raises(ValueError, match="advantage must be one advantage per answer"):
+        H(advantage="reinforce_pp", loss="gspo", beta=0.0)
+    with pytest.raises(ValueError, match="scale-by-std must be true"):
+        H(advantage="rloo", scale_by_std=False)
+    with pytest.raises(ValueError, match="clip-eps-high must be 0 with --loss grpo"):
+        H(clip_eps_high=0.28)
+    with pytest.raises(ValueError, match="clip-eps-low must be in"):
+        H(loss="dapo", beta=0.0, clip_eps_low=1.0)                # 1 - eps_low = 0: no ratio left
+    H(loss="cispo", beta=0.0, clip_eps_low=1.0)                   # CISPO: no lower bound
+    with pytest.raises(ValueError, match="overlong-cache must be in"):
+        H(overlong="penalty", overlong_cache=5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        H(advantage="ppo")
+
+
+# every member from the command line, on tiny settings (slow: 18-38 s each on 2 loaded cores)
+MEMBER_FLAGS = {
+    "reinforce": "--advantage none --loss reinforce --kl-in reward --kl-estimator k1 --aggregation sequence_sum",
+    "reinforce_batch": "--advantage batch_mean --loss reinforce --kl-in reward --kl-estimator k1",
+    "rloo": "--advantage rloo --loss reinforce --kl-in reward --kl-estimator k1",
+    "reinforce_pp": "--advantage reinforce_pp --loss ppo_clip --kl-in reward",
+    "dapo": "--loss dapo --beta 0 --clip-eps-high 0.28 --dynamic-sampling --max-draws 2 --overlong filter",
+    "dapo_penalty": "--loss dapo --beta 0 --overlong penalty --overlong-cache 2",
+    "gspo": "--loss gspo --beta 0",
+    "cispo": "--loss cispo --beta 0",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("member", MEMBER_FLAGS)
+def test_each_member_runs_from_the_command_line(tiny_run, tmp_path, member):
+    from minialign.runtime.cli import main
+    flags = ["--out", str(tmp_path), "--init", str(tiny_run / "sft" / "model.pt"), "--steps", "2", "--questions", "2",
+             "--group-size", "4", "--batch-size", "8", "--eval-every", "0", "--final-eval-samples", "1",
+             "--no-progress", "--device", "cpu", *MEMBER_FLAGS[member].split()]
+    assert main(["grpo", *flags]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 2 and all(r["tokens"] >= 8 for r in trained)
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["heldout_accuracy"] is not None
+    # dynamic sampling reports the questions it drew: at least the 2 of each iteration
+    assert ("questions_drawn" in summary) == ("--dynamic-sampling" in MEMBER_FLAGS[member])
+    if "questions_drawn" in summary:
+        assert summary["questions_drawn"] >= 4 and all(r["questions_drawn"] >= 2 for r in trained)

@@ -266,3 +266,33 @@ def test_grpo_iteration_runs_unchanged_on_a_transformers_model(hf_model, world):
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
     assert stats["zero_spread"] < 1  # some group had different rewards, so a gradient
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+@pytest.mark.parametrize("options", [
+    dict(advantage="rloo", loss="reinforce", kl_in="reward", kl_estimator="k1"),
+    dict(advantage="reinforce_pp", loss="ppo_clip", kl_in="reward"),
+    dict(loss="gspo", beta=0.0, dynamic_sampling=True, overlong="penalty", overlong_cache=2)],
+    ids=["rloo", "reinforce_pp", "gspo_dynamic"])
+def test_family_members_in_grpo_iteration_on_a_transformers_model(hf_model, world, options):
+    """The family's members (policy_gradient.py) through the same step on the adapter: RLOO, REINFORCE++,
+    GSPO with dynamic sampling (its draws joined by generation.cat_generations) and the length penalty."""
+    policy, tok = hf_model
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    config = GRPOConfig(group_size=4, questions=2, batch_size=8, inner_updates=1, max_new_tokens=4,
+                        lr=1e-3, progress=False, device="cpu", **options)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=config.lr)
+    before = [p.detach().clone() for p in policy.parameters()]
+
+    class FirstWordReward:  # as in test_grpo_iteration_runs_unchanged_on_a_transformers_model
+        def true_reward(self, prompt, text, finished=True):
+            return float(bool(text) and text.split()[0] < "m")
+
+    questions = world.arithmetic_questions("train")
+    result = grpo_iteration(policy, reference, tok, FirstWordReward(), questions[:2], config,
+                            torch.Generator().manual_seed(0), gradient_update(policy, policy, optimizer, config, 0),
+                            draw=lambda n: questions[2:2 + n])
+    stats = result.metrics
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["tokens"] >= 8
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    if config.dynamic_sampling:  # only groups with a signal were trained on
+        assert stats["questions_drawn"] >= 2 and result.rewards.view(-1, 4).std(1).min() > 0

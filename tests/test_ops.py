@@ -185,3 +185,33 @@ def test_value_checks_pass_meta_tensors_and_still_refuse_bad_values():
         check_mask(torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="must be finite"):
         check_finite(torch.tensor([1.0, float("nan")]), "rewards")
+
+
+def test_inference_hands_back_normal_tensors_that_autograd_can_save():
+    """``ops.inference`` runs a no-gradient pass in inference mode; its results (a tensor, a tuple, a
+    dataclass's fields) are normal tensors with the values of ``no_grad``, so a later differentiated
+    step may save them (an embedding lookup saves its indices: an inference tensor there raises)."""
+    from dataclasses import dataclass
+
+    from minialign.ops import inference
+
+    @dataclass
+    class Result:
+        ids: torch.Tensor
+        logps: torch.Tensor
+        n: int
+
+    table = torch.nn.Embedding(5, 3)
+    ids = torch.tensor([[1, 4, 2]])
+    out = inference(lambda: Result(ids.clone(), table(ids).sum(-1), 3))
+    pair = inference(lambda: (ids + 0, [ids * 1]))
+    for t in (out.ids, out.logps, pair[0], pair[1][0]):
+        assert not t.is_inference() and not t.requires_grad
+    with torch.no_grad():
+        assert torch.equal(out.logps, table(ids).sum(-1)) and out.n == 3
+    table(out.ids).sum().backward()  # saved for the backward: fine for a normal tensor
+    assert table.weight.grad[4].sum() == 3
+    with torch.inference_mode():
+        raw = ids.clone()
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        table(raw).sum().backward()  # what the clone prevents

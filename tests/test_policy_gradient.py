@@ -104,6 +104,7 @@ def test_batch_mean_by_hand_and_as_one_big_group():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("rloo_advantages")
 def test_rloo_by_hand():
     # one group of G = 4, rewards 1, 0, 0, 3; the mean of the other three:
     # answer 0: (0 + 0 + 3) / 3 = 1 -> A = 1 - 1 = 0
@@ -128,6 +129,7 @@ def test_rloo_is_g_over_g_minus_1_times_the_centred_advantage():
     expect(diff[:4], [1.0, -1 / 3, -1 / 3, -1 / 3], abs=1e-12)
 
 
+@pytest.mark.exercise("rloo_advantages")
 def test_rloo_gradcheck_through_the_reinforce_loss():
     new, _, mask = random_batch()
     A = PG.rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=D), 2)
@@ -212,40 +214,12 @@ def test_dapo_gradcheck_float64():
                                     (new.clone().requires_grad_(True),))
 
 
-def test_dynamic_sampling_by_hand():
-    # G = 2; groups drawn in order: (1,1) no signal, (0,1) signal, (0,0) no, (1,0) signal, (1,0) signal
-    # questions = 2: kept groups 1 and 3; the batch is full at group 3: 4 questions drawn, 2 of them
-    # without signal: zero_spread = 2 / 4 = 0.5; group 4 is not used
-    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
-    assert PG.signal_groups(r, 2).tolist() == [False, True, False, True, True]
-    d = PG.dynamic_sampling(r, 2, questions=2)
-    assert d.keep.tolist() == [False, False, True, True, False, False, True, True, False, False]
-    assert (d.kept, d.drawn, d.full) == (2, 4, True)
-    assert d.zero_spread == pytest.approx(0.5)
-    # questions = 4: only 3 groups carry a signal: not full, every drawn group counted (2 of 5 without signal)
-    d = PG.dynamic_sampling(r, 2, questions=4)
-    assert (d.kept, d.drawn, d.full) == (3, 5, False)
-    assert d.zero_spread == pytest.approx(0.4)
-
-
-def test_overlong_filter_and_penalty_by_hand():
-    # answer 1 is truncated: its tokens leave the loss; DAPO's token mean is then (1.28 + 0.9) / 2 = 1.09
-    mask = PG.overlong_filter(MASK, torch.tensor([True, False]))
-    assert mask.tolist() == [[1, 1, 0], [0, 0, 0]]
-    expect(PG.dapo_loss(NEW, OLD, ADV, mask)[0], -1.09, abs=1e-6)
-    # soft punishment, L_max = 10, L_cache = 4: no penalty up to 10 - 4 = 6, then (6 - |y|) / 4, -1 if truncated
-    # |y| = 3 -> 0 ; 6 -> 0 ; 8 -> (6 - 8) / 4 = -0.5 ; 9 -> -0.75 ; 10 -> -1.0
-    expect(PG.overlong_penalty(torch.tensor([3, 6, 8, 9, 10]), 10, 4), [0.0, 0.0, -0.5, -0.75, -1.0], abs=1e-7)
-    # a truncated answer (no EOS) is the paper's |y| > L_max: -1, whatever its length reads
-    expect(PG.overlong_penalty(torch.tensor([3, 8, 10]), 10, 4, finished=torch.tensor([True, True, False])),
-           [0.0, -0.5, -1.0], abs=1e-7)
-
-
 # ----------------------------------------------------------------------------------------------
 # GSPO
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("gspo_sequence_ratio")
 def test_gspo_by_hand():
     # s_0 = (1.5 * 0.9)^(1/2) = sqrt(1.35) = 1.161895 ; s_1 = (0.5 * 1.1 * 1.0)^(1/3) = 0.55^(1/3) = 0.819321
     expect(PG.gspo_sequence_ratio(NEW, OLD, MASK), [1.161895, 0.819321], abs=1e-6)
@@ -277,6 +251,7 @@ def test_gspo_with_one_token_answers_is_grpo():
     assert torch.allclose(grad_of(gspo, new), grad_of(grpo, new), atol=1e-14)
 
 
+@pytest.mark.exercise("gspo_sequence_ratio")
 def test_gspo_gradcheck_float64_and_log_space():
     new, old, mask = random_batch()
     A = torch.tensor([1.0, -0.5, 2.0, -1.0], dtype=D)
@@ -294,6 +269,7 @@ def test_gspo_gradcheck_float64_and_log_space():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_by_hand():
     # weights sg(clip(rho, 1 - 1, 1 + 0.28)) = clip(rho, 0, 1.28): 1.28 (from 1.5), 0.9 ; 0.5, 1.1, 1.0
     # log pi = log(0.5 rho): ln 0.75 = -0.287682, ln 0.45 = -0.798508 ; ln 0.25 = -1.386294, ln 0.55 = -0.597837, ln 0.5 = -0.693147
@@ -310,6 +286,7 @@ def test_cispo_by_hand():
     expect(g[1, 0], 0.32, abs=1e-6)
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio():
     new, old, mask = random_batch()
     new = old + 4 * (new - old)  # ratios up to 1 +- 0.6: some clipped
@@ -321,6 +298,7 @@ def test_cispo_gradient_is_reinforce_weighted_by_the_clipped_ratio():
     assert (g_cispo[mask.bool()] != 0).all()  # every token keeps a gradient
 
 
+@pytest.mark.exercise("cispo_loss")
 def test_cispo_gradcheck_float64():
     # the weight sg(clip(rho)) is a constant of the gradient, so the check differentiates at a fixed
     # log-ratio: old_logps = logps - log_ratio keeps rho, hence the weight, constant as logps moves
@@ -341,21 +319,21 @@ def test_every_member_through_the_dispatchers_gradcheck():
     rewards = torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=D)
     for member, (estimator, loss, _) in PG.MEMBERS.items():
         extra = dict(mask=mask, old_logps=old, ref_logps=old - 0.1, beta=0.1) if estimator == "reinforce_pp" else {}
-        A = PG.advantages(estimator, rewards, 2, **extra)
-        kw = dict(ref_logps=old - 0.1, beta=0.04) if loss == "grpo" else {}
+        A = group_advantages(rewards, 2) if estimator == "grpo" else PG.advantages(estimator, rewards, 2, **extra)
         def f(x):  # CISPO's weight is stopped: hold the log-ratio fixed (test_cispo_gradcheck_float64)
-            return PG.policy_loss(loss, x, x - (new - old) if loss == "cispo" else old, A, mask, **kw)[0]
+            if loss == "grpo":  # GRPO's own E13, with its KL term
+                return grpo_loss(x, old, old - 0.1, A, mask, beta=0.04)[0]
+            return PG.policy_loss(loss, x, x - (new - old) if loss == "cispo" else old, A, mask)[0]
         assert f(new).dtype == D, member
         assert torch.autograd.gradcheck(f, (new.clone().requires_grad_(True),)), member
 
 
 def test_dispatchers_are_the_functions_they_name():
     r = torch.tensor([1.0, 0.0, 0.0, 3.0])
-    assert torch.equal(PG.advantages("grpo", r, 4), group_advantages(r, 4))
-    assert torch.equal(PG.advantages("group_mean", r, 4), group_advantages(r, 4, scale_by_std=False))
     assert torch.equal(PG.advantages("none", r, 4), r)
     assert torch.equal(PG.advantages("rloo", r, 4), PG.rloo_advantages(r, 4))
-    assert torch.equal(PG.policy_loss("grpo", NEW, OLD, ADV, MASK)[0], grpo_loss(NEW, OLD, None, ADV, MASK, beta=0.0)[0])
+    assert torch.equal(PG.advantages("batch_mean", r, 4), PG.batch_mean_advantages(r))
+    assert torch.equal(PG.policy_loss("reinforce", NEW, OLD, ADV, MASK)[0], PG.reinforce_loss(NEW, ADV, MASK)[0])
     for name, fn in (("dapo", PG.dapo_loss), ("gspo", PG.gspo_loss), ("cispo", PG.cispo_loss)):
         assert torch.equal(PG.policy_loss(name, NEW, OLD, ADV, MASK)[0], fn(NEW, OLD, ADV, MASK)[0]), name
 
@@ -386,14 +364,6 @@ def test_bad_input_is_a_clear_error():
         PG.dapo_loss(NEW, OLD, ADV, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="advantages must be"):
         PG.reinforce_loss(NEW, torch.zeros(3), MASK)
-    with pytest.raises(ValueError, match="cache_len"):
-        PG.overlong_penalty(torch.tensor([3]), 10, 0)
-    with pytest.raises(ValueError, match="cache_len"):
-        PG.overlong_penalty(torch.tensor([3]), 10, 11)
-    with pytest.raises(ValueError, match="lengths must be in"):
-        PG.overlong_penalty(torch.tensor([11]), 10, 4)
-    with pytest.raises(ValueError, match="questions must be"):
-        PG.dynamic_sampling(r, 2, 0)
     with pytest.raises(ValueError, match="two response tokens"):
         PG.reinforce_pp_advantages(torch.tensor([1.0]), torch.ones(1, 1))
     with pytest.raises(ValueError, match="needs old_logps"):
@@ -404,9 +374,9 @@ def test_bad_input_is_a_clear_error():
         PG.advantages("rloo", r, 2, beta=0.1)
     with pytest.raises(ValueError, match="loss must be one of"):
         PG.policy_loss("sft", NEW, OLD, ADV, MASK)
-    with pytest.raises(ValueError, match="no KL term"):
-        PG.policy_loss("dapo", NEW, OLD, ADV, MASK, beta=0.1, ref_logps=OLD)
+    with pytest.raises(ValueError, match="loss must be one of"):  # GRPO's own E13 is grpo.grpo_loss
+        PG.policy_loss("grpo", NEW, OLD, ADV, MASK)
     with pytest.raises(ValueError, match="fixes its own aggregation"):
         PG.policy_loss("cispo", NEW, OLD, ADV, MASK, aggregation="answer_mean")
     with pytest.raises(ValueError, match="eps_low / eps_high"):
-        PG.policy_loss("grpo", NEW, OLD, ADV, MASK, eps_high=0.3)
+        PG.policy_loss("reinforce", NEW, OLD, ADV, MASK, eps_high=0.3)

@@ -96,6 +96,22 @@ def test_sft_dpo_grpo_on_a_model_folder_with_data_files(hf_folder, data, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ipo", "simpo"])
+def test_dpo_family_on_a_transformers_model_with_data_files(hf_folder, data, tmp_path, loss):
+    metrics, summary = run("dpo", tmp_path, "--model", hf_folder, "--model-impl", "hf", "--loss", loss,
+                           "--data", data / "prefs.jsonl", "--eval-data", data / "prefs_eval.jsonl", "--steps", 2,
+                           "--batch-size", 4, "--eval-every", 1, "--eval-samples-per-prompt", 2,
+                           "--max-new-tokens", 6, "--log-every", 1)
+    if loss == "ipo":  # the policy is its reference at step 0: h = 0, (0 - 1 / (2 x 0.1))^2 = 25
+        assert metrics[0]["loss"] == pytest.approx(25.0, abs=1e-3)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics)
+    # simpo holds no reference model: the KL to the --model folder is measured by loading it then
+    assert summary["kl"] is not None and summary["heldout_accuracy"] is not None
+    assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["loss"] == loss
+
+
+@pytest.mark.slow
 def test_pretrain_reward_model_ppo_on_a_model_folder(hf_folder, data, tmp_path):
     m = ["--model", hf_folder, "--model-impl", "hf"]
     metrics, _ = run("pretrain", tmp_path, *m, "--data", data / "text.jsonl", "--steps", 2, "--batch-size", 4)
@@ -194,3 +210,19 @@ def test_dpo_and_grpo_on_a_model_folder_on_cuda_in_bf16(hf_folder, data, tmp_pat
         rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN
         assert (tmp_path / stage / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_family_members_from_the_command_line_on_a_model_folder(hf_folder, data, tmp_path):
+    """Three members of the policy-gradient family (``minialign grpo --advantage/--loss ...``) on a Hugging
+    Face folder with --model and your questions with --data: RLOO, DAPO with dynamic sampling, CISPO."""
+    members = {"rloo": ["--advantage", "rloo", "--loss", "reinforce", "--kl-in", "reward", "--kl-estimator", "k1"],
+               "dapo": ["--loss", "dapo", "--beta", 0, "--dynamic-sampling", "--max-draws", 1],
+               "cispo": ["--loss", "cispo", "--beta", 0]}
+    for name, flags in members.items():
+        out = tmp_path / name
+        metrics, summary = run("grpo", out, "--model", hf_folder, "--model-impl", "hf", "--data", data / "qa.jsonl",
+                               "--eval-data", data / "qa_eval.jsonl", "--steps", 2, "--questions", 2, "--group-size", 4,
+                               "--batch-size", 8, "--eval-samples", 2, "--final-eval-samples", 2, *flags)
+        assert summary["heldout_accuracy"] is not None and (out / "grpo" / "model" / "config.json").is_file(), name
+        assert all(r["tokens"] >= 8 for r in metrics if "loss" in r), name

@@ -9,9 +9,12 @@ from handworked import expect
 
 from minialign.data import collate, left_pad
 from minialign.model import GPT
-from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability, centring_penalty,
-                                    collate_pairs, encode_pairs, last_token_index, main,
-                                    pair_rewards, reward_function, reward_model_loss, score)
+from minialign.reward_model import (RewardModel, RewardModelHyperparams, bradley_terry_probability, centring_penalty,
+                                    collate_pairs, encode_pairs, last_token_index, pair_rewards, reward_function,
+                                    reward_model_loss, reward_model_step, score)
+from minialign.runtime.config import TrainConfig
+from minialign.runtime.optim import gradient_update, make_optimizer
+from minialign.stages.reward_model import RewardModelConfig, main
 from minialign.runtime.loading import save_policy
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +299,38 @@ def test_collate_pairs_layout(world, tiny_rm):
 # ----------------------------------------------------------------------------------------------
 # End to end on the tiny SFT checkpoint
 # ----------------------------------------------------------------------------------------------
+
+
+def test_reward_model_step_through_the_update_hook_by_hand(world, tiny_model):
+    """One ``reward_model_step`` through ``runtime.optim.gradient_update`` (4 pairs in 2 micro-batches), with
+    a head that gives every answer the reward 0.5 (weight 0, bias 0.5)."""
+    tok = world.tokenizer
+    pairs = encode_pairs(world.preference_dataset(4, seed=0), tok)
+    rm = RewardModel(tiny_model.config)
+    torch.nn.init.zeros_(rm.score_head.weight)
+    torch.nn.init.constant_(rm.score_head.bias, 0.5)
+    x, y_w, y_l = zip(*pairs)
+    b = collate_pairs(x, y_w, x, y_l, tok.pad_id, rm.config.block_size)
+    with torch.no_grad():  # the final hidden states at each EOS, (8, C): what the head's weight multiplies
+        h = rm.body.hidden(b["input_ids"], b["attention_mask"])[torch.arange(8), last_token_index(b["attention_mask"])]
+    h_w, h_l = h[:4], h[4:]
+    config = TrainConfig(grad_accum=2, grad_clip=0.0, lr=0.1, warmup_steps=0, steps=1)
+    update = gradient_update(rm, rm, make_optimizer(rm, config), config, 0)
+    result = reward_model_step(rm, pairs, RewardModelHyperparams(center_rewards_coefficient=0.01), update, tok.pad_id)
+    # every gap r_w - r_l is 0: E4 = -log sigma(0) = ln 2 = 0.693147 (the logged loss leaves the centring out);
+    # no pair is ordered right (a tie is no win), the margin is 0, both mean rewards are 0.5
+    expect(result.loss, 0.693147, abs=1e-6)
+    m = result.metrics
+    expect([m["accuracy"], m["margin"], m["rewards/chosen"], m["rewards/rejected"]], [0.0, 0.0, 0.5, 0.5], abs=1e-6)
+    # the bias's gradient: E4 sees only the gaps, 0; the centring term c (r_w + r_l)^2 with r = b gives
+    # c * d(2b)^2/db = 0.01 * 8 * 0.5 = 0.04
+    expect(rm.score_head.bias.grad, [0.04], abs=1e-6)
+    # the weight's: E4's -(1 - sigma(0)) (h_w - h_l) = -0.5 (h_w - h_l), centring's 0.01 * 2 (r_w + r_l)(h_w + h_l)
+    # = 0.02 (h_w + h_l), each the mean over the 4 pairs, whichever micro-batch a pair was in
+    want = (-0.5 * (h_w - h_l) + 0.02 * (h_w + h_l)).mean(0)
+    assert torch.allclose(rm.score_head.weight.grad[0], want, atol=1e-6)
+    # AdamW's first step moves a weight by lr against the sign of its gradient: the bias 0.5 - 0.1 = 0.4
+    expect(rm.score_head.bias.detach(), [0.4], abs=1e-6)
 
 
 @pytest.mark.slow

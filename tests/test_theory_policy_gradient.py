@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minialign import policy_gradient as PG
+from minialign.grpo import group_advantages, grpo_loss
 from minialign import theory as T
 from minialign import theory_policy_gradient as L
 
@@ -54,8 +55,15 @@ def test_expected_member_loss_matches_brute_force_over_every_ordered_group(estim
         total = th.new_zeros(())
         for group in itertools.product(range(K), repeat=G):
             idx = torch.tensor(group)
-            A = PG.advantages(estimator, rewards[idx], G)
-            value, _ = PG.policy_loss(loss, logp[idx, None], logp_old[idx, None], A, torch.ones(G, 1, dtype=D), **options)
+            if estimator in ("grpo", "group_mean"):  # GRPO's own E12, or Dr. GRPO's r - mean
+                A = group_advantages(rewards[idx], G, scale_by_std=estimator == "grpo")
+            else:
+                A = PG.advantages(estimator, rewards[idx], G)
+            ones = torch.ones(G, 1, dtype=D)
+            if loss == "grpo":  # E13 without its KL term
+                value, _ = grpo_loss(logp[idx, None], logp_old[idx, None], None, A, ones, beta=0.0, **options)
+            else:
+                value, _ = PG.policy_loss(loss, logp[idx, None], logp_old[idx, None], A, ones, **options)
             total = total + torch.exp(logp_old[idx].sum()) * value
         return total
 

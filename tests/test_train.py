@@ -34,15 +34,72 @@ def test_config_flags_roundtrip():
         parser.parse_args(["--kl-in", "elsewhere"])
 
 
-@pytest.mark.parametrize("flags, expected", [([], True), (["--progress"], True), (["--no-progress"], False),
+@pytest.mark.parametrize("flags, expected", [([], None), (["--progress"], True), (["--no-progress"], False),
                                              (["--progress", "false"], False), (["--progress", "True"], True),
-                                             (["--progress", "no"], False)])
+                                             (["--progress", "no"], False), (["--progress", "auto"], None)])
 def test_boolean_flags_take_every_spelling(flags, expected):
     parser = argparse.ArgumentParser()
     add_config_args(parser, DemoConfig)
     assert parser.parse_args(flags).progress is expected
     with pytest.raises(SystemExit):
         parser.parse_args(["--progress", "maybe"])
+
+
+@pytest.mark.parametrize("asked, hidden", [(None, True), (True, False), (False, True)])
+def test_progress_bars_follow_tqdm_off_when_the_output_is_not_a_terminal(asked, hidden):
+    """pytest captures stderr, so it is not a terminal: by default (None) no bar is drawn there,
+    as tqdm does with disable=None; --progress draws one anyway, --no-progress never."""
+    from minialign.runtime.run import progress
+    bar = progress(range(3), DemoConfig(progress=asked), "demo")
+    assert bar.disable is hidden
+    bar.close()
+
+
+def test_threads_are_set_before_the_stage_runs_recorded_and_no_other_setting(tmp_path):
+    from minialign.runtime.devices import set_threads
+    from minialign.runtime.folders import command_line, config_changes
+    from minialign.runtime.stage import stage
+
+    seen = []
+
+    @stage("demo")
+    def main(config):
+        seen.append(torch.get_num_threads())
+        run = Run(config, "demo")
+        run.finish({})
+        return {}
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0) == before  # 0, the default, leaves torch's own choice alone
+        main(DemoConfig(out=str(tmp_path), threads=1))
+        assert seen == [1]
+        saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+        assert saved["threads"] == 1
+        assert "--threads 1" in json.loads((tmp_path / "demo" / "status.json").read_text())["command"]
+        torch.set_num_threads(before)
+        main(DemoConfig(out=str(tmp_path)))  # another thread count is the same run, not other settings
+        assert seen == [1, before] and config_changes(saved, DemoConfig(out=str(tmp_path))) == ""
+        assert json.loads((tmp_path / "demo" / "config.json").read_text())["threads"] == before  # the count in use
+        assert "--threads" not in command_line("demo", DemoConfig(out=str(tmp_path)))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--threads must be >= 0, got -1"):
+        DemoConfig(threads=-1)
+
+
+def test_a_zoom_that_cuts_points_off_gets_the_whole_range_beside_it(tmp_path):
+    """A loss plot zoomed on its floor (ylim) hid the first steps' loss: such a panel becomes two,
+    the whole range and the zoom; a panel that hides nothing, or zooms on a region (xlim), stays one."""
+    from PIL import Image
+    from minialign.runtime.plots import _with_whole_range, plot_panels
+    loss = {"title": "loss", "curves": [([0, 10, 20], [4.07, 1.2, 1.1], "training batch")], "ylim": (1.0, 1.6)}
+    whole, zoom = _with_whole_range(loss)
+    assert "ylim" not in whole and whole["title"] == "loss: the whole run" and zoom["ylim"] == (1.0, 1.6)
+    assert _with_whole_range({**loss, "ylim": (0, 5)}) == [{**loss, "ylim": (0, 5)}]
+    assert len(_with_whole_range({**loss, "xlim": (15, 20)})) == 1
+    path = plot_panels(tmp_path / "grid.png", [loss, {"curves": []}, {"curves": []}], columns=2, width=4)
+    assert Image.open(path).size == (800, 800)  # two columns of 4 in, two rows of 4 in, 100 dpi
 
 
 def test_lr_schedule_by_hand():

@@ -1,6 +1,6 @@
 """Tutorial 01: pre-training a base model (E0a), measured against the exact entropy floor.
 
-    python tutorials/01_pretrain.py            # 103 s on an idle 2-core CPU
+    python tutorials/01_pretrain.py
 
 What it shows:
 1. the toy corpus: lines from a small probabilistic grammar, so the best possible loss (the
@@ -21,7 +21,7 @@ import torch
 from _common import banner, base_parser, parse_args, summary
 
 from minialign.generation import generate
-from minialign.pretrain import PretrainConfig, main as pretrain
+from minialign.stages.pretrain import PretrainConfig, main as pretrain
 from minialign.runtime.devices import resolve_device
 from minialign.runtime.loading import load_policy
 from minialign.stages.evaluate import sample_texts
@@ -45,7 +45,7 @@ print(f"\nH(line) = {floor['nats_per_line']:.4f} nats over E[tokens + EOS] = {fl
 # %% 2. Pre-training with E0a
 banner("2. Pre-training: L_LM = -sum_t log pi_theta(x_t | x_<t)   (E0a)")
 result = pretrain(PretrainConfig(out=args.out, device=args.device, seed=args.seed, steps=args.steps,
-                                 overwrite=True))
+                                 progress=args.progress, overwrite=True))
 print(f"\nheld-out loss {result['heldout_loss']:.4f} vs floor {result['entropy_floor']:.4f}: "
       f"{100 * result['gap_to_floor']:.2f}% above the floor, {result['params']:,} parameters, "
       f"{result['seconds']:.0f} s.  Plot: {args.out}/pretrain/loss.png")

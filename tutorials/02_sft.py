@@ -1,6 +1,6 @@
 """Tutorial 02: supervised fine-tuning (E0b): from a base model to an instruct model.
 
-    python tutorials/02_sft.py                 # 162 s on an idle 2-core CPU (after tutorial 01)
+    python tutorials/02_sft.py                 # after tutorial 01
 
 What it shows:
 1. the SFT data: instruction -> response pairs in a chat template; the loss counts response
@@ -18,7 +18,7 @@ A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jup
 from _common import banner, base_parser, ensure_pretrained, parse_args, summary
 
 from minialign.data import collate
-from minialign.sft import SFTConfig, main as sft
+from minialign.stages.sft import SFTConfig, main as sft
 from minialign.toyworld import ToyWorld, WorldConfig
 
 
@@ -45,7 +45,7 @@ print(f"\nfloor H(response | prompt) = {floor['nats_per_token']:.4f} nats per re
 # %% 2. Fine-tuning the base model (E0b)
 banner("2. Fine-tuning the base model")
 s = sft(SFTConfig(out=args.out, init=str(base), device=args.device, seed=args.seed, steps=args.steps,
-                  overwrite=True))
+                  progress=args.progress, overwrite=True))
 print(f"\nheld-out response loss {s['heldout_loss']:.4f} vs floor {s['entropy_floor']:.4f} "
       f"({100 * (s['heldout_loss'] / s['entropy_floor'] - 1):.1f}% above), {s['seconds']:.0f} s")
 
@@ -55,6 +55,8 @@ print(f"  mean r* of sampled reviews:        {s['true_reward_before']:+.3f} -> {
       f"   (malformed after SFT: {100 * s['malformed']:.1f}%)")
 print(f"  held-out arithmetic accuracy (T=1): {s['heldout_accuracy_before']:.3f} -> {s['heldout_accuracy']:.3f}"
       f"   (demonstrations are right {1 - world.config.arithmetic_noise:.0%} of the time)")
+print("  (truth.png's points sample fewer answers per question than this figure, so its last point differs\n"
+      "  from it by sampling noise)")
 print("\n  samples from the instruct model:")
 for prompt, text in s["examples"]:
     print(f"  {prompt!r:22} -> {text!r}")

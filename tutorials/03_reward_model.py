@@ -1,6 +1,6 @@
 """Tutorial 03: a Bradley-Terry reward model learns the hidden reward from noisy preferences (E3, E4).
 
-    python tutorials/03_reward_model.py            # 145 s on an idle 2-core CPU (after tutorial 02)
+    python tutorials/03_reward_model.py            # after tutorial 02
 
 What it shows:
 1. the preference data: two reviews of one item, and which one the (simulated) annotator chose;
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
-from minialign.reward_model import (RewardModel, RewardModelConfig, bradley_terry_probability, main,
-                                    reward_model_loss)
+from minialign.reward_model import RewardModel, bradley_terry_probability, reward_model_loss
+from minialign.stages.reward_model import RewardModelConfig, main
 from minialign.toyworld import ToyWorld, WorldConfig
 
 parser = base_parser(__doc__.splitlines()[0])
@@ -34,7 +34,6 @@ parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=
 parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
 parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs, help="training pairs")
 parser.add_argument("--eval-pairs", type=int, default=defaults.eval_pairs, help="held-out pairs")
-parser.add_argument("--progress", action="store_true", help="show a tqdm bar")
 args = parse_args(parser)
 world = ToyWorld(WorldConfig())  # the world is fixed; --seed varies training
 

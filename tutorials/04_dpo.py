@@ -1,7 +1,7 @@
 """Tutorial 04: direct preference optimisation (DPO, E7-E10), no reward model needed.
 
-    python tutorials/04_dpo.py      # 62 s on an idle 2-core CPU (after tutorials 01-02;
-                                    # without their models it trains them first: _common.ensure_sft)
+    python tutorials/04_dpo.py      # after tutorials 01-02; without their models
+                                    # it trains them first: _common.ensure_sft
 
 1. The closed form DPO is built on, on one prompt with four responses: the optimal KL-regularised
    policy pi* (E7) for a few beta, the reward recovered from it as a policy ratio (E8), and why
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from _common import banner, base_parser, ensure_sft, parse_args, summary
 
-from minialign.dpo import DPOConfig, implied_reward, log_partition, main as dpo, optimal_policy, preference_probability
+from minialign.dpo import implied_reward, log_partition, optimal_policy, preference_probability
+from minialign.stages.dpo import DPOConfig, main as dpo
 from minialign.runtime.plots import plot_panels
 
 parser = base_parser(__doc__.splitlines()[0])
@@ -76,7 +77,7 @@ def sweep(args, sft_path: Path) -> dict[float, dict]:
         config = DPOConfig(out=out, init=str(sft_path), beta=beta, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, num_pairs=args.steps * args.batch_size, eval_every=args.eval_every,
                            eval_pairs=args.eval_pairs, eval_samples_per_prompt=args.samples,
-                           device=args.device, seed=args.seed, overwrite=True)
+                           device=args.device, seed=args.seed, progress=args.progress, overwrite=True)
         t = time.time()
         summary = dpo(config)
         rows = [r for r in _rows(Path(out) / "dpo") if "kl" in r]
@@ -112,16 +113,21 @@ compare the trend, not the second decimal."""
 
 def plot(results: dict[float, dict], path: Path) -> None:
     r_sft = next(iter(results.values()))["summary"]["true_reward_before"]
+    last = next(iter(results.values()))["rows"][-1]["step"]
     plot_panels(path, [{
         "title": "DPO: hidden reward against KL, measured during training",
         "xlabel": "KL(pi_theta || pi_ref), nats per response (sampled)",
         "ylabel": "mean hidden reward r* of sampled reviews",
-        # the first row of each run is the SFT model before training, at KL 0
-        "curves": [([r["kl"] for r in res["rows"]], [r["true_reward"] for r in res["rows"]], f"beta = {beta:g}", "o-")
+        # the first row of each run is the SFT model before training, at KL 0; the arrows go from
+        # each measurement to the next, since a run need not move away from pi_ref at every step
+        "curves": [([r["kl"] for r in res["rows"]], [r["true_reward"] for r in res["rows"]], f"beta = {beta:g}", "o")
                    for beta, res in results.items()],
-        "hlines": [(r_sft, f"SFT model, r* = {r_sft:.3f}")]}], width=7,
-        caption="Each run starts at the SFT model (KL 0) and moves right as it trains: what each beta buys in r* "
-                "for the KL it spends.")
+        "arrows": True, "legend": "outside",
+        "notes": [(r["kl"], r["true_reward"], f"step {r['step']}") for res in results.values() for r in res["rows"]
+                  if r["step"] > 0],
+        "hlines": [(r_sft, f"SFT model, r* = {r_sft:.3f}")]}], width=8.5,
+        caption=f"Each run starts at the SFT model (KL 0, step 0) and its arrows follow its measurements in order, "
+                f"to step {last}: what each beta buys in r* for the KL it spends.")
 
 
 banner("3. True reward against KL")

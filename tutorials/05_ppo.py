@@ -8,7 +8,7 @@ missing), runs PPO, and shows:
 3. the learned reward r_phi beside r*: if the policy found a way to please r_phi that r* does not
    like (reward hacking), the two curves would part.
 
-    python tutorials/05_ppo.py                 # 38 s on an idle 2-core CPU (after tutorials 02 and 03)
+    python tutorials/05_ppo.py                 # after tutorials 02 and 03
     python tutorials/05_ppo.py --steps 100 --beta 0.02
 
 Plots go to ``<out>/ppo/``: ``overview.png`` (the three panels), and the stage's own
@@ -120,7 +120,8 @@ rm = ensure_reward_model(args.out, args.device, args.seed)
 banner("PPO: sample, score with r_phi at the EOS, per-token KL penalty, GAE, clipped updates")
 config = PPOConfig(out=args.out, init=str(sft), reward_model=str(rm), device=args.device, seed=args.seed,
                    steps=args.steps, batch_size=args.batch_size, beta=args.beta,
-                   advantage=args.advantage, shared_trunk=args.shared_trunk, overwrite=True)
+                   advantage=args.advantage, shared_trunk=args.shared_trunk, progress=args.progress,
+                   overwrite=True)
 result = ppo(config)
 run = Path(args.out) / "ppo"
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ It shows:
 3. the KL to the SFT model and the fraction of groups with zero spread (all answers right or
    all wrong: those groups teach nothing); the clip fraction is in ``kl_clip.png``.
 
-    python tutorials/06_grpo.py                       # 53 s on an idle 2-core CPU (after tutorial 02)
+    python tutorials/06_grpo.py                       # after tutorial 02
     python tutorials/06_grpo.py --no-scale-by-std     # Dr. GRPO: advantage r - mean, no division by the std
     python tutorials/06_grpo.py --kl-in reward --aggregation token_mean
 
@@ -56,11 +56,14 @@ args = parse_args(parser)
 
 # %% The overview plot
 
-def overview_plot(rows: list[dict], path: Path) -> None:
+def overview_plot(rows: list[dict], path: Path, ref_reset_every: int = 0) -> None:
     train = [r for r in rows if "accuracy" in r]
     held = [(r["step"], r["heldout/accuracy"]) for r in rows if "heldout/accuracy" in r]
     step = [r["step"] for r in train]
     x = "GRPO iteration"
+    k = max(1, len(train) // 10)  # the first and last tenth of the run, as the summary compares them
+    first, last = (sum(r["accuracy"] for r in part) / len(part) for part in (train[:k], train[-k:]))
+    ref = "pi_ref (the SFT model)" if not ref_reset_every else f"pi_ref (reset to the policy every {ref_reset_every})"
     plot_panels(path, [
         {"title": "1. accuracy of sampled answers (temperature 1)", "xlabel": x, "ylabel": "fraction answered right",
          "ylim": (0, 1),
@@ -69,19 +72,22 @@ def overview_plot(rows: list[dict], path: Path) -> None:
          "hlines": [(held[0][1], f"SFT model, held-out = {held[0][1]:.3f}")]},
         {"title": "2. answer length", "xlabel": x, "ylabel": "tokens per answer, EOS included",
          "curves": [(step, [r["answer_len"] for r in train], "mean over the rollout")]},
-        {"title": "3. KL to the SFT model", "xlabel": x, "ylabel": "KL, nats per token",
-         "curves": [(step, [r["kl"] for r in train], "KL(pi_old || pi_ref), k3")]},
+        {"title": f"3. KL from the sampling policy to {ref}", "xlabel": x, "ylabel": "KL, nats per token",
+         "curves": [(step, [r["kl"] for r in train], "KL(pi_old || pi_ref), k3 on the rollout's tokens")]},
         {"title": "4. groups that teach nothing", "xlabel": x, "ylabel": "fraction of groups", "ylim": (0, 1),
          "curves": [(step, [r["zero_spread"] for r in train], "all G answers score the same (A = 0)")]},
-    ], caption="Held-out accuracy follows the train rollouts up; as the train questions are mastered their "
-               "groups stop teaching, while the answers keep their length and the KL stays small.")
+    ], columns=2, width=6.5, caption=(
+        f"Train rollouts {first:.2f} -> {last:.2f} (first and last tenth), held-out {held[0][1]:.2f} -> "
+        f"{held[-1][1]:.2f}: the gap between them is what GRPO learned of the train questions alone. As the "
+        "train questions are mastered their groups stop teaching (4); the answers keep their length (2)."))
 
 
 t0 = time.time()
 init = args.init or str(ensure_sft(args.out, args.device, args.seed))
 options = {k: v for k, v in vars(args).items() if v is not None and k in (
     "steps", "group_size", "lr", "beta", "kl_in", "aggregation", "scale_by_std", "ref_reset_every")}
-config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, overwrite=True, **options)
+config = GRPOConfig(out=args.out, init=init, device=args.device, seed=args.seed, progress=args.progress,
+                    overwrite=True, **options)
 
 # %% GRPO from the SFT model, on the verifiable arithmetic reward
 banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers per iteration, "
@@ -90,7 +96,7 @@ banner(f"GRPO: {config.questions} questions x G = {config.group_size} answers pe
 result = grpo(config)
 run = Path(args.out) / "grpo"
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-overview_plot(rows, run / "overview.png")
+overview_plot(rows, run / "overview.png", config.ref_reset_every)
 
 # %% What happened
 banner("what happened")

@@ -14,7 +14,7 @@ gradient until it stops moving. Printed and saved (into <out>/theory/):
 5. two follow-ups: GRPO-k3-in-the-loss's effective beta against the group size, and which
    responses survive GRPO-k3-in-the-reward as beta varies.
 
-Run:  python tutorials/07_theory_lab.py          (26 s on an idle 2-core CPU)
+Run:  python tutorials/07_theory_lab.py          (no model, no sampling: the fastest tutorial)
 
 A script and a notebook: each ``# %%`` line starts a cell (Jupyter, VS Code, Jupytext).
 """
@@ -121,6 +121,26 @@ estimator_section(graded, out)
 
 
 # %% 3. and 4. Where each algorithm lands
+def where_they_land(rows: list[dict], pb: T.Problem, cap: int, tol: float = 1e-6) -> str:
+    """The frontier plot's caption, read off the landings (each problem has its own): at pi*
+    (total variation below ``tol``), on the frontier elsewhere (another beta's pi*, or the
+    frontier's end), below it, or still moving when the step cap stopped the run."""
+    moving = [r for r in rows if r["steps"] >= cap and r["tv_to_pi_star"] >= tol]
+    landed = [r for r in rows if r not in moving]
+    at_star = [r for r in landed if r["tv_to_pi_star"] < tol]
+    on = [r for r in landed if r not in at_star and T.frontier_reward_at(pb, r["kl"]) - r["reward"] < tol]
+    below = [r for r in landed if r not in at_star and r not in on]
+    names = lambda group: "; ".join(r["algorithm"] for r in group)  # noqa: E731
+    parts = ["No policy lies above the frontier.", f"At pi*: {names(at_star)}." if at_star else "None lands at pi*."]
+    if on:
+        parts.append(f"On the frontier away from pi* (the pi* of another beta, or the frontier's end): {names(on)}.")
+    parts.append(f"Below the frontier: {names(below)}." if below else "None lands below it.")
+    if moving:
+        parts.append(f"Still moving at the {cap}-step cap: " + "; ".join(
+            f"{r['algorithm']} (TV to pi* {r['tv_to_pi_star']:.0e})" for r in moving) + ".")
+    return " ".join(parts)
+
+
 def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f: dict) -> list[dict]:
     _common.banner(f"{number}. Where each algorithm lands: {pb.name} problem, beta = {pb.beta}, G = {G}")
     t0 = time.time()
@@ -142,8 +162,10 @@ def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f
     star_kl, star_r = float(T.kl(star, pb.ref_probs)), float(T.expected_reward(star, pb.rewards))
     markers = "os^vD<>ph"
     points = [([r["kl"]], [r["reward"]], r["algorithm"], markers[i % len(markers)]) for i, r in enumerate(rows)]
-    curves = [(f["kl"].tolist(), f["reward"].tolist(), "frontier: pi*(beta) of E7", "k-"),
-              ([star_kl], [star_r], f"pi* at beta = {pb.beta}", "k*")] + points
+    # pi* last, large and hollow: the algorithms that land on it would hide it otherwise
+    curves = [(f["kl"].tolist(), f["reward"].tolist(), "frontier: pi*(beta) of E7", "k-")] + points + [
+        ([star_kl], [star_r], f"pi* at beta = {pb.beta}", "k*",
+         {"markersize": 22, "markerfacecolor": "none", "markeredgewidth": 1.5, "zorder": 5})]
     near = [r for r in rows if abs(r["kl"] - star_kl) < 0.5]
     kls = [r["kl"] for r in near] + [star_kl]
     rws = [r["reward"] for r in near] + [star_r]
@@ -154,27 +176,26 @@ def landing_section(number: int, pb: T.Problem, G: int, steps: int, out: Path, f
          "legend": "lower right"},
         {"title": "zoom around pi*", **axes, "curves": curves, "legend": False,
          "xlim": (min(kls) - pad_k, max(kls) + pad_k), "ylim": (min(rws) - pad_r, max(rws) + pad_r)}],
-        width=6.5, height=5,
-        caption="No policy lies above the frontier. DPO and the KL-in-reward policy gradients land on it at pi*; "
-                "each GRPO-k3 variant lands at its own derived fixed point, below the frontier with k3 in the loss.")
+        width=6.5, height=5, caption=where_they_land(rows, pb, steps))
 
     # convergence: E2's objective along each run
     plot_panels(out / f"convergence_{pb.name}.png", [
         {"title": f"exact gradient flows ({pb.name})", "xlabel": "gradient step (log scale)", "xscale": "log",
          "ylabel": "E2: E[r] - beta KL(pi || pi_ref)", "hlines": [(float(T.objective(star, pb)), "E2 at pi*")],
+         "legend": "outside",
          "curves": [([s for s, _, _ in res.run.history], [rw - pb.beta * k for _, rw, k in res.run.history],
                      res.algorithm, "-") for res in results]}],
-        width=8, caption="The runs that land on pi* climb to E2's maximum; the others settle below it.")
+        width=11, caption="The runs that land on pi* climb to E2's maximum; the others settle below it.")
 
     # the policies themselves
     xs = list(range(pb.K))
     plot_panels(out / f"policies_{pb.name}.png", [
         {"title": f"converged policies ({pb.name})", "xlabel": "response y (its reward r)",
-         "ylabel": "probability pi(y)", "legend": "upper left",
+         "ylabel": "probability pi(y)", "legend": "outside",
          "xticks": (xs, [f"y{k}, r = {float(v):g}" for k, v in enumerate(pb.rewards)]),
          "bars": [(xs, pb.ref_probs.tolist(), "pi_ref"), (xs, star.tolist(), "pi*")]
                  + [(xs, r["policy"], r["algorithm"]) for r in rows]}],
-        width=10, caption="Each bar is one algorithm's converged probability of a response, beside pi_ref and pi*.")
+        width=13, caption="Each bar is one algorithm's converged probability of a response, beside pi_ref and pi*.")
     return rows
 
 results = {"graded": landing_section(3, graded, args.group_size, args.steps, out, f)}

@@ -1,7 +1,7 @@
 """Tutorial 08: the same stage commands on a real model folder and your own data files.
 
-    python tutorials/08_real_model.py     # offline, a few minutes on a 2-core CPU (after tutorials 01-02;
-                                          # without their SFT model it trains it first: _common.ensure_sft)
+    python tutorials/08_real_model.py     # offline, after tutorials 01-02; without their
+                                          # SFT model it trains it first: _common.ensure_sft
 
 What a user with a GPT-2 or Qwen folder does, on a model small enough for a laptop:
 
@@ -39,10 +39,12 @@ from minialign.runtime.plots import plot_panels
 from minialign.toyworld import ToyWorld, WorldConfig, write_jsonl
 
 
-def cli(*args) -> None:
-    """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``)."""
-    print("$ minialign " + " ".join(str(a) for a in args))
-    subprocess.run([sys.executable, "-m", "minialign", *map(str, args)], check=True,
+def cli(*words) -> None:
+    """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``), with
+    this tutorial's ``--threads`` when given."""
+    words = (*words, "--threads", args.threads) if args.threads else words
+    print("$ minialign " + " ".join(str(a) for a in words))
+    subprocess.run([sys.executable, "-m", "minialign", *map(str, words)], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 

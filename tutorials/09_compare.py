@@ -108,15 +108,16 @@ print(f"SFT model: r* {sft_reward:+.3f}, malformed {before['malformed']:.1%}, KL
 # -7 for an answer cut off before it). Each run writes ``<out>/compare/<algorithm>_beta<beta>/``.
 def train(algorithm: str, beta: float, args, sft: Path, rm: Path) -> Path:
     out = Path(args.out) / "compare" / f"{algorithm}_beta{beta:g}"
-    common = dict(out=str(out), init=str(sft), beta=beta, seed=args.seed, device=args.device, progress=False,
-                  overwrite=True)  # a rerun replaces the sweep's last run
+    # many short runs: their bars only with --progress; a rerun replaces the sweep's last run
+    common = dict(out=str(out), init=str(sft), beta=beta, seed=args.seed, device=args.device,
+                  progress=bool(args.progress), overwrite=True)
     if algorithm == "ppo":
         from minialign.stages.ppo import PPOConfig, main
         main(PPOConfig(reward_model=str(rm), steps=args.ppo_steps, eval_every=args.ppo_steps,
                        eval_samples=2, final_eval_samples=2, **common))
         return out / "ppo" / "model.pt"
     if algorithm == "dpo":
-        from minialign.dpo import DPOConfig, main
+        from minialign.stages.dpo import DPOConfig, main
         main(DPOConfig(steps=args.dpo_steps, lr=args.dpo_lr, num_pairs=args.dpo_steps * 64,
                        eval_every=args.dpo_steps, eval_pairs=16, eval_samples_per_prompt=2, **common))
         return out / "dpo" / "model.pt"

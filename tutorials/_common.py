@@ -3,8 +3,8 @@
 The tutorials are run in order and share one run folder (``runs/tutorial`` by default). A later
 tutorial needs the models of the earlier ones; if they are missing (or unfinished, or made from
 a model that has changed since) it trains them first with the default settings (pre-training
-then SFT, about 4-5 minutes on a 2-core CPU) and says so: ``minialign.runtime.cli.ensure_stage``, what
-``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
+then SFT, as tutorials 01 and 02 do; the README's table has their times) and says so:
+``minialign.runtime.cli.ensure_stage``, what ``minialign STAGE --with-prerequisites`` does. A tutorial's own run replaces the one it made
 before (``overwrite=True``), whatever flags it was given then. An experiment written to another
 folder (``--out runs/my_try``) starts from the complete models of ``runs/tutorial`` when it has
 none of its own, so a "Try this" run leaves the tutorials' folder as it was.
@@ -36,15 +36,29 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help="run folder shared by the tutorials")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's choice, $OMP_NUM_THREADS or one per core); "
+                             "1 is often faster on a busy machine")
+    bars = parser.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true", default=None,
+                      help="show tqdm bars (default: only when the output is a terminal)")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show tqdm bars")
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The command line's flags; in a notebook (a kernel's own arguments are not the tutorial's)
-    the flags in ``$MINIALIGN_TUTORIAL_ARGS``, the defaults where it is unset."""
+    the flags in ``$MINIALIGN_TUTORIAL_ARGS``, the defaults where it is unset. ``--threads`` takes
+    effect here, before the tutorial's first tensor operation."""
     if "ipykernel" in sys.modules:
-        return parser.parse_args(shlex.split(os.environ.get("MINIALIGN_TUTORIAL_ARGS", "")))
-    return parser.parse_args()
+        args = parser.parse_args(shlex.split(os.environ.get("MINIALIGN_TUTORIAL_ARGS", "")))
+    else:
+        args = parser.parse_args()
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    from minialign.runtime.devices import set_threads
+    set_threads(args.threads)
+    return args
 
 
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:

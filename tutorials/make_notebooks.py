@@ -36,6 +36,7 @@ TINY = {
     "07_theory_lab": "--steps 200",
     "08_real_model": "--dpo-steps 2 --grpo-steps 1",
     "09_compare": "--betas 0.1 --ppo-steps 1 --dpo-steps 2 --grpo-steps 1 --samples 2",
+    "10_family": "--steps 2 --questions 2 --group-size 2 --eval-every 1 --eval-samples 2 --final-eval-samples 2",
     "11_preference_family": "--members DPO,IPO,RS,PPO --steps 2 --batch-size 8 --ppo-steps 1 --rs-samples 2 "
                             "--bon-samples 8 --max-n 4 --samples 2",
 }

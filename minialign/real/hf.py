@@ -177,7 +177,11 @@ class HFCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM
 
         folder = _local_folder(folder, "config.json")
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        except (RuntimeError, OSError) as e:  # its weights do not fit its config.json, or are unreadable
+            raise ValueError(f"transformers cannot load the model in {folder}: {' '.join(str(e).split())[:200]} "
+                             "(does config.json, e.g. its vocab_size, match the weights?)") from e
         return cls(model.to(device=device, dtype=dtype), keep_dropout=keep_dropout)
 
     # views into ``model``, not submodules of their own (so state_dict has each weight once)
@@ -242,6 +246,11 @@ class HFCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+# the files a tokenizer is read from: fast (tokenizer.json), BPE (vocab.json + merges.txt),
+# WordPiece (vocab.txt), SentencePiece (tokenizer.model, spiece.model)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer with the toy tokenizer's methods, so every stage can use it.
 
@@ -272,6 +281,11 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         folder = _local_folder(folder, None)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer from config.json alone and encode every text to []
+            raise FileNotFoundError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+                                    "a model folder needs the tokenizer it was trained with "
+                                    "(tokenizer.save_pretrained(folder) writes them)")
         return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs),
                    use_chat_template)
 
@@ -310,15 +324,15 @@ def load_hf(folder, device="cpu", dtype: torch.dtype = torch.float32,
     """(model, tokenizer) from one local folder; a tokenizer larger than the model is an error."""
     model = HFCausalLM.from_pretrained(folder, device, dtype)
     tok = HFTokenizer.from_pretrained(folder, use_chat_template)
-    check_tokenizer_fits(model, tok)
+    check_tokenizer_fits(model, tok, folder)
     return model, tok
 
 
-def check_tokenizer_fits(model, tokenizer) -> None:
+def check_tokenizer_fits(model, tokenizer, source="") -> None:
     """Every id the tokenizer can produce must have a row in the model's output head."""
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's head only "
-                         f"{model.config.vocab_size}: they do not belong together")
+        raise ValueError(f"{source + ': ' if source else ''}tokenizer has {tokenizer.vocab_size} tokens but the "
+                         f"model's head only {model.config.vocab_size} (vocab_size): they do not belong together")
 
 
 def hf_tokenizer_from_toy(tok):

@@ -25,19 +25,20 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
 from . import files
-from ..tools import exercises
+from ..tools import exercises_command
 
 # stage name -> (module, config class, one-line help); ``pipeline`` runs them in this order
 STAGES = {
-    "pretrain": ("minialign.pretrain", "PretrainConfig", "stage 1: pre-train a base model (E0a)"),
-    "sft": ("minialign.sft", "SFTConfig", "stage 2: supervised fine-tuning (E0b)"),
-    "reward_model": ("minialign.reward_model", "RewardModelConfig", "alignment: Bradley-Terry reward model (E3, E4)"),
-    "dpo": ("minialign.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10)"),
+    "pretrain": ("minialign.stages.pretrain", "PretrainConfig", "stage 1: pre-train a base model (E0a)"),
+    "sft": ("minialign.stages.sft", "SFTConfig", "stage 2: supervised fine-tuning (E0b)"),
+    "reward_model": ("minialign.stages.reward_model", "RewardModelConfig", "alignment: Bradley-Terry reward model (E3, E4)"),
+    "dpo": ("minialign.stages.dpo", "DPOConfig", "alignment: direct preference optimisation (E7-E10), or a relative (--loss)"),
     "ppo": ("minialign.stages.ppo", "PPOConfig", "alignment: PPO with a value head against the reward model (E2, E5, E6)"),
     "grpo": ("minialign.stages.grpo", "GRPOConfig", "alignment: group relative policy optimisation (E11-E14)"),
     "rejection_sampling": ("minialign.stages.rejection_sampling", "RejectionSamplingConfig",
@@ -50,9 +51,10 @@ TOOLS = {
     "bench": ("minialign.tools.bench", "BenchConfig", "print speed figures (throughput, MFU, KV cache)"),
 }
 # the pipeline's flags: the settings every stage shares (TrainConfig's fields of these names)
-PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every", "resume", "overwrite")
+PIPELINE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every", "resume",
+                   "overwrite")
 # what a prerequisite stage inherits from the stage that needs it
-PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "progress", "save_every")
+PREREQUISITE_SHARED = ("out", "seed", "world_seed", "device", "dtype", "threads", "progress", "save_every")
 
 
 def _load(module: str, cls: str):
@@ -102,7 +104,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     p.add_argument("source", help="a stage folder (RUN/STAGE), its model.pt or its model/ folder")
     p.add_argument("dest", help="the new folder to write")
     add_debug_flag(p)
-    for p in exercises.add_parser(sub):
+    for p in exercises_command.add_parser(sub):
         add_debug_flag(p)
     return parser
 
@@ -140,9 +142,9 @@ def ensure_stage(name: str, **shared) -> Path:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     recorded = files.read_json(partial_dir(final) / "config.json") or files.read_json(final / "config.json")
     settings = {k: v for k, v in shared.items() if k in fields}
-    if recorded is not None:  # the settings it was (being) made with
+    if recorded is not None:  # the settings it was (being) made with, watched and threaded as this run is
         settings = {**{k: v for k, v in recorded.items() if k in fields}, "out": shared["out"],
-                    "progress": shared.get("progress", True)}
+                    "progress": shared.get("progress"), "threads": shared.get("threads", 0)}
     resume = (partial_dir(final) / RESUME).is_file()
     config = config_cls(**{**settings, "resume": resume, "overwrite": not resume})
     print(f"[{problem}: running {name} first]")
@@ -161,23 +163,52 @@ def run_stage(name: str, config, with_prerequisites: bool = False) -> dict:
     return mod.main(config)
 
 
-def run_pipeline(args) -> dict:
+def pipeline_stages(args) -> list[str]:
+    """The stages ``--stages`` names, in pipeline order, once the pipeline's flags are checked:
+    they are ``TrainConfig`` fields, so this needs no torch and a bad value is refused at once."""
+    from ..runtime.config import TrainConfig
     wanted = [s.strip().replace("-", "_") for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in PIPELINE]
     if unknown:
         raise files.ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {list(PIPELINE)}")
+    TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED})
+    return [s for s in PIPELINE if s in wanted]
+
+
+def run_pipeline(args) -> dict:
+    from ..runtime.stage import StageInterrupted, resume_hint
     shared = {k: getattr(args, k) for k in PIPELINE_SHARED}
     configs = {}
-    for name in (s for s in PIPELINE if s in wanted):  # every config checked before any stage runs
+    for name in pipeline_stages(args):  # every config checked before any stage runs
         _, config_cls = _load(*STAGES[name][:2])
         fields = {f.name for f in dataclasses.fields(config_cls)}
         configs[name] = config_cls(**{k: v for k, v in shared.items() if k in fields})
     summaries = {}
     for name, config in configs.items():
         print(f"\n=== {name}: {STAGES[name][2]} -> {args.out}/{name}")
-        summaries[name] = run_stage(name, config, args.with_prerequisites)
+        try:
+            summaries[name] = run_stage(name, config, args.with_prerequisites)
+        except StageInterrupted as e:  # continue with the pipeline, which skips the stages complete
+            again = pipeline_command(args)
+            raise StageInterrupted(resume_hint(e.run, again) if e.run else
+                                   f"{e}; continue the pipeline with `{again} --resume`", e.run) from None
         print(json.dumps(_brief(summaries[name]), indent=2))
     return summaries
+
+
+def pipeline_command(args) -> str:
+    """The ``minialign pipeline`` command that ``args`` came from (its flags that differ from their
+    defaults, and the progress bars as asked), for the message that says how to continue it."""
+    from ..runtime.config import TrainConfig
+    from ..runtime.folders import command_line
+    words = [command_line("pipeline", TrainConfig(**{k: getattr(args, k) for k in PIPELINE_SHARED}))]
+    if args.progress is not None:
+        words.append("--progress" if args.progress else "--no-progress")
+    if args.stages != ",".join(PIPELINE):
+        words.append(f"--stages {shlex.quote(args.stages)}")
+    if args.with_prerequisites:
+        words.append("--with-prerequisites")
+    return " ".join(words)
 
 
 def _brief(summary: dict) -> dict:
@@ -198,6 +229,8 @@ def error_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, EXPECTED):
         return text
+    if isinstance(e, OSError) and e.filename and e.strerror:  # the file system refused: say what, and where
+        return f"{e.filename}: {e.strerror}"
     return f"{type(e).__name__}: {text} (unexpected: run again with --debug to see the traceback)"
 
 
@@ -233,12 +266,48 @@ def main(argv=None) -> int:
 RENAMED = {"--kl-coef": "--beta (the KL strength is beta in every algorithm)"}
 
 
+# TrainConfig's fields whose checks also read other fields (how a stage's batches split, --data):
+# only the stage's own config, with its own defaults, checks them
+CROSS_CHECKED = ("batch_size", "grad_accum", "data", "eval_data", "max_length", "model")
+
+
+class _Unparsed(Exception):
+    """The flags did not parse; the command's own parser will say why."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Unparsed(message)
+
+
+def check_shared_flags(argv: list[str]) -> None:
+    """Refuse a bad value of a flag that every stage shares (``--lr -1``, ``--steps 0``) before the
+    stage's module is imported, and torch with it (seconds of CPU): ``TrainConfig`` checks the
+    flags typed, without torch, with the message the stage's own config gives them. The stage's
+    config checks everything again, its own flags and the cross-checked ones included."""
+    from ..runtime.config import TrainConfig
+    from ..runtime.flags import add_config_args
+    if {"-h", "--help"} & set(argv):
+        return
+    parser = _QuietParser(add_help=False, allow_abbrev=False)
+    add_config_args(parser, TrainConfig, only=[f.name for f in dataclasses.fields(TrainConfig)
+                                                if f.name not in CROSS_CHECKED])
+    try:
+        typed, _ = parser.parse_known_args(argv)
+    except _Unparsed:
+        return
+    defaults = TrainConfig()
+    TrainConfig(**{k: v for k, v in vars(typed).items() if v != getattr(defaults, k)})
+
+
 def _run(argv: list[str]) -> int:
     for word in argv:
         old = word.split("=", 1)[0]
         if old in RENAMED:
             raise files.ConfigError(f"{old} is now {RENAMED[old]}")  # main prints it as one line
     command = _command_in(argv)
+    if command in STAGES:
+        check_shared_flags(argv)
     commands = {command} if command in {*STAGES, *TOOLS, "pipeline"} else set()
     args = build_parser(commands).parse_args(argv)
     name = _canonical(args.command)
@@ -247,9 +316,13 @@ def _run(argv: list[str]) -> int:
         print(f"wrote {export(args.source, args.dest)}")
         return 0
     if name == "exercises":
-        return exercises.cli_main(args)
+        return exercises_command.cli_main(args)
+    if name == "pipeline":
+        pipeline_stages(args)  # a bad flag is refused here, before torch is imported
     from . import distributed
+    from ..runtime.devices import set_threads
     from ..runtime.flags import config_from_args
+    set_threads(getattr(args, "threads", 0))  # before torchrun's process group, the first work torch does
     with distributed.process_group(getattr(args, "device", "auto")):  # torchrun: join its ranks
         if name == "pipeline":
             run_pipeline(args)

@@ -3,21 +3,54 @@ every value is checked (``validate``) before anything is written.
 
 ``TrainConfig`` holds what every stage has; a stage's config subclasses it. ``require``,
 ``check_range`` and ``check_max_new_tokens`` are the input checks, with errors that name the flag.
+
+This module imports no torch (it asks torch only about a ``--device`` other than ``auto``, and
+about torchrun's ranks once they exist), so that a config module that imports only it, and
+``flags``, can refuse a bad value before torch's import (seconds of CPU) is paid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from . import distributed
-from .devices import DTYPES, valid_device_name
 from .files import ConfigError
 from .flags import flag
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def valid_device_name(name: str) -> bool:
+    """``auto`` or a name ``torch.device`` accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``); torch is
+    asked only about a name other than ``auto``."""
+    if name == "auto":
+        return True
+    import torch
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _ranks() -> int:
+    """The torchrun ranks a global batch is shared over. A process group exists only once torch's
+    distributed module is imported, so a config checked before that has one rank."""
+    if "torch.distributed" not in sys.modules:
+        return 1
+    from . import distributed
+    return distributed.world_size()
+
+
+def _launched() -> bool:
+    """Started by torchrun with more than one rank (``distributed.launched``, without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def require(config, name: str, ok: bool, allowed: str) -> None:
@@ -95,6 +128,7 @@ class TrainConfig(Config):
     world_seed: int = 0          # the toy world (its held-out split): fixed across stages and seeds
     device: str = "auto"         # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "float32"       # float32 | bfloat16 (autocast; log-probs and losses stay float32)
+    threads: int = 0             # CPU threads for torch (0: torch's choice, $OMP_NUM_THREADS or one per core); 1 is often faster on a busy machine
     steps: int = 300             # optimizer steps
     batch_size: int = 64
     lr: float = 1e-3
@@ -103,7 +137,7 @@ class TrainConfig(Config):
     weight_decay: float = 0.0
     grad_clip: float = 1.0       # max global gradient norm (0 = off)
     log_every: int = 10
-    progress: bool = True        # tqdm progress bars
+    progress: bool | None = None  # tqdm progress bars (auto: only when the output is a terminal, as tqdm does)
     save_every: int = 0          # steps between resumable checkpoints (0: only when stopped by Ctrl-C)
     resume: bool = False         # continue an interrupted run from its last resumable checkpoint
     overwrite: bool = False      # replace a finished run of this stage made with other settings
@@ -121,6 +155,9 @@ class TrainConfig(Config):
     # the global batches that are shared out: field -> whether it is also cut into --grad-accum
     # micro-batches (else over the ranks only); each must split evenly (equal shares, equal weights)
     SPLITS: typing.ClassVar[dict[str, bool]] = {"batch_size": True}
+    # the field that counts the rows of --data one step draws without replacement (None: drawn with
+    # replacement); the file must hold that many, checked before the run folder exists
+    ROWS_PER_STEP: typing.ClassVar[str | None] = "batch_size"
 
     def validate(self) -> None:
         super().validate()
@@ -132,12 +169,12 @@ class TrainConfig(Config):
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
         check_range(self, "min_lr_ratio", 0, 1)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every", "threads"):
             check_range(self, name, 0)
         # the flags for real models and data: only some combinations make sense
         check_range(self, "grad_accum", 1)
         for name, micro in type(self).SPLITS.items():
-            ranks, parts = distributed.world_size(), self.grad_accum if micro else 1
+            ranks, parts = _ranks(), self.grad_accum if micro else 1
             require(self, name, getattr(self, name) % (ranks * parts) == 0,
                     f"a multiple of {ranks * parts} ({ranks} rank(s) x {parts} micro-batch(es) of --grad-accum)")
         if self.eval_data and not self.data:
@@ -147,10 +184,13 @@ class TrainConfig(Config):
                               "the toy world's rows all fit its model")
         require(self, "model", not (self.model and getattr(self, "init", "")),
                 "left out when --init names the model to start from")
-        if distributed.launched():  # one checkpoint holds one process's generators
+        if _launched():  # one checkpoint holds one process's generators
             require(self, "save_every", self.save_every == 0, "0 under torchrun (resume works in one process)")
             require(self, "resume", not self.resume, "off under torchrun (resume works in one process)")
 
 
 # settings that change how a run is watched or kept, never its numbers
 RUN_CONTROL = ("out", "progress", "save_every", "resume", "overwrite")
+# settings that change only how a run's sums are split over CPU threads: the same run up to the
+# last bits of rounding, so a run may resume, or serve as an input, under another value
+ROUNDING_ONLY = ("threads",)

@@ -16,14 +16,16 @@ completion, chosen or rejected answer is a string or a one-message list ``[{"rol
 "content": ...}]``. Every response ends with EOS, which the policy learns to emit.
 
 **Bad rows are never skipped silently.** A row with a missing key, an empty response, text the
-tokenizer cannot encode, or more tokens than the model's context is *bad*: the whole file is
-refused with one error that counts them and names their line numbers, before anything is
-written to the run folder.
+tokenizer cannot encode, more tokens than the model's context, a line that is not UTF-8, or a
+preference pair whose chosen and rejected answers are the same (it states no preference) is
+*bad*: the whole file is refused with one error that counts them and names their line numbers,
+before anything is written to the run folder.
 
 **``--max-length``** cuts long rows as TRL 1.16 does, and the report says how many it cut:
 
 - pretrain, sft, dpo: keep the start of prompt + response (``truncation_mode="keep_start"``);
-  a row whose prompt alone fills ``max_length`` has nothing left to learn from and is dropped;
+  a row whose prompt alone fills ``max_length`` has nothing left to learn from and is dropped, and
+  so is a dpo pair whose answers differ only past the cut (counted as ``same_when_cut``);
 - reward-model: pairs with a sequence longer than ``max_length`` are dropped (TRL's
   ``RewardTrainer`` filters them, so a reward is never read from a cut answer);
 - ppo, grpo: a prompt is never cut (a cut question is another question); prompts with fewer than
@@ -32,6 +34,7 @@ written to the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,7 @@ class Report:
     truncated: int = 0
     dropped: int = 0
     max_length: int | None = None
+    same_when_cut: int = 0  # preference pairs dropped because --max-length cut them to one answer
     bad: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
 
     def check(self) -> None:
@@ -64,8 +68,18 @@ class Report:
                     + (" ..." if len(self.bad) > 60 else "")) if len(self.bad) > 10 else ""
             raise DataError(f"{self.path}: {len(self.bad)} bad row(s) of {self.rows}: {shown}{more}")
         if self.kept == 0:
-            raise DataError(f"{self.path}: no usable rows ({self.rows} read, {self.dropped} dropped "
-                            f"by --max-length {self.max_length})")
+            raise DataError(f"{self.path}: no usable rows ({self.rows} read, {self.dropped + self.same_when_cut} "
+                            f"dropped by --max-length {self.max_length})")
+
+    def require_rows(self, needed: int, name: str) -> None:
+        """Refuse the file if it holds fewer usable rows than one step draws (``needed``, the value
+        of flag ``name``)."""
+        if self.kept < needed:
+            dropped = self.dropped + self.same_when_cut
+            left = f"{self.kept} usable row(s) of {self.rows} ({dropped} dropped by --max-length " \
+                   f"{self.max_length})" if dropped else f"{self.rows} row(s)"
+            raise DataError(f"{self.path}: {left}, fewer than the {needed} one step draws ({name} {needed}); "
+                            f"give more rows or a smaller {name}")
 
     def describe(self) -> str:
         text = f"{self.path}: {self.rows} rows"
@@ -73,11 +87,15 @@ class Report:
             text += f", {self.truncated} truncated to --max-length {self.max_length} (keep_start, as TRL)"
         if self.dropped:
             text += f", {self.dropped} dropped (too long for --max-length {self.max_length})"
+        if self.same_when_cut:
+            text += (f", {self.same_when_cut} pairs dropped (chosen and rejected differ only past --max-length "
+                     f"{self.max_length}: cut, they state no preference)")
         return text
 
     def as_dict(self) -> dict:
         return {"path": self.path, "rows": self.rows, "kept": self.kept, "truncated": self.truncated,
-                "dropped": self.dropped, "max_length": self.max_length}
+                "dropped": self.dropped, "max_length": self.max_length,
+                **({"same_when_cut": self.same_when_cut} if self.same_when_cut else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +119,13 @@ def read_rows(path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: expected a .jsonl (one JSON object per line) or .parquet file")
     rows, bad = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is a bad row, named like the others
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append((f"line {lineno}", f"not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -115,6 +138,24 @@ def read_rows(path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
                 continue
             rows.append((f"line {lineno}", row))
     return rows, bad
+
+
+@contextlib.contextmanager
+def rows_per_step(path, needed: int, name: str):
+    """While a stage runs: reading its ``--data`` file ``path`` refuses it if fewer than ``needed``
+    usable rows (the value of flag ``name``: the rows one step draws without replacement) are left
+    once bad rows are named and ``--max-length`` has dropped what it drops. The ``@stage``
+    decorator sets it; the stage reads its data before its run folder exists, so a small file is
+    refused before that."""
+    key = Path(path).resolve()
+    _ROWS_PER_STEP[key] = (needed, name)
+    try:
+        yield
+    finally:
+        _ROWS_PER_STEP.pop(key, None)
+
+
+_ROWS_PER_STEP: dict[Path, tuple[int, str]] = {}  # --data file -> (rows one step draws, flag), while a stage runs
 
 
 def _read(path, max_length: int | None, context: int, parse) -> tuple[list, Report]:
@@ -136,6 +177,8 @@ def _read(path, max_length: int | None, context: int, parse) -> tuple[list, Repo
     report.bad.sort(key=lambda b: int(b[0].split()[1]))
     report.kept = len(examples)
     report.check()
+    if Path(path).resolve() in _ROWS_PER_STEP:
+        report.require_rows(*_ROWS_PER_STEP[Path(path).resolve()])
     return examples, report
 
 
@@ -284,8 +327,13 @@ def preference_data(path, tok, context: int, max_length: int | None = None, trun
                 raise _BadRow("no 'prompt', and 'chosen' and 'rejected' share no beginning to take as one")
         x = prompt_ids(tok, prompt)
         y_w, y_l = response_ids(tok, chosen, "chosen"), response_ids(tok, rejected, "rejected")
+        if y_w == y_l:
+            raise _BadRow("'chosen' and 'rejected' are the same answer: the pair states no preference")
         if truncate:
             fitted = [_fit(x, y_w, context, max_length), _fit(x, y_l, context, max_length)]
+            if fitted[0] is not None and fitted[0] == fitted[1]:  # they differ only past the cut
+                report.same_when_cut += 1
+                return None
             return (x, *fitted) if _count(report, [y_w, y_l], fitted) else None
         longest = len(x) + max(len(y_w), len(y_l))
         if longest > (max_length or context):

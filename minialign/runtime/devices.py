@@ -10,20 +10,28 @@ import numpy as np
 import torch
 
 from . import distributed
+from .config import DTYPES, valid_device_name  # noqa: F401 (valid_device_name: its old place)
 from .files import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")
+_INTEROP_SET = False  # torch sizes its inter-op pool once per process
 
 
-def valid_device_name(name: str) -> bool:
-    """``auto`` or a name ``torch.device`` accepts (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    if name == "auto":
-        return True
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
+def set_threads(threads: int) -> int:
+    """Use ``threads`` CPU threads for torch's operators (0: leave torch's own choice untouched);
+    return the number in use, which a run records in its ``config.json``.
+
+    Called before a run's first tensor operation. The intra-op pool (the threads that split one
+    matrix product) can be resized at any time; the inter-op pool (independent operators run side
+    by side, which eager code hardly uses) only before it first runs, so it is sized once, and
+    left as it is when something has used it already."""
+    global _INTEROP_SET
+    if threads > 0:
+        torch.set_num_threads(threads)
+        if not _INTEROP_SET:
+            _INTEROP_SET = True
+            with contextlib.suppress(RuntimeError):  # "cannot set ... after parallel work has started"
+                torch.set_num_interop_threads(threads)
+    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -42,22 +42,45 @@ class StageError(MinialignError, RuntimeError):
 
 
 class NonFiniteError(MinialignError, FloatingPointError):
-    """A NaN or inf in the loss, the gradients or the weights; the message names the step."""
+    """A NaN or inf in the loss, the gradients, the weights or the logits; the message names the
+    step (``step``, when the place that found it knows it; else the stage adds it)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class WriteError(MinialignError, OSError):
+    """A file that could not be written (a full disk, a file-size limit, a read-only folder); the
+    message names it and says that the file it would have replaced is untouched."""
+
+
+def write_failed(path, error: BaseException) -> WriteError:
+    """The one-line error for a failed write of ``path`` (an ``OSError``, or the ``RuntimeError``
+    that ``torch.save`` raises when the disk fills: "unexpected pos ...")."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+    return WriteError(f"writing {path} failed ({reason[:120]}): is the disk full, or a file-size limit "
+                      f"(ulimit -f) reached?")
 
 
 def atomic_write(path, write) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
 
-    If ``write`` fails (or the process dies) the previous ``path`` is untouched.
+    If ``write`` fails (or the process dies) the previous ``path`` is untouched; a failure to
+    write is a ``WriteError`` that names ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, MinialignError):
+            raise
+        raise write_failed(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

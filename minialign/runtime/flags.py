@@ -41,6 +41,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_bool_or_auto(text: str) -> bool | None:
+    """``parse_bool``, and ``auto`` (or ``none``) for None, where a field leaves the choice to the run:
+    ``--progress auto`` draws bars only when the output is a terminal."""
+    if text.lower() in ("auto", "none"):
+        return None
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls, only=None) -> None:
     """One ``--flag`` per dataclass field (or per field named in ``only``): type and default from
     the field, help from its comment."""
@@ -55,10 +66,11 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, only=None) -> N
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
         if optional:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if tp is bool:  # --x, --x true, --x false, --no-x
-            parser.add_argument(option, dest=f.name, type=parse_bool, nargs="?", const=True, default=default,
-                                metavar="true|false", help=f"{comments.get(f.name, '')} "
-                                f"(default: {default}; --no-{option[2:]} = {option} false)".strip())
+        if tp is bool:  # --x, --x true, --x false, --no-x (and --x auto where the field may be None)
+            parser.add_argument(option, dest=f.name, type=parse_bool_or_auto if optional else parse_bool, nargs="?",
+                                const=True, default=default, metavar="true|false" + ("|auto" if optional else ""),
+                                help=f"{comments.get(f.name, '')} (default: {'auto' if default is None else default}; "
+                                f"--no-{option[2:]} = {option} false)".strip())
             parser.add_argument("--no-" + option[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
             continue
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None

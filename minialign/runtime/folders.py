@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
 import socket
 from pathlib import Path
 
 from . import files
-from .config import RUN_CONTROL, TrainConfig
-from .files import StageError
+from .config import ROUNDING_ONLY, RUN_CONTROL, TrainConfig
+from .files import ConfigError, StageError
 from .flags import flag
 
 STATUS, RESUME = "status.json", "resume.pt"
@@ -44,15 +45,29 @@ def command_line(stage: str, config: TrainConfig) -> str:
 
 
 def config_changes(saved: dict | None, config: TrainConfig) -> str:
-    """The settings (not run-control) in which ``config`` differs from a saved config.json, as
-    ``"beta: 0.1 there, 0.5 here"``; empty if none. A field the saved config lacks counts as its default."""
+    """The settings (not run-control, nor the thread count) in which ``config`` differs from a saved
+    config.json, as ``"beta: 0.1 there, 0.5 here"``; empty if none. A field the saved config lacks
+    counts as its default."""
     if saved is None:
         return "no config.json there"
     defaults = type(config)()
     diffs = [f"{f.name}: {saved.get(f.name, getattr(defaults, f.name))!r} there, {getattr(config, f.name)!r} here"
-             for f in dataclasses.fields(config) if f.name not in RUN_CONTROL
+             for f in dataclasses.fields(config) if f.name not in RUN_CONTROL + ROUNDING_ONLY
              and saved.get(f.name, getattr(defaults, f.name)) != getattr(config, f.name)]
     return "; ".join(diffs)
+
+
+def check_writable(folder, name: str = "--out") -> None:
+    """Refuse a folder that this process cannot create or write into (read-only, not its
+    user's), before any work is done; ``name`` is the flag or argument that gave it."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{name} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {folder}: this user cannot write in {existing} (a read-only file system, or "
+                          f"another user's folder); choose another folder")
 
 
 def stage_model(out: str, stage: str) -> Path:
@@ -115,11 +130,10 @@ def stage_problem(folder) -> str | None:
     command = files.recorded_command(folder)
     if status.get("status") != "complete":
         return f"{folder} is {status.get('status')}; run `{command}`"
-    for name, sha in status.get("outputs", {}).items():  # the checkpoints: model.pt, a model/ folder, ...
-        path = folder / name
-        if (name.endswith(".pt") or path.is_dir()) and path.exists() and files.fingerprint(path) != sha:
-            return (f"{folder / name} changed after {folder.name} completed (its sha256 differs from the one "
-                    f"in {STATUS}); rerun `{command}`")
+    changed = output_changed(folder, status)
+    if changed:
+        return (f"{changed} after {folder.name} completed ({STATUS} holds the sha256 of every file it wrote); "
+                f"rerun `{command}`")
     for field, rec in status.get("inputs", {}).items():
         # an input that is gone (a stage folder copied on its own) leaves the stage as it was made;
         # one that is there with other contents means a newer model is upstream of this one
@@ -129,11 +143,35 @@ def stage_problem(folder) -> str | None:
     return None
 
 
+def output_changed(folder: Path, status: dict) -> str | None:
+    """The first output of a completed stage (checkpoints, ``config.json``, ``metrics.jsonl``,
+    ``summary.json``, plots: every file ``status.json`` fingerprints) that is gone or has other
+    contents, as ``"runs/x/sft/config.json changed"``; None if every one is as it was written."""
+    for name, sha in status.get("outputs", {}).items():
+        path = folder / name
+        if not path.exists():
+            return f"{path} was deleted"
+        if files.fingerprint(path) != sha:
+            return f"{path} changed"
+    return None
+
+
 def _finish_swap(folder: Path) -> None:
-    """Complete a ``Run.finish`` that was stopped between its two renames."""
+    """Complete a ``Run.finish`` that was killed after it marked the partial folder complete: before
+    its first rename (the previous results still in ``folder``), between its two renames (no
+    ``folder``), or before it removed the previous results (a ``.<stage>.old-PID`` folder)."""
     partial = partial_dir(folder)
-    if not folder.exists() and (files.read_json(partial / STATUS) or {}).get("status") == "complete":
+    status = files.read_json(partial / STATUS) or {}
+    if status.get("status") == "complete" and not (status.get("host") == socket.gethostname()
+                                                   and _alive(status.get("pid"))):
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
         os.replace(partial, folder)
+    for old in folder.parent.glob(f".{folder.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and _alive(int(pid))):  # the finishing process is gone: the swap is done
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def input_fingerprints(config: TrainConfig) -> dict:
@@ -177,7 +215,8 @@ def check_run_folder(config: TrainConfig, stage: str) -> bool:
             raise StageError(f"{partial} holds an interrupted {stage} run (resumable at step "
                              f"{status.get('checkpoint_step')} of {status.get('steps')}): continue it with --resume, "
                              "or start over with --overwrite")
-    if final.exists() and not config.overwrite:
+    # a completed run whose files were edited since holds nothing trustworthy that a rerun would lose
+    if final.exists() and not config.overwrite and not output_changed(final, files.read_json(final / STATUS) or {}):
         changes = config_changes(files.read_json(final / "config.json"), config)
         if changes:
             raise StageError(f"{final} holds a {stage} run made with other settings ({changes}); add --overwrite "

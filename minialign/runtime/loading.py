@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..model import GPT, load_checkpoint
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, checkpoint_tokenizer
 from . import distributed, files
 
 REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a folder
@@ -34,20 +34,6 @@ REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a fo
 def save_policy(model: GPT, tokenizer: Tokenizer, path) -> None:
     """The GPT and its toy tokenizer in one checkpoint, atomically (``load_policy`` reads it)."""
     model.save(path, tokenizer=tokenizer.state_dict())
-
-
-def checkpoint_tokenizer(ckpt: dict, path, tokenizer: Tokenizer | None = None) -> Tokenizer:
-    """The tokenizer saved in a checkpoint, checked against ``tokenizer`` (if given) and the model."""
-    if "tokenizer" not in ckpt:
-        raise ValueError(f"{path} has no tokenizer state; save it with minialign.runtime.loading.save_policy")
-    saved_tok = Tokenizer.from_state_dict(ckpt["tokenizer"])
-    if tokenizer is not None and saved_tok != tokenizer:
-        raise ValueError(f"{path} was trained with another tokenizer ({saved_tok.vocab_size} tokens) "
-                         f"than the one given ({tokenizer.vocab_size} tokens)")
-    if ckpt["config"]["vocab_size"] != saved_tok.vocab_size:
-        raise ValueError(f"{path}: model vocab_size {ckpt['config']['vocab_size']} != tokenizer's "
-                         f"{saved_tok.vocab_size}")
-    return saved_tok
 
 
 def load_policy(path, device="cpu", tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
@@ -82,7 +68,7 @@ def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Token
 
         model = load_gpt2(path, device).train()
         tok = HFTokenizer.from_pretrained(path)
-        check_tokenizer_fits(model, tok)
+        check_tokenizer_fits(model, tok, path)
         return model, tok
     if impl == "hf":
         raise ValueError(f"{path} is a minialign checkpoint: it runs with --model-impl minialign "

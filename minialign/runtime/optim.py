@@ -45,7 +45,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, los
     optimizer touches the weights, so nothing non-finite reaches a checkpoint.
     """
     if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss is {loss.item()} at step {step}; stopping before it spreads")
+        raise NonFiniteError(f"the loss is {loss.item()} at step {step}; stopping before it spreads", step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     optimizer.zero_grad(set_to_none=True)
@@ -67,7 +67,7 @@ def accumulated_step(model: torch.nn.Module, parallel: torch.nn.Module, optimize
     try:
         extras = distributed.accumulate(parallel, micro_batches, loss_of)
     except FloatingPointError as e:  # a NaN or inf loss, refused before its backward
-        raise NonFiniteError(f"at step {step}: {e}") from e
+        raise NonFiniteError(f"at step {step}: {e}", step) from e
     return _clip_and_step(model, optimizer, step, config), extras
 
 
@@ -103,6 +103,6 @@ def _clip_and_step(model, optimizer, step: int, config: TrainConfig) -> float:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     if not torch.isfinite(norm):
         raise NonFiniteError(f"the gradient norm is {float(norm)} at step {step} (a NaN or inf gradient); "
-                             "the weights were not updated")
+                             "the weights were not updated", step)
     optimizer.step()
     return float(norm)

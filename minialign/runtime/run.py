@@ -63,7 +63,8 @@ class Run:
                 print(f"nothing to resume in {self.dir}: {stage} starts from step 0")
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
-            files.write_json(self.dir / "config.json", dataclasses.asdict(config))
+            # the thread count in use, not the flag's 0 ("torch's choice"): bit-identical reruns need it
+            files.write_json(self.dir / "config.json", {**dataclasses.asdict(config), "threads": torch.get_num_threads()})
             (self.dir / "metrics.jsonl").write_text("")
         self.metrics_path = self.dir / "metrics.jsonl"
         self.resume_from = self.checkpoint if resuming else None
@@ -81,8 +82,11 @@ class Run:
         row.update({k: float(v) for k, v in metrics.items()})
         self.rows.append(row)
         if self.writes:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise files.write_failed(self.metrics_path, e) from e
         self._watch_divergence(row)
         return row
 
@@ -181,7 +185,10 @@ class Run:
         """Record why the run stopped: ``interrupted`` (Ctrl-C) or ``failed`` (with the error)."""
         self.status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self.error = " ".join(f"{type(error).__name__}: {error}".split()) if self.status == "failed" else None
-        self.write_status()
+        try:
+            self.write_status()
+        except OSError:  # the full disk that failed the run may refuse this too: the error says why
+            pass
         if self in _RUNS:
             _RUNS.remove(self)
 
@@ -237,6 +244,9 @@ def _load_into(obj, state) -> None:
 
 
 def progress(iterable, config: TrainConfig, desc: str, total: int | None = None, initial: int = 0):
+    """A tqdm bar over ``iterable``, drawn by the main rank only: always with ``--progress``, never
+    with ``--no-progress``, and by default (``progress`` None) only when the output is a terminal,
+    tqdm's own convention (``disable=None``), so that a log file gets no carriage returns."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, initial=initial,
-                disable=not (config.progress and distributed.is_main()), dynamic_ncols=True)
+    disable = True if not distributed.is_main() else None if config.progress is None else not config.progress
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=disable, dynamic_ncols=True)

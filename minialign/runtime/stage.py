@@ -15,31 +15,41 @@ from pathlib import Path
 
 from . import distributed, files
 from .config import TrainConfig
-from .devices import resolve_device
-from .files import ConfigError, NonFiniteError
+from .datafiles import rows_per_step
+from .devices import resolve_device, set_threads
+from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
-from .folders import RESUME, check_run_folder, config_changes, partial_dir, stage_input, stage_problem
+from .folders import RESUME, check_run_folder, check_writable, config_changes, partial_dir, stage_input, stage_problem
 from .run import _RUNS, Run
 
 
 class StageInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a stage; the message says from which step and with which command to resume."""
+    """Ctrl-C stopped a stage; the message says from which step and with which command to resume.
+    ``run`` is the interrupted run (None when it had completed), from which ``minialign pipeline``
+    words the same message with its own command (``resume_hint``)."""
+
+    def __init__(self, message: str, run: Run | None = None):
+        super().__init__(message)
+        self.run = run
 
 
 def stage(name: str):
     """Decorator for a stage's ``main(config)``.
 
-    Before ``main`` runs: the config is validated, the device checked, the input stages checked
-    (complete, unchanged), and the run folder checked (no finished run with other settings
-    overwritten, no resumable run thrown away); with ``resume`` a stage already complete with these
-    settings returns its summary. While it runs, the first Ctrl-C stops the training loop after
-    the current step with a resumable checkpoint. If it raises, the run's status says why.
+    Before ``main`` runs: the config is validated, torch's CPU threads set (``--threads``), the
+    device checked, the input stages checked (complete, unchanged), and the run folder checked (no
+    finished run with other settings overwritten, no resumable run thrown away); with ``resume`` a
+    stage already complete with these settings returns its summary. While it runs, the first Ctrl-C
+    stops the training loop after the current step with a resumable checkpoint. If it raises, the
+    run's status says why.
     """
     def decorate(main):
         @functools.wraps(main)
         def run_stage(config: TrainConfig):
             config.validate()
+            set_threads(config.threads)
             resolve_device(config.device)
+            check_writable(config.out)
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there
                 if getattr(config, field) and not Path(getattr(config, field)).exists():
                     raise ConfigError(f"{flag(field)} {getattr(config, field)}: no such file or folder")
@@ -52,7 +62,9 @@ def stage(name: str):
                 return files.read_json(final / "summary.json")
             check_run_folder(config, name)
             started = len(_RUNS)
-            with _stop_loops_on_ctrl_c() as ctrl_c:
+            rows = type(config).ROWS_PER_STEP  # a --data file smaller than a step is refused as it is read
+            with _stop_loops_on_ctrl_c() as ctrl_c, (rows_per_step(config.data, getattr(config, rows), flag(rows))
+                                                     if config.data and rows else contextlib.nullcontext()):
                 try:
                     summary = main(config)
                     if ctrl_c.after_training:  # the run completed first; a pipeline stops here
@@ -64,19 +76,40 @@ def stage(name: str):
                     for run in runs:
                         run.fail(e)
                     if runs and isinstance(e, KeyboardInterrupt):
-                        raise StageInterrupted(_resume_hint(runs[-1])) from None
+                        raise StageInterrupted(resume_hint(runs[-1]), runs[-1]) from None
                     if runs and isinstance(e, NonFiniteError):
-                        raise NonFiniteError(f"{e}. {_last_good(runs[-1])}") from e
+                        raise NonFiniteError(f"{_found_at(e, runs[-1])}{e}. {_last_good(runs[-1])}") from e
+                    if isinstance(e, WriteError):
+                        raise WriteError(f"{e} {name} stopped; {_previous(final)}") from e
                     raise
         return run_stage
     return decorate
 
 
-def _resume_hint(run: Run) -> str:
+def resume_hint(run: Run, command: str = "") -> str:
+    """Where ``run`` stopped, and the command that continues it: ``command`` (the pipeline's) or,
+    by default, the stage's own."""
+    stopped = f"{run.stage} stopped after step {run.step} of {run.steps}"
     if run.checkpoint.is_file():
-        return (f"{run.stage} stopped after step {run.step} of {run.steps}; continue from step {run.checkpoint_step} "
-                f"with `{run.command} --resume`")
-    return f"{run.stage} stopped after step {run.step} of {run.steps} with no resumable checkpoint (--save-every)"
+        return f"{stopped}; continue from step {run.checkpoint_step} with `{command or run.command} --resume`"
+    if command:  # the stage starts over; the stages already complete are kept
+        return f"{stopped} with no resumable checkpoint (--save-every); continue with `{command} --resume`"
+    return f"{stopped} with no resumable checkpoint (--save-every)"
+
+
+def _previous(final: Path) -> str:
+    """What a failed run left of the stage's previous results (a run replaces them only when it completes)."""
+    if final.exists():
+        return f"{final} still holds the previous results, untouched"
+    return f"there were no previous results in {final}, and nothing was put there"
+
+
+def _found_at(error: NonFiniteError, run: Run) -> str:
+    """Where a NaN or inf turned up (the step), unless the error says so already."""
+    if error.step is not None:
+        return ""
+    # run.step counts the steps done: the loop's step index while its body runs
+    return f"at step {run.step}: " if run.step < run.steps else f"after the last step ({run.steps}): "
 
 
 def _last_good(run: Run) -> str:

@@ -1,4 +1,4 @@
-"""Measuring a policy against the toy world's hidden truth, shared by every stage after SFT.
+"""Measuring a policy (or a reward model) against the toy world's hidden truth, shared by the stages.
 
 The training algorithms never see r*; these functions sample from the policy and score the
 samples with it, so a run can show whether the model really got better (and not only its
@@ -7,9 +7,11 @@ learned reward).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..generation import generate
+from ..reward_model import reward_model_loss, score
 from ..tokenizer import Tokenizer
 from ..toyworld import ToyWorld
 
@@ -53,7 +55,6 @@ def arithmetic_eval(model, tokenizer: Tokenizer, world: ToyWorld, split: str = "
     return {"accuracy": sum(correct) / len(correct)}
 
 
-
 def reward_eval(model, tokenizer, questions: list[dict], reward_fn, samples_per_question: int = 8,
                 temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 4) -> dict:
     """Mean reward of sampled answers to ``questions`` (data rows with ``prompt_ids``): on your own
@@ -66,3 +67,70 @@ def reward_eval(model, tokenizer, questions: list[dict], reward_fn, samples_per_
     texts = sample_texts(model, tokenizer, [q["prompt_ids"] for q in rows], max_new_tokens, temperature, generator)
     rewards = score_answers(reward_fn, rows, [y for y, _ in texts], [done for _, done in texts])
     return {"reward": rewards.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# a reward model on held-out preference pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def pearson(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@torch.no_grad()
+def pair_eval(model, encoded, pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """E4 loss, accuracy and margin of a reward model on encoded pairs [(x, y_w, y_l)]: what real
+    data can measure. Also returns r_w and r_l, (N,) each."""
+    x, y_w, y_l = zip(*encoded)
+    r_w, r_l = score(model, list(x), list(y_w), pad_id), score(model, list(x), list(y_l), pad_id)  # (N,), (N,)
+    return {"heldout_loss": reward_model_loss(r_w, r_l).item(),
+            "heldout_accuracy": (r_w > r_l).float().mean().item(),
+            "heldout_margin": (r_w - r_l).mean().item()}, r_w, r_l
+
+
+@torch.no_grad()
+def reward_model_eval(model, world: ToyWorld, tokenizer: Tokenizer, pairs: list[dict], encoded) -> dict:
+    r"""``pair_eval`` on the toy world's held-out ``pairs`` (``encoded`` by ``encode_pairs``), and how
+    $r_\phi$ agrees with the hidden $r^*$:
+
+    - ``bayes_optimal_accuracy``: the best any model can do on these labels, $\mathbb{E}[\sigma(|r^*_w - r^*_l|)]$;
+    - ``true_reward_loss``: E4 with $r^*$ itself, the floor of the loss in expectation;
+    - ``true_order_accuracy``: how often $r_\phi$ orders a pair as $r^*$ does (pairs $r^*$ decides);
+    - ``pearson``: correlation of $r_\phi$ and $r^*$ over the distinct held-out (prompt, response)s;
+      ``pearson_within_prompt`` first removes each prompt's mean (the $c(x)$ E3 cannot see);
+    - ``responses``: those responses' (learned, true) rewards, for the scatter plot.
+    """
+    measured, r_w, r_l = pair_eval(model, encoded, tokenizer.pad_id)
+    true_w = torch.tensor([world.true_reward(p["prompt"], p["chosen"]) for p in pairs])
+    true_l = torch.tensor([world.true_reward(p["prompt"], p["rejected"]) for p in pairs])
+
+    # the distinct responses of these pairs, with their learned and true rewards
+    seen: dict[tuple[str, str], tuple[float, float]] = {}
+    for p, rw, rl, tw, tl in zip(pairs, r_w.tolist(), r_l.tolist(), true_w.tolist(), true_l.tolist()):
+        seen[(p["prompt"], p["chosen"])] = (rw, tw)
+        seen[(p["prompt"], p["rejected"])] = (rl, tl)
+    keys = list(seen)
+    learned = np.array([seen[k][0] for k in keys])
+    true = np.array([seen[k][1] for k in keys])
+    prompts = np.array([k[0] for k in keys])
+    centred_learned, centred_true = learned.copy(), true.copy()
+    for prompt in set(prompts.tolist()):
+        m = prompts == prompt
+        centred_learned[m] -= learned[m].mean()
+        centred_true[m] -= true[m].mean()
+
+    true_gap = true_w - true_l
+    decided = true_gap != 0  # pairs where r* prefers one answer
+    return {
+        **measured,
+        "bayes_optimal_accuracy": world.bayes_optimal_accuracy(pairs),
+        "true_reward_loss": reward_model_loss(true_w, true_l).item(),
+        "true_order_accuracy": ((r_w - r_l).sign() == true_gap.sign())[decided].float().mean().item(),
+        "pearson": pearson(learned, true),
+        "pearson_within_prompt": pearson(centred_learned, centred_true),
+        "responses": (learned.tolist(), true.tolist()),
+    }

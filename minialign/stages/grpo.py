@@ -12,7 +12,7 @@ from ..runtime import distributed
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
-from ..runtime.config import TrainConfig, check_range
+from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
 from ..runtime.files import ConfigError
 from ..runtime.folders import input_path
@@ -28,7 +28,17 @@ class GRPOConfig(GRPOHyperparams, TrainConfig):
 
     Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
     questions with --data. Writes OUT/grpo/: model.pt (the aligned policy; a model/ folder after
-    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json."""
+    --model), metrics.jsonl, accuracy.png, answer_len.png, kl_clip.png, summary.json, status.json.
+
+    The policy-gradient family (docs/policy_gradient.md), each member GRPO with a few options changed:
+      GRPO          (the default) E12's group advantage, E13's clipped loss, the KL in the loss (k3)
+      REINFORCE     --advantage none --loss reinforce --kl-in reward --kl-estimator k1: A = r, -A log pi
+      REINFORCE+b   --advantage batch_mean --loss reinforce --kl-in reward --kl-estimator k1: the batch's mean as baseline
+      RLOO          --advantage rloo --loss reinforce --kl-in reward --kl-estimator k1: the others' mean as baseline
+      REINFORCE++   --advantage reinforce_pp --loss ppo_clip --kl-in reward: per-token KL, whitened over the batch
+      DAPO          --loss dapo --beta 0 --dynamic-sampling --overlong filter: clip-higher, token mean, only groups with signal
+      GSPO          --loss gspo --beta 0: one ratio per answer, (pi/pi_old)^(1/|y|), clipped per answer
+      CISPO         --loss cispo --beta 0: REINFORCE weighted by the clipped ratio, its gradient stopped"""
     init: str = ""                  # SFT checkpoint; default: out/sft/model.pt
     steps: int = 150                # iterations of E14 (sample, score, update)
     questions: int = 16             # questions per iteration
@@ -43,12 +53,18 @@ class GRPOConfig(GRPOHyperparams, TrainConfig):
 
     INPUTS = {"init": "sft"}
     SPLITS = {"questions": False, "batch_size": True}  # questions over ranks; answers over micro-batches too
+    ROWS_PER_STEP = "questions"  # distinct questions per iteration
 
     def validate(self) -> None:
         super().validate()
         for name in ("questions", "eval_samples", "final_eval_samples"):
             check_range(self, name, 1)
         check_range(self, "eval_every", 0)
+        answers = self.questions * self.group_size  # what one iteration samples and splits into steps
+        require(self, "batch_size", self.batch_size >= answers or answers % self.batch_size == 0,
+                f"a divisor of the {answers} answers an iteration samples (--questions {self.questions} x "
+                f"--group-size {self.group_size}), so that every step weighs its answers alike; or >= {answers}: "
+                "one step of all of them")
 
 
 @stage("grpo")
@@ -68,6 +84,9 @@ def main(config: GRPOConfig) -> dict:
     if config.questions > len(task.train):
         raise ConfigError(f"--questions must be <= {len(task.train)} (the questions there are to draw "
                           f"from), got {config.questions}")
+    if config.dynamic_sampling and distributed.world_size() > 1:
+        raise ConfigError("--dynamic-sampling draws a different number of questions on each rank: "
+                          "run it in one process (without torchrun)")
     run = Run(config, "grpo")
     distributed.check_divisible(config.questions, 1, "questions")
     distributed.check_divisible(config.batch_size, config.grad_accum)
@@ -90,8 +109,11 @@ def main(config: GRPOConfig) -> dict:
         pick = torch.randperm(len(task.train), generator=data_generator)[:config.questions].tolist()
         mine = distributed.local_share(pick)  # this rank's questions: whole groups stay on one rank
         update = gradient_update(policy, parallel, optimizer, config, step)
+
+        def draw(n: int) -> list[dict]:  # more questions for --dynamic-sampling (one process only)
+            return [task.train[i] for i in torch.randperm(len(task.train), generator=data_generator)[:n].tolist()]
         result = grpo_iteration(policy, reference, tok, task.reward_fn, [task.train[i] for i in mine], config,
-                                generator, update, config.dtype)
+                                generator, update, config.dtype, draw=draw)
         metrics = distributed.mean_over_ranks(result.metrics)
         history.append(metrics)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before:
@@ -119,6 +141,8 @@ def main(config: GRPOConfig) -> dict:
                "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
                "seconds": seconds, "examples_before": examples_before, "examples": task.examples(policy),
                **{name: report.as_dict() for name, report in task.reports.items()}}
+    if config.dynamic_sampling:  # the cost of the filter: questions sampled to fill the batches
+        summary["questions_drawn"] = sum(r["questions_drawn"] for r in history)
     run.finish(summary)
     return summary
 

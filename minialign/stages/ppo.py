@@ -50,6 +50,7 @@ class PPOConfig(PPOHyperparams, TrainConfig):
 
     INPUTS = {"init": "sft", "reward_model": "reward_model"}
     SPLITS = {"batch_size": False, "minibatch_size": True}  # rollouts over ranks; minibatches over micro-batches too
+    ROWS_PER_STEP = None  # a rollout draws its prompts with replacement
 
     def validate(self) -> None:
         super().validate()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.files import MinialignError
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -72,34 +74,79 @@ def load_reward(spec: str):
             raise ValueError(f"--reward {spec!r}: no file {path}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path:
-            sys.path.insert(0, "")  # the working directory, as `python -m` has it
-        try:
+    elif "" not in sys.path:
+        sys.path.insert(0, "")  # the working directory, as `python -m` has it
+    try:
+        if module_name.endswith(".py"):
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"--reward {spec!r}: cannot import {module_name} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module: whatever its import raised
+        raise RewardFunctionError(f"--reward {spec!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"--reward {spec!r}: {module_name} has no function {fn_name}")
     return fn
 
 
+class RewardFunctionError(MinialignError, ValueError):
+    """A reward function that raised, or returned something other than one finite float per
+    answer; the message names the function and says what a reward function must look like."""
+
+
+SHAPE = ("a reward function is `def f(prompts, completions, **kwargs) -> list[float]`: one finite float per "
+         "completion; the data's other columns and `finished` come as keyword arguments")
+
+
+def function_name(fn) -> str:
+    """``module:function`` of a reward function (what ``--reward`` names)."""
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
 def score_answers(reward_fn, rows: list[dict], completions: list[str], finished: list[bool],
                   device=None) -> torch.Tensor:
     """(B,) float32 rewards of B answers; ``rows[i]`` is the data row answer i replies to.
 
-    A reward function that returns the wrong count or a non-finite value is an error here, not
-    a NaN in the advantages.
+    A reward function that raises, or returns anything but one finite number per answer, is a
+    ``RewardFunctionError`` naming it, not a NaN in the advantages or minialign's own error.
     """
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-    values = reward_fn(prompts=[r["prompt"] for r in rows], completions=completions, finished=finished,
-                       **columns)
-    values = [float(v) for v in values]
+    name = function_name(reward_fn)
+    try:
+        values = reward_fn(prompts=[r["prompt"] for r in rows], completions=completions, finished=finished,
+                           **columns)
+    except Exception as e:  # noqa: BLE001 - the user's code: whatever it raised, say whose it is
+        raise RewardFunctionError(f"the reward function {name} raised {type(e).__name__}: {e}; {SHAPE}") from e
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise RewardFunctionError(f"the reward function {name} returned {_show(values)}, not a list of "
+                                  f"{len(completions)} rewards; {SHAPE}")
     if len(values) != len(completions):
-        raise ValueError(f"the reward function returned {len(values)} rewards for {len(completions)} answers")
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        raise RewardFunctionError(f"the reward function {name} returned {len(values)} rewards for "
+                                  f"{len(completions)} answers; {SHAPE}")
+    floats = []
+    for i, v in enumerate(values):
+        try:
+            floats.append(float(v))
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"the reward function {name} returned {_show(v)} for answer {i}, not a "
+                                      f"number; {SHAPE}") from None
+    bad = [i for i, v in enumerate(floats) if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"the reward function returned non-finite rewards for answers {bad[:8]}")
-    return torch.tensor(values, device=device)
+        raise RewardFunctionError(f"the reward function {name} returned non-finite rewards for answers {bad[:8]} "
+                                  f"({_show(floats[bad[0]])} for answer {bad[0]}); {SHAPE}")
+    return torch.tensor(floats, device=device)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} (a {type(value).__name__})"
+
+
+def check_reward_function(reward_fn, rows: list[dict]) -> None:
+    """Call ``reward_fn`` once on the first two rows (each answered by its own ``answer``, or by
+    "42"), so that a mistake in it is reported before the run folder exists."""
+    rows = rows[:2]
+    completions = [r["answer"] if isinstance(r.get("answer"), str) else "42" for r in rows]
+    score_answers(reward_fn, rows, completions, [True] * len(rows))

@@ -20,7 +20,7 @@ import torch
 from ..runtime import distributed
 from ..runtime.datafiles import prompt_data
 from .evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts
-from .rewards import exact_match_reward, load_reward, toy_reward
+from .rewards import check_reward_function, exact_match_reward, load_reward, toy_reward
 from ..runtime.config import check_max_new_tokens
 
 
@@ -144,5 +144,8 @@ class QuestionFile(Questions):
 
 
 def grpo_task(world, tokenizer, config, block_size: int) -> Questions:
-    return QuestionFile(tokenizer, config, block_size) if config.data else ArithmeticQuestions(world, tokenizer,
+    task = QuestionFile(tokenizer, config, block_size) if config.data else ArithmeticQuestions(world, tokenizer,
                                                                                                config, block_size)
+    if config.reward:  # yours: tried on two rows now, before the run folder exists
+        check_reward_function(task.reward_fn, task.train)
+    return task

@@ -9,7 +9,7 @@ weights with ``--gpt2-path``), device and dtype, it prints:
    and the speed-up. With the cache a new token costs one forward of one token; without it, a
    forward of the whole prefix, so at 256 new tokens the cache should be >= 5x faster;
 3. ``train``: training throughput in tokens/s, peak memory, and MFU, the model's FLOP/s as a
-   fraction of the machine's *measured* matmul FLOP/s in the same dtype (``matmul_flops``; and,
+   fraction of the machine's *measured* matmul FLOP/s in the same dtype (``roofline.Ceiling``; and,
    on a known GPU in bf16, of its datasheet peak). Model FLOPs per token: 6 N for the weights
    (forward 2 N, backward 4 N) plus 12 L T C for attention (PaLM appendix B; nanoGPT's ``estimate_mfu``);
 4. ``dpo``: a DPO step (``dpo_step``: policy forward and backward, reference forward, E9, AdamW)
@@ -19,7 +19,13 @@ weights with ``--gpt2-path``), device and dtype, it prints:
 
 For DPO and GRPO it prints the model FLOPs each step runs (``FlopCounter``: the shared step runs
 fewer, each prompt once), the FLOP/s achieved and its fraction of the measured FLOP/s of the
-model's own largest matmul (the roofline of a step made of such matmuls).
+model's own largest matmul (the roofline of a step made of such matmuls); for decoding, the same.
+
+**Ceilings that cannot be beaten** (``roofline.py``). On the CPU it first prints the theoretical
+peak (vector width, FMA, FMA units, clock: which were read from the OS and which assumed). The
+matmul ceiling is measured in short bursts *between* the timed steps, under the same load, and
+is the best burst; a fraction above 100 % is never printed: the ceiling is remeasured, and if the
+step still beats it, the line says the ceiling measurement was disturbed.
 
 **Figures that hold still.** Every timed figure is repeated (``--repeats``, ``--steps``) and
 printed as its min and its median; a target is judged on the min, the least disturbed run. Two
@@ -49,8 +55,10 @@ import torch.nn.functional as F
 
 from ..generation import generate
 from ..model import GPT, GPTConfig
+from ..ops import inference
+from .roofline import Ceiling, cpu_peak, matmul_flops, percent
 from ..runtime.config import Config, check_range, require
-from ..runtime.devices import autocast, resolve_device, resolve_dtype
+from ..runtime.devices import autocast, resolve_device, resolve_dtype, set_threads
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
@@ -130,36 +138,6 @@ def known_peak_flops(device, dtype: str) -> float | None:
     return next((peak for key, peak in KNOWN_BF16_PEAKS if key in name), None)
 
 
-def matmul_flops(device, dtype: str, n: int | None = None, repeats: int | None = None,
-                 shape: tuple[int, int, int] | None = None) -> float:
-    """Measured FLOP/s of a matmul, the ceiling the MFU figures are a fraction of.
-
-    ``shape`` (m, k, n): an (m, k) input times a (k, n) weight, e.g. a model's own largest matmul
-    (tokens x n_embd into 4 n_embd); default an n x n square, big enough to saturate the device.
-    Run the way the model runs its matmuls: ``F.linear`` on float32 tensors under the same
-    autocast (a CPU without bf16 units multiplies bf16 through a slower path than ``a @ b``'s
-    fp32 one, and ``nn.Linear`` under autocast takes yet another). The best of 3 rounds, so a
-    moment of contention from other processes does not lower the ceiling.
-    """
-    cuda = device.type == "cuda"
-    n = n or (4096 if cuda else 1024)
-    m, k, n = shape or (n, n, n)
-    repeats = repeats or max(2, int((50 if cuda else 2) * 1024 ** 3 / (m * k * n)))
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(n, k, device=device)
-    best = 0.0
-    with autocast(device, dtype):
-        F.linear(a, b)  # warm-up (kernel selection, casts)
-        for _ in range(3):
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(repeats):
-                F.linear(a, b)
-            _sync(device)
-            best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t))
-    return best
-
-
 def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     """Training FLOPs per token: 6 N (matmuls, forward and backward) + 12 L T C (attention)."""
     n_no_pos = n_params - config.block_size * config.n_embd  # position table is a lookup, no FLOPs
@@ -186,11 +164,13 @@ def model_config(cfg: BenchConfig) -> GPTConfig:
 
 
 def time_alternately(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     device=None) -> dict[str, list[float]]:
+                     device=None, between: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds of each call of each function, the functions run in turn (a, b, a, b, ...).
 
     Alternating puts any load from other processes on every function alike, so a ratio of two
     of them holds while the absolute seconds move; ``warmup`` rounds are run first, untimed.
+    ``between`` (untimed) runs after every timed round: ``Ceiling.measure``, so that the matmul
+    ceiling is measured under the same load as the steps it is the ceiling of.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -204,6 +184,8 @@ def time_alternately(calls: dict[str, Callable[[], object]], repeats: int, warmu
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
+        if between is not None and i >= warmup:
+            between()
     return times
 
 
@@ -215,44 +197,55 @@ def spread(times: list[float]) -> dict[str, float]:
 class FlopCounter:
     """Model FLOPs of every forward (and its backward) that GPTs ``models`` run while the counter is on.
 
-    Counted from the tokens each forward sees, at ``model.hidden``, the one entry point of every
-    forward (logits, hidden states, cached prefills and decodes): per real token (attention mask
-    1) 2 N for the weights (N: parameters without the position table, which is a lookup) and
-    4 L C S for attention over S keys (QK^T and AV); three times that when the forward builds a
-    graph (the backward costs twice the forward). The convention of ``flops_per_token`` (PaLM
-    appendix B, nanoGPT): no recomputation, and S counts every key in view, not half of them.
+    Counted from the tokens each forward sees, at ``model.hidden`` (logits, hidden states, cached
+    prefills) and ``model.decode`` (generation's steps): per real token (attention mask 1; a
+    decode step counts every row, finished ones too, since it computes them) 2 N for the weights
+    (N: parameters without the position table, which is a lookup) and 4 L C S for attention over
+    S keys (QK^T and AV); three times that when the forward builds a graph (the backward costs
+    twice the forward). The convention of ``flops_per_token`` (PaLM appendix B, nanoGPT): no
+    recomputation, and S counts every key in view, not half of them.
     """
 
     def __init__(self, *models):
         self.models, self.flops = models, 0.0
 
     def __enter__(self) -> "FlopCounter":
-        for model in self.models:
-            model.hidden = self._counting(model, model.hidden)  # an instance attribute shadows the method
+        for model in self.models:  # an instance attribute shadows the method
+            model.hidden = self._counting(model, model.hidden)
+            if hasattr(model, "decode"):
+                model.decode = self._counting_decode(model, model.decode)
         return self
 
     def __exit__(self, *exc) -> None:
         for model in self.models:
             del model.hidden
+            if "decode" in vars(model):
+                del model.decode
 
-    def _counting(self, model, hidden):
+    def _count(self, model, B: int, T: int, real: int, cache) -> None:
         c = model.config
         n_weights = sum(p.numel() for p in model.parameters()) - c.block_size * c.n_embd
-        n_layer = c.n_layer  # a minialign GPT (the bench's algorithm steps run on one)
+        keys = (cache.length if cache is not None else 0) + T
+        forward = real * (2 * n_weights + 4 * c.n_layer * c.n_embd * keys)  # a minialign GPT's layers
+        backward = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        self.flops += forward * (3 if backward else 1)
 
+    def _counting(self, model, hidden):
         def counted(idx, attention_mask=None, cache=None):
             B, T = idx.shape
-            keys = (cache.length if cache is not None else 0) + T
-            real = B * T if attention_mask is None else int(attention_mask[:, -T:].sum())
-            forward = real * (2 * n_weights + 4 * n_layer * c.n_embd * keys)
-            backward = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-            self.flops += forward * (3 if backward else 1)
+            self._count(model, B, T, B * T if attention_mask is None else int(attention_mask[:, -T:].sum()), cache)
             return hidden(idx, attention_mask, cache)
+        return counted
+
+    def _counting_decode(self, model, decode):
+        def counted(idx, positions, attn_mask, cache):
+            self._count(model, *idx.shape, idx.numel(), cache)
+            return decode(idx, positions, attn_mask, cache)
         return counted
 
 
 # ----------------------------------------------------------------------------------------------
-# the algorithm steps, as their training loops take them (``dpo.main``, ``grpo.main``)
+# the algorithm steps, as their training loops take them (``stages.dpo.main``, ``grpo.grpo_iteration``)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -268,22 +261,23 @@ def random_preference_batch(vocab_size: int, pairs: int, prompt_len: int, respon
 
 
 def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=None) -> Callable[[], float]:
-    """One DPO optimizer step of ``dpo.main`` per call, on ``batches`` in turn (cycled).
+    """One DPO optimizer step of ``stages.dpo.main`` per call, on ``batches`` in turn (cycled).
 
-    ``config`` (a ``dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
+    ``config`` (a ``stages.dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
     ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref is read from a table computed
-    here, untimed, as ``dpo.main`` precomputes its table; else the reference runs in every step).
+    here, untimed, as ``stages.dpo.main`` precomputes its table; else the reference runs in every step).
     """
-    from ..dpo import DPOConfig, chosen_rejected_logps, dpo_loss
+    from ..dpo import chosen_rejected_logps, dpo_loss
+    from ..stages.dpo import DPOConfig
     from ..runtime.optim import make_optimizer, optimizer_step
 
     config = config or DPOConfig(progress=False)
     device = batches[0]["input_ids"].device
     optimizer = make_optimizer(policy, config)
 
-    def reference_logps(batch):
-        with torch.no_grad(), autocast(device, config.dtype):
-            return chosen_rejected_logps(reference, batch, config.share_prompt)
+    def reference_logps(batch):  # no gradient: inference mode (``ops.inference``), as dpo.main's reference pass
+        with autocast(device, config.dtype):
+            return inference(chosen_rejected_logps, reference, batch, config.share_prompt)
     tables = [reference_logps(b) for b in batches] if config.precompute_ref_logps else None
     order, steps = itertools.cycle(range(len(batches))), itertools.count()
 
@@ -316,9 +310,10 @@ def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], 
 # ----------------------------------------------------------------------------------------------
 
 
-def train_throughput(model: GPT, cfg: BenchConfig, device) -> dict:
-    """Seconds per AdamW step on random tokens (batch_size x seq_len), each of ``steps`` steps timed:
-    tokens/s and MFU at the fastest step and the median one, peak memory."""
+def train_throughput(model: GPT, cfg: BenchConfig, device, ceiling: Ceiling) -> dict:
+    """Seconds per AdamW step on random tokens (batch_size x seq_len), each of ``steps`` steps timed
+    (a matmul burst of ``ceiling`` after each): tokens/s and MFU at the fastest step and the
+    median one, peak memory."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model.config.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
 
@@ -331,15 +326,15 @@ def train_throughput(model: GPT, cfg: BenchConfig, device) -> dict:
         opt.step()
 
     _reset_peak_memory(device)
-    seconds = spread(time_alternately({"train": step}, cfg.steps, warmup=2, device=device)["train"])
+    times = time_alternately({"train": step}, cfg.steps, warmup=2, device=device, between=ceiling.measure)
+    seconds = spread(times["train"])
     memory = peak_memory_bytes(device)
     tokens = cfg.batch_size * cfg.seq_len
     flops = tokens * flops_per_token(model.config, cfg.seq_len, model.num_params())
-    measured = matmul_flops(device, cfg.dtype)
     out = {"step_seconds": seconds["min"], "step_seconds_median": seconds["median"],
            "tokens_per_s": tokens / seconds["min"], "tokens_per_s_median": tokens / seconds["median"],
-           "model_flops_per_s": flops / seconds["min"], "matmul_flops_per_s": measured,
-           "mfu": flops / seconds["min"] / measured, "mfu_median": flops / seconds["median"] / measured,
+           "model_flops_per_s": flops / seconds["min"], "mfu": ceiling.fraction(flops / seconds["min"]),
+           "mfu_median": ceiling.fraction(flops / seconds["median"]), "matmul_flops_per_s": ceiling.best,
            "peak_memory_bytes": memory}
     peak = known_peak_flops(device, cfg.dtype)
     if peak is not None:
@@ -347,9 +342,11 @@ def train_throughput(model: GPT, cfg: BenchConfig, device) -> dict:
     return out
 
 
-def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
+def generation_speed(model: GPT, cfg: BenchConfig, device, ceiling: Ceiling) -> dict:
     """Seconds and tokens/s to sample ``new_tokens`` tokens with and without the KV cache (no EOS
-    stop), alternated ``repeats`` times; the speed-up is judged on the fastest run of each."""
+    stop), alternated ``repeats`` times (a matmul burst of ``ceiling`` after each round); the
+    speed-up is judged on the fastest run of each. With the cache: the model FLOPs of a run
+    (``FlopCounter``: prefill and every decode step) and their fraction of the ceiling."""
     prompts = [[1, 3, 5, 6]] * cfg.gen_batch
 
     def sample(use_cache: bool):
@@ -357,21 +354,26 @@ def generation_speed(model: GPT, cfg: BenchConfig, device) -> dict:
         with autocast(device, cfg.dtype):
             generate(model, prompts, cfg.new_tokens, eos_id=-1, pad_id=0, use_cache=use_cache, generator=generator)
 
+    with FlopCounter(model) as counter:
+        sample(True)
     _reset_peak_memory(device)
     times = time_alternately({"cache": lambda: sample(True), "no_cache": lambda: sample(False)},
-                             cfg.repeats, warmup=1, device=device)
-    out = {}
+                             cfg.repeats, warmup=1, device=device, between=ceiling.measure)
+    out = {"cache_flops": counter.flops}
     for key, t in times.items():
         out[key], out[key + "_median"] = spread(t)["min"], spread(t)["median"]
         out[key + "_tokens_per_s"] = cfg.gen_batch * cfg.new_tokens / out[key]
     out["speedup"] = out["no_cache"] / out["cache"]
     out["speedup_median"] = out["no_cache_median"] / out["cache_median"]
+    out["cache_flops_per_s"] = counter.flops / out["cache"]
+    out["cache_roofline"] = ceiling.fraction(out["cache_flops_per_s"])
+    out["matmul_flops_per_s"] = ceiling.best
     out["peak_memory_bytes"] = peak_memory_bytes(device)
     return out
 
 
 def pretrain_figure(cfg: BenchConfig, device) -> dict:
-    from ..pretrain import PretrainConfig, main as pretrain
+    from ..stages.pretrain import PretrainConfig, main as pretrain
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
@@ -384,37 +386,40 @@ def pretrain_figure(cfg: BenchConfig, device) -> dict:
 
 
 def _sharing_figure(steps: dict[str, Callable], counters: dict[str, FlopCounter], cfg: BenchConfig,
-                    device, ceiling: float) -> dict:
-    """Time the shared and the plain step alternately; FLOPs per step and FLOP/s for each."""
+                    device, ceiling: Ceiling) -> dict:
+    """Time the shared and the plain step alternately (a matmul burst of ``ceiling`` after each
+    round); FLOPs per step and FLOP/s for each, and their fraction of the ceiling."""
     _reset_peak_memory(device)
     for counter in counters.values():
         counter.__enter__()
     try:
-        times = time_alternately(steps, cfg.repeats, warmup=1, device=device)
+        times = time_alternately(steps, cfg.repeats, warmup=1, device=device, between=ceiling.measure)
     finally:
         for counter in counters.values():
             counter.__exit__()
-    out = {"matmul_flops_per_s": ceiling, "peak_memory_bytes": peak_memory_bytes(device)}
+    out = {"peak_memory_bytes": peak_memory_bytes(device)}
     for name, t in times.items():
         flops = float(counters[name].flops) / (cfg.repeats + 1)  # the mean step (the warm-up counted too)
         seconds = spread(t)
         out[name] = {"seconds": seconds["min"], "seconds_median": seconds["median"], "flops": flops,
                      "flops_per_s": flops / seconds["min"], "flops_per_s_median": flops / seconds["median"],
-                     "roofline": flops / seconds["min"] / ceiling}
+                     "roofline": ceiling.fraction(flops / seconds["min"])}
+    out["matmul_flops_per_s"] = ceiling.best  # after every remeasurement the fractions asked for
     out["speedup"] = out["plain"]["seconds"] / out["shared"]["seconds"]
     out["speedup_median"] = out["plain"]["seconds_median"] / out["shared"]["seconds_median"]
     return out
 
 
-def model_matmul_flops(config: GPTConfig, device, dtype: str) -> float:
-    """The ceiling for the DPO and GRPO figures: the model's own MLP matmul, 4096 tokens x C -> 4C."""
-    return matmul_flops(device, dtype, shape=(4096, config.n_embd, 4 * config.n_embd))
+def model_ceiling(config: GPTConfig, device, dtype: str) -> Ceiling:
+    """The ceiling of every figure: the model's own MLP matmul, 4096 tokens x C -> 4C, measured in
+    bursts between the timed steps."""
+    return Ceiling(device, dtype, shape=(4096, config.n_embd, 4 * config.n_embd))
 
 
-def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
+def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: Ceiling) -> dict:
     """A DPO step (policy forward and backward, reference forward, E9, AdamW) with the shared
     prompt and with the plain forward, alternated, from the same fresh model."""
-    from ..dpo import DPOConfig
+    from ..stages.dpo import DPOConfig
 
     P = cfg.dpo_prompt_len
     if not 1 <= P < cfg.seq_len:
@@ -432,7 +437,7 @@ def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> d
             **_sharing_figure(steps, counters, cfg, device, ceiling)}
 
 
-def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> dict:
+def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: Ceiling) -> dict:
     """A GRPO iteration (sample G answers per question, score, E11-E13 updates: ``grpo.grpo_iteration``
     with its defaults, one minibatch of all answers) with the shared prompt and without, alternated."""
     from ..stages.grpo import GRPOConfig
@@ -457,14 +462,14 @@ def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: float) -> 
             **_sharing_figure(steps, counters, cfg, device, ceiling)}
 
 
-def _print_sharing(title: str, f: dict) -> None:
+def _print_sharing(title: str, f: dict, ceiling: Ceiling) -> None:
     print(title)
     for key, label in (("shared", "prompt shared"), ("plain", "plain forward")):
         r = f[key]
         print(f"  {label}: {r['seconds']:.3f} s min, {r['seconds_median']:.3f} s median; "
               f"{r['flops'] / 1e9:.2f} GFLOP of model work -> {r['flops_per_s'] / 1e9:.1f} GFLOP/s at the min "
-              f"({r['flops_per_s_median'] / 1e9:.1f} at the median) = {100 * r['roofline']:.0f}% of the "
-              f"measured matmul {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+              f"({r['flops_per_s_median'] / 1e9:.1f} at the median) = {percent(r['roofline'], ceiling)} of "
+              f"the measured matmul {f['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     print(f"  plain / shared: {f['speedup']:.2f}x at the min, {f['speedup_median']:.2f}x at the median; "
           f"peak memory {_gib(f['peak_memory_bytes'])}")
 
@@ -479,8 +484,7 @@ def main(cfg: BenchConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {list(PARTS)}")
     device = resolve_device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     resolve_dtype(cfg.dtype)  # a bad --dtype fails here, before any timing
     torch.manual_seed(cfg.seed)
     if cfg.gpt2_path:
@@ -503,9 +507,15 @@ def main(cfg: BenchConfig) -> dict:
               f"nats/token vs exact floor {p['entropy_floor']:.4f} ({100 * p['gap_to_floor']:.2f}% above) "
               f"after {p['steps']} steps in {p['seconds']:.0f} s (one run, not repeated)")
 
+    ceiling = model_ceiling(config, device, cfg.dtype)  # measured between the timed steps of every part
+    if device.type == "cpu":
+        peak = cpu_peak(results["threads"])
+        results["peak"] = {**dataclasses.asdict(peak), "flops_per_s": peak.flops_per_s}
+        print(peak.describe())
+
     if "generation" in parts:
         model.eval()
-        results["generation"] = speed = generation_speed(model, cfg, device)
+        results["generation"] = speed = generation_speed(model, cfg, device, ceiling)
         verdict = "met" if speed["speedup"] >= 5 else "NOT met"
         print(f"generation of {cfg.new_tokens} tokens x {cfg.gen_batch} rows, {cfg.repeats} alternated runs each: "
               f"KV cache {speed['cache']:.2f} s min, {speed['cache_median']:.2f} s median "
@@ -513,34 +523,40 @@ def main(cfg: BenchConfig) -> dict:
               f"{speed['no_cache_median']:.2f} s median; speed-up {speed['speedup']:.1f}x at the min "
               f"({speed['speedup_median']:.1f}x at the median; target >= 5x at 256 new tokens, judged on the min: "
               f"{verdict if cfg.new_tokens >= 256 else 'n/a, fewer tokens'})")
+        print(f"  decoding with the cache: {speed['cache_flops'] / 1e9:.3f} GFLOP of model work per run -> "
+              f"{speed['cache_flops_per_s'] / 1e9:.2f} GFLOP/s at the min = {percent(speed['cache_roofline'], ceiling)} "
+              f"of the measured matmul {ceiling.best / 1e9:.1f} GFLOP/s")
 
     if "train" in parts:
         model.train()
-        results["train"] = tr = train_throughput(model, cfg, device)
+        results["train"] = tr = train_throughput(model, cfg, device, ceiling)
         datasheet = (f", {100 * tr['mfu_datasheet']:.1f}% of the datasheet {tr['datasheet_flops_per_s'] / 1e12:.0f} "
                      f"TFLOP/s" if "mfu_datasheet" in tr else "")
         print(f"training (batch {cfg.batch_size} x {cfg.seq_len}, {cfg.steps} steps timed): "
               f"{tr['step_seconds']:.3f} s/step min, {tr['step_seconds_median']:.3f} median; "
               f"{tr['tokens_per_s']:,.0f} tokens/s = {tr['model_flops_per_s'] / 1e9:.2f} GFLOP/s at the min, "
-              f"MFU {100 * tr['mfu']:.1f}% ({100 * tr['mfu_median']:.1f}% at the median) of the measured matmul "
-              f"{tr['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s{datasheet}, peak memory {_gib(tr['peak_memory_bytes'])}")
+              f"MFU {percent(tr['mfu'], ceiling)} ({percent(tr['mfu_median'], ceiling)} at the median) of the "
+              f"measured matmul {tr['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s{datasheet}, "
+              f"peak memory {_gib(tr['peak_memory_bytes'])}")
     del model  # the DPO and GRPO figures build their own models
 
-    if "dpo" in parts or "grpo" in parts:
-        ceiling = model_matmul_flops(config, device, cfg.dtype)
     if "dpo" in parts:
         results["dpo"] = d = dpo_figure(config, cfg, device, ceiling)
         _print_sharing(f"DPO step ({cfg.dpo_pairs} pairs x {cfg.seq_len} tokens: {d['prompt_len']} prompt + "
                        f"{cfg.seq_len - d['prompt_len']} response; policy forward and backward, reference "
-                       f"forward, E9, AdamW), {cfg.repeats} alternated steps each:", d)
+                       f"forward, E9, AdamW), {cfg.repeats} alternated steps each:", d, ceiling)
 
     if "grpo" in parts:
         results["grpo"] = g = grpo_figure(config, cfg, device, ceiling)
         _print_sharing(f"GRPO iteration ({cfg.grpo_questions} questions x G={cfg.grpo_group} answers of <= "
                        f"{g['max_new_tokens']} tokens: sample, score, E11-E13, {g['inner_updates']} updates), "
-                       f"{cfg.repeats} alternated iterations each:", g)
-    if "dpo" in parts or "grpo" in parts:
-        print(f"  (the ceiling: the model's MLP matmul, 4096 tokens x {config.n_embd} -> {4 * config.n_embd}, "
-              f"best of 3; model work counted by bench.FlopCounter: 2N per real token, 4 L C S attention, "
-              f"x3 with the backward)")
+                       f"{cfg.repeats} alternated iterations each:", g, ceiling)
+    if ceiling.samples:
+        peak = results.get("peak", {}).get("flops_per_s")
+        above = (f"; ABOVE the theoretical peak {peak / 1e9:.1f} GFLOP/s: the clock read is not the one the "
+                 f"core ran at" if peak and ceiling.best > peak else "")
+        print(f"(the ceiling: the model's MLP matmul, 4096 tokens x {config.n_embd} -> {4 * config.n_embd}, "
+              f"the best of {len(ceiling.samples)} bursts measured between the timed steps "
+              f"({ceiling.remeasured} remeasured), {ceiling.best / 1e9:.1f} GFLOP/s{above}; model work counted by "
+              f"bench.FlopCounter: 2N per real token, 4 L C S attention, x3 with the backward)")
     return results

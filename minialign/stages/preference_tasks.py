@@ -1,0 +1,173 @@
+"""What a preference stage (DPO and its family) trains on and how it measures its policy: the toy
+world's pairs or your own ``--data`` file's, behind one interface, so that the runner has one path.
+
+A task has
+- ``train``: token lists ``{"prompt", "chosen", "rejected"}`` of the training pairs; for KTO also
+  ``kl_chosen``, ``kl_rejected``: each prompt with the responses of another pair
+  (``preference.kto_mismatched_index``), whose log-probs estimate KTO's reference point $z_0$;
+- ``heldout``: pairs never trained on, or None (your data without ``--eval-data``);
+- ``reports``: what was read from each data file ({} in the toy world), for the summary;
+- ``evaluate(policy, reference) -> dict``: what is known of the policy: r* and the malformed share
+  of its sampled reviews where the toy world knows them, $\\mathrm{KL}(\\pi_\\theta\\Vert\\pi_{ref})$ on its
+  own samples, and the held-out pairs ordered by the member's implicit reward (``heldout/accuracy``).
+  ``reference()`` gives the reference model, loaded when it is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..runtime import distributed
+from ..dpo import dpo_loss, pair_logps, sampled_kl, tokenize_pairs
+from ..preference import kto_mismatched_index, preference_loss
+from ..runtime.config import check_max_new_tokens
+from ..runtime.datafiles import preference_data
+from ..runtime.files import ConfigError
+from .evaluate import review_eval
+
+
+class PreferenceTask:
+    """The measurements every source of pairs shares; ``member`` is the family's hyperparameters
+    (``preference.PreferenceHyperparams``), None for DPO itself."""
+    heldout: dict | None = None
+    world = None
+
+    def __init__(self, tokenizer, config, member, block_size: int):
+        self.tokenizer, self.config, self.member, self.block_size = tokenizer, config, member, block_size
+        self.reports, self.ref_heldout = {}, None
+
+    def add_mismatched_responses(self) -> None:
+        """KTO: ``kl_chosen``/``kl_rejected`` of pair i are the responses of pair ``kto_mismatched_index``[i]."""
+        t = self.train
+        index = kto_mismatched_index(len(t["prompt"])).tolist()
+        for key in ("chosen", "rejected"):
+            t["kl_" + key] = [t[key][j] for j in index]
+            longest = max(len(x) + len(y) for x, y in zip(t["prompt"], t["kl_" + key]))
+            if longest > self.block_size:
+                raise ConfigError(f"--loss kto pairs each prompt with another pair's {key} response, and one such "
+                                  f"pair has {longest} tokens, more than the model's context of {self.block_size}")
+
+    def reference_logps(self, reference, train: bool) -> dict | None:
+        """log pi_ref of the held-out pairs, kept here, and with ``train`` those of every training pair
+        (and of KTO's mismatched ones), returned as ``dpo.dpo_step`` reads them: ``{"chosen": (N,), ...}``."""
+        c, t = self.config, self.train
+        if self.heldout is not None:
+            self.ref_heldout = pair_logps(reference, self.heldout, self.tokenizer.pad_id, device_of(reference),
+                                          c.dtype, share_prompt=c.share_prompt)
+        if not train:
+            return None
+        table = {}
+        for k in ("", "kl_") if "kl_chosen" in t else ("",):
+            table[k + "chosen"], table[k + "rejected"] = pair_logps(
+                reference, {"prompt": t["prompt"], "chosen": t[k + "chosen"], "rejected": t[k + "rejected"]},
+                self.tokenizer.pad_id, device_of(reference), c.dtype, share_prompt=c.share_prompt)
+        return table
+
+    def truth(self, policy) -> dict:
+        return {}
+
+    def plot(self, run, x: str, before: dict) -> None:  # your own data: what can be measured without r*
+        run.plot({"kl": "KL(pi_theta || pi_ref), sampled"}, "kl.png", "distance from the reference",
+                 ylabel="KL, nats per response", xlabel=x,
+                 caption="What DPO never sees: how far the policy moved from the reference on its own samples.")
+        run.plot({"heldout/accuracy": "held-out pairs"}, "accuracy.png", "implicit-reward accuracy (E10)",
+                 ylabel="fraction of pairs with r_w > r_l", xlabel=x, ylim=(0, 1),
+                 caption="Pairs it never trained on, ordered by the implicit reward like their labels (ties count half).")
+
+    def summary(self, before: dict, after: dict) -> dict:
+        return {name: report.as_dict() for name, report in self.reports.items()}
+
+    def heldout_accuracy(self, policy) -> float:
+        """The fraction of held-out pairs whose implicit reward orders them like their label (a tie counts half)."""
+        c = self.config
+        pi_w, pi_l = pair_logps(policy, self.heldout, self.tokenizer.pad_id, device_of(policy), c.dtype,
+                                share_prompt=c.share_prompt)
+        ref_w, ref_l = self.ref_heldout or (None, None)
+        if self.member is None or self.member.loss == "kto":  # E10: DPO's implicit reward, and KTO's
+            _, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, c.beta)
+        else:
+            n_w, n_l = (torch.tensor([len(y) for y in self.heldout[k]], device=pi_w.device)
+                        for k in ("chosen", "rejected"))
+            _, r_w, r_l = preference_loss(self.member, pi_w, pi_l, ref_w, ref_l, n_w, n_l)[:3]
+        # a tie (as at the start, where every implicit reward of DPO is 0) counts as half right
+        return ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean().item()
+
+    def evaluate(self, policy, reference) -> dict:
+        c = self.config
+        policy.eval()
+        out = self.truth(policy)
+        if self.kl_prompts:
+            out["kl"] = sampled_kl(policy, reference(), self.tokenizer, self.kl_prompts, c.eval_samples_per_prompt,
+                                   c.max_new_tokens, seed=c.seed + 1, share_prompt=c.share_prompt)
+        if self.heldout is not None:
+            out["heldout/accuracy"] = self.heldout_accuracy(policy)
+        policy.train()
+        if "examples" in out:
+            out["examples"] = out.pop("examples")
+        return out
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class ToyPairs(PreferenceTask):
+    """The toy world's pairs, labelled by Bradley-Terry with its hidden r*; r* scores the policy's reviews."""
+
+    def __init__(self, world, tokenizer, config, member, block_size: int):
+        super().__init__(tokenizer, config, member, block_size)
+        self.world = world
+        self.kl_prompts = world.review_prompts()  # sampled to measure r* and the KL
+        check_max_new_tokens(config, [tokenizer.prompt(p) for p in self.kl_prompts], block_size)
+        self.train = tokenize_pairs(tokenizer, world.preference_dataset(config.num_pairs, seed=config.seed))
+        self.heldout_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
+        self.heldout = tokenize_pairs(tokenizer, self.heldout_rows)
+
+    def truth(self, policy) -> dict:
+        c = self.config
+        ev = review_eval(policy, self.tokenizer, self.world, c.eval_samples_per_prompt, seed=c.seed,
+                         max_new_tokens=c.max_new_tokens)
+        return {"true_reward": ev["true_reward"], "malformed": ev["malformed"], "examples": ev["examples"]}
+
+    def summary(self, before: dict, after: dict) -> dict:
+        return {"true_reward_before": before["true_reward"], "true_reward": after["true_reward"],
+                "malformed_before": before["malformed"], "malformed": after["malformed"],
+                "bayes_optimal_accuracy": self.world.bayes_optimal_accuracy(self.heldout_rows),
+                "examples": after["examples"]}
+
+    def plot(self, run, x: str, before: dict) -> None:
+        run.plot_panels("truth.png", [
+            {"title": "hidden reward of the policy's samples", "metrics": {"true_reward": "mean r* of sampled reviews"},
+             "hlines": [(before["true_reward"], f"SFT model, {before['true_reward']:.3f}")],
+             "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
+            {"title": "distance from the reference", "metrics": {"kl": "KL(pi_theta || pi_ref), sampled"},
+             "xlabel": x, "ylabel": "KL, nats per response"}],
+            caption=f"What DPO never sees, measured on {self.config.eval_samples_per_prompt} samples per review "
+                    "prompt: the hidden reward it gained, and the KL it paid for it.")
+
+
+class PairFile(PreferenceTask):
+    """Your pairs (``--data``, held out: ``--eval-data``); refused here, before the run folder exists, if a row is bad."""
+
+    def __init__(self, tokenizer, config, member, block_size: int):
+        super().__init__(tokenizer, config, member, block_size)
+        self.train = self.read("data")
+        if config.eval_data:
+            self.heldout = self.read("eval_data")
+        # KL(pi || pi_ref) is measured on samples for a few distinct prompts that leave room to answer
+        fits = [x for x in (self.heldout or self.train)["prompt"] if len(x) + config.max_new_tokens <= block_size]
+        self.kl_prompts = list({tuple(x): x for x in fits}.values())[:8]
+
+    def read(self, name: str) -> dict:
+        pairs, self.reports[name] = preference_data(getattr(self.config, name), self.tokenizer, self.block_size,
+                                                    self.config.max_length)
+        distributed.print_main(self.reports[name].describe())
+        return pairs
+
+
+def preference_task(world, tokenizer, config, member, block_size: int) -> PreferenceTask:
+    task = (PairFile(tokenizer, config, member, block_size) if config.data else
+            ToyPairs(world, tokenizer, config, member, block_size))
+    if member is not None and member.loss == "kto":
+        task.add_mismatched_responses()
+    return task
