@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from minialign.tools import bench, roofline
+from minialign.tools import bench, roofline, timing
 from minialign.tools.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
                              main, matmul_flops, model_config, peak_memory_bytes, random_preference_batch, spread,
                              time_alternately)
@@ -107,7 +107,7 @@ def test_time_alternately_runs_the_calls_in_turn_and_times_each_after_the_warmup
     each call's own seconds come back; min and median of a are 1 and 2, b twice a."""
     clock, order = FakeClock(), []
     durations = {"a": iter([100.0, 3.0, 1.0, 2.0]), "b": iter([50.0, 6.0, 2.0, 4.0])}
-    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
 
     def call(name):
         order.append(name)
@@ -225,7 +225,7 @@ def test_ceiling_never_gives_a_fraction_above_one():
 def test_time_alternately_measures_between_rounds_untimed(monkeypatch):
     """``between`` runs after each timed round (not after the warm-up), outside the timings."""
     clock, order = FakeClock(), []
-    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
 
     def call(name, seconds):
         order.append(name)
