@@ -86,3 +86,21 @@ def test_each_figure_is_judged_against_the_range_measured_over_seeds(tmp_path):
     assert "FAR OUTSIDE" in verdict(G="8", accuracy="0.85")[0]
     assert "no range to compare with" in verdict(G="4", accuracy="0.45")[0]
     assert _common.range_verdicts("06_grpo", {"accuracy": "0.5"}, tmp_path / "none.json") == []
+
+
+def test_a_member_the_tutorial_does_not_know_is_refused_before_anything_trains(capsys):
+    """_common.choose_members: the family tutorials' --members, each name checked before any model is
+    trained (an unknown name used to train the whole chain first, then fall through to PPO)."""
+    import argparse
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import _common
+    parser = argparse.ArgumentParser(prog="11_preference_family.py")
+    assert _common.choose_members(parser, " DPO, IPO ,", ("DPO", "IPO", "PPO")) == ["DPO", "IPO"]
+    for text in ("DPO,XYZ", ",,"):
+        with pytest.raises(SystemExit):
+            _common.choose_members(parser, text, ("DPO", "IPO", "PPO"))
+    assert "--members: none given" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _common.choose_members(parser, "grpo", ("DPO",))
+    assert "--members: unknown ['grpo']; choose from DPO" in capsys.readouterr().err

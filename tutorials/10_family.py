@@ -37,7 +37,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import banner, base_parser, ensure_sft, parse_args, summary
+from _common import banner, base_parser, choose_members, ensure_sft, parse_args, summary
 
 from minialign.runtime.plots import plot_panels
 from minialign.stages.grpo import GRPOConfig, main as grpo
@@ -64,10 +64,7 @@ parser.add_argument("--eval-every", type=int, default=25, help="held-out accurac
 parser.add_argument("--eval-samples", type=int, default=16, help="samples per held-out question during training")
 parser.add_argument("--final-eval-samples", type=int, default=32, help="samples per held-out question at the end")
 args = parse_args(parser)
-members = [m.strip() for m in args.members.split(",") if m.strip()]
-unknown = sorted(set(members) - set(MEMBERS))
-if unknown:
-    parser.error(f"unknown members {unknown}; choose from {','.join(MEMBERS)}")
+members = choose_members(parser, args.members, MEMBERS)
 
 
 # %% Train every member from the same SFT model

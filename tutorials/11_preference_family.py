@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import banner, base_parser, ensure_reward_model, ensure_sft, parse_args, summary
+from _common import banner, base_parser, choose_members, ensure_reward_model, ensure_sft, parse_args, summary
 from tqdm import tqdm
 
 parser = base_parser(__doc__.splitlines()[0])
-parser.add_argument("--members", default="DPO,cDPO,rDPO,IPO,SimPO,KTO,ORPO,RS,PPO",
+MEMBERS = ("DPO", "cDPO", "rDPO", "IPO", "SimPO", "KTO", "ORPO", "RS", "PPO")
+parser.add_argument("--members", default=",".join(MEMBERS),
                     help="comma-separated members to train (RS: rejection sampling)")
 parser.add_argument("--beta", type=float, default=0.1, help="beta of every member that has one (SimPO: --simpo-beta)")
 parser.add_argument("--steps", type=int, default=40, help="optimizer steps of every preference member and of RS")
@@ -55,7 +56,7 @@ parser.add_argument("--max-n", type=int, default=64, help="best-of-N's curve for
 parser.add_argument("--samples", type=int, default=32, help="samples per prompt for r* and KL")
 args = parse_args(parser)
 start, cpu_start = time.time(), resource.getrusage(resource.RUSAGE_SELF)
-members = [m for m in args.members.split(",") if m]
+members = choose_members(parser, args.members, MEMBERS)
 sft = ensure_sft(args.out, args.device, args.seed)
 rm = ensure_reward_model(args.out, args.device, args.seed)
 folder = Path(args.out) / "preference_family"

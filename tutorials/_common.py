@@ -61,6 +61,17 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def choose_members(parser: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """The comma-separated ``--members`` in ``text``, each one of ``known``: a name that is not is
+    refused at once, before any model is trained."""
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in known]
+    if unknown or not chosen:
+        parser.error(f"--members: unknown {unknown}; choose from {','.join(known)}" if unknown else
+                     f"--members: none given; choose from {','.join(known)}")
+    return chosen
+
+
 def ensure(stage: str, out: str, device: str = "auto", seed: int = 0) -> Path:
     """The model of ``out/<stage>``, complete and up to date. If ``out`` has no such stage (not even
     an unfinished one), the tutorials' own ``runs/tutorial/<stage>`` when it is complete; else
