@@ -73,7 +73,7 @@ class Chromium:
     def __enter__(self) -> "Chromium":
         import websocket  # websocket-client, from the [docs] extra
 
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)  # a renderer still exiting may write to it
         self.process = subprocess.Popen(
             [chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-extensions", "--disable-background-networking", "--disable-component-update",

@@ -72,6 +72,9 @@ def process_group(device_name: str = "auto"):
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         yield
+        # every rank leaves together: gloo's teardown can abort a rank ("terminate called without an
+        # active exception") whose peer has already destroyed its end of the group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
