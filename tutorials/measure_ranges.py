@@ -94,12 +94,14 @@ def run_one(name: str, seed: int) -> dict:
     if not lines:
         raise SystemExit(f"`{' '.join(command[1:])}` printed no summary line")
     return {"figures": parse_summary(lines[-1])[1], "seconds": round(time.time() - t, 1),
-            "command": f"python tutorials/{name}.py --seed {seed} --out {out}"}
+            "command": f"python tutorials/{name}.py --seed {seed} --out {out}", "machine": machine()}
 
 
 def fmt(s: dict) -> str:
     if "mean" not in s:
         return "/".join(dict.fromkeys(s["values"]))
+    if s["min"] == s["max"]:  # a setting or an exact figure (steps, the entropy floor): the same in every run
+        return f"{s['min']:g}"
     digits = 4 if max(abs(s["min"]), abs(s["max"])) < 10 and any(len(v.split(".")[-1]) > 3 for v in map(str, s["values"])) else 3
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
@@ -111,9 +113,13 @@ def readme_table(record: dict) -> str:
         seconds = statistics.fmean(r["seconds"] for r in runs)
         figures = "; ".join(f"{k} {fmt(s)}" for k, s in table.items())
         rows.append(f"| {name} | {len(runs)} | {seconds:.0f} s | {figures} |")
-    m = record.get("machine", {})
-    return "\n".join(rows) + (f"\n\nMeasured on {m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, "
-                              f"torch {m.get('torch')}) by `python tutorials/measure_ranges.py`.")
+    machines = {}
+    for key, run in record["runs"].items():
+        m = run.get("machine", record.get("machine", {}))
+        label = f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')})"
+        machines.setdefault(label, []).append(key.split("@")[0])
+    where = "; ".join(f"{', '.join(dict.fromkeys(names))} on {label}" for label, names in machines.items())
+    return "\n".join(rows) + f"\n\nMeasured by `python tutorials/measure_ranges.py`: {where}."
 
 
 def write_readme(record: dict) -> None:
@@ -133,6 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     record = load()
     if not args.write:
+        for run in record["runs"].values():  # runs recorded before each kept its own machine
+            run.setdefault("machine", record.get("machine", {}))
         record["machine"] = machine()
         wanted = [t for t in TUTORIALS if not args.only or t in args.only.split(",")]
         for name in wanted:          # tutorial by tutorial: a partial sweep has whole ranges
