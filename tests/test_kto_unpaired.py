@@ -235,11 +235,12 @@ def metrics(out):
     return [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kto_unpaired_on_the_toy_world_equals_the_same_examples_from_a_file(tiny_run, tmp_path, monkeypatch, world):
     references = []
     step = dpo_stage.kto_step
-    monkeypatch.setattr(dpo_stage, "kto_step", lambda policy, reference, *a, **k: (
-        references.append(reference), step(policy, reference, *a, **k))[1])
+    monkeypatch.setattr(dpo_stage, "kto_step", lambda policy, reference, tok, examples, *a, **k: (
+        references.append((reference, examples)), step(policy, reference, tok, examples, *a, **k))[1])
     toy = dpo_stage.main(tiny(tiny_run, tmp_path / "toy", kto_unpaired=True))
     # the same pairs the toy world drew (num_pairs at --seed), split, as a TRL file
     write_jsonl(tmp_path / "kto.jsonl", P.unpair_preference_rows(world.preference_dataset(32, seed=0)))
@@ -252,8 +253,11 @@ def test_kto_unpaired_on_the_toy_world_equals_the_same_examples_from_a_file(tiny
     assert "true_reward" in toy and "true_reward" not in mine  # r* where the toy world knows it
     assert mine["data"]["rows"] == 64
     # the reference's log-probs of every example and of its mismatched completion were precomputed
-    assert len(references) == 6 and all(set(r) == {"completion", "kl_completion"} for r in references)
-    assert len(references[0]["completion"]) == 64
+    assert len(references) == 6 and all(set(r) == {"completion", "kl_completion"} for r, _ in references)
+    reference, examples = references[-1]
+    assert len(reference["completion"]) == 64 and sum(examples["desirable"]) == 32
+    # each example's mismatched completion is that of the example before it (kto_mismatched_index)
+    assert examples["kl_completion"] == examples["completion"][-1:] + examples["completion"][:-1]
 
 
 def test_kto_unpaired_flags_and_files_are_refused_where_they_do_not_apply(tiny_run, tmp_path):
@@ -271,6 +275,7 @@ def test_kto_unpaired_flags_and_files_are_refused_where_they_do_not_apply(tiny_r
     assert not (tmp_path / "sigmoid" / "dpo").exists()  # refused before the run folder
 
 
+@pytest.mark.slow
 def test_the_class_weights_are_checked_as_trl_does(tiny_run, tmp_path):
     rows = [{"prompt": "review the movie", "completion": "the movie was good .", "label": True}] * 6 + \
            [{"prompt": "review the movie", "completion": "the movie was bad .", "label": False}] * 2
