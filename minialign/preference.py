@@ -41,6 +41,10 @@ log-probs:
   policy and reference, for the reference point $z_0$. ``kto`` given pairs uses them as unpaired
   data, chosen as desirable and rejected as undesirable: the like-for-like comparison with DPO.
 
+KTO on data that is unpaired to begin with (TRL's ``{prompt, completion, label}`` rows, or the pairs
+split by ``unpair_preference_rows``) has a step of its own, ``kto_step``, which calls ``kto_loss``
+on single examples; ``minialign dpo --loss kto`` runs it for such data.
+
 ``loss="sigmoid"`` with ``label_smoothing=0`` calls ``dpo.dpo_loss`` itself, so DPO's runs are
 bit-for-bit what they were.
 
