@@ -293,3 +293,34 @@ def test_help_names_the_unpaired_rows_and_the_flag(capsys):
         cli(["dpo", "--help"])
     text = capsys.readouterr().out
     assert "{prompt, completion, label}" in text and "--kto-unpaired" in text
+
+
+@pytest.mark.slow
+def test_unpaired_kto_on_a_transformers_model_from_the_command_line(world, tmp_path):
+    """TRL's conversational unpaired rows on a tiny random GPT-2 folder (``--model-impl hf``)."""
+    transformers = pytest.importorskip("transformers")
+    from minialign.real.hf import hf_tokenizer_from_toy
+
+    tok = world.tokenizer
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(str(folder))
+    hf_tokenizer_from_toy(tok).save_pretrained(str(folder))
+    pairs = world.preference_dataset(12, seed=1)
+    write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+        for r in P.unpair_preference_rows(pairs[:8])])
+    write_jsonl(tmp_path / "prefs_eval.jsonl", pairs[8:])
+    assert cli(["dpo", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--model", str(folder),
+                "--model-impl", "hf", "--loss", "kto", "--data", str(tmp_path / "kto.jsonl"), "--eval-data",
+                str(tmp_path / "prefs_eval.jsonl"), "--steps", "2", "--batch-size", "4", "--eval-every", "1",
+                "--eval-samples-per-prompt", "2", "--max-new-tokens", "6", "--log-every", "1"]) == 0
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # the policy is its reference: z_0 = 0, each 1/2
+    summary = json.loads((tmp_path / "run" / "dpo" / "summary.json").read_text())
+    assert summary["data"]["rows"] == 16 and summary["heldout_accuracy"] is not None
+    assert (tmp_path / "run" / "dpo" / "model" / "model.safetensors").is_file()

@@ -79,7 +79,7 @@ class PreferenceTask:
 
     def check_class_weights(self) -> None:
         """Unpaired KTO: warn, as TRL does, where lambda_D n_D / (lambda_U n_U) leaves [1, 4/3], the
-        paper's advice (its eq. 8) for n_D desirable and n_U undesirable training examples."""
+        paper's advice (TRL cites its eq. 8) for n_D desirable and n_U undesirable training examples."""
         c, labels = self.config, self.train["desirable"]
         n_d, n_u = sum(labels), len(labels) - sum(labels)
         ratio = c.desirable_weight * n_d / (c.undesirable_weight * n_u)
