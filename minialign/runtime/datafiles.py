@@ -8,6 +8,7 @@ it is not a dependency). The keys are TRL's:
 | pretrain | ``{"text"}`` |
 | sft | ``{"prompt", "completion"}``, or a conversation ``{"messages": [{"role", "content"}, ...]}`` whose last message is the assistant's (the response; the loss counts it only, E0b) |
 | reward-model, dpo | ``{"prompt", "chosen", "rejected"}``, or ``{"chosen", "rejected"}`` with the prompt implicit (their common beginning, as TRL's ``extract_prompt``) |
+| dpo ``--loss kto`` | the pairs above, or TRL's unpaired rows ``{"prompt", "completion", "label"}``: ``label`` is ``true`` (a desirable completion) or ``false`` (an undesirable one), and the file holds both |
 | ppo | ``{"prompt"}`` (the reward model scores the answers) |
 | grpo | ``{"prompt", "answer"}`` for the built-in verifiable reward (``rewards.py``), or any columns your ``--reward module:function`` reads |
 
@@ -16,14 +17,14 @@ completion, chosen or rejected answer is a string or a one-message list ``[{"rol
 "content": ...}]``. Every response ends with EOS, which the policy learns to emit.
 
 **Bad rows are never skipped silently.** A row with a missing key, an empty response, text the
-tokenizer cannot encode, more tokens than the model's context, a line that is not UTF-8, or a
-preference pair whose chosen and rejected answers are the same (it states no preference) is
-*bad*: the whole file is refused with one error that counts them and names their line numbers,
+tokenizer cannot encode, more tokens than the model's context, a line that is not UTF-8, a
+preference pair whose chosen and rejected answers are the same (it states no preference), or an
+unpaired row whose ``label`` is not a JSON boolean is *bad*: the whole file is refused with one error that counts them and names their line numbers,
 before anything is written to the run folder.
 
 **``--max-length``** cuts long rows as TRL 1.16 does, and the report says how many it cut:
 
-- pretrain, sft, dpo: keep the start of prompt + response (``truncation_mode="keep_start"``);
+- pretrain, sft, dpo (pairs and unpaired rows): keep the start of prompt + response (``truncation_mode="keep_start"``);
   a row whose prompt alone fills ``max_length`` has nothing left to learn from and is dropped, and
   so is a dpo pair whose answers differ only past the cut (counted as ``same_when_cut``);
 - reward-model: pairs with a sequence longer than ``max_length`` are dropped (TRL's
@@ -312,12 +313,45 @@ def sft_data(path, tok, context: int, max_length: int | None = None):
     return [p for p, _ in examples], [y for _, y in examples], report
 
 
+def preference_format(path) -> str:
+    """``"unpaired"`` if the file's rows are TRL's unpaired examples (its first row has a ``label``),
+    else ``"pairs"``. Only the first row (a Parquet file's columns) is read; the reader checks the rest."""
+    path = Path(path)
+    if not path.is_file():
+        return "pairs"  # the reader names the missing file
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            return "pairs"  # the reader says what reading Parquet needs
+        return "unpaired" if "label" in pq.ParquetFile(path).schema_arrow.names else "pairs"
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # a bad line: the reader names it
+            if isinstance(row, dict):
+                return "unpaired" if "label" in row else "pairs"
+    return "pairs"
+
+
+def _refuse_unpaired(path) -> None:
+    if preference_format(path) == "unpaired":
+        raise DataError(f"{path}: its rows are unpaired examples {{prompt, completion, label}} (TRL's KTO format); "
+                        f"this needs preference pairs {{prompt, chosen, rejected}} (only the training --data of "
+                        f"`minialign dpo --loss kto` may be unpaired)")
+
+
 def preference_data(path, tok, context: int, max_length: int | None = None, truncate: bool = True):
     """Preference rows -> ({"prompt", "chosen", "rejected"} token lists, report).
 
     ``truncate=True`` (DPO): keep_start per sequence; ``False`` (reward model): a pair with a
-    sequence longer than ``max_length`` is dropped, as TRL's reward trainer does.
+    sequence longer than ``max_length`` is dropped, as TRL's reward trainer does. A file of
+    unpaired rows (``unpaired_data``) is refused with one line that says so.
     """
+    _refuse_unpaired(path)
+
     def parse(row, report):
         chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
         prompt = row.get("prompt")
@@ -347,6 +381,35 @@ def preference_data(path, tok, context: int, max_length: int | None = None, trun
     examples, report = _read(path, max_length, context, parse)
     x, y_w, y_l = (list(t) for t in zip(*examples))
     return {"prompt": x, "chosen": y_w, "rejected": y_l}, report
+
+
+def unpaired_data(path, tok, context: int, max_length: int | None = None):
+    """KTO's unpaired rows ``{"prompt", "completion", "label"}`` -> ({"prompt", "completion"} token
+    lists and ``"desirable"``, the labels as bools; report). keep_start truncation as for SFT.
+
+    ``label`` must be a JSON boolean (TRL's column is ``bool``): ``1`` or ``"true"`` is a bad row,
+    not a guess. A file whose rows are all desirable or all undesirable is refused: TRL trains on
+    one (with a warning), but KTO then has nothing to set against its examples, and the paper's
+    advice on the class weights, lambda_D n_D / (lambda_U n_U) in [1, 4/3], cannot hold.
+    """
+    def parse(row, report):
+        if "chosen" in row or "rejected" in row:
+            raise _BadRow("a preference pair among unpaired rows: give every row as {prompt, completion, label}")
+        label = _field(row, "label")
+        if not isinstance(label, bool):
+            raise _BadRow(f"'label' must be true (desirable) or false (undesirable), got {label!r}")
+        x = prompt_ids(tok, _field(row, "prompt"))
+        y = response_ids(tok, _field(row, "completion"), "completion")
+        fitted = _fit(x, y, context, max_length)
+        return (x, fitted, label) if _count(report, [y], [fitted]) else None
+
+    examples, report = _read(path, max_length, context, parse)
+    x, y, label = (list(t) for t in zip(*examples))
+    n_desirable = sum(label)
+    if n_desirable in (0, len(label)):
+        raise DataError(f"{path}: all {len(label)} usable rows are labelled {str(label[0]).lower()}; KTO needs "
+                        f"desirable (true) and undesirable (false) examples both")
+    return {"prompt": x, "completion": y, "desirable": label}, report
 
 
 def prompt_data(path, tok, context: int, max_new_tokens: int, max_length: int | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..runtime import distributed
 from ..data import InfiniteMinibatches
 from ..dpo import DPOHyperparams, dpo_step
-from ..preference import PreferenceHyperparams, needs_reference, preference_loss
+from ..preference import PreferenceHyperparams, kto_step, needs_reference, preference_loss
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
 from ..runtime.config import TrainConfig, check_range, require
@@ -28,7 +28,8 @@ from .preference_tasks import preference_task
 class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
     """Align the SFT model with DPO (E7-E10) on the toy world's preference pairs; it is also pi_ref.
 
-    Reads OUT/sft/model.pt (or --init, or a --model folder), and your pairs with --data. Writes
+    Reads OUT/sft/model.pt (or --init, or a --model folder), and your pairs with --data (for --loss
+    kto also TRL's unpaired rows {prompt, completion, label}: a desirable or undesirable answer). Writes
     OUT/dpo/: model.pt (the aligned policy; a model/ folder after --model), metrics.jsonl,
     loss.png, rewards.png, logps.png, truth.png, summary.json, status.json.
 
@@ -37,7 +38,7 @@ class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
       robust   rDPO: E9 de-biased for labels flipped with probability --label-smoothing
       ipo      IPO: the squared loss (h - 1/(2 beta))^2, whose margins stay bounded (--ipo-normalise)
       simpo    SimPO: no reference model; the mean log-prob per token is the reward, margin --simpo-gamma
-      kto      KTO: chosen desirable, rejected undesirable, each against a reference point z_0
+      kto      KTO: single answers, desirable or not, each against a reference point z_0 (pairs: chosen desirable)
       orpo     ORPO: SFT's loss plus an odds-ratio term, no reference; from the base model (--init OUT/pretrain/model.pt)
     simpo and orpo hold no reference model: KL(pi || init model) loads the init model to measure it."""
     init: str = ""                      # policy and reference checkpoint; default: out/sft/model.pt
@@ -51,6 +52,7 @@ class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
     eval_every: int = 50                # steps between measurements of r* and KL (by sampling)
     eval_samples_per_prompt: int = 32   # sampled reviews per prompt for r* and KL
     max_new_tokens: int = 24
+    kto_unpaired: bool = False          # --loss kto on the toy world's pairs split into single examples, chosen desirable (--batch-size counts examples)
 
     INPUTS = {"init": "sft"}
 
@@ -67,6 +69,8 @@ class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
             check_range(self, name, 0, low_open=True)
         for name in ("simpo_gamma", "orpo_lambda"):
             check_range(self, name, 0)
+        require(self, "kto_unpaired", not self.kto_unpaired or (self.loss == "kto" and not self.data),
+                "false unless --loss kto on the toy world (a --data file is read as its rows are: pairs or unpaired)")
 
 
 @stage("dpo")
@@ -112,7 +116,10 @@ def main(config: DPOConfig) -> dict:
     for step in bar:
         rows = distributed.local_share(next(batches).tolist())
         update = gradient_update(policy, parallel, optimizer, config, step)
-        result = dpo_step(policy, reference, tok, task.train, rows, config, update, config.dtype, loss_fn)
+        if task.unpaired:  # KTO on single examples
+            result = kto_step(policy, reference, tok, task.train, rows, member, update, config.dtype, config.share_prompt)
+        else:
+            result = dpo_step(policy, reference, tok, task.train, rows, config, update, config.dtype, loss_fn)
         evaluate_now = (step + 1) % config.eval_every == 0 or step == config.steps - 1
         if step % config.log_every == 0 or evaluate_now:
             metrics = distributed.mean_over_ranks(result.metrics)
@@ -123,7 +130,7 @@ def main(config: DPOConfig) -> dict:
                 after = task.evaluate(policy, reference_model)
                 metrics.update({k: v for k, v in after.items() if k != "examples"})
             run.log(step, **metrics)
-            bar.set_postfix(loss=f"{result.loss:.3f}", margin=f"{metrics['rewards/margins']:.2f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", margin=f"{metrics.get('rewards/margins', math.nan):.2f}")
 
     save_model(policy, tok, run.dir)
     plots(run, config, task, before)

@@ -4,8 +4,12 @@ world's pairs or your own ``--data`` file's, behind one interface, so that the r
 A task has
 - ``train``: token lists ``{"prompt", "chosen", "rejected"}`` of the training pairs; for KTO also
   ``kl_chosen``, ``kl_rejected``: each prompt with the responses of another pair
-  (``preference.kto_mismatched_index``), whose log-probs estimate KTO's reference point $z_0$;
-- ``heldout``: pairs never trained on, or None (your data without ``--eval-data``);
+  (``preference.kto_mismatched_index``), whose log-probs estimate KTO's reference point $z_0$.
+  A task with ``unpaired`` True (KTO on single examples: a ``--data`` file of TRL's
+  ``{prompt, completion, label}`` rows, or ``--kto-unpaired``, the toy world's pairs split) holds
+  ``{"prompt", "completion", "desirable", "kl_completion"}`` instead, for ``preference.kto_step``;
+- ``heldout``: pairs never trained on, or None (your data without ``--eval-data``); pairs for
+  unpaired training data too (``heldout/accuracy`` orders pairs);
 - ``reports``: what was read from each data file ({} in the toy world), for the summary;
 - ``evaluate(policy, reference) -> dict``: what is known of the policy: r* and the malformed share
   of its sampled reviews where the toy world knows them, $\\mathrm{KL}(\\pi_\\theta\\Vert\\pi_{ref})$ on its
@@ -15,13 +19,15 @@ A task has
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..runtime import distributed
 from ..dpo import dpo_loss, pair_logps, sampled_kl, tokenize_pairs
-from ..preference import kto_mismatched_index, preference_loss
+from ..preference import kto_mismatched_index, preference_loss, tokenize_unpaired, unpair_preference_rows
 from ..runtime.config import check_max_new_tokens
-from ..runtime.datafiles import preference_data
+from ..runtime.datafiles import DataError, preference_data, preference_format, unpaired_data
 from ..runtime.files import ConfigError
 from .evaluate import review_eval
 
@@ -31,37 +37,57 @@ class PreferenceTask:
     (``preference.PreferenceHyperparams``), None for DPO itself."""
     heldout: dict | None = None
     world = None
+    unpaired = False  # True: single examples for preference.kto_step, not pairs
 
     def __init__(self, tokenizer, config, member, block_size: int):
         self.tokenizer, self.config, self.member, self.block_size = tokenizer, config, member, block_size
         self.reports, self.ref_heldout = {}, None
 
     def add_mismatched_responses(self) -> None:
-        """KTO: ``kl_chosen``/``kl_rejected`` of pair i are the responses of pair ``kto_mismatched_index``[i]."""
+        """KTO: ``kl_chosen``/``kl_rejected`` of pair i are the responses of pair ``kto_mismatched_index``[i]
+        (unpaired: ``kl_completion`` of example i is the completion of example ``kto_mismatched_index``[i])."""
         t = self.train
         index = kto_mismatched_index(len(t["prompt"])).tolist()
-        for key in ("chosen", "rejected"):
+        for key in ("completion",) if self.unpaired else ("chosen", "rejected"):
             t["kl_" + key] = [t[key][j] for j in index]
             longest = max(len(x) + len(y) for x, y in zip(t["prompt"], t["kl_" + key]))
             if longest > self.block_size:
-                raise ConfigError(f"--loss kto pairs each prompt with another pair's {key} response, and one such "
-                                  f"pair has {longest} tokens, more than the model's context of {self.block_size}")
+                raise ConfigError(f"--loss kto pairs each prompt with another {'example' if self.unpaired else 'pair'}'s "
+                                  f"{key} response, and one such pair has {longest} tokens, more than the model's "
+                                  f"context of {self.block_size}")
 
     def reference_logps(self, reference, train: bool) -> dict | None:
         """log pi_ref of the held-out pairs, kept here, and with ``train`` those of every training pair
-        (and of KTO's mismatched ones), returned as ``dpo.dpo_step`` reads them: ``{"chosen": (N,), ...}``."""
+        (and of KTO's mismatched ones), returned as ``dpo.dpo_step`` reads them: ``{"chosen": (N,), ...}``
+        (unpaired: as ``preference.kto_step`` reads them, ``{"completion": (N,), "kl_completion": (N,)}``)."""
         c, t = self.config, self.train
         if self.heldout is not None:
             self.ref_heldout = pair_logps(reference, self.heldout, self.tokenizer.pad_id, device_of(reference),
                                           c.dtype, share_prompt=c.share_prompt)
         if not train:
             return None
+        if self.unpaired:  # each example with its mismatched completion: the same prompt twice, as a pair's
+            return dict(zip(("completion", "kl_completion"), pair_logps(
+                reference, {"prompt": t["prompt"], "chosen": t["completion"], "rejected": t["kl_completion"]},
+                self.tokenizer.pad_id, device_of(reference), c.dtype, share_prompt=c.share_prompt)))
         table = {}
         for k in ("", "kl_") if "kl_chosen" in t else ("",):
             table[k + "chosen"], table[k + "rejected"] = pair_logps(
                 reference, {"prompt": t["prompt"], "chosen": t[k + "chosen"], "rejected": t[k + "rejected"]},
                 self.tokenizer.pad_id, device_of(reference), c.dtype, share_prompt=c.share_prompt)
         return table
+
+    def check_class_weights(self) -> None:
+        """Unpaired KTO: warn, as TRL does, where lambda_D n_D / (lambda_U n_U) leaves [1, 4/3], the
+        paper's advice (TRL cites its eq. 8) for n_D desirable and n_U undesirable training examples."""
+        c, labels = self.config, self.train["desirable"]
+        n_d, n_u = sum(labels), len(labels) - sum(labels)
+        ratio = c.desirable_weight * n_d / (c.undesirable_weight * n_u)
+        if not 1 <= ratio <= 4 / 3:
+            warnings.warn(f"--loss kto: {n_d} desirable and {n_u} undesirable examples with --desirable-weight "
+                          f"{c.desirable_weight:g} and --undesirable-weight {c.undesirable_weight:g} give "
+                          f"lambda_D n_D / (lambda_U n_U) = {ratio:.3g}, outside the paper's [1, 4/3]: e.g. "
+                          f"--desirable-weight {c.undesirable_weight * n_u / n_d:.3g} brings it to 1", stacklevel=2)
 
     def truth(self, policy) -> dict:
         return {}
@@ -119,9 +145,12 @@ class ToyPairs(PreferenceTask):
         self.world = world
         self.kl_prompts = world.review_prompts()  # sampled to measure r* and the KL
         check_max_new_tokens(config, [tokenizer.prompt(p) for p in self.kl_prompts], block_size)
-        self.train = tokenize_pairs(tokenizer, world.preference_dataset(config.num_pairs, seed=config.seed))
+        self.train = self.training_data(world.preference_dataset(config.num_pairs, seed=config.seed))
         self.heldout_rows = world.preference_dataset(config.eval_pairs, seed=config.seed + 10_000)
         self.heldout = tokenize_pairs(tokenizer, self.heldout_rows)
+
+    def training_data(self, rows: list[dict]) -> dict:
+        return tokenize_pairs(self.tokenizer, rows)
 
     def truth(self, policy) -> dict:
         c = self.config
@@ -146,6 +175,16 @@ class ToyPairs(PreferenceTask):
                     "prompt: the hidden reward it gained, and the KL it paid for it.")
 
 
+class ToyUnpaired(ToyPairs):
+    """``--kto-unpaired``: the toy world's pairs split into unpaired examples, each chosen response
+    desirable and each rejected one undesirable (``preference.unpair_preference_rows``), for KTO on
+    single examples beside KTO on the same pairs; r* scores the policy as for pairs."""
+    unpaired = True
+
+    def training_data(self, rows: list[dict]) -> dict:
+        return tokenize_unpaired(self.tokenizer, unpair_preference_rows(rows))
+
+
 class PairFile(PreferenceTask):
     """Your pairs (``--data``, held out: ``--eval-data``); refused here, before the run folder exists, if a row is bad."""
 
@@ -165,9 +204,34 @@ class PairFile(PreferenceTask):
         return pairs
 
 
+class UnpairedFile(PairFile):
+    """Your unpaired examples (``--data`` rows ``{prompt, completion, label}``, TRL's KTO format) for
+    ``--loss kto``; held out (``--eval-data``): pairs, as for the other members."""
+    unpaired = True
+
+    def read(self, name: str) -> dict:
+        if name == "eval_data":
+            return super().read(name)
+        examples, self.reports[name] = unpaired_data(self.config.data, self.tokenizer, self.block_size,
+                                                     self.config.max_length)
+        distributed.print_main(self.reports[name].describe() + f" ({sum(examples['desirable'])} desirable)")
+        return examples
+
+
 def preference_task(world, tokenizer, config, member, block_size: int) -> PreferenceTask:
-    task = (PairFile(tokenizer, config, member, block_size) if config.data else
-            ToyPairs(world, tokenizer, config, member, block_size))
-    if member is not None and member.loss == "kto":
+    kto = member is not None and member.loss == "kto"
+    if config.data and preference_format(config.data) == "unpaired":
+        if not kto:
+            raise DataError(f"{config.data}: its rows are unpaired examples {{prompt, completion, label}} (TRL's KTO "
+                            f"format), which only --loss kto reads; --loss {config.loss} needs pairs "
+                            f"{{prompt, chosen, rejected}}")
+        task = UnpairedFile(tokenizer, config, member, block_size)
+    elif config.data:
+        task = PairFile(tokenizer, config, member, block_size)
+    else:
+        task = (ToyUnpaired if config.kto_unpaired else ToyPairs)(world, tokenizer, config, member, block_size)
+    if kto:
         task.add_mismatched_responses()
+    if task.unpaired:
+        task.check_class_weights()
     return task
