@@ -167,7 +167,7 @@ def format_table(rows: list[dict]) -> str:
             out += ["  " + line[1:].strip() for line in x["message"].splitlines() if line.startswith("E ")]
         for t in failed:
             out.append(t["nodeid"].split("tests/")[-1])
-            if "hand-worked case:" in t["message"]:          # the message of tests/handworked.py: expect
+            if "hand-worked case:" in t["message"]:          # the message of tests/equations/handworked.py: expect
                 out += ["  " + line for line in t["message"].splitlines()[1:]]
             else:
                 if t["case"]:

@@ -1,6 +1,6 @@
 """``minialign dpo --loss NAME``: each member of the preference family (``minialign/preference.py``)
 inside ``dpo.dpo_step`` and the stage (``minialign/stages/dpo.py``). The members' own equations
-are checked by hand in ``tests/test_preference.py``; here, that the step hands them the right
+are checked by hand in ``tests/equations/test_preference.py``; here, that the step hands them the right
 log-probs, that the reference-free members hold no reference model, and that each trains end to end."""
 
 import functools

@@ -293,7 +293,7 @@ def test_main_tiny_end_to_end(tiny_run, tmp_path, monkeypatch, options):
     """GRPO raises the reward it is given. The tiny SFT model answers almost no sum right, so every
     group would have zero spread; instead the reward is one the tiny model earns a fifth to a
     third of the time: 1 for a finished one-word answer. (The arithmetic reward itself is
-    ``tests/test_toyworld.py``'s.)"""
+    ``tests/equations/test_toyworld.py``'s.)"""
     from minialign.toyworld import ToyWorld
 
     monkeypatch.setattr(ToyWorld, "true_reward",

@@ -13,7 +13,7 @@ from minialign.grpo import group_advantages, grpo_loss, kl_penalised_rewards
 
 D = torch.float64
 
-# the batch of tests/test_grpo.py: answer 0 has 2 tokens, answer 1 has 3 (column 2 of answer 0 is padding)
+# the batch of tests/equations/test_grpo.py: answer 0 has 2 tokens, answer 1 has 3 (column 2 of answer 0 is padding)
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
 OLD = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
 # pi_theta / pi_old per token: answer 0: 1.5, 0.9 ; answer 1: 0.5, 1.1, 1.0 (7.0 is padding)

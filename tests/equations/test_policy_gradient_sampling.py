@@ -1,5 +1,6 @@
 """Tests of minialign/policy_gradient_sampling.py: DAPO's dynamic sampling and overlong handling, by hand.
-(In the step: tests/test_grpo.py, test_dynamic_sampling_in_the_iteration_by_hand and test_overlong_in_the_iteration.)"""
+(In the step: tests/equations/test_grpo.py, test_dynamic_sampling_in_the_iteration_by_hand and
+test_overlong_in_the_iteration.)"""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from handworked import expect
 
 from minialign import policy_gradient as PG
 from minialign import policy_gradient_sampling as PGS
-from test_policy_gradient import ADV, MASK, NEW, OLD  # the batch of tests/test_grpo.py
+from test_policy_gradient import ADV, MASK, NEW, OLD  # the batch of tests/equations/test_grpo.py
 
 
 def test_dynamic_sampling_by_hand():

@@ -1,5 +1,5 @@
 """Checks minialign/sft.py: E0b counts response tokens only, its step through the update hook under
-either aggregation (by hand: tests/test_pretrain.py); a tiny run writes what it promises."""
+either aggregation (by hand: tests/equations/test_pretrain.py); a tiny run writes what it promises."""
 
 import json
 

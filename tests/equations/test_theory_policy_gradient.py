@@ -16,7 +16,7 @@ D = torch.float64
 
 
 def small_problem(beta=1.0):
-    # three responses, the best one the rarest under pi_ref (tests/test_theory.py's)
+    # three responses, the best one the rarest under pi_ref (tests/equations/test_theory.py's)
     return T.Problem(ref_probs=[0.5, 0.3, 0.2], rewards=[0.0, 1.0, 2.0], beta=beta, name="small")
 
 

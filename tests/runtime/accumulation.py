@@ -1,7 +1,7 @@
 """The gradient-accumulation identity in float64, where it is exact: micro-batch losses of SFT and
 DPO, weighted by their share of the global batch, give the gradient of the whole batch. Imported by
-tests/test_distributed.py, and run by it under torchrun (``torchrun ... tests/accumulation.py RUN OUT``)
-to check the same identity across two processes."""
+tests/runtime/test_distributed.py, and run by it under torchrun
+(``torchrun ... tests/runtime/accumulation.py RUN OUT``) to check the same identity across two processes."""
 
 import sys
 from pathlib import Path

@@ -1,5 +1,5 @@
 """Open a page in headless Chromium (Debian's package) through the DevTools protocol, as a reader
-would, and say what went wrong: used by tests/test_site.py.
+would, and say what went wrong: used by tests/runtime/test_site.py.
 
 ``Chromium()`` starts ``chromium --headless --remote-debugging-port=0`` and talks to one tab over
 its WebSocket (the registry package ``websocket-client``). ``open(url, allowed=base)`` loads a page,

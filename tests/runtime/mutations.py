@@ -2,12 +2,12 @@
 
 Each mutation below breaks one formula of an algorithm file in a small way (a flipped sign, a
 dropped term, a sum for a mean, a shift off by one), writes it into the source, runs that file's
-mirrored test file (``-m "not slow"``, the equation tests) and puts the source back. A mutation
+mirrored test file in ``tests/equations/`` (``-m "not slow"``) and puts the source back. A mutation
 the tests do not catch is a formula no test guards.
 
-    python tests/mutations.py                 # every mutation, about 6 minutes on 2 loaded cores
-    python tests/mutations.py --only grpo,E5  # those whose file or description contains "grpo" or "E5"
-    python tests/mutations.py --list          # the list, nothing run
+    python tests/runtime/mutations.py                 # every mutation, about 6 minutes on 2 loaded cores
+    python tests/runtime/mutations.py --only grpo,E5  # those whose file or description contains "grpo" or "E5"
+    python tests/runtime/mutations.py --list          # the list, nothing run
 
 The source is restored after every mutation, also on Ctrl-C; the script refuses to start if a
 file it mutates has uncommitted changes (so a restore can never lose your work). Not collected
@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+EQUATIONS = ROOT / "tests" / "equations"     # where each mutation's test file is: the hand-computed tests
 
-# (file, original text (must occur exactly once), mutated text, what is broken, test file)
+# (file, original text (must occur exactly once), mutated text, what is broken, test file in tests/equations/)
 MUTATIONS = [
     # ops.py: the shared math
     ("ops.py", "F.log_softmax(upcast(logits) / temperature, dim=-1)", "F.log_softmax(upcast(logits), dim=-1)",
@@ -350,7 +351,7 @@ def run_one(path: Path, original: str, mutated: str, test_file: str, timeout: in
     try:
         path.write_text(source.replace(original, mutated))
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-m", "not slow", str(ROOT / "tests" / test_file)],
+                               "-m", "not slow", str(EQUATIONS / test_file)],
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         outcome = {0: "MISSED", 1: "caught"}.get(proc.returncode, f"caught (pytest exit {proc.returncode})")
         if proc.returncode == 1:

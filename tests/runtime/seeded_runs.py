@@ -1,12 +1,12 @@
 """Seeded runs of every stage on tiny settings, reduced to what must not change when code moves:
 the sha256 of each saved model and every number and text of each ``summary.json`` (times aside).
 
-    python tests/seeded_runs.py record   # write tests/seeded_runs.json for this machine
-    python tests/seeded_runs.py compare  # run again and list every difference (exit 1 if any)
+    python tests/runtime/seeded_runs.py record   # write tests/runtime/seeded_runs.json for this machine
+    python tests/runtime/seeded_runs.py compare  # run again and list every difference (exit 1 if any)
 
 Bit-identical results hold on one machine, with one thread count and one torch version (the
 float reduction order depends on all three), so the record keeps one entry per machine it was made
-on, and ``tests/test_seeded_runs.py`` compares where the record has this machine's entry. A
+on, and ``tests/runtime/test_seeded_runs.py`` compares where the record has this machine's entry. A
 refactor is checked by recording before it and comparing after it, on the same machine; ``record``
 replaces this machine's entry and keeps the others.
 """

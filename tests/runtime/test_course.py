@@ -12,7 +12,7 @@ import torch
 
 from minialign.tools import exercises
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["reading_guide.md", "course.md", "course_answers.md", "glossary.md"]
 
 
@@ -39,7 +39,7 @@ def page(name: str) -> str:
 def test_every_function_test_and_tutorial_named_exists(name):
     text = page(name)
     functions = re.findall(r"`minialign/([\w/]+)\.py: ([\w.]+)`", text)
-    tests = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)", text)
+    tests = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)", text)
     files = re.findall(r"`((?:tutorials|minialign|tests)/[\w/]+\.py)", text)
     assert functions or tests or files, f"{name} names no code"
     missing = [f"minialign/{f}.py: {fn}" for f, fn in functions

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 FENCE = re.compile(r"^```python\n# ((?:minialign|tests|tutorials|benchmarks)/[\w/]+\.py)\n(.*?)^```", re.M | re.S)
 # the pages of the course: each shows the code beside its equations
@@ -60,7 +60,7 @@ def test_every_course_page_shows_its_code(page):
 
 def test_every_test_the_docs_cite_exists():
     defined = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
+    for path in (ROOT / "tests").rglob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
     for page in DOCS + [ROOT / "README.md"]:
         cited = set(re.findall(r"\b(test_\w+)(?![\w*]|\.py)", page.read_text()))  # test_cuda_* is a pattern

@@ -15,7 +15,7 @@ from handworked import expect
 from minialign.runtime.cli import main as cli
 from minialign.tools import exercises, exercises_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,12 +97,12 @@ def test_a_marker_inside_a_loop_or_outside_a_function_is_an_error():
 def test_every_exercise_has_its_marker_and_its_tests():
     exercises.check_registry()                                     # markers <-> registry
     marked = {}
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
         for name in re.findall(r'@pytest\.mark\.exercise\("(\w+)"\)', path.read_text()):
             marked.setdefault(name, set()).add(path.name)
     assert set(marked) <= set(exercises.BY_NAME), set(marked) - set(exercises.BY_NAME)
     for e in exercises.EXERCISES:
-        # graded by the mirrored test file only: tests/test_dpo.py for minialign/dpo.py
+        # graded by the mirrored test file only: tests/equations/test_dpo.py for minialign/dpo.py
         assert marked.get(e.name) == {Path(e.test_file).name}, (e.name, marked.get(e.name))
         assert (ROOT / "tutorials" / e.tutorial).is_file()
     assert 14 <= len(exercises.EXERCISES) <= 30  # the course's 16 and the families' members
@@ -134,7 +134,7 @@ def solve(copy: Path, exercise: str, code: str) -> None:
 def test_make_removes_every_marked_body(tmp_path):
     copy = tmp_path / "course"
     assert cli(["exercises", "make", str(copy)]) == 0
-    assert (copy / "EXERCISES.md").is_file() and (copy / "tests" / "handworked.py").is_file()
+    assert (copy / "EXERCISES.md").is_file() and (copy / "tests" / "equations" / "handworked.py").is_file()
     for e in exercises.EXERCISES:
         assert f'raise NotImplementedError("exercise {e.name} ({e.equations})' in \
             (copy / "minialign" / e.file).read_text(), e.name
@@ -191,7 +191,7 @@ return advantages.reshape(-1)
     assert table["lm_loss"] == "FAILED: test_pretrain.py does not import"   # and the others still ran
     assert "SyntaxError: '(' was never closed" in out
     assert re.search(r"AttributeError: .*squared.*\n  \(raised at minialign/ppo\.py:\d+\)", out)
-    # the DPO case of tests/test_dpo.py::test_e9_e10_by_hand, its numbers
+    # the DPO case of tests/equations/test_dpo.py::test_e9_e10_by_hand, its numbers
     dpo = out[out.index("--- dpo_loss"):out.index("--- group_advantages")]
     assert "mean = (0.313262 + 0.974077) / 2 = 0.643669" in dpo
     assert "expected: 0.643669\n  received: -0.6436694" in dpo

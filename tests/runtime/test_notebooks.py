@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tutorials"))
 sys.path.insert(0, str(ROOT / "docs_site"))
 import make_notebooks  # noqa: E402

@@ -1,5 +1,5 @@
-"""A change that moves code changes no number: every stage's seeded tiny run (tests/seeded_runs.py)
-gives the saved models' sha256 and the summary's values recorded in tests/seeded_runs.json."""
+"""A change that moves code changes no number: every stage's seeded tiny run (tests/runtime/seeded_runs.py)
+gives the saved models' sha256 and the summary's values recorded in tests/runtime/seeded_runs.json."""
 
 import pytest
 import seeded_runs
@@ -10,7 +10,7 @@ def test_seeded_runs_are_identical_to_the_record(tmp_path):
     recorded = seeded_runs.this_machines_record()
     if recorded is None:
         pytest.skip(f"the record holds {[r['machine'] for r in seeded_runs.records()]}, not "
-                    f"{seeded_runs.machine()}; run `python tests/seeded_runs.py record` on this machine "
+                    f"{seeded_runs.machine()}; run `python tests/runtime/seeded_runs.py record` on this machine "
                     "before a change and `compare` after it")
     diff = seeded_runs.differences(recorded, seeded_runs.run_all(tmp_path), seeded_runs.RENAMED)
     assert not diff, "\n".join(diff)

@@ -1,13 +1,13 @@
 """The course site as a reader sees it: ``mkdocs build`` (mkdocs.yml, docs_site/hooks.py) into a
 temporary folder, then every internal link, anchor and image of the built HTML resolved, nothing
 loaded from the network, every page of docs/ in the nav, the tutorials' plots and the exercises on
-their pages; and every page opened in headless Chromium (tests/browser.py), which fails on a math
+their pages; and every page opened in headless Chromium (tests/runtime/browser.py), which fails on a math
 rendering error, an image that does not load, a console error or a request off this machine, and
 saves a screenshot of the DPO page to build/screenshots/.
 
 Skips, each with its reason: without mkdocs (``pip install -e '.[docs]'``); the browser test
 without Chromium (Debian: ``apt-get install chromium``); the plots' test without docs/figures/
-(``python docs_site/figures.py``): then the slow tests/test_notebooks.py checks the plots, in a
+(``python docs_site/figures.py``): then the slow tests/runtime/test_notebooks.py checks the plots, in a
 site built with those its notebooks drew.
 """
 
@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docs_site"))
 from figures import FIGURES, FIGURES_DIR, plots  # noqa: E402
 
@@ -258,7 +258,8 @@ def plots_on_their_pages(site: Path) -> list[str]:
 def test_the_tutorials_plots_are_on_the_pages_that_talk_about_them(site):
     if not (FIGURES_DIR / "figures.json").is_file():
         pytest.skip("docs/figures/ is not made: python docs_site/figures.py makes it (or --tiny, in minutes); "
-                    "the slow tests/test_notebooks.py builds the site with its notebooks' plots and checks them there")
+                    "the slow tests/runtime/test_notebooks.py builds the site with its notebooks' plots and checks "
+                    "them there")
     problems = plots_on_their_pages(site)
     assert not problems, "\n".join(problems)
 

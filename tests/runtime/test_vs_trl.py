@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 
 
 @pytest.mark.slow
