@@ -1,5 +1,7 @@
-"""Tests of minialign/best_of_n.py: the selection rule and its ties, rejection sampling's data, and the
-exact best-of-N distribution and KL against brute-force enumeration and the log N - (N-1)/N formula."""
+"""Tests of minialign/best_of_n.py: the selection rule and its ties, rejection sampling's data, the
+exact best-of-N distribution and KL against brute-force enumeration and the log N - (N-1)/N formula,
+one round of rejection sampling, and best-of-N's estimate from samples. (The rejection-sampling
+stage end to end: tests/runtime/test_rejection_sampling.py.)"""
 
 import itertools
 import math
@@ -10,8 +12,8 @@ from handworked import expect
 
 from minialign import theory as T
 from minialign.best_of_n import (RejectionSamplingHyperparams, best_of_n, best_of_n_distribution,
-                                 best_of_n_expected_reward, best_of_n_kl, best_of_n_kl_bound, score_samples,
-                                 select_for_sft)
+                                 best_of_n_expected_reward, best_of_n_from_samples, best_of_n_kl, best_of_n_kl_bound,
+                                 rejection_sampling_round, score_samples, select_for_sft)
 
 D = torch.float64
 
@@ -131,3 +133,45 @@ def test_exact_theory_bad_input():
         best_of_n_kl(torch.tensor([0.5, 0.6], dtype=D), r, 2)
     with pytest.raises(ValueError, match="one shape"):
         best_of_n_kl(q, torch.tensor([0.0, 1.0, 2.0], dtype=D), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# rejection sampling: one round, and best-of-N's estimate from samples
+# ----------------------------------------------------------------------------------------------
+
+
+def test_best_of_n_from_samples_by_hand():
+    # M = 4 samples, scores 1, 2, 2, 3 (values 10, 20, 30, 40), N = 2.
+    # levels 1, 2, 3 with q = 1/4, 1/2, 1/4; F = 0.25, 0.75, 1
+    # P(best level) = F^2 - F^-^2: 0.0625, 0.5625 - 0.0625 = 0.5, 1 - 0.5625 = 0.4375
+    # the tied level 2 picks samples 2 and 3 with pi_ref's weights, half each: value (20 + 30) / 2 = 25
+    # E[value] = 0.0625 * 10 + 0.5 * 25 + 0.4375 * 40 = 0.625 + 12.5 + 17.5 = 30.625
+    # KL = 0.0625 log(0.0625 / 0.25) + 0.5 log(0.5 / 0.5) + 0.4375 log(0.4375 / 0.25)
+    #    = -0.0866434 + 0 + 0.2448319 = 0.1581885
+    value, kl = best_of_n_from_samples(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0, 40.0]), 2)
+    expect(value, 30.625)
+    expect(kl, 0.1581885, rel=1e-6)
+    # N = 1 is pi_ref itself: the mean value, KL 0
+    value, kl = best_of_n_from_samples(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0, 40.0]), 1)
+    assert (value, kl) == (25.0, 0.0)
+    with pytest.raises(ValueError, match="one shape"):
+        best_of_n_from_samples(torch.zeros(3), torch.zeros(4), 2)
+
+
+def test_a_round_keeps_each_prompts_best_sample(tiny_model, world):
+    """The reward is the response's length in characters: each kept row is the longest of its prompt's N."""
+    tok = world.tokenizer
+    prompts = ["review the movie", "what is 1 + 2 ?"]
+
+    def length(prompts, completions, finished, **columns):
+        return [float(len(y)) for y in completions]
+
+    hp = RejectionSamplingHyperparams(samples_per_prompt=5)
+    result = rejection_sampling_round(tiny_model, tok, length, prompts, hp, torch.Generator().manual_seed(0), 8)
+    assert result.rewards.shape == (2, 5) and [len(c) for c in result.completions] == [5, 5]
+    for i, row in enumerate(result.selection.rows):
+        assert row["prompt"] == prompts[i]
+        lengths = [len(y) for y in result.completions[i]]
+        assert row["completion"] == result.completions[i][lengths.index(max(lengths))]  # ties: the first
+        assert row["reward"] == max(lengths)
+    expect(result.selection.mean_reward_sampled, float(result.rewards.mean()))

@@ -1,7 +1,6 @@
 """Checks minialign/pretrain.py: the E0a loss by hand (and its sum over a constant, SFT's other
-aggregation), and a seeded run that learns and reproduces."""
+aggregation). (A seeded run that learns and reproduces: tests/runtime/test_pretrain_stage.py.)"""
 
-import json
 import math
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 from handworked import expect
 
 from minialign.pretrain import lm_loss
-from minialign.stages.pretrain import PretrainConfig, main
 
 
 @pytest.mark.exercise("lm_loss")
@@ -68,23 +66,3 @@ def test_constant_aggregation_gradcheck():
     ids = torch.randint(0, 5, (2, 4), generator=g)
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]])
     assert torch.autograd.gradcheck(lambda z: lm_loss(z, ids, mask, constant=8.0), (logits,))
-
-
-def run_tiny(tmp_path, seed=0):
-    cfg = PretrainConfig(out=str(tmp_path), steps=30, batch_size=16, corpus_size=500, eval_size=50,
-                         eval_every=10, n_layer=1, n_head=2, n_embd=32, block_size=48, seed=seed,
-                         progress=False, device="cpu")
-    return main(cfg)
-
-
-@pytest.mark.slow
-def test_seeded_pretraining_reproduces_and_learns(tmp_path):
-    a = run_tiny(tmp_path / "a")
-    b = run_tiny(tmp_path / "b")
-    assert a["heldout_loss"] == b["heldout_loss"]  # same seed, same numbers on the CPU
-    rows = [json.loads(line) for line in (tmp_path / "a" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    held = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
-    assert held[-1] < held[0] - 1.0  # from ~ln(53) = 3.97 towards the floor
-    assert a["entropy_floor"] == pytest.approx(1.0676, abs=1e-4)
-    assert (tmp_path / "a" / "pretrain" / "model.pt").is_file()
-    assert (tmp_path / "a" / "pretrain" / "loss.png").is_file()

@@ -1,6 +1,6 @@
-"""Tests of minialign/reward_model.py: E3, E4, the reward read at EOS, bad input, a tiny run."""
+"""Tests of minialign/reward_model.py: E3, E4, the reward read at EOS, bad input, the step. (The stage
+end to end: tests/runtime/test_reward_model_stage.py.)"""
 
-import json
 import math
 
 import pytest
@@ -8,13 +8,11 @@ import torch
 from handworked import expect
 
 from minialign.data import collate, left_pad
-from minialign.model import GPT
 from minialign.reward_model import (RewardModel, RewardModelHyperparams, bradley_terry_probability, centring_penalty,
                                     collate_pairs, encode_pairs, last_token_index, pair_rewards, reward_function,
                                     reward_model_loss, reward_model_step, score)
 from minialign.runtime.config import TrainConfig
 from minialign.runtime.optim import gradient_update, make_optimizer
-from minialign.stages.reward_model import RewardModelConfig, main
 from minialign.runtime.loading import save_policy
 
 # ----------------------------------------------------------------------------------------------
@@ -331,29 +329,3 @@ def test_reward_model_step_through_the_update_hook_by_hand(world, tiny_model):
     assert torch.allclose(rm.score_head.weight.grad[0], want, atol=1e-6)
     # AdamW's first step moves a weight by lr against the sign of its gradient: the bias 0.5 - 0.1 = 0.4
     expect(rm.score_head.bias.detach(), [0.4], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_main_end_to_end_tiny(tiny_run, tmp_path, world):
-    config = RewardModelConfig(out=str(tmp_path), init=str(tiny_run / "sft" / "model.pt"), steps=40,
-                               batch_size=32, lr=3e-3, num_pairs=1280, eval_pairs=200, eval_every=20,
-                               log_every=10, progress=False, device="cpu")
-    summary = main(config)
-    run = tmp_path / "reward_model"
-    for name in ("model.pt", "metrics.jsonl", "config.json", "summary.json", "loss.png", "accuracy.png",
-                 "scatter.png"):
-        assert (run / name).is_file(), name
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for key in ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"):
-        assert key in rows[0] and math.isfinite(rows[-1][key])
-    assert "heldout_accuracy" in rows[-1] and "pearson" in rows[-1]
-    # the ceiling of these labels is well above chance (~0.75) and below 1
-    assert 0.6 < summary["bayes_optimal_accuracy"] < 0.9
-    # even 40 steps of a tiny model learn some sentiment (seeds 0-2 gave accuracy 0.59-0.67 and
-    # Pearson 0.55-0.66, from 0.49-0.54 and -0.04-0.06 before training): better than chance
-    assert summary["heldout_accuracy"] > 0.56 > summary["heldout_accuracy_before"]
-    assert summary["pearson"] > 0.4 > summary["pearson_before"]
-    assert summary["heldout_loss"] < math.log(2)
-    # the saved model gives the same rewards as the one that was trained
-    rm, tok = RewardModel.load(run / "model.pt", tokenizer=world.tokenizer)
-    assert rm.config == GPT.load(tiny_run / "sft" / "model.pt").config

@@ -1,7 +1,6 @@
 """Checks minialign/sft.py: E0b counts response tokens only, its step through the update hook under
-either aggregation (by hand: tests/equations/test_pretrain.py); a tiny run writes what it promises."""
-
-import json
+either aggregation (by hand: tests/equations/test_pretrain.py). (A tiny run writes what it promises:
+tests/runtime/test_sft_stage.py.)"""
 
 import pytest
 import torch
@@ -28,16 +27,6 @@ def test_sft_loss_ignores_prompt_tokens(world, tiny_model):
     assert b["response_mask"][0, -1] == 1 and b["input_ids"][0, -1] == tok.eos_id
 
 
-@pytest.mark.slow
-def test_tiny_sft_run_writes_checkpoint_metrics_and_truth(tiny_run):
-    sft = tiny_run / "sft"
-    assert (sft / "model.pt").is_file() and (sft / "loss.png").is_file() and (sft / "truth.png").is_file()
-    summary = json.loads((sft / "summary.json").read_text())
-    assert 0 <= summary["heldout_accuracy"] <= 1 and -7 <= summary["true_reward"] <= 6
-    rows = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["heldout_loss"] < rows[0]["heldout_loss"]
-
-
 @pytest.mark.parametrize("aggregation", ["token_mean", "constant"])
 def test_sft_step_through_the_update_hook(world, tiny_model, aggregation):
     """Through ``runtime.optim.gradient_update`` in two micro-batches, ``sft_step`` leaves the gradient
@@ -58,4 +47,3 @@ def test_sft_step_through_the_update_hook(world, tiny_model, aggregation):
     assert result.loss == pytest.approx(whole.item(), abs=1e-12)
     assert all(torch.allclose(p.grad, e, atol=1e-12) for p, e in zip(params, expected))
     assert result.grad_norm == pytest.approx(torch.linalg.vector_norm(torch.stack([e.norm() for e in expected])).item())
-
