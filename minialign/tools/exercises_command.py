@@ -69,8 +69,8 @@ def sheet(exercises: list[Exercise]) -> str:
            "    minialign exercises check . dpo_loss      # one exercise (or a file: dpo, grpo, ...)",
            "    minialign exercises check . dpo --train   # then train with your code beside the reference", "",
            "Run it from this folder (or give the folder's path). A failure prints the hand-worked case",
-           "and the numbers expected and received. The tests are in tests/ (look for",
-           "`@pytest.mark.exercise`); the tutorials in tutorials/ run on this copy.", "",
+           "and the numbers expected and received. The tests are in tests/equations/, one file per file of",
+           "minialign/ (look for `@pytest.mark.exercise`); the tutorials in tutorials/ run on this copy.", "",
            "| # | exercise | equations | where | what |", "|---|---|---|---|---|"]
     for i, e in enumerate(exercises, 1):
         out.append(f"| {i} | `{e.name}` | {e.equations} | `minialign/{e.file}` | {e.title} |")
