@@ -104,6 +104,7 @@ def test_every_exercise_has_its_marker_and_its_tests():
     for e in exercises.EXERCISES:
         # graded by the mirrored test file only: tests/equations/test_dpo.py for minialign/dpo.py
         assert marked.get(e.name) == {Path(e.test_file).name}, (e.name, marked.get(e.name))
+        assert (ROOT / e.test_file).is_file() and e.test_file.startswith("tests/equations/"), e.test_file
         assert (ROOT / "tutorials" / e.tutorial).is_file()
     assert 14 <= len(exercises.EXERCISES) <= 30  # the course's 16 and the families' members
 

@@ -12,16 +12,18 @@ def mutations():
     spec = importlib.util.spec_from_file_location("mutations", ROOT / "tests" / "runtime" / "mutations.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.MUTATIONS
+    return module
 
 
 def test_every_mutation_finds_its_line_once_and_its_test_file():
-    found = mutations()
+    module = mutations()
+    found = module.MUTATIONS
     assert len(found) >= 70
     for file, original, mutated, what, test_file in found:
         source = (ROOT / "minialign" / file).read_text()
         assert source.count(original) == 1, f"{file}: the line that '{what}' breaks is gone or repeated: {original!r}"
         assert mutated != original
-        assert (ROOT / "tests" / "equations" / test_file).is_file(), test_file  # a formula's guard is an equation test
+        assert (module.EQUATIONS / test_file).is_file(), test_file  # the pass runs it from there
+    assert module.EQUATIONS == ROOT / "tests" / "equations"      # a formula's guard is an equation test
     # each algorithm file and the shared math have their mutations
     assert {m[0] for m in found} >= {"ops.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py", "pretrain.py"}
