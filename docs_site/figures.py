@@ -9,10 +9,10 @@ command that makes them.
                                            # the wiring, not the documented figures; captions say so
 
 ``docs/figures/`` is generated (ignored by git) and read by ``mkdocs build`` (or the folder that
-``$MINIALIGN_SITE_FIGURES`` names: tests/test_notebooks.py builds the site with its notebooks' plots): ``docs_site/hooks.py``
-puts each plot of ``FIGURES`` below the paragraph that names it and stops the build with the
-command to run when one is missing. With the defaults, tutorials 01-07 and 09 took about 6 min on
-an idle 2-core CPU (the README's table); ``--tiny`` took about a minute.
+``$MINIALIGN_SITE_FIGURES`` names: tests/runtime/test_notebooks.py builds the site with its notebooks'
+plots): ``docs_site/hooks.py`` puts each plot of ``FIGURES`` below the paragraph that names it and
+stops the build with the command to run when one is missing. With the defaults, tutorials 01-07
+and 09 took about 6 min on an idle 2-core CPU (the README's table); ``--tiny`` took about a minute.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 - the plots of ``docs_site/figures.py``'s FIGURES below the paragraph that names them, from
   ``docs/figures/`` (``python docs_site/figures.py`` makes them) or the folder that
   ``$MINIALIGN_SITE_FIGURES`` names; where they are missing the page says which command makes
-  them, and ``tests/test_site.py`` names what is missing.
+  them, and ``tests/runtime/test_site.py`` names what is missing.
 - MathJax's single-file build (``tex-svg-full.js``: the TeX input, every extension and SVG
   output, so no font files), copied from the installed PyPI package ``django-static-mathjax``
   into ``assets/mathjax/``: the equations render with no network at view time.

@@ -59,7 +59,7 @@ Choices the source leaves open, each a field of ``GRPOHyperparams``:
 - E13's KL term sits inside the per-token mean: $\beta\cdot$k3 is averaged with the surrogate over
   each answer's tokens. Its expected gradient is that of $\mathrm{KL}(\pi_{ref}\Vert\pi_\theta)$, the
   other direction from the $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ it estimates (``docs/theory.md``
-  derives it, ``tests/test_theory.py`` checks it).
+  derives it, ``tests/equations/test_theory.py`` checks it).
 - E14's KL (``kl_in="reward"``) is the sum of the per-token k3 over the answer (the KL of two
   autoregressive distributions is the sum of the per-token KLs).
 - E14 scores with a reward model $r_\phi$; here the reward is the toy world's verifiable one.

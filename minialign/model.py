@@ -207,7 +207,7 @@ class GPT(nn.Module):
         Generation calls it once per new token: ``hidden`` would rebuild both from the whole
         attention mask every step (a cumsum and comparisons over all S columns) and check the
         shapes; here they are given, so a step runs the blocks and nothing else. The numbers are
-        ``hidden``'s, bit for bit, for the same positions and mask (``tests/test_generation.py``).
+        ``hidden``'s, bit for bit, for the same positions and mask (``tests/equations/test_generation.py``).
         """
         return self._blocks(idx, positions, attn_mask, cache)
 

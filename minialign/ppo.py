@@ -27,7 +27,7 @@ $$\delta_t = r_t + \gamma V(s_{t+1}) - V(s_t),\qquad \hat A_t = \sum_{l\ge 0}(\g
 
 with $V(s_{T+1}) = 0$ after the EOS. With $\gamma = \lambda = 1$ the sum telescopes to
 $\hat A_1 = \sum_t r_t - V(s_1) = r(x,y) - V(x)$ at the first response token: the source's
-advantage (``tests/test_ppo.py`` checks it). With $\lambda < 1$, GAE trades that unbiased but
+advantage (``tests/equations/test_ppo.py`` checks it). With $\lambda < 1$, GAE trades that unbiased but
 noisy signal for a lower-variance one that trusts $V(s_{t+1})$ for the tokens still to come, and
 gives each token its own advantage (a token that raised the KL pays for it, not its neighbours).
 

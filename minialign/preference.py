@@ -50,7 +50,7 @@ bit-for-bit what they were.
 
 All losses are computed in float32 from bf16/fp16 inputs (float64 stays float64, for gradcheck),
 check their inputs (a ValueError naming the problem, never a NaN), and are checked in
-``tests/test_preference.py``; where each one converges on the exact toy problems is in
+``tests/equations/test_preference.py``; where each one converges on the exact toy problems is in
 ``theory_preference.py`` and ``docs/preference.md``.
 """
 

@@ -32,7 +32,7 @@ Used in the reward (detached, times the score $\nabla\log\pi$) k1 gives $\nabla\
 exactly (E2/E6), while k3 gives $\nabla\mathrm{KL}(\pi\Vert\pi_{ref}) - \nabla\mathrm{KL}(\pi_{ref}\Vert\pi)$:
 only the sum of both paths is the gradient of $\mathbb{E}[k_3] = \mathrm{KL}$.
 
-**Where each algorithm lands** (derived in ``docs/theory.md``, checked in ``tests/test_theory.py``):
+**Where each algorithm lands** (derived in ``docs/theory.md``, checked in ``tests/equations/test_theory.py``):
 
 - DPO (E9) on infinitely many Bradley-Terry pairs drawn from $\pi_{ref}$: the expected loss is a
   cross-entropy between the label probability $\sigma(r_i - r_j)$ and $\sigma(\beta(h_i - h_j))$,
@@ -405,7 +405,7 @@ def grpo_expected_loss(theta: torch.Tensor, problem: Problem, groups: GroupEnume
     (``conditional_advantages``). E13's surrogate $\min(\rho A, \mathrm{clip}(\rho) A)$ is $\rho A$, linear in
     $A$, while every ratio is inside $[1-\epsilon, 1+\epsilon]$ (always at $\pi_\theta = \pi_{old}$), so there this
     has exactly the value and gradient of the GRPO loss averaged over all groups
-    (``tests/test_theory.py`` checks it against a brute-force sum over every ordered group).
+    (``tests/equations/test_theory.py`` checks it against a brute-force sum over every ordered group).
     ``old_theta`` (default: theta, detached) is $\pi_{old}$, which samples the groups.
     """
     from .grpo import grpo_loss, kl_penalised_rewards

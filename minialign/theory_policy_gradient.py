@@ -14,9 +14,9 @@ at 0 only ($\min(\rho\hat A, \mathrm{clip}(\rho)\hat A) = \hat A^+\min(\rho, \ma
 so one call of the member's loss on 2K rows (each response once with advantage $2K\,w^+(y)$,
 once with $-2K\,w^-(y)$) is exactly its loss averaged over all groups, also when the clip binds
 (``expected_member_loss``). A batch member on one prompt (batch mean, REINFORCE++) is a group of
-$N$ = the batch: ``tests/test_policy_gradient.py`` checks those identities.
+$N$ = the batch: ``tests/equations/test_policy_gradient.py`` checks those identities.
 
-**What the lab finds** (``python -m minialign.theory_policy_gradient``; ``tests/test_theory_policy_gradient.py``
+**What the lab finds** (``python -m minialign.theory_policy_gradient``; ``tests/equations/test_theory_policy_gradient.py``
 checks each fixed point against an independent computation):
 
 - A baseline changes no expected gradient unless it depends on $y_i$: in logit coordinates the
@@ -64,7 +64,7 @@ ADVANTAGE_FNS = {
     "group_mean": lambda r, G: group_advantages(r, G, scale_by_std=False),
     "grpo": lambda r, G: group_advantages(r, G),
     "rloo": lambda r, G: PG.advantages("rloo", r, G),
-    # one prompt: a batch of N answers is a group of N (tests/test_policy_gradient.py checks both identities)
+    # one prompt: a batch of N answers is a group of N (tests/equations/test_policy_gradient.py checks both identities)
     "batch_mean": lambda r, N: group_advantages(r, N, scale_by_std=False),
     "reinforce_pp": lambda r, N: group_advantages(r, N),
 }

@@ -15,7 +15,7 @@ $W_{ij} = 2\mu_i\mu_j Q_{ij}/(1 - \sum_k\mu_k^2)$ (``pair_weights``, as ``theory
 KTO's unpaired data are the same pairs split: each chosen response a desirable example, each
 rejected one an undesirable example (a like-for-like comparison).
 
-**What each member converges to** (each checked in ``tests/test_theory_preference.py`` by a second,
+**What each member converges to** (each checked in ``tests/equations/test_theory_preference.py`` by a second,
 different computation: a closed form, or the stationarity equations written out by hand and solved
 by Newton's method or bisection, never through ``preference.py`` or autograd):
 

@@ -1,12 +1,27 @@
 """Shared fixtures (a tiny world, tiny pre-trained / SFT checkpoints built once per session) and the
-exercise options that ``minialign exercises check`` runs the tests with."""
+exercise options that ``minialign exercises check`` runs the tests with.
+
+The tests are in two folders: ``equations/`` holds the hand-computed tests of the reading list
+(``equations/test_dpo.py`` checks ``minialign/dpo.py``), ``runtime/`` everything else (the stage
+runs, the CLI, faults, docs, real models). Their helper modules are plain modules beside the tests
+that use them (``equations/handworked.py``; ``runtime/seeded_runs.py``, ``mutations.py``,
+``accumulation.py``, ``browser.py``): both folders go on the import path here, so that any test
+imports them by name (``from handworked import expect``). No two files of the two folders share a
+name, as pytest's default import mode needs."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from handworked import hand_worked_case
+
+TESTS = Path(__file__).resolve().parent
+for folder in ("runtime", "equations"):
+    if str(TESTS / folder) not in sys.path:
+        sys.path.insert(0, str(TESTS / folder))
+
+from handworked import hand_worked_case  # noqa: E402 - found through the path set just above
 
 from minialign.model import GPT, GPTConfig
 from minialign.toyworld import ToyWorld, WorldConfig

@@ -160,7 +160,7 @@ Try this (its seeded outcome is in docs/course.md, beyond the course):
       each optimizer step from four micro-batches (a quarter of the memory per forward pass): the
       same losses as above up to float rounding, and again the same through transformers.
 Beyond one process: torchrun --nproc_per_node 2 -m minialign dpo --model FOLDER --data FILE ...
-(the same weights as one process: tests/test_distributed.py); --max-length 12 cuts rows as TRL does.
+(the same weights as one process: tests/runtime/test_distributed.py); --max-length 12 cuts rows as TRL does.
 """
 print(TRY_THIS)
 summary("08_real_model", grad_accum=args.grad_accum, dpo_max_diff=f"{worst['dpo']:.1e}",

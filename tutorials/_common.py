@@ -14,7 +14,7 @@ Jupyter, VS Code and Jupytext read (``python tutorials/make_notebooks.py`` write
 ``notebooks/*.ipynb``). Inside a notebook ``parse_args`` takes the defaults, or the flags in the
 environment variable ``MINIALIGN_TUTORIAL_ARGS`` (as on the command line, e.g.
 ``MINIALIGN_TUTORIAL_ARGS="--steps 20 --out runs/nb"`` before starting Jupyter): that is how the
-slow test ``tests/test_notebooks.py`` runs every notebook on tiny settings (make_notebooks.TINY).
+slow test ``tests/runtime/test_notebooks.py`` runs every notebook on tiny settings (make_notebooks.TINY).
 """
 
 from __future__ import annotations

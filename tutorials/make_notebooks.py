@@ -8,7 +8,7 @@ a generated setup cell before the code moves to the repository root and puts tut
 import path, so a notebook runs as the script does (same run folder, runs/tutorial). The
 notebooks are generated (notebooks/ is ignored by git): edit the script, then run this again.
 
-``TINY`` holds each tutorial's tiny settings: ``tests/test_notebooks.py`` (slow) runs every
+``TINY`` holds each tutorial's tiny settings: ``tests/runtime/test_notebooks.py`` (slow) runs every
 notebook top to bottom with them, in order, through ``$MINIALIGN_TUTORIAL_ARGS``
 (``_common.parse_args``), and ``python docs_site/figures.py --tiny`` runs the scripts with them.
 """

@@ -17,7 +17,7 @@ bodies are missing. ``minialign exercises check DIR`` runs the hand-computed tes
 exercise (the tests marked ``@pytest.mark.exercise("name")`` in the mirrored test file) against
 the student's copy, in a subprocess with that copy first on the import path, and prints a table:
 exercise, equations, passed or failed, and for a failure the hand-worked case with the numbers
-expected and received (``expect`` in ``tests/handworked.py``). ``--train`` then runs the tutorial of each
+expected and received (``expect`` in ``tests/equations/handworked.py``). ``--train`` then runs the tutorial of each
 exercise with the student's code and with the reference, and prints their figures side by side.
 
 The registry below holds what a student sees: the equation and the shapes of each exercise. The
@@ -51,7 +51,7 @@ class Exercise:
 
     @property
     def test_file(self) -> str:
-        return f"tests/test_{self.module}.py"
+        return f"tests/equations/test_{self.module}.py"
 
 
 # in course order: foundations, reward model, PPO, DPO, GRPO

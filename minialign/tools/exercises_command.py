@@ -69,8 +69,8 @@ def sheet(exercises: list[Exercise]) -> str:
            "    minialign exercises check . dpo_loss      # one exercise (or a file: dpo, grpo, ...)",
            "    minialign exercises check . dpo --train   # then train with your code beside the reference", "",
            "Run it from this folder (or give the folder's path). A failure prints the hand-worked case",
-           "and the numbers expected and received. The tests are in tests/ (look for",
-           "`@pytest.mark.exercise`); the tutorials in tutorials/ run on this copy.", "",
+           "and the numbers expected and received. The tests are in tests/equations/, one file per file of",
+           "minialign/ (look for `@pytest.mark.exercise`); the tutorials in tutorials/ run on this copy.", "",
            "| # | exercise | equations | where | what |", "|---|---|---|---|---|"]
     for i, e in enumerate(exercises, 1):
         out.append(f"| {i} | `{e.name}` | {e.equations} | `minialign/{e.file}` | {e.title} |")
@@ -167,7 +167,7 @@ def format_table(rows: list[dict]) -> str:
             out += ["  " + line[1:].strip() for line in x["message"].splitlines() if line.startswith("E ")]
         for t in failed:
             out.append(t["nodeid"].split("tests/")[-1])
-            if "hand-worked case:" in t["message"]:          # the message of tests/handworked.py: expect
+            if "hand-worked case:" in t["message"]:          # the message of tests/equations/handworked.py: expect
                 out += ["  " + line for line in t["message"].splitlines()[1:]]
             else:
                 if t["case"]:

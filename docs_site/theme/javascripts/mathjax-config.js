@@ -9,7 +9,7 @@ window.MathJax = {
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
     processEnvironments: true,
-    // an undefined macro is an error (merror, which tests/browser.py reports), not red text
+    // an undefined macro is an error (merror, which tests/runtime/browser.py reports), not red text
     packages: { "[-]": ["noundefined"] },
   },
   options: {
