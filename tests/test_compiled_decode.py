@@ -54,9 +54,14 @@ def test_fixed_shapes_write_one_slot_and_return_every_slot():
 
 def test_compiled_decode_samples_what_the_eager_step_samples():
     """Greedy and seeded sampling: the same tokens, log-probs within float rounding (one compilation:
-    the shapes are the same in every call here)."""
+    the shapes are the same in every call here); and after an optimizer-like in-place change of the
+    weights, the compiled step reads the new weights (RL samples from the policy it trains)."""
     model = make()
-    for temperature in (0.0, 2.0):
+    for temperature in (0.0, 2.0, 1.0):
+        if temperature == 1.0:  # the weights move in place, as AdamW moves them
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.5)
         eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(0))
         compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature,
                             generator=torch.Generator().manual_seed(0), compile_decode=True)
