@@ -75,7 +75,8 @@ import torch.nn.functional as F
 from .runtime import distributed
 from .data import collate
 from .generation import generate
-from .ops import check_positive, check_sequence_logps, masked_sum, response_logps, sequence_logps, upcast
+from .ops import (check_positive, check_sequence_logps, inference, masked_sum, response_logps, sequence_logps,
+                  upcast)
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .runtime.config import Config, check_range
@@ -252,7 +253,7 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device, dt
         b = preference_batch(pairs["prompt"][i:i + batch_size], pairs["chosen"][i:i + batch_size],
                              pairs["rejected"][i:i + batch_size], pad_id, model.config.block_size, device)
         with autocast(torch.device(device), dtype):
-            w, l = chosen_rejected_logps(model, b, share_prompt)
+            w, l = inference(chosen_rejected_logps, model, b, share_prompt)  # no gradient: ``ops.inference``
         logps_w.append(w)
         logps_l.append(l)
     model.train(was_training)
@@ -330,8 +331,8 @@ def dpo_step(policy, reference, tokenizer, pairs: dict[str, list[list[int]]], ro
         if isinstance(reference, dict):  # precomputed
             idx = torch.tensor(micro, device=device)
             return reference[prefix + "chosen"][idx], reference[prefix + "rejected"][idx]
-        with torch.no_grad(), autocast(device, dtype):
-            return chosen_rejected_logps(reference, batch, hp.share_prompt)
+        with autocast(device, dtype):  # no gradient: inference mode (``ops.inference``), the same numbers
+            return inference(chosen_rejected_logps, reference, batch, hp.share_prompt)
 
     def loss_of(micro: list[int]):
         batch = batch_of(micro)
@@ -345,8 +346,8 @@ def dpo_step(policy, reference, tokenizer, pairs: dict[str, list[list[int]]], ro
             kl = {}
             if "kl_chosen" in pairs:  # KTO: log-probs of mismatched responses, for z_0 (no gradient)
                 kl_batch = batch_of(micro, "kl_chosen", "kl_rejected")
-                with torch.no_grad(), autocast(device, dtype):
-                    kl_w, kl_l = chosen_rejected_logps(policy, kl_batch, hp.share_prompt)
+                with autocast(device, dtype):
+                    kl_w, kl_l = inference(chosen_rejected_logps, policy, kl_batch, hp.share_prompt)
                 kl_ref = reference_logps(kl_batch, micro, "kl_")
                 kl = {"kl_policy_logps": torch.cat([kl_w, kl_l]), "kl_ref_logps": torch.cat(kl_ref)}
             loss, r_w, r_l = loss_fn(pi_w, pi_l, ref_w, ref_l, chosen_lengths=lengths[:len(micro)],

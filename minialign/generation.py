@@ -18,6 +18,7 @@ longer $\pi_\theta$, so leave them off (the default) for PPO and GRPO.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +104,23 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              use_cache: bool = True, generator: torch.Generator | None = None,
-             share_prompt: bool = True) -> Generation:
+             share_prompt: bool = True, compile_decode: bool = False) -> Generation:
     """Sample one response per prompt (token-id lists, e.g. ``Tokenizer.prompt``).
 
     ``temperature=0`` is greedy decoding (its ``logps`` are then at temperature 1).
     ``share_prompt`` (with ``use_cache``): a prompt given several times (GRPO's group) runs once
     (``ops.prefill``).
+
+    ``compile_decode`` (minialign's GPT, with the cache; off by default): each new token runs
+    through one ``torch.compile``d step with fixed shapes (``KVCache.fix_shapes``): the step's
+    small elementwise ops and its one-query attention are fused into a few loops and the Python
+    between them is gone; the matmuls stay library calls, and they are most of what is left (the
+    gain is in ``docs/measurements.md``). The first call pays for the compilation (once per model
+    and batch shape in a process). The compiled kernels fuse and reorder floating-point work, and
+    attention runs over every slot of the cache, masked, instead of the slots written so far:
+    log-probs differ from the eager path in their last bits, and so a sampled token can differ
+    where two are nearly tied. That is why it is an option: a seeded run's numbers are the eager
+    path's.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -117,14 +129,28 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     if longest + max_new_tokens > block_size:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context (block_size={block_size}); nothing is truncated")
+    if compile_decode and not (use_cache and hasattr(model, "decode")):
+        raise ValueError("compile_decode needs the KV cache (use_cache=True) and minialign's GPT")
     # no gradient flows through sampling: run it in inference mode (the same numbers as no_grad,
     # less bookkeeping per op), its results cloned out as normal tensors
     return inference(_sample, model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
-                     use_cache, generator, share_prompt)
+                     use_cache, generator, share_prompt, compile_decode)
+
+
+def _next_logits(model, idx, positions, bias, cache) -> torch.Tensor:
+    """One decode step through a cache with fixed shapes: the next-token logits (B, V), float32."""
+    return model.lm_head(model._blocks(idx, positions, bias, cache))[:, -1].float()
+
+
+@functools.cache
+def _compiled_next_logits():
+    """``_next_logits`` compiled, made on first use (importing the compiler takes seconds). Fixed
+    shapes: a new batch size or cache length compiles again rather than a general kernel for all."""
+    return torch.compile(_next_logits, dynamic=False)
 
 
 def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, use_cache,
-            generator, share_prompt) -> Generation:
+            generator, share_prompt, compile_decode) -> Generation:
     """``generate``'s loop (its arguments checked)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -156,6 +182,8 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
         bias = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype, device=device)  # (B, 1, 1, L)
         bias[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
         count = mask.sum(1, keepdim=True)                               # (B, 1) real tokens so far
+        if compile_decode:
+            cache.fix_shapes()  # every step attends over all L slots; the bias hides the unwritten ones
     new_tokens, new_logps, new_mask = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -187,8 +215,12 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
             # row it is a pad, read only by that row's own queries, whose outputs are thrown away
             count = count + new_mask[-1][:, None]                       # (B, 1) positions count real tokens
             bias[:, 0, 0, col] = 0.0
-            h = model.decode(token[:, None], count - 1, bias[..., :col + 1], cache)  # (B, 1, C)
-            logits = model.lm_head(h)[:, -1].float()
+            if compile_decode:
+                logits = _compiled_next_logits()(model, token[:, None], count - 1, bias, cache)  # (B, V)
+                cache.advance(1)
+            else:
+                h = model.decode(token[:, None], count - 1, bias[..., :col + 1], cache)  # (B, 1, C)
+                logits = model.lm_head(h)[:, -1].float()
         elif use_cache:
             logits = model(token[:, None], attention_mask=attention_mask[:, :col + 1], cache=cache)[:, -1].float()
         else:

@@ -81,8 +81,8 @@ from .runtime import distributed
 from . import policy_gradient as PG
 from .generation import Generation, cat_generations, generate
 from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative,
-                  check_per_sequence, check_positive, check_token_tensors, kl_k1, kl_k3, masked_mean, masked_sum,
-                  response_logps, upcast)
+                  check_per_sequence, check_positive, check_token_tensors, inference, kl_k1, kl_k3, masked_mean,
+                  masked_sum, response_logps, upcast)
 from .stages.rewards import score_answers, toy_reward
 from .policy_gradient import CLIP_DEFAULTS
 from .policy_gradient_sampling import dynamic_sampling, overlong_filter, overlong_penalty
@@ -351,14 +351,14 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
     mask = rollout.response_mask                                                              # (B, T)
     seqs, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
 
-    with torch.no_grad(), autocast(device, dtype):
+    with autocast(device, dtype):  # no gradient: inference mode (``ops.inference``), the same numbers
         # pi_old's log-probs: the sampler's own (same temperature, 0 after EOS), or recomputed by
         # the training forward so that rho = 1 exactly at the first update (the sampler's cached
         # forward agrees to ~1e-6 in float32, less closely under bf16)
         old_logps = rollout.logps
         if hp.recompute_old_logps:
-            old_logps = response_logps(policy, seqs, attn, P, hp.temperature, hp.share_prompt)
-        ref_logps = response_logps(reference, seqs, attn, P, hp.temperature, hp.share_prompt)
+            old_logps = inference(response_logps, policy, seqs, attn, P, hp.temperature, hp.share_prompt)
+        ref_logps = inference(response_logps, reference, seqs, attn, P, hp.temperature, hp.share_prompt)
     if hp.kl_in == "reward" and hp.advantage != "reinforce_pp":  # E14's r_i = r(x, y_i) - beta KL_i
         total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta, hp.kl_estimator)
     else:                     # E13: the KL is in the loss (or in REINFORCE++'s per-token reward), r_i is the reward

@@ -59,9 +59,15 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens already stored (the same for every row)
         self.max_len = max_len
+        self.slot = None  # fixed shapes (``fix_shapes``): the next token's slot, as a (1,) tensor
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far
+        (with fixed shapes: every ``max_len`` slot, the ones not yet written zero)."""
+        if self.slot is not None:  # a compiled decode step: the same shapes at every position
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]                         # (B, nh, max_len, hs)
         end = self.length + k.size(2)
         if torch.is_grad_enabled() or self.k[layer].size(2) < end:  # training through the cache
             self.k[layer] = torch.cat([self.k[layer][:, :, :self.length], k.to(self.k[layer].dtype)], 2)
@@ -70,6 +76,28 @@ class KVCache:
             self.k[layer][:, :, self.length:end] = k
             self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, S, hs)
+
+    def advance(self, n: int) -> None:
+        """``n`` more tokens are stored (each row's)."""
+        self.length += n
+        if self.slot is not None:
+            self.slot += n
+
+    def fix_shapes(self) -> "KVCache":
+        """From here on, ``update`` writes one token at a time into the slot ``self.slot`` and returns
+        all ``max_len`` slots: a step's shapes no longer depend on how many tokens came before, so a
+        compiled decode step (``generation.generate(compile_decode=True)``) is compiled once, and the
+        slot is a tensor, not a Python int that the compiled step would be specialised on. Attention
+        must mask the slots not yet written (SDPA's bias: -inf); they are zeroed, since the buffer is
+        uninitialised memory and a NaN there would survive its zero attention weight (0 x NaN = NaN).
+        In place; no gradient flows through a cache with fixed shapes."""
+        if any(buffer.size(2) != self.max_len for buffer in self.k + self.v):
+            raise ValueError("fixed shapes need the preallocated buffers: fill the cache without gradient "
+                             "(with gradient, update concatenates)")
+        for buffer in self.k + self.v:
+            buffer[:, :, self.length:].zero_()
+        self.slot = torch.tensor([self.length], device=self.k[0].device)
+        return self
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """Keep the rows ``rows`` (B',), repeats allowed: new row i is old row ``rows[i]``. In place."""
@@ -95,11 +123,25 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if cache is not None and cache.slot is not None:  # a compiled decode step: one query per row
+            y = _attend_one(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def _attend_one(q, k, v, bias):
+    """softmax(q k^T / sqrt(hs) + bias) v for one query (T = 1) per row and head, as sums of products.
+
+    What SDPA computes, written so that ``torch.compile`` fuses each line into one loop over the
+    cache: SDPA's CPU kernel is built for many queries and costs far more than the arithmetic of
+    one. Its own float sums, in another order than SDPA's: used by the compiled decode step only.
+    """
+    scores = (q * k).sum(-1, keepdim=True) / math.sqrt(q.size(-1)) + bias.transpose(-1, -2)  # (B, nh, S, 1)
+    return (torch.softmax(scores, dim=2) * v).sum(2, keepdim=True)                          # (B, nh, 1, hs)
 
 
 class MLP(nn.Module):
@@ -195,7 +237,10 @@ class GPT(nn.Module):
             # let every query see itself; real queries are unaffected, pad outputs are ignored
             allowed = allowed | (k_slot == q_slot)[None]
             attn_mask = allowed[:, None]                                       # (B, 1, T, S)
-        return self._blocks(idx, pos, attn_mask, cache)
+        x = self._blocks(idx, pos, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return x
 
     def decode(self, idx: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:
@@ -209,15 +254,17 @@ class GPT(nn.Module):
         shapes; here they are given, so a step runs the blocks and nothing else. The numbers are
         ``hidden``'s, bit for bit, for the same positions and mask (``tests/equations/test_generation.py``).
         """
-        return self._blocks(idx, positions, attn_mask, cache)
+        x = self._blocks(idx, positions, attn_mask, cache)
+        cache.advance(idx.shape[1])
+        return x
 
     def _blocks(self, idx, pos, attn_mask, cache) -> torch.Tensor:
-        """Embeddings, every block, the final LayerNorm: (B, T) -> (B, T, C)."""
+        """Embeddings, every block, the final LayerNorm: (B, T) -> (B, T, C). The cache's keys and
+        values are written; its length is the caller's to advance (kept out of here so that a
+        compiled decode step holds no Python int that changes every step)."""
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, attn_mask, cache)
-        if cache is not None:
-            cache.length += idx.shape[1]
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,

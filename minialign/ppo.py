@@ -93,8 +93,8 @@ from .data import minibatches
 from .generation import Generation, generate
 from .model import GPT
 from .ops import (check_finite, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
-                  check_positive, check_token_tensors, entropy_from_logits, masked_mean, masked_sum, masked_var,
-                  masked_whiten, response_hidden, response_logps, token_logps)
+                  check_positive, check_token_tensors, entropy_from_logits, inference, masked_mean, masked_sum,
+                  masked_var, masked_whiten, response_hidden, response_logps, token_logps)
 from .reward_model import last_token_index
 from .runtime.config import Config, check_range
 from .runtime.devices import autocast
@@ -375,11 +375,15 @@ def ppo_iteration(actor_critic: PolicyWithValueHead, reference: nn.Module, rewar
     finished = rollout.finished                                               # (B,) emitted EOS
 
     # ---- 2. score at the EOS, KL to pi_ref, per-token rewards (E2, E6) ----------------------
-    actor_critic.eval()
-    with torch.no_grad(), autocast(device, dtype):
+    def score_rollout():  # no gradient: run in inference mode (``ops.inference``), the same numbers
         old_logps, old_values, _ = logps_values_entropy(actor_critic, seqs, attn, P, hp.temperature, share)
         ref_logps = response_logps(reference, seqs, attn, P, hp.temperature, share)  # (B, T)
         rm_score = reward_model(seqs, attn, rollout.full_response_mask if share else None).float()  # (B,) at the EOS
+        return old_logps, old_values, ref_logps, rm_score
+
+    actor_critic.eval()
+    with autocast(device, dtype):
+        old_logps, old_values, ref_logps, rm_score = inference(score_rollout)
     # a response with no EOS has no place to read r_phi: it gets the penalty score instead
     score = torch.where(finished, rm_score, torch.full_like(rm_score, hp.missing_eos_score))
     rewards = per_token_rewards(score, old_logps, ref_logps, mask, beta)      # (B, T)

@@ -1,0 +1,82 @@
+"""Checks generation's ``compile_decode`` option: a ``torch.compile``d decode step through a KV cache
+with fixed shapes (``KVCache.fix_shapes``), off by default because its last bits differ."""
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minialign.generation import generate
+from minialign.model import GPT, GPTConfig, _attend_one
+
+EOS, PAD = 2, 0
+PROMPTS = [[1, 3, 4], [1, 5], [1, 6, 7, 8, 9]] * 4  # left padding, rows that stop at EOS and rows that do not
+
+
+def make():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=10, block_size=32, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_attend_one_is_sdpa_for_one_query_with_a_bias():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    bias = torch.zeros(3, 1, 1, 7)
+    bias[0, ..., 4:] = bias[1, ..., :2] = float("-inf")  # unwritten slots, left pads
+    k[0, :, 4:] = v[0, :, 4:] = 0.0                     # what fix_shapes leaves in unwritten slots
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(_attend_one(q, k, v, bias), expected, rtol=0, atol=1e-6)
+    # by hand for row 2, head 0: softmax(q k^T / sqrt(8)) v over all 7 keys
+    w = torch.softmax(k[2, 0] @ q[2, 0, 0] / math.sqrt(8), 0)
+    torch.testing.assert_close(_attend_one(q, k, v, bias)[2, 0, 0], w @ v[2, 0], rtol=0, atol=1e-6)
+
+
+def test_fixed_shapes_write_one_slot_and_return_every_slot():
+    model = make()
+    cache = model.new_cache(2, 6)
+    with torch.no_grad():  # with gradient the cache concatenates: no fixed shapes
+        model.hidden(torch.tensor([[1, 3], [1, 4]]), cache=cache)  # two tokens stored, slots 2.. unwritten
+    cache.fix_shapes()
+    assert cache.slot.tolist() == [2] and (cache.k[0][:, :, 2:] == 0).all() and (cache.v[1][:, :, 2:] == 0).all()
+    before = cache.k[0][:, :, :2].clone()
+    k = torch.ones(2, 2, 1, 8)
+    keys, _ = cache.update(0, k, k)
+    assert keys.shape == (2, 2, 6, 8)                        # all max_len slots, whatever the position
+    assert (keys[:, :, 2] == 1).all() and (keys[:, :, 3:] == 0).all() and torch.equal(keys[:, :, :2], before)
+    cache.advance(1)
+    assert cache.length == 3 and cache.slot.tolist() == [3]
+    grown = model.new_cache(2, 6)
+    model.hidden(torch.tensor([[1, 3]]).expand(2, 2), cache=grown)  # with gradient: buffers of 2 slots
+    with pytest.raises(ValueError, match="preallocated buffers"):
+        grown.fix_shapes()
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on the CPU
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decode_samples_what_the_eager_step_samples():
+    """Greedy and seeded sampling: the same tokens, log-probs within float rounding (one compilation:
+    the shapes are the same in every call here); and after an optimizer-like in-place change of the
+    weights, the compiled step reads the new weights (RL samples from the policy it trains)."""
+    model = make()
+    for temperature in (0.0, 2.0, 1.0):
+        if temperature == 1.0:  # the weights move in place, as AdamW moves them
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p), alpha=0.5)
+        eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature,
+                            generator=torch.Generator().manual_seed(0), compile_decode=True)
+        if temperature:
+            assert eager.finished.any() and (~eager.finished).any()  # rows that stopped, rows that ran on
+        assert torch.equal(compiled.sequences, eager.sequences)
+        assert torch.equal(compiled.response_mask, eager.response_mask)
+        torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
+        assert not compiled.logps.is_inference()
+
+
+def test_compiled_decode_needs_the_cache_and_a_minialign_gpt():
+    with pytest.raises(ValueError, match="compile_decode needs the KV cache"):
+        generate(make(), PROMPTS, 4, EOS, PAD, use_cache=False, compile_decode=True)
