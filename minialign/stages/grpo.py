@@ -10,6 +10,7 @@ import torch
 
 from ..runtime import distributed
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
+from ..policy_gradient import MemberOptions, check_member
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
 from ..runtime.config import TrainConfig, check_range, require
@@ -23,7 +24,7 @@ from .rollout_tasks import grpo_task
 
 
 @dataclass
-class GRPOConfig(GRPOHyperparams, TrainConfig):
+class GRPOConfig(MemberOptions, GRPOHyperparams, TrainConfig):
     """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
 
     Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
@@ -57,6 +58,7 @@ class GRPOConfig(GRPOHyperparams, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_member(self, self)  # the member's options against GRPO's own
         for name in ("questions", "eval_samples", "final_eval_samples"):
             check_range(self, name, 1)
         check_range(self, "eval_every", 0)
@@ -113,7 +115,7 @@ def main(config: GRPOConfig) -> dict:
         def draw(n: int) -> list[dict]:  # more questions for --dynamic-sampling (one process only)
             return [task.train[i] for i in torch.randperm(len(task.train), generator=data_generator)[:n].tolist()]
         result = grpo_iteration(policy, reference, tok, task.reward_fn, [task.train[i] for i in mine], config,
-                                generator, update, config.dtype, draw=draw)
+                                generator, update, config.dtype, member=config, draw=draw)
         metrics = distributed.mean_over_ranks(result.metrics)
         history.append(metrics)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before:
