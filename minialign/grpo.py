@@ -67,6 +67,10 @@ Choices the source leaves open, each a field of ``GRPOHyperparams``:
   it; $\epsilon = 10^{-4}$ (``adv_eps``).
 - $\log\pi_{old}$ is the sampler's own (at the sampling temperature); ``recompute_old_logps``
   recomputes it with the training forward.
+
+The family beyond GRPO (REINFORCE, RLOO, REINFORCE++, DAPO, GSPO, CISPO) runs through the same
+``grpo_iteration``: its ``member`` replaces E12 and E13 (``policy_gradient.py``) and adds DAPO's
+sampling-side steps (``policy_gradient_sampling.py``); the default is GRPO as written here.
 """
 
 from __future__ import annotations
