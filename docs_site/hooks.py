@@ -2,7 +2,7 @@
 
 - ``quickstart.md``: the README, so the site opens with the install and run commands and the
   tutorials' table; a page's ``../README.md`` link points there.
-- ``exercises.md``: one section per exercise of the registry (``minialign/exercises.py``), built
+- ``exercises.md``: one section per exercise of the registry (``minialign/tools/exercises.py``), built
   from it at every build so it cannot go stale: the equation, the function to write, its shapes,
   the tests that grade it and the commands that make the copy and grade it.
 - the plots of ``docs_site/figures.py``'s FIGURES below the paragraph that names them, from
@@ -122,14 +122,8 @@ def on_nav(nav, config, files):
 
 
 def exercise_registry():
-    """minialign's exercise registry (minialign/exercises.py, or minialign/tools/ after a move)."""
-    for name in ("minialign.exercises", "minialign.tools.exercises"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name not in (name, name.rsplit(".", 1)[0]):
-                raise
-    raise PluginError("no exercise registry: neither minialign.exercises nor minialign.tools.exercises")
+    """minialign's exercise registry (minialign/tools/exercises.py)."""
+    return importlib.import_module("minialign.tools.exercises")
 
 
 def exercise_function(path: Path, marker_line: int) -> tuple[str, str]:

@@ -32,15 +32,9 @@ What to skip on a first reading (the machinery, not the course):
   measure a run (``evaluate``) and reward functions (``rewards``)
 - ``real/``: real models (the Hugging Face adapter, GPT-2 weights, ``minialign export``)
 - ``tools/``: ``minialign bench`` and ``minialign exercises``
-
-``train.py`` only re-exports the names of ``runtime/`` at their old path, for a while.
 """
 
 import importlib
-
-from .runtime import old_paths as _old_paths
-
-_old_paths.install()  # shim: old import path, removed once every importer uses minialign.runtime
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "ToyWorld", "WorldConfig", "__version__"]

@@ -67,6 +67,10 @@ Choices the source leaves open, each a field of ``GRPOHyperparams``:
   it; $\epsilon = 10^{-4}$ (``adv_eps``).
 - $\log\pi_{old}$ is the sampler's own (at the sampling temperature); ``recompute_old_logps``
   recomputes it with the training forward.
+
+The family beyond GRPO (REINFORCE, RLOO, REINFORCE++, DAPO, GSPO, CISPO) runs through the same
+``grpo_iteration``: its ``member`` replaces E12 and E13 (``policy_gradient.py``) and adds DAPO's
+sampling-side steps (``policy_gradient_sampling.py``); the default is GRPO as written here.
 """
 
 from __future__ import annotations
@@ -79,14 +83,13 @@ import torch
 
 from .runtime import distributed
 from . import policy_gradient as PG
-from .generation import Generation, cat_generations, generate
+from .generation import Generation, generate
 from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative,
                   check_per_sequence, check_positive, check_token_tensors, inference, kl_k1, kl_k3, masked_mean,
                   masked_sum, response_logps, upcast)
 from .stages.rewards import score_answers, toy_reward
-from .policy_gradient import CLIP_DEFAULTS
-from .policy_gradient_sampling import dynamic_sampling, overlong_filter, overlong_penalty
-from .runtime.config import Config, check_range, require
+from .policy_gradient_sampling import overlong_filter, overlong_penalty, sample_until_full
+from .runtime.config import Config, check_range
 from .runtime.devices import autocast
 
 KL_IN = ("loss", "reward")
@@ -95,7 +98,8 @@ AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 
 @dataclass
 class GRPOHyperparams(Config):
-    """What E11-E14 and one iteration need (``minialign grpo`` adds the run's settings to these)."""
+    """What E11-E14 and one iteration need (``minialign grpo`` adds the run's settings to these, and the
+    options of the family's members, ``policy_gradient.MemberOptions``)."""
     group_size: int = 8             # G answers sampled per question
     batch_size: int = 128           # answers per gradient step: the Q*G answers split into steps (>= Q*G: one step)
     inner_updates: int = 2          # passes over the same samples against the same pi_old (mu)
@@ -111,16 +115,6 @@ class GRPOHyperparams(Config):
     max_new_tokens: int = 4         # longest answer, EOS included (also aggregation="constant"'s max_len)
     recompute_old_logps: bool = False  # recompute pi_old's log-probs instead of the sampler's
     share_prompt: bool = True       # run each question once for its G answers (exact; ops.prefill)
-    # the policy-gradient family (policy_gradient.py): each member is GRPO with these changed
-    advantage: Literal["grpo", "none", "batch_mean", "rloo", "reinforce_pp"] = "grpo"  # E12, or none (A = r) | batch_mean | rloo (leave-one-out) | reinforce_pp
-    loss: Literal["grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo"] = "grpo"  # E13, or reinforce | ppo_clip (E5) | dapo | gspo | cispo
-    clip_eps_low: float = 0.0       # dapo/gspo/cispo: the lowest ratio is 1 - this (0: the paper's)
-    clip_eps_high: float = 0.0      # dapo/gspo/cispo: the highest ratio is 1 + this, clip-higher (0: the paper's)
-    kl_estimator: Literal["k3", "k1"] = "k3"  # the KL in the reward (--kl-in reward): k3 | k1 (E2's; reinforce_pp's)
-    dynamic_sampling: bool = False  # DAPO: only groups that carry a signal, more questions drawn to fill the batch
-    max_draws: int = 4              # dynamic sampling: at most this many more draws of --questions per iteration
-    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: truncated answers out of the loss, or a length penalty
-    overlong_cache: int = 1         # --overlong penalty: L_cache, the last tokens in which the penalty falls to -1
 
     def validate(self) -> None:
         super().validate()
@@ -129,28 +123,8 @@ class GRPOHyperparams(Config):
             check_range(self, name, 1)
         for name in ("temperature", "clip_eps", "adv_eps"):  # GRPO samples from pi_theta: temperature > 0
             check_range(self, name, 0, low_open=True)
-        for name in ("beta", "ref_reset_every", "max_draws"):
+        for name in ("beta", "ref_reset_every"):
             check_range(self, name, 0)
-        self.check_member()
-
-    def check_member(self) -> None:
-        """The family's options: each refused where the chosen member does not read it."""
-        own_clip = self.loss in CLIP_DEFAULTS  # dapo, gspo, cispo
-        require(self, "kl_in", self.loss == "grpo" or self.kl_in == "reward" or self.beta == 0,
-                f"reward (or --beta 0) with --loss {self.loss}: only E13 has a KL term in the loss")
-        require(self, "kl_estimator", self.kl_estimator == "k3" or self.kl_in == "reward", "k3 unless --kl-in reward")
-        aggregations = (("answer_mean",) if own_clip or self.loss == "ppo_clip" else  # they fix their own
-                        AGGREGATIONS + ("sequence_sum",) if self.loss == "reinforce" else AGGREGATIONS)
-        require(self, "aggregation", self.aggregation in aggregations, f"one of {aggregations} with --loss {self.loss}")
-        per_token_ok = ("reinforce", "ppo_clip", "dapo", "cispo")  # the losses that take (B, T) advantages
-        require(self, "advantage", self.advantage != "reinforce_pp" or self.loss in per_token_ok,
-                f"one advantage per answer for --loss {self.loss} (reinforce_pp gives one per token)")
-        require(self, "scale_by_std", self.scale_by_std or self.advantage == "grpo", "true unless --advantage grpo")
-        for name in ("clip_eps_low", "clip_eps_high"):
-            require(self, name, getattr(self, name) == 0 or own_clip, f"0 with --loss {self.loss} (it uses --clip-eps)")
-        check_range(self, "clip_eps_low", 0, 1, high_open=self.loss != "cispo")  # 1 - eps_low > 0 (CISPO: >= 0)
-        check_range(self, "clip_eps_high", 0)
-        check_range(self, "overlong_cache", 1, self.max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,24 +279,24 @@ class GRPOIterationResult:
 
 
 def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict], hp: GRPOHyperparams,
-                   generator: torch.Generator, update, dtype: str = "float32", draw=None) -> GRPOIterationResult:
+                   generator: torch.Generator, update, dtype: str = "float32",
+                   member: PG.MemberOptions | None = None, draw=None) -> GRPOIterationResult:
     """One iteration of E14 on ``questions``: sample G answers each, score, E11-E12, update (E13).
 
     ``questions`` are rows with a ``prompt`` (and ``prompt_ids``, else ``tokenizer.prompt(prompt)``)
     and whatever columns ``reward_fn(prompts, completions, finished, **columns) -> list[float]``
-    (``rewards.py``) reads; a ``ToyWorld`` as ``reward_fn`` scores with its r*. ``update(rows,
-    loss_of) -> Update`` (``train.gradient_update``) makes one optimizer step from ``loss_of(micro)
-    -> (mean loss, units, total units, stats)`` over ``rows``; it hides the optimizer, the
-    schedule, ``--grad-accum`` and DDP. ``dtype`` is the autocast dtype ("float32": none).
-    ``draw(n) -> n more questions`` feeds DAPO's dynamic sampling (``hp.dynamic_sampling``).
-    The members of the family (``policy_gradient.py``) replace E12 (``hp.advantage``) and E13 (``hp.loss``).
+    (``stages/rewards.py``) reads; a ``ToyWorld`` as ``reward_fn`` scores with its r*. ``update(rows,
+    loss_of) -> Update`` (``runtime.optim.gradient_update``) makes one optimizer step from ``loss_of(micro)
+    -> (mean loss, units, total units, stats)`` over ``rows``, hiding the optimizer, the schedule,
+    ``--grad-accum`` and DDP. ``dtype``: autocast's ("float32": none). ``member``: a member of the family
+    instead of GRPO (``policy_gradient.MemberOptions``); ``draw(n) -> n more questions``: its dynamic sampling.
     """
+    member = member or PG.MemberOptions()  # None: GRPO itself
+    PG.check_member(member, hp)
     device = next(policy.parameters()).device
     if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
         reward_fn = toy_reward(reward_fn)
     G = hp.group_size
-    if hp.dynamic_sampling and draw is None:
-        raise ValueError("dynamic_sampling needs draw(n) -> n more questions, to fill the batch")
 
     def sample(questions):  # y ~ pi_old = the current policy (frozen for the whole iteration), scored
         rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
@@ -335,19 +309,12 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
         finished = [bool(f) for f in rollout.finished.tolist()]
         return rollout, completions, score_answers(reward_fn, rows, completions, finished, device)  # (B,)
 
-    sampled = [sample(questions)]  # every draw, for the metrics
-    rollout, completions, rewards = sampled[0]
-    if hp.dynamic_sampling:  # DAPO: keep only groups that carry a signal, draw more questions to fill the batch
-        filled = dynamic_sampling(rewards, G, len(questions))
-        while not filled.full and len(sampled) <= hp.max_draws:
-            sampled.append(sample(draw(len(questions))))
-            filled = dynamic_sampling(torch.cat([r for _, _, r in sampled]), G, len(questions))
-        if filled.kept:  # else no group carried a signal: the first draw, as without the filter
-            keep = filled.keep.tolist()
-            rollout = cat_generations([g for g, _, _ in sampled], tokenizer.pad_id).select(filled.keep)
-            completions = [c for (_, cs, _) in sampled for c in cs]
-            completions = [c for c, k in zip(completions, keep) if k]
-            rewards = torch.cat([r for _, _, r in sampled])[filled.keep]
+    if member.dynamic_sampling:  # DAPO: only the groups that carry a signal, more questions drawn to fill the batch
+        sampled, (rollout, completions, rewards) = sample_until_full(sample, questions, draw, G, member.max_draws,
+                                                                     tokenizer.pad_id)
+    else:
+        sampled = [sample(questions)]  # every draw, for the metrics
+        rollout, completions, rewards = sampled[0]
     mask = rollout.response_mask                                                              # (B, T)
     seqs, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
 
@@ -359,22 +326,22 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
         if hp.recompute_old_logps:
             old_logps = inference(response_logps, policy, seqs, attn, P, hp.temperature, hp.share_prompt)
         ref_logps = inference(response_logps, reference, seqs, attn, P, hp.temperature, hp.share_prompt)
-    if hp.kl_in == "reward" and hp.advantage != "reinforce_pp":  # E14's r_i = r(x, y_i) - beta KL_i
-        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta, hp.kl_estimator)
+    if hp.kl_in == "reward" and member.advantage != "reinforce_pp":  # E14's r_i = r(x, y_i) - beta KL_i
+        total_reward = kl_penalised_rewards(rewards, old_logps, ref_logps, mask, hp.beta, member.kl_estimator)
     else:                     # E13: the KL is in the loss (or in REINFORCE++'s per-token reward), r_i is the reward
         total_reward = rewards
-    if hp.overlong == "penalty":  # DAPO's soft length penalty, in the reward
-        total_reward = total_reward + overlong_penalty(mask.sum(1), hp.max_new_tokens, hp.overlong_cache,
+    if member.overlong == "penalty":  # DAPO's soft length penalty, in the reward
+        total_reward = total_reward + overlong_penalty(mask.sum(1), hp.max_new_tokens, member.overlong_cache,
                                                        rollout.finished)
-    if hp.advantage == "grpo":
+    if member.advantage == "grpo":
         advantages = group_advantages(total_reward, G, hp.adv_eps, hp.scale_by_std)  # (B,) E11-E12
     else:                     # a member's baseline: (B,), or (B, T) for REINFORCE++
         kl_per_token = dict(mask=mask, old_logps=old_logps, ref_logps=ref_logps,
-                            beta=hp.beta if hp.kl_in == "reward" else 0.0) if hp.advantage == "reinforce_pp" else {}
-        advantages = PG.advantages(hp.advantage, total_reward, G, eps=hp.adv_eps, **kl_per_token)
-    if hp.overlong == "filter":  # DAPO: a truncated answer leaves the loss, after it counted in its group's baseline
+                            beta=hp.beta if hp.kl_in == "reward" else 0.0) if member.advantage == "reinforce_pp" else {}
+        advantages = PG.advantages(member.advantage, total_reward, G, eps=hp.adv_eps, **kl_per_token)
+    if member.overlong == "filter":  # DAPO: a truncated answer leaves the loss, after it counted in its group's baseline
         mask = overlong_filter(mask, rollout.finished)
-    aggregation = PG.effective_aggregation(hp.loss, hp.aggregation)
+    aggregation = PG.effective_aggregation(member.loss, hp.aggregation)
 
     def units(idx) -> float:  # what the loss averages over: answers, or tokens for token_mean
         return float(mask[idx].sum()) if aggregation == "token_mean" else len(idx)
@@ -382,14 +349,14 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
     def loss_of(micro, minibatch_units: float):  # one micro-batch of the minibatch's answers
         with autocast(device, dtype):
             logps = response_logps(policy, seqs[micro], attn[micro], P, hp.temperature, hp.share_prompt)
-        if hp.loss == "grpo":
+        if member.loss == "grpo":
             loss, stats = grpo_loss(logps, old_logps[micro], ref_logps[micro], advantages[micro], mask[micro],
                                     hp.clip_eps, hp.beta, hp.kl_in, hp.aggregation, max_len=hp.max_new_tokens)  # E13
         else:                 # a member's loss, with no KL term (it is in the reward)
             loss, stats = PG.policy_loss(
-                hp.loss, logps, old_logps[micro], advantages[micro], mask[micro], clip_eps=hp.clip_eps,
-                eps_low=hp.clip_eps_low or None, eps_high=hp.clip_eps_high or None, max_len=hp.max_new_tokens,
-                aggregation=hp.aggregation if hp.loss == "reinforce" else None)
+                member.loss, logps, old_logps[micro], advantages[micro], mask[micro], clip_eps=hp.clip_eps,
+                eps_low=member.clip_eps_low or None, eps_high=member.clip_eps_high or None,
+                max_len=hp.max_new_tokens, aggregation=hp.aggregation if member.loss == "reinforce" else None)
         return loss, units(micro), minibatch_units, stats
 
     trained = mask.any(1).nonzero().squeeze(1)  # the rows the loss sees: all but the filtered answers
@@ -420,6 +387,6 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
                "tokens": float(sum(g.response_mask.sum() for g, _, _ in sampled))}  # generated, EOS included
     if hp.kl_in == "reward":
         metrics["kl_penalised_reward"] = total_reward.mean().item()  # what E11-E12 saw
-    if hp.dynamic_sampling:
+    if member.dynamic_sampling:
         metrics["questions_drawn"] = float(everything.numel() // G)  # sampled, to fill the batch
     return GRPOIterationResult(rollout, completions, rewards, advantages, metrics)

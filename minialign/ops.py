@@ -303,6 +303,16 @@ def check_groups(B: int, group_size: int) -> None:
         raise ValueError(f"{B} answers is not a (positive) multiple of group_size={group_size}")
 
 
+def rewards_1d(rewards) -> torch.Tensor:
+    """(B,) float rewards (float64 stays), finite."""
+    rewards = torch.as_tensor(rewards)
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    if rewards.dim() != 1 or rewards.numel() == 0:
+        raise ValueError(f"rewards must be a non-empty 1-D (B,) tensor, got shape {tuple(rewards.shape)}")
+    check_finite(rewards, "rewards")
+    return rewards
+
+
 # ----------------------------------------------------------------------------------------------
 # masked reductions
 # ----------------------------------------------------------------------------------------------

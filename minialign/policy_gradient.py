@@ -16,22 +16,11 @@ $\rho_{i,t} = \pi_\theta(y_{i,t}\mid x, y_{i,<t}) / \pi_{old}(y_{i,t}\mid x, y_{
 | GSPO | E12 | clip of the sequence ratio $s_i$ | none | Zheng et al., 2025 |
 | CISPO | E12 | $-\mathrm{sg}(\mathrm{clip}(\rho_{i,t}))\hat A_i\log\pi_\theta$, token mean | none | MiniMax, 2025 |
 
-**The API** (what ``grpo_iteration`` plugs in where GRPO's own E12 and E13 stand, one option each):
-
-- ``advantages(estimator, rewards, group_size, ...)``: ``estimator`` in ``ADVANTAGE_ESTIMATORS``:
-  ``"none"`` (REINFORCE, $\hat A_i = r_i$), ``"batch_mean"``, ``"rloo"``, ``"reinforce_pp"``; GRPO's own
-  E12 (and Dr. GRPO's $r_i - \bar R$, REINFORCE with the group baseline) is ``grpo.group_advantages``.
-  Returns (B,), except ``"reinforce_pp"``: (B, T), one advantage per token (pass ``mask`` and, for its
-  KL, ``old_logps``, ``ref_logps``, ``beta``). The others take rewards that already hold any KL
-  (``grpo.kl_penalised_rewards(..., estimator="k1")``).
-- ``policy_loss(loss, logps, old_logps, advantages, mask, ...) -> (loss, stats)``: ``loss`` in
-  ``POLICY_LOSSES``: ``"reinforce"``, ``"ppo_clip"`` (``ppo.clipped_surrogate_loss``), ``"dapo"``,
-  ``"gspo"``, ``"cispo"``; none has a KL term (GRPO's E13, ``grpo.grpo_loss``, is the only one).
-  ``eps_low`` / ``eps_high`` / ``aggregation`` left as None take the member's paper default.
-- ``MEMBERS``: member name -> (advantage estimator, loss, where the KL goes): the table above.
-- DAPO's two sampling-side pieces, which act on the batch before any of this, are in
-  ``policy_gradient_sampling.py``: ``dynamic_sampling`` (which groups carry a signal, how many
-  questions were drawn to fill the batch) and ``overlong_filter`` / ``overlong_penalty``.
+**The API** (what ``grpo.grpo_iteration`` plugs in where GRPO's own E12 and E13 stand):
+``MemberOptions``, which member it runs (``minialign grpo``'s flags), refused where they do not fit
+(``check_member``); ``advantages(estimator, ...)`` and ``policy_loss(loss, ...)``, one option each (GRPO's
+own are ``grpo.group_advantages`` and ``grpo.grpo_loss``, the only loss with a KL term); ``MEMBERS``,
+the table above. DAPO's sampling-side pieces are in ``policy_gradient_sampling.py``.
 
 Every function is pure (tensors in, tensors out), float64 stays float64 (the theory lab and
 ``gradcheck``), and bad input is a ValueError that names the problem. The exact answers of each
@@ -40,11 +29,15 @@ member (where its expected update converges) are in ``theory_policy_gradient.py`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
+from .runtime.config import Config, check_range, require
 from .ops import (check_choice, check_finite, check_groups, check_mask, check_nonempty_rows, check_per_sequence,
                   check_positive, check_token_tensors, kl_k1, masked_mean, masked_sum, masked_sum_over, masked_var,
-                  upcast)
+                  rewards_1d, upcast)
 
 # the members' own (GRPO's E12 and E13 are grpo.group_advantages and grpo.grpo_loss)
 ADVANTAGE_ESTIMATORS = ("none", "batch_mean", "rloo", "reinforce_pp")
@@ -65,16 +58,6 @@ MEMBERS = {
 
 # each member's paper defaults for (eps_low, eps_high)
 CLIP_DEFAULTS = {"dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4), "cispo": (1.0, 0.28)}
-
-
-def rewards_1d(rewards) -> torch.Tensor:
-    """(B,) float rewards (float64 stays), finite."""
-    rewards = torch.as_tensor(rewards)
-    rewards = rewards if rewards.is_floating_point() else rewards.float()
-    if rewards.dim() != 1 or rewards.numel() == 0:
-        raise ValueError(f"rewards must be a non-empty 1-D (B,) tensor, got shape {tuple(rewards.shape)}")
-    check_finite(rewards, "rewards")
-    return rewards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,8 +358,44 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# the two dispatchers: one option each in grpo_iteration
+# which member grpo_iteration runs (minialign grpo's flags), and the two dispatchers: one option each
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemberOptions(Config):
+    """The member of the family that ``grpo.grpo_iteration`` runs: GRPO itself by default; each option
+    replaces one piece of GRPO's step (``grpo.GRPOHyperparams`` holds GRPO's own hyperparameters)."""
+    advantage: Literal["grpo", "none", "batch_mean", "rloo", "reinforce_pp"] = "grpo"  # E12, or none (A = r) | batch_mean | rloo (leave-one-out) | reinforce_pp
+    loss: Literal["grpo", "reinforce", "ppo_clip", "dapo", "gspo", "cispo"] = "grpo"  # E13, or reinforce | ppo_clip (E5) | dapo | gspo | cispo
+    clip_eps_low: float = 0.0       # dapo/gspo/cispo: the lowest ratio is 1 - this (0: the paper's)
+    clip_eps_high: float = 0.0      # dapo/gspo/cispo: the highest ratio is 1 + this, clip-higher (0: the paper's)
+    kl_estimator: Literal["k3", "k1"] = "k3"  # the KL in the reward (--kl-in reward): k3 | k1 (E2's; reinforce_pp's)
+    dynamic_sampling: bool = False  # DAPO: only groups that carry a signal, more questions drawn to fill the batch
+    max_draws: int = 4              # dynamic sampling: at most this many more draws of --questions per iteration
+    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: truncated answers out of the loss, or a length penalty
+    overlong_cache: int = 1         # --overlong penalty: L_cache, the last tokens in which the penalty falls to -1
+
+
+def check_member(member: MemberOptions, hp) -> None:
+    """The member's options against GRPO's hyperparameters ``hp``: each refused where the member does not read it."""
+    own_clip = member.loss in CLIP_DEFAULTS  # dapo, gspo, cispo
+    check_range(member, "max_draws", 0)
+    require(hp, "kl_in", member.loss == "grpo" or hp.kl_in == "reward" or hp.beta == 0,
+            f"reward (or --beta 0) with --loss {member.loss}: only E13 has a KL term in the loss")
+    require(member, "kl_estimator", member.kl_estimator == "k3" or hp.kl_in == "reward", "k3 unless --kl-in reward")
+    aggregations = (("answer_mean",) if own_clip or member.loss == "ppo_clip" else  # they fix their own
+                    AGGREGATIONS if member.loss == "reinforce" else AGGREGATIONS[:3])  # sequence_sum: REINFORCE's
+    require(hp, "aggregation", hp.aggregation in aggregations, f"one of {aggregations} with --loss {member.loss}")
+    per_token_ok = ("reinforce", "ppo_clip", "dapo", "cispo")  # the losses that take (B, T) advantages
+    require(member, "advantage", member.advantage != "reinforce_pp" or member.loss in per_token_ok,
+            f"one advantage per answer for --loss {member.loss} (reinforce_pp gives one per token)")
+    require(hp, "scale_by_std", hp.scale_by_std or member.advantage == "grpo", "true unless --advantage grpo")
+    for name in ("clip_eps_low", "clip_eps_high"):
+        require(member, name, getattr(member, name) == 0 or own_clip, f"0 with --loss {member.loss} (it uses --clip-eps)")
+    check_range(member, "clip_eps_low", 0, 1, high_open=member.loss != "cispo")  # 1 - eps_low > 0 (CISPO: >= 0)
+    check_range(member, "clip_eps_high", 0)
+    check_range(member, "overlong_cache", 1, hp.max_new_tokens)
 
 
 def advantages(estimator: str, rewards, group_size: int, *, eps: float = 1e-4, mask: torch.Tensor | None = None,
@@ -384,9 +403,8 @@ def advantages(estimator: str, rewards, group_size: int, *, eps: float = 1e-4, m
                beta: float = 0.0) -> torch.Tensor:
     """The advantage of each answer by ``estimator`` (``ADVANTAGE_ESTIMATORS``): (B,), or (B, T) for reinforce_pp.
 
-    ``eps`` is the whitening's (reinforce_pp); ``mask``, ``old_logps``, ``ref_logps`` and ``beta`` are
-    reinforce_pp's (its KL is in its per-token reward); the others take rewards that already hold any
-    KL. ``group_size`` checks the grouping (reinforce_pp and batch_mean ignore it).
+    ``eps``, ``mask``, ``old_logps``, ``ref_logps`` and ``beta`` are reinforce_pp's (its KL is in its per-token
+    reward); the others take rewards that already hold any KL. batch_mean and reinforce_pp ignore ``group_size``.
     """
     check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
     if estimator != "reinforce_pp" and (beta != 0 or old_logps is not None or ref_logps is not None):

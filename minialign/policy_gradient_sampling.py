@@ -9,10 +9,10 @@ this file holds what DAPO (Yu et al., 2025) changes *before* that, in the batch 
 - **overlong handling** (``overlong_filter``, ``overlong_penalty``): a truncated answer (no EOS within
   the longest answer allowed) is left out of the loss, or its reward gets a soft length penalty.
 
-``grpo.grpo_iteration`` applies them as options (``--dynamic-sampling``, ``--overlong``). Every function
-is pure (tensors in, tensors out), and bad input is a ValueError that names the problem. The exact
-effect of dynamic sampling on the expected update (it divides it by P(signal)) is
-``theory_policy_gradient.dynamic_sampling_table``.
+``grpo.grpo_iteration`` applies them as options (``--dynamic-sampling``, through ``sample_until_full``;
+``--overlong``). Every other function is pure (tensors in, tensors out), and bad input is a ValueError
+that names the problem. The exact effect of dynamic sampling on the expected update (it divides it by
+P(signal)) is ``theory_policy_gradient.dynamic_sampling_table``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import check_groups, check_mask, check_per_sequence, check_token_tensors
-from .policy_gradient import rewards_1d
+from .generation import cat_generations
+from .ops import check_groups, check_mask, check_per_sequence, check_token_tensors, rewards_1d
 
 
 def signal_groups(rewards, group_size: int) -> torch.Tensor:
@@ -67,6 +67,26 @@ def dynamic_sampling(rewards, group_size: int, questions: int) -> DynamicSamplin
     keep_groups[drawn:] = False
     return DynamicSamplingResult(keep=keep_groups.repeat_interleave(group_size), kept=int(keep_groups.sum()),
                                  drawn=drawn, full=full, zero_spread=1 - signal[:drawn].float().mean().item())
+
+
+def sample_until_full(sample, questions: list, draw, group_size: int, max_draws: int, pad_id: int):
+    """Dynamic sampling in ``grpo.grpo_iteration``: ``sample(questions) -> (Generation, completions, rewards)``
+    of ``questions``, then of ``draw(len(questions))`` more questions while the batch is not full, at most
+    ``max_draws`` more times. Returns every draw (for the metrics) and the batch: the groups kept
+    (``dynamic_sampling``), or the first draw when no group carried a signal, as without the filter."""
+    if draw is None:
+        raise ValueError("dynamic_sampling needs draw(n) -> n more questions, to fill the batch")
+    sampled = [sample(questions)]
+    filled = dynamic_sampling(sampled[0][2], group_size, len(questions))
+    while not filled.full and len(sampled) <= max_draws:
+        sampled.append(sample(draw(len(questions))))
+        filled = dynamic_sampling(torch.cat([r for _, _, r in sampled]), group_size, len(questions))
+    if not filled.kept:
+        return sampled, sampled[0]
+    completions = [c for _, cs, _ in sampled for c in cs]
+    return sampled, (cat_generations([g for g, _, _ in sampled], pad_id).select(filled.keep),
+                     [c for c, k in zip(completions, filled.keep.tolist()) if k],
+                     torch.cat([r for _, _, r in sampled])[filled.keep])
 
 
 def overlong_filter(mask: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:

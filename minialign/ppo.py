@@ -363,7 +363,7 @@ def ppo_iteration(actor_critic: PolicyWithValueHead, reference: nn.Module, rewar
     ``actor_critic``: $\pi_\theta$ and its critic; ``reference``: the frozen $\pi_{ref}$;
     ``reward_model(sequences, attention_mask, response_mask or None) -> (B,)``: $r_\phi$ at the EOS;
     ``beta``: E2's KL strength now (``AdaptiveKLController.beta``). ``update(rows, loss_of) -> Update``
-    (``train.gradient_update``) makes one optimizer step, hiding the optimizer, the schedule,
+    (``runtime.optim.gradient_update``) makes one optimizer step, hiding the optimizer, the schedule,
     ``--grad-accum`` and DDP; ``dtype`` is the autocast dtype ("float32": none).
     """
     device = next(actor_critic.parameters()).device

@@ -139,7 +139,7 @@ def gpt2_config(hf_config: dict, source: str = "config.json") -> GPTConfig:
     """A ``GPTConfig`` from a GPT-2 ``config.json``; refuses variants minialign's GPT cannot run."""
     if hf_config.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, not 'gpt2'; "
-                         f"use minialign.hf.HFCausalLM for other architectures")
+                         f"use minialign.real.hf.HFCausalLM for other architectures")
     n_embd = hf_config["n_embd"]
     # each entry: (what the GPT hard-codes, what the config says)
     needs = {

@@ -22,5 +22,4 @@ do nothing in one process; their optimizer steps arrive through the ``update`` h
 - ``distributed``: torchrun (DDP) and micro-batches; no-ops in one process
 - ``datafiles``: a user's data files in TRL's format (``--data``), checked row by row
 - ``cli``: the ``minialign`` command
-- ``old_paths``: the old import paths of the modules that moved (``minialign.loading``, ...)
 """

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import distributed
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
+from ..policy_gradient import MemberOptions, check_member
+from ..runtime import distributed
+from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
-from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
 from ..runtime.files import ConfigError
 from ..runtime.folders import input_path
@@ -23,7 +24,7 @@ from .rollout_tasks import grpo_task
 
 
 @dataclass
-class GRPOConfig(GRPOHyperparams, TrainConfig):
+class GRPOConfig(MemberOptions, GRPOHyperparams, TrainConfig):
     """Align the SFT model with GRPO (E11-E14) on the toy world's verifiable arithmetic reward.
 
     Reads OUT/sft/model.pt (or --init, or a --model folder; also the first pi_ref), and your
@@ -57,6 +58,7 @@ class GRPOConfig(GRPOHyperparams, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_member(self, self)  # the member's options against GRPO's own
         for name in ("questions", "eval_samples", "final_eval_samples"):
             check_range(self, name, 1)
         check_range(self, "eval_every", 0)
@@ -81,9 +83,6 @@ def main(config: GRPOConfig) -> dict:
     policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model
     task = grpo_task(world, tok, config, policy.config.block_size)  # the questions and how they are measured
-    if config.questions > len(task.train):
-        raise ConfigError(f"--questions must be <= {len(task.train)} (the questions there are to draw "
-                          f"from), got {config.questions}")
     if config.dynamic_sampling and distributed.world_size() > 1:
         raise ConfigError("--dynamic-sampling draws a different number of questions on each rank: "
                           "run it in one process (without torchrun)")
@@ -106,14 +105,10 @@ def main(config: GRPOConfig) -> dict:
     for step in bar:
         if config.ref_reset_every and step > 0 and step % config.ref_reset_every == 0:
             reset_reference(reference, policy)  # E14's option
-        pick = torch.randperm(len(task.train), generator=data_generator)[:config.questions].tolist()
-        mine = distributed.local_share(pick)  # this rank's questions: whole groups stay on one rank
+        mine = distributed.local_share(task.draw(config.questions, data_generator))  # whole groups on one rank
         update = gradient_update(policy, parallel, optimizer, config, step)
-
-        def draw(n: int) -> list[dict]:  # more questions for --dynamic-sampling (one process only)
-            return [task.train[i] for i in torch.randperm(len(task.train), generator=data_generator)[:n].tolist()]
-        result = grpo_iteration(policy, reference, tok, task.reward_fn, [task.train[i] for i in mine], config,
-                                generator, update, config.dtype, draw=draw)
+        result = grpo_iteration(policy, reference, tok, task.reward_fn, mine, config, generator, update, config.dtype,
+                                member=config, draw=lambda n: task.draw(n, data_generator))  # config: hp and member
         metrics = distributed.mean_over_ranks(result.metrics)
         history.append(metrics)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps and before:
@@ -132,13 +127,12 @@ def main(config: GRPOConfig) -> dict:
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)
     k = max(1, min(5, len(history) // 2))  # first / last few iterations (one is noisy)
+    first, last = history[:k], history[-k:]
     summary = {"heldout_accuracy_before": before.get("heldout/accuracy"),
                "heldout_accuracy": after.get("heldout/accuracy"),
-               "train_accuracy_first": mean("accuracy", history[:k]),
-               "train_accuracy_last": mean("accuracy", history[-k:]),
-               "answer_len_first": mean("answer_len", history[:k]),
-               "answer_len_last": mean("answer_len", history[-k:]),
-               "kl_last": mean("kl", history[-k:]), "zero_spread_last": mean("zero_spread", history[-k:]),
+               "train_accuracy_first": mean("accuracy", first), "train_accuracy_last": mean("accuracy", last),
+               "answer_len_first": mean("answer_len", first), "answer_len_last": mean("answer_len", last),
+               "kl_last": mean("kl", last), "zero_spread_last": mean("zero_spread", last),
                "seconds": seconds, "examples_before": examples_before, "examples": task.examples(policy),
                **{name: report.as_dict() for name, report in task.reports.items()}}
     if config.dynamic_sampling:  # the cost of the filter: questions sampled to fill the batches
@@ -148,14 +142,14 @@ def main(config: GRPOConfig) -> dict:
 
 
 def plots(run: Run, config: GRPOConfig) -> None:
-    """accuracy.png, answer_len.png, kl_clip.png (drawn by ``train.plot_panels``)."""
+    """accuracy.png, answer_len.png, kl_clip.png (drawn by ``runtime.plots.plot_panels``)."""
     heldout_label = ("held-out questions (never trained on)" if not config.data else
                      "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
     x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
-    run.plot({"accuracy": "train rollouts (the reward GRPO sees)",
-              "heldout/accuracy": heldout_label}, "accuracy.png",
-             "accuracy of sampled answers (temperature 1)", ylabel="fraction answered right", xlabel=x,
-             ylim=(0, 1), caption="The held-out questions follow the train questions up, one question at a time.")
+    run.plot({"accuracy": f"train rollouts (temperature {config.temperature})", "heldout/accuracy": heldout_label},
+             "accuracy.png", "accuracy of sampled answers", ylabel="fraction answered right", xlabel=x, ylim=(0, 1),
+             caption="Train: the share of each iteration's sampled answers with reward 1, the answers GRPO learns "
+                     "from; held-out: sampled at temperature 1 before, every --eval-every iterations and after.")
     run.plot({"answer_len": "mean answer length, EOS included"}, "answer_len.png", "answer length",
              ylabel="tokens per answer", xlabel=x,
              caption="The answers keep their EOS: the length does not drift towards max_new_tokens.")

@@ -7,7 +7,7 @@ from ..runtime.run import Run
 
 
 def plots(run: Run, config, sft_true_reward: float | None) -> None:
-    """The stage's figures (drawn by ``train.plot_panels``), one panel per unit: r*, r_phi beside r*,
+    """The stage's figures (drawn by ``runtime.plots.plot_panels``), one panel per unit: r*, r_phi beside r*,
     the KL, PPO's statistics, losses. With your own prompts (no hidden r*) the reward plot is r_phi's."""
     x = f"PPO iteration (a rollout of {config.batch_size} responses)"
     r_star = "hidden reward r* (-7 malformed, up to +6)"

@@ -1,43 +1,31 @@
-"""``minialign rejection-sampling``: the run around ``best_of_n.rejection_sampling_round`` (flags, run
-folder, loop, plots, summary), and best-of-N at sampling time as an evaluation.
-
-Each round samples N responses per prompt from the current policy, keeps the best by the reward
-(the reward model's r_phi on reviews, the verifiable reward on arithmetic, or r* itself with
-``--reward true``) and fine-tunes on them with SFT's loss (E0b, ``pretrain.lm_loss``); with
-``--rounds`` > 1 the next round samples from the fine-tuned policy (expert iteration). The SFT
-model is also pi_ref: r* (or the held-out accuracy) and KL(pi || pi_ref) are measured by
-sampling before and after every round. Before training, best-of-N itself is measured from pi_ref's
-samples for every N of ``--best-of-n``: its r* and its KL by the exact formula
-(``best_of_n.best_of_n_from_samples``) beside the bound log N - (N-1)/N.
+"""``minialign rejection-sampling``: the run around ``best_of_n.rejection_sampling_round`` and
+``sft.sft_step`` (flags, run folder, loop, plots, summary), and best-of-N at sampling time as an
+evaluation. The task (the prompts, what ranks their samples, how the truth measures a policy) is
+``rollout_tasks.RankedPrompts``.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..best_of_n import (RejectionSamplingHyperparams, best_of_n_from_samples, best_of_n_kl_bound,
-                         rejection_sampling_round)
-from ..data import collate
-from ..dpo import sampled_kl
-from ..pretrain import lm_loss
+from ..best_of_n import RejectionSamplingHyperparams, rejection_sampling_round
+from ..runtime import distributed
 from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
 from ..runtime.files import ConfigError
-from ..runtime.folders import input_path, stage_model, stage_problem
-from ..runtime.loading import load_model, load_reward_model, same_tokenizer, save_model
-from ..runtime.devices import autocast
+from ..runtime.folders import input_path
+from ..runtime.loading import load_model, save_model
 from ..runtime.optim import gradient_update, make_optimizer
+from ..runtime.plots import plot_panels
 from ..runtime.run import Run
 from ..runtime.stage import stage
+from ..sft import SFTHyperparams, sft_step
 from ..toyworld import ToyWorld, WorldConfig
-from .evaluate import arithmetic_eval, review_eval
-from .rewards import toy_reward
+from .rollout_tasks import rejection_sampling_task
 
 
 @dataclass
@@ -96,89 +84,6 @@ class RejectionSamplingConfig(RejectionSamplingHyperparams, TrainConfig):
         return [int(n) for n in self.best_of_n.split(",") if n.strip()]
 
 
-class Task:
-    """The prompts a round samples, what ranks its samples, and how the truth measures a policy."""
-
-    def __init__(self, config: RejectionSamplingConfig, world: ToyWorld, tok, reward_model=None):
-        self.config, self.world, self.tok = config, world, tok
-        if config.task == "review":
-            self.train = self.measured = world.review_prompts()
-        else:  # trained on the train split, measured on questions it never saw
-            self.train = [q["prompt"] for q in world.arithmetic_questions("train")]
-            self.measured = [q["prompt"] for q in world.arithmetic_questions("heldout")]
-        self.true_reward = toy_reward(world)
-        self.reward_fn = self.true_reward if reward_model is None else _reward_model_fn(reward_model, tok)
-
-    def evaluate(self, policy, reference) -> dict:
-        """r* of sampled reviews (or the held-out accuracy), and KL(pi || pi_ref) on the same prompts."""
-        c = self.config
-        if c.task == "review":
-            ev = review_eval(policy, self.tok, self.world, c.eval_samples, c.temperature, seed=c.seed,
-                             max_new_tokens=c.max_new_tokens)
-            out = {"true_reward": ev["true_reward"], "malformed": ev["malformed"]}
-        else:
-            out = {"heldout_accuracy": arithmetic_eval(policy, self.tok, self.world, "heldout", c.eval_samples,
-                                                       c.temperature, seed=c.seed,
-                                                       max_new_tokens=c.max_new_tokens)["accuracy"]}
-        out["kl"] = sampled_kl(policy, reference, self.tok, self.measured, c.eval_samples, c.max_new_tokens,
-                               seed=c.seed + 1)
-        return out
-
-
-def _reward_model_fn(reward_model, tok):
-    """r_phi of each distinct (prompt, response) once: a response sampled twice gets one score, so
-    best-of-N sees it as one level (batch padding would otherwise split it by rounding)."""
-    from ..reward_model import reward_function  # imported here: the review task's scorer only
-    score = reward_function(reward_model, tok)
-
-    def reward(prompts, completions, finished, **columns) -> list[float]:
-        keys = list(dict.fromkeys(zip(prompts, completions, finished)))
-        values = dict(zip(keys, score([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])))
-        return [values[k] for k in zip(prompts, completions, finished)]
-    return reward
-
-
-def _load_scorer(config: RejectionSamplingConfig, device, tok):
-    """The reward model when it ranks the samples (checked: complete, the policy's tokenizer), else None."""
-    if config.scorer != "reward_model":
-        return None
-    path = Path(config.reward_model) if config.reward_model else stage_model(config.out, "reward_model")
-    if not path.exists():
-        raise ConfigError(f"no reward model at {path}: make it with `minialign reward-model --out {config.out}`, "
-                          "or rank the samples by r* with --reward true")
-    problem = stage_problem(path.parent) if (path.parent / "status.json").is_file() else None
-    if problem:
-        raise ConfigError(f"cannot use {path}: {problem}")
-    rm, rm_tok = load_reward_model(path, config.model_impl, device)
-    if not same_tokenizer(rm_tok, tok):
-        raise ConfigError(f"reward model {path} was trained with another tokenizer than the policy")
-    return rm
-
-
-@torch.no_grad()
-def best_of_n_eval(reference, task: Task, generator: torch.Generator) -> list[dict]:
-    """Best-of-N at sampling time from pi_ref, for each N: the mean r* of the chosen response and
-    KL(pi_BoN || pi_ref) by the exact formula on the sampled levels, averaged over the prompts."""
-    c = task.config
-    ns = c.best_of_n_list
-    if not ns:
-        return []
-    hp = RejectionSamplingHyperparams(samples_per_prompt=c.best_of_n_samples)
-    # one round's sampling and scoring, with nothing fine-tuned on it: M samples per prompt
-    samples = rejection_sampling_round(reference, task.tok, task.reward_fn, task.measured, hp, generator,
-                                       c.max_new_tokens, c.temperature)
-    flat = [p for p in task.measured for _ in range(hp.samples_per_prompt)]
-    truth = torch.tensor(task.true_reward(flat, [y for ys in samples.completions for y in ys],
-                                          [f for fs in samples.finished for f in fs]),
-                         dtype=torch.float64).view_as(samples.rewards)                   # (P, M) r*
-    rows = []
-    for n in ns:
-        per_prompt = [best_of_n_from_samples(samples.rewards[i], truth[i], n) for i in range(len(task.measured))]
-        rows.append({"n": n, "true_reward": sum(v for v, _ in per_prompt) / len(per_prompt),
-                     "kl": sum(k for _, k in per_prompt) / len(per_prompt), "kl_bound": best_of_n_kl_bound(n)})
-    return rows
-
-
 @stage("rejection_sampling")
 def main(config: RejectionSamplingConfig) -> dict:
     """Rejection-sampling fine-tuning from the SFT model; save ``out/rejection_sampling/model.pt``.
@@ -192,21 +97,16 @@ def main(config: RejectionSamplingConfig) -> dict:
     policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
     reference, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen start
     reference.eval().requires_grad_(False)
-    task = Task(config, world, tok, _load_scorer(config, device, tok))
-    longest = max(len(tok.prompt(p)) for p in task.train + task.measured)
-    require(config, "max_new_tokens", longest + config.max_new_tokens <= policy.config.block_size,
-            f"<= {policy.config.block_size - longest} (the model's context less the longest prompt)")
+    task = rejection_sampling_task(world, tok, config, device, policy.config.block_size)
     run = Run(config, "rejection_sampling")
     generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
 
-    best_of_n = best_of_n_eval(reference, task, generator)
-    for row in best_of_n:
-        print(f"best-of-{row['n']:<3} from pi_ref: r* {row['true_reward']:+.3f}, KL {row['kl']:.3f} nats "
-              f"(bound log N - (N-1)/N = {row['kl_bound']:.3f})")
+    best_of_n = task.best_of_n(reference, generator)  # printed, one line per N
     before = task.evaluate(policy, reference)
     run.log(0, **before)
 
     optimizer = make_optimizer(policy, config)
+    parallel = distributed.wrap(policy)  # DDP under torchrun (every rank samples the same rounds)
     steps_per_round = config.steps // config.rounds
     rows: list[dict] = []        # this round's kept rows; in the loop's state, so a resume keeps them
     history: list[dict] = []     # one entry per round
@@ -216,9 +116,8 @@ def main(config: RejectionSamplingConfig) -> dict:
     for step in bar:
         if step % steps_per_round == 0:  # a new round: sample from the current policy, keep the best
             prompts = [task.train[(i + step) % len(task.train)] for i in range(config.prompts_per_round)]
-            result = rejection_sampling_round(policy, tok, task.reward_fn, prompts, config, generator,
-                                              config.max_new_tokens, config.temperature)
-            s = result.selection
+            s = rejection_sampling_round(policy, tok, task.reward_fn, prompts, config, generator,
+                                         config.max_new_tokens, config.temperature).selection
             if not s.rows:
                 raise ConfigError(f"round {len(history) + 1}: no sample reached --min-reward {config.min_reward}; "
                                   "nothing to fine-tune on (a lower --min-reward, or more --samples-per-prompt)")
@@ -228,36 +127,24 @@ def main(config: RejectionSamplingConfig) -> dict:
                             "reward_sampled": s.mean_reward_sampled, "reward_kept": s.mean_reward_kept})
             run.log(step, **history[-1])
             policy.train()
-
-        def loss_of(idx: list[int]):  # E0b on the kept rows: SFT's loss, counted on response tokens
-            b = collate([rows[i]["prompt_ids"] for i in idx], [rows[i]["response_ids"] for i in idx], tok.pad_id,
-                        policy.config.block_size, device)
-            with autocast(device, config.dtype):
-                logits = policy(b["input_ids"], b["attention_mask"])
-            loss = lm_loss(logits, b["input_ids"], b["response_mask"])                     # E0b
-            n = sum(len(rows[i]["response_ids"]) for i in idx)  # = response_mask[:, 1:].sum(): tokens in the mean
-            return loss, n, total_tokens, (loss.item(), n)
-
         pick = torch.randint(len(rows), (config.batch_size,), generator=data_generator).tolist()
-        total_tokens = sum(len(rows[i]["response_ids"]) for i in pick)
-        update = gradient_update(policy, policy, optimizer, config, step)(pick, loss_of)
-        loss = sum(mean * n for mean, n in update.extras) / total_tokens  # the mean over the step's tokens
-        metrics = {"loss": loss, "grad_norm": update.grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+        done = sft_step(policy, [rows[i]["prompt_ids"] for i in pick], [rows[i]["response_ids"] for i in pick],
+                        SFTHyperparams(), gradient_update(policy, parallel, optimizer, config, step), tok.pad_id,
+                        config.dtype)  # E0b on the kept rows: SFT's loss, a mean over the response tokens
+        metrics = {"loss": done.loss, "grad_norm": done.grad_norm, "lr": optimizer.param_groups[0]["lr"]}
         if (step + 1) % steps_per_round == 0:  # the end of a round: what the truth says of the new policy
             metrics.update(task.evaluate(policy, reference))
             policy.train()
         if step % config.log_every == 0 or (step + 1) % steps_per_round == 0:
             run.log(step + 1, **metrics)  # step k = after k SFT steps
-        bar.set_postfix(loss=f"{loss:.3f}", round=len(history))
+        bar.set_postfix(loss=f"{done.loss:.3f}", round=len(history))
     after = {k: v for k, v in run.rows[-1].items() if k in before}
     save_model(policy, tok, run.dir)
     plots(run, config, before, best_of_n)
     measure = "true_reward" if config.task == "review" else "heldout_accuracy"
     summary = {"task": config.task, "scorer": config.scorer, "rounds": config.rounds,
                f"{measure}_before": before[measure], measure: after[measure], "kl": after["kl"],
-               "rows_per_round": [h["rows"] for h in history],
-               "reward_sampled_per_round": [h["reward_sampled"] for h in history],
-               "reward_kept_per_round": [h["reward_kept"] for h in history],
+               **{f"{key}_per_round": [h[key] for h in history] for key in ("rows", "reward_sampled", "reward_kept")},
                "best_of_n": best_of_n, "seconds": round(time.time() - run.start, 1)}
     if config.task == "review":
         summary.update(malformed_before=before["malformed"], malformed=after["malformed"])
@@ -283,7 +170,6 @@ def plots(run: Run, config: RejectionSamplingConfig, before: dict, best_of_n: li
         caption=f"Measured on {config.eval_samples} samples per prompt after each round: what fine-tuning on the "
                 "best samples bought, and the KL it paid.")
     if best_of_n:
-        from ..runtime.plots import plot_panels
         ns = [r["n"] for r in best_of_n]
         plot_panels(run.dir / "best_of_n.png", [
             {"title": "best-of-N from pi_ref", "xlabel": "N (log scale)", "xscale": "log",

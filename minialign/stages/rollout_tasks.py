@@ -1,5 +1,6 @@
-"""What a rollout stage (PPO, GRPO) samples from and how it measures its policy: the toy world's
-prompts or your own ``--data`` file's, behind one interface, so that a stage runner has one path.
+"""What a rollout stage (PPO, GRPO, rejection sampling) samples from and how it measures its policy:
+the toy world's prompts or your own ``--data`` file's, behind one interface, so that a stage runner has
+one path.
 
 A task has
 - ``train``: the rows the rollouts sample, each a dict with ``prompt`` (text) and ``prompt_ids``,
@@ -11,17 +12,29 @@ A task has
   the reviews (PPO) or the held-out accuracy (GRPO) in the toy world, the mean reward on
   ``--eval-data`` with your questions, nothing when nothing is known (an empty dict);
 - GRPO's also ``reward_fn(prompts, completions, finished, **columns)`` and ``examples(policy)``.
+
+Rejection sampling's task (``RankedPrompts``) holds prompt texts, the reward that ranks their samples
+(the reward model's r_phi, or r*), and ``evaluate(policy, reference)``: r* or the held-out accuracy,
+and the KL to pi_ref.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ..best_of_n import (RejectionSamplingHyperparams, best_of_n_from_samples, best_of_n_kl_bound,
+                         rejection_sampling_round)
+from ..dpo import sampled_kl
 from ..runtime import distributed
+from ..runtime.config import check_max_new_tokens, require
 from ..runtime.datafiles import prompt_data
+from ..runtime.files import ConfigError
+from ..runtime.folders import stage_model, stage_problem
+from ..runtime.loading import load_reward_model, same_tokenizer
 from .evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts
 from .rewards import check_reward_function, exact_match_reward, load_reward, toy_reward
-from ..runtime.config import check_max_new_tokens
 
 
 class RolloutTask:
@@ -97,6 +110,10 @@ class Questions(RolloutTask):
         super().__init__(tokenizer, config)
         self.reward_fn = load_reward(config.reward) if config.reward else default_reward
 
+    def draw(self, n: int, generator: torch.Generator) -> list[dict]:
+        """``n`` distinct training questions drawn at random (an iteration's, or more for dynamic sampling)."""
+        return [self.train[i] for i in torch.randperm(len(self.train), generator=generator)[:n].tolist()]
+
     def examples(self, policy, n: int = 5, samples: int = 8) -> list:
         """[question, right answer, ``samples`` sampled answers] for the first ``n`` shown questions."""
         questions = (self.heldout or self.train)[:n]
@@ -148,4 +165,106 @@ def grpo_task(world, tokenizer, config, block_size: int) -> Questions:
                                                                                                config, block_size)
     if config.reward:  # yours: tried on two rows now, before the run folder exists
         check_reward_function(task.reward_fn, task.train)
+    require(config, "questions", config.questions <= len(task.train),
+            f"<= {len(task.train)} (the questions there are to draw from)")
+    return task
+
+
+# ----------------------------------------------------------------------------------------------
+# rejection sampling: review prompts or arithmetic questions, ranked by the reward model or by r*
+# ----------------------------------------------------------------------------------------------
+
+
+class RankedPrompts:
+    """The prompts a round samples (``train``), what ranks its samples (``reward_fn``), and how the truth
+    measures a policy (``measured``: the same prompts, or held-out questions on arithmetic)."""
+
+    def __init__(self, config, world, tok, reward_model=None):
+        self.config, self.world, self.tok = config, world, tok
+        if config.task == "review":
+            self.train = self.measured = world.review_prompts()
+        else:  # trained on the train split, measured on questions it never saw
+            self.train = [q["prompt"] for q in world.arithmetic_questions("train")]
+            self.measured = [q["prompt"] for q in world.arithmetic_questions("heldout")]
+        self.true_reward = toy_reward(world)
+        self.reward_fn = self.true_reward if reward_model is None else _distinct_scores(reward_model, tok)
+
+    def evaluate(self, policy, reference) -> dict:
+        """r* of sampled reviews (or the held-out accuracy), and KL(pi || pi_ref) on the same prompts."""
+        c = self.config
+        if c.task == "review":
+            ev = review_eval(policy, self.tok, self.world, c.eval_samples, c.temperature, seed=c.seed,
+                             max_new_tokens=c.max_new_tokens)
+            out = {"true_reward": ev["true_reward"], "malformed": ev["malformed"]}
+        else:
+            out = {"heldout_accuracy": arithmetic_eval(policy, self.tok, self.world, "heldout", c.eval_samples,
+                                                       c.temperature, seed=c.seed,
+                                                       max_new_tokens=c.max_new_tokens)["accuracy"]}
+        out["kl"] = sampled_kl(policy, reference, self.tok, self.measured, c.eval_samples, c.max_new_tokens,
+                               seed=c.seed + 1)
+        return out
+
+    @torch.no_grad()
+    def best_of_n(self, reference, generator: torch.Generator) -> list[dict]:
+        """Best-of-N at sampling time from pi_ref, for each N of ``--best-of-n``: the mean r* of the chosen
+        response and KL(pi_BoN || pi_ref) by the exact formula on the sampled levels, averaged over the
+        prompts; printed beside the bound log N - (N-1)/N."""
+        c = self.config
+        if not c.best_of_n_list:
+            return []
+        hp = RejectionSamplingHyperparams(samples_per_prompt=c.best_of_n_samples)
+        # one round's sampling and scoring, with nothing fine-tuned on it: M samples per prompt
+        samples = rejection_sampling_round(reference, self.tok, self.reward_fn, self.measured, hp, generator,
+                                           c.max_new_tokens, c.temperature)
+        flat = [p for p in self.measured for _ in range(hp.samples_per_prompt)]
+        truth = torch.tensor(self.true_reward(flat, [y for ys in samples.completions for y in ys],
+                                              [f for fs in samples.finished for f in fs]),
+                             dtype=torch.float64).view_as(samples.rewards)               # (P, M) r*
+        rows = []
+        for n in c.best_of_n_list:
+            per_prompt = [best_of_n_from_samples(samples.rewards[i], truth[i], n) for i in range(len(self.measured))]
+            rows.append({"n": n, "true_reward": sum(v for v, _ in per_prompt) / len(per_prompt),
+                         "kl": sum(k for _, k in per_prompt) / len(per_prompt), "kl_bound": best_of_n_kl_bound(n)})
+            print(f"best-of-{n:<3} from pi_ref: r* {rows[-1]['true_reward']:+.3f}, KL {rows[-1]['kl']:.3f} nats "
+                  f"(bound log N - (N-1)/N = {rows[-1]['kl_bound']:.3f})")
+        return rows
+
+
+def _distinct_scores(reward_model, tok):
+    """r_phi of each distinct (prompt, response) once: a response sampled twice gets one score, so
+    best-of-N sees it as one level (batch padding would otherwise split it by rounding)."""
+    from ..reward_model import reward_function  # imported here: the review task's scorer only
+    score = reward_function(reward_model, tok)
+
+    def reward(prompts, completions, finished, **columns) -> list[float]:
+        keys = list(dict.fromkeys(zip(prompts, completions, finished)))
+        values = dict(zip(keys, score([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])))
+        return [values[k] for k in zip(prompts, completions, finished)]
+    return reward
+
+
+def _load_scorer(config, device, tok):
+    """The reward model when it ranks the samples (checked: complete, the policy's tokenizer), else None."""
+    if config.scorer != "reward_model":
+        return None
+    path = Path(config.reward_model) if config.reward_model else stage_model(config.out, "reward_model")
+    if not path.exists():
+        raise ConfigError(f"no reward model at {path}: make it with `minialign reward-model --out {config.out}`, "
+                          "or rank the samples by r* with --reward true")
+    problem = stage_problem(path.parent) if (path.parent / "status.json").is_file() else None
+    if problem:
+        raise ConfigError(f"cannot use {path}: {problem}")
+    rm, rm_tok = load_reward_model(path, config.model_impl, device)
+    if not same_tokenizer(rm_tok, tok):
+        raise ConfigError(f"reward model {path} was trained with another tokenizer than the policy")
+    return rm
+
+
+def rejection_sampling_task(world, tok, config, device, block_size: int) -> RankedPrompts:
+    """The task of ``config.task``, ranked by ``config.scorer``; refused here, before the run folder exists,
+    if the reward model is missing or the responses would not fit the model's context."""
+    task = RankedPrompts(config, world, tok, _load_scorer(config, device, tok))
+    longest = max(len(tok.prompt(p)) for p in task.train + task.measured)
+    require(config, "max_new_tokens", longest + config.max_new_tokens <= block_size,
+            f"<= {block_size - longest} (the model's context less the longest prompt)")
     return task

@@ -205,4 +205,5 @@ def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], 
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batches, steps = itertools.cycle(question_batches), itertools.count()
     return lambda: grpo_iteration(model, ref_model, tok, world, next(batches), config, generator,
-                                  gradient_update(model, model, optimizer, config, next(steps)), config.dtype).metrics
+                                  gradient_update(model, model, optimizer, config, next(steps)), config.dtype,
+                                  member=config).metrics

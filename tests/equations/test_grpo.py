@@ -10,6 +10,7 @@ from handworked import expect
 from minialign import grpo
 from minialign.grpo import group_advantages, grpo_loss, kl_penalised_rewards, reset_reference, zero_spread_fraction
 from minialign.ops import kl_k3
+from minialign.stages.grpo import GRPOConfig  # GRPOHyperparams with the member's options (policy_gradient.MemberOptions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,12 +316,12 @@ def test_members_in_the_iteration_by_hand(world, member):
     options, want_advantages, want_loss = MEMBER_CASES[member]
     tok = world.tokenizer
     policy, reference = eos_policy(world, 50.0), eos_policy(world, math.log(tok.vocab_size - 1))
-    hp = grpo.GRPOHyperparams(group_size=4, batch_size=8, inner_updates=1, beta=options.pop("beta", 0.1),
-                              max_new_tokens=2, recompute_old_logps=True, **options)
+    hp = GRPOConfig(group_size=4, batch_size=8, inner_updates=1, beta=options.pop("beta", 0.1),  # GRPO's and the member's
+                    max_new_tokens=2, recompute_old_logps=True, **options)
     update = RecordingUpdate()
     result = grpo.grpo_iteration(policy, reference, tok, lambda prompts, completions, finished, **_:
                                  [1, 0, 0, 0, 1, 1, 0, 0], world.arithmetic_questions("train")[:2], hp,
-                                 torch.Generator().manual_seed(0), update)
+                                 torch.Generator().manual_seed(0), update, member=hp)
     assert result.rollout.response_mask.tolist() == [[1]] * 8
     expect(result.advantages.reshape(-1), want_advantages, abs=1e-6)
     assert len(update.calls) == 1 and update.calls[0]["rows"] == list(range(8))
@@ -339,11 +340,11 @@ def test_dynamic_sampling_in_the_iteration_by_hand(world):
     draws = iter([[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]])
     questions = world.arithmetic_questions("train")
     more = []
-    hp = grpo.GRPOHyperparams(group_size=4, batch_size=8, inner_updates=1, beta=0.0, max_new_tokens=2,
-                              loss="dapo", dynamic_sampling=True)
+    hp = GRPOConfig(group_size=4, batch_size=8, inner_updates=1, beta=0.0, max_new_tokens=2,
+                    loss="dapo", dynamic_sampling=True)
     update = RecordingUpdate()
     result = grpo.grpo_iteration(policy, reference, tok, lambda prompts, completions, finished, **_: next(draws),
-                                 questions[:2], hp, torch.Generator().manual_seed(0), update,
+                                 questions[:2], hp, torch.Generator().manual_seed(0), update, member=hp,
                                  draw=lambda n: more.append(n) or questions[2:2 + n])
     assert more == [2]                                              # one more draw of two questions
     assert result.rewards.tolist() == [1, 0, 0, 0, 0, 1, 0, 0]      # the two groups with a signal
@@ -354,7 +355,7 @@ def test_dynamic_sampling_in_the_iteration_by_hand(world):
     assert m["accuracy"] == 6 / 16                                  # over every answer sampled, not the batch
     with pytest.raises(ValueError, match="needs draw"):
         grpo.grpo_iteration(policy, reference, tok, lambda *a, **k: [0] * 8, questions[:2], hp,
-                            torch.Generator().manual_seed(0), update)
+                            torch.Generator().manual_seed(0), update, member=hp)
 
 
 @pytest.mark.parametrize("overlong", ["penalty", "filter"])
@@ -365,12 +366,12 @@ def test_overlong_in_the_iteration(world, overlong):
     from conftest import RecordingUpdate, eos_policy
     tok = world.tokenizer
     policy = eos_policy(world, math.log(tok.vocab_size - 1))        # pi(EOS) = (V - 1) / (2 (V - 1)) = 1/2
-    hp = grpo.GRPOHyperparams(group_size=4, batch_size=16, inner_updates=1, beta=0.0, max_new_tokens=2,
-                              overlong=overlong, overlong_cache=1, loss="dapo")
+    hp = GRPOConfig(group_size=4, batch_size=16, inner_updates=1, beta=0.0, max_new_tokens=2,
+                    overlong=overlong, overlong_cache=1, loss="dapo")
     rewards = [1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1]
     update = RecordingUpdate()
     result = grpo.grpo_iteration(policy, policy, tok, lambda *a, **k: rewards, world.arithmetic_questions("train")[:4],
-                                 hp, torch.Generator().manual_seed(1), update)
+                                 hp, torch.Generator().manual_seed(1), update, member=hp)
     lengths, finished = result.rollout.response_mask.sum(1), result.rollout.finished
     assert 0 < (lengths == 1).sum() < 16 and 0 < (~finished).sum()  # this seed draws every case
     if overlong == "penalty":
@@ -385,7 +386,7 @@ def test_overlong_in_the_iteration(world, overlong):
 
 
 def test_member_options_are_checked():
-    H = grpo.GRPOHyperparams
+    H = GRPOConfig  # grpo.GRPOHyperparams with policy_gradient.MemberOptions (and the run's settings)
     with pytest.raises(ValueError, match="kl-in must be reward"):
         H(loss="dapo")                                              # beta 0.04 in a loss that has no KL term
     H(loss="dapo", beta=0.0)

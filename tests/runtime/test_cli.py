@@ -1,6 +1,5 @@
 """Checks minialign/runtime/cli.py: every command has --help; the pipeline names its stages."""
 
-import importlib
 import subprocess
 import sys
 
@@ -35,7 +34,7 @@ def test_top_level_help_imports_neither_torch_nor_a_stage():
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['--help'])\n"
             "    except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'numpy', 'minialign.train', 'minialign.runtime.config', 'minialign.pretrain')\n"
+            "heavy = [m for m in ('torch', 'numpy', 'minialign.runtime.config', 'minialign.pretrain')\n"
             "         if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -96,22 +95,7 @@ def test_pipeline_runs_the_stages_asked_for_in_dependency_order(monkeypatch, tmp
     assert ran == [(s, str(tmp_path), 3) for s in ("pretrain", "sft", "reward_model", "grpo")]
 
 
-def test_an_old_import_path_is_the_same_module_as_the_new_one():
-    from minialign.runtime import old_paths
-    assert len(old_paths.MOVED) == 12
-    for old, new in old_paths.MOVED.items():
-        module = importlib.import_module(old)
-        assert module is importlib.import_module(new), old
-        assert module.__spec__.name == new  # it keeps its own name
-        assert old.split(".") == ["minialign", new.split(".")[-1]], (old, new)  # the same file, moved
-    from minialign.loading import load_model  # as the algorithm files import it
-    assert load_model.__module__ == "minialign.runtime.loading"
-    from minialign import train
-    from minialign.runtime import loading, run, stage
-    assert (train.Run, train.stage, train.load_policy) == (run.Run, stage.stage, loading.load_policy)
-
-
-@pytest.mark.parametrize("module", ["minialign", "minialign.cli"])
+@pytest.mark.parametrize("module", ["minialign", "minialign.runtime.cli"])
 def test_python_m_runs_the_command(module):
     done = subprocess.run([sys.executable, "-m", module, "sft", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -290,7 +290,7 @@ def test_family_members_in_grpo_iteration_on_a_transformers_model(hf_model, worl
     questions = world.arithmetic_questions("train")
     result = grpo_iteration(policy, reference, tok, FirstWordReward(), questions[:2], config,
                             torch.Generator().manual_seed(0), gradient_update(policy, policy, optimizer, config, 0),
-                            draw=lambda n: questions[2:2 + n])
+                            member=config, draw=lambda n: questions[2:2 + n])
     stats = result.metrics
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["tokens"] >= 8
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -7,9 +7,6 @@
    reading-list files, the standard library, torch and numpy, and the few runtime helpers named in
    ``RUNTIME_HELPERS`` (the input checks, autocast, the distributed wrappers that do nothing in one
    process): the run folder, flags, plots, data files and the optimizer are not the course.
-
-The old import paths (``minialign.loading`` for ``minialign.runtime.loading``, ``minialign/train.py``)
-count as the modules they stand for.
 """
 
 from __future__ import annotations
@@ -30,8 +27,8 @@ READING_LIST = ["model", "tokenizer", "toyworld", "data", "ops", "generation", "
 # files of the algorithm family beyond the source (RLOO, DAPO, IPO, ...) that sit beside them
 FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "best_of_n", "theory_preference",
           "policy_gradient_sampling"]
-# the other files at the top: the package itself, `python -m minialign`, and the old train.py's shim
-NOT_READ = ["__init__", "__main__", "train"]
+# the other files at the top: the package itself and `python -m minialign`
+NOT_READ = ["__init__", "__main__"]
 # not yet "math + one named step" (issue 19: the runners move to minialign/stages/)
 UNTIL_MERGED: list[str] = []  # every algorithm file is its math and one named step
 
@@ -65,20 +62,6 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 PACKAGES = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
 
 
-@lru_cache(maxsize=None)
-def moved() -> dict[str, str]:
-    """``old_paths.MOVED`` (old module name -> new), read from its source."""
-    tree = ast.parse((PACKAGE / "runtime" / "old_paths.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MOVED":
-            return ast.literal_eval(node.value)
-    raise AssertionError("minialign/runtime/old_paths.py has no MOVED")
-
-
-def canonical(name: str) -> str:
-    return moved().get(name, name)
-
-
 def _walk_loaded(node, in_function=False):
     """(import node, runs at load?) for every import under ``node``."""
     for child in ast.iter_child_nodes(node):
@@ -108,11 +91,11 @@ def imports(module: str) -> tuple[tuple[str, str | None, int, bool], ...]:
         else:
             target = node.module
         for a in node.names:
-            sub = canonical(f"{target}.{a.name}")
+            sub = f"{target}.{a.name}"
             if sub in MODULES:
                 found.append((sub, None, node.lineno, at_load))
             else:
-                found.append((canonical(target), a.name, node.lineno, at_load))
+                found.append((target, a.name, node.lineno, at_load))
     return tuple(found)
 
 
@@ -155,7 +138,7 @@ def test_find_cycle_by_hand():
 
 
 def test_imports_are_read_as_modules_by_hand():
-    # a relative import of a module, of a name, an old path, and one inside a function
+    # a relative import of a module, of a name, and one inside a function
     loaded = {(t, n) for t, n, _, at in imports("minialign.runtime.run") if at}
     assert {("minialign.runtime.files", None), ("minialign.runtime.folders", "partial_dir")} <= loaded
     assert ("minialign.runtime.files", None) in {(t, n) for t, n, _, _ in imports("minialign.model")}
@@ -202,7 +185,7 @@ def test_the_rule_catches_a_forbidden_import_by_hand():
     assert not_allowed("minialign.ops") == []
     # a stage runner imports the run folder: were it on the reading list, the rule would name it, with its line
     src = (PACKAGE / "ops.py").read_text()
-    assert "from .runtime" not in src and "from .train" not in src
+    assert "from .runtime" not in src
     bad = not_allowed("minialign.stages.pretrain")
     assert any(b.startswith("minialign/stages/pretrain.py:") and b.endswith("minialign.runtime.run.Run") for b in bad), bad
 
