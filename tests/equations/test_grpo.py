@@ -291,10 +291,12 @@ def test_questions_per_iteration_at_most_the_questions_there_are(world, tmp_path
         return GRPOConfig(questions=questions, group_size=8, batch_size=8, **options)
 
     assert len(grpo_task(world, tok, config(80), block_size).train) == 80
-    with pytest.raises(ConfigError, match=r"--questions must be <= 80 \(the questions there are to draw from\), got 81"):
+    with pytest.raises(ConfigError, match=r"--questions must be <= 80 \(the questions there are to draw from\), "
+                                          r"got 81"):
         grpo_task(world, tok, config(81), block_size)
     data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"what is {a} + 2 ?", "answer": str(a + 2)}) + "\n" for a in (1, 2, 3)))
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} + 2 ?", "answer": str(a + 2)}) + "\n"
+                            for a in (1, 2, 3)))
     task = grpo_task(world, tok, config(3, data=str(data)), block_size)
     assert len(task.draw(3, torch.Generator().manual_seed(0))) == 3
     with pytest.raises(ConfigError, match=r"--questions must be <= 3 .*, got 4"):
