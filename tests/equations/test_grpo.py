@@ -1,7 +1,6 @@
 """Tests of minialign/grpo.py, equation by equation (E11-E14), then the iteration and the family's
 members in it, by hand. (The stage end to end: tests/runtime/test_grpo_stage.py.)"""
 
-import json
 import math
 
 import pytest
@@ -11,9 +10,7 @@ from handworked import expect
 from minialign import grpo
 from minialign.grpo import group_advantages, grpo_loss, kl_penalised_rewards, reset_reference, zero_spread_fraction
 from minialign.ops import kl_k3
-from minialign.runtime.files import ConfigError
 from minialign.stages.grpo import GRPOConfig  # GRPOHyperparams with the member's options (policy_gradient.MemberOptions)
-from minialign.stages.rollout_tasks import grpo_task
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,25 +279,6 @@ def test_hyperparams_are_checked_alone():
         grpo.GRPOHyperparams(kl_in="value")
 
 
-def test_questions_per_iteration_at_most_the_questions_there_are(world, tmp_path):
-    """--questions distinct questions are drawn per iteration (``Questions.draw``): the task refuses
-    more than it holds, before the run folder exists (the toy world's 80 train questions, or a file's)."""
-    tok, block_size = world.tokenizer, 48
-
-    def config(questions, **options):  # one group of G = 8 answers per step, whatever --questions is
-        return GRPOConfig(questions=questions, group_size=8, batch_size=8, **options)
-
-    assert len(grpo_task(world, tok, config(80), block_size).train) == 80
-    with pytest.raises(ConfigError, match=r"--questions must be <= 80 \(the questions there are to draw from\), "
-                                          r"got 81"):
-        grpo_task(world, tok, config(81), block_size)
-    data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"what is {a} + 2 ?", "answer": str(a + 2)}) + "\n"
-                            for a in (1, 2, 3)))
-    task = grpo_task(world, tok, config(3, data=str(data)), block_size)
-    assert len(task.draw(3, torch.Generator().manual_seed(0))) == 3
-    with pytest.raises(ConfigError, match=r"--questions must be <= 3 .*, got 4"):
-        grpo_task(world, tok, config(4, data=str(data)), block_size)
 
 
 # ----------------------------------------------------------------------------------------------

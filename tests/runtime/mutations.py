@@ -23,9 +23,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EQUATIONS = ROOT / "tests" / "equations"     # where each mutation's test file is: the hand-computed tests
+EQUATIONS = ROOT / "tests" / "equations"     # where a formula's guard is: the hand-computed tests
+RUNTIME = ROOT / "tests" / "runtime"         # where a stage runner's guard is (a mutation of stages/*.py)
 
-# (file, original text (must occur exactly once), mutated text, what is broken, test file in tests/equations/)
+
+def test_path(file: str, test_file: str) -> Path:
+    """The test file that guards a mutation of ``minialign/<file>``: an equation test for the reading
+    list, a runtime test for a stage runner."""
+    return (RUNTIME if file.startswith("stages/") else EQUATIONS) / test_file
+
+# (file, original text (must occur exactly once), mutated text, what is broken, its test file: test_path)
 MUTATIONS = [
     # ops.py: the shared math
     ("ops.py", "F.log_softmax(upcast(logits) / temperature, dim=-1)", "F.log_softmax(upcast(logits), dim=-1)",
@@ -256,13 +263,13 @@ MUTATIONS = [
     ("stages/rollout_tasks.py", "best_of_n_from_samples(samples.rewards[i], truth[i], n)",
      "best_of_n_from_samples(truth[i], samples.rewards[i], n)",
      "best-of-N at sampling time ranked by r* and reporting the scorer's reward (score and value swapped)",
-     "test_best_of_n.py"),
+     "test_rejection_sampling.py"),
     ("stages/rejection_sampling.py", 'sft_step(policy, [rows[i]["prompt_ids"] for i in pick], [rows[i]["response_ids"] for i in pick],',
      'sft_step(policy, [rows[i]["response_ids"] for i in pick], [rows[i]["prompt_ids"] for i in pick],',
      "rejection sampling fine-tunes on the prompts of the kept rows (prompt and response swapped)",
-     "test_best_of_n.py"),
+     "test_rejection_sampling.py"),
     ("stages/rejection_sampling.py", '"response_ids": tok.response(r["completion"])', '"response_ids": tok.response(r["prompt"])',
-     "rejection sampling fine-tunes on the prompt text as the response", "test_best_of_n.py"),
+     "rejection sampling fine-tunes on the prompt text as the response", "test_rejection_sampling.py"),
     # pretrain.py (E0a) and sft.py (E0b)
     ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
      "logps = token_logps(logits[:, 1:], input_ids[:, 1:])", "LM loss: logits one position late",
@@ -355,9 +362,9 @@ MUTATIONS = [
     ("policy_gradient_sampling.py", "while not filled.full and len(sampled) <= max_draws:", "while False:",
      "dynamic sampling draws no more questions", "test_grpo.py"),
     ("stages/rollout_tasks.py", "config.questions <= len(task.train),", "True,",
-     "grpo_task: --questions above the questions there are not refused", "test_grpo.py"),
+     "grpo_task: --questions above the questions there are not refused", "test_grpo_stage.py"),
     ("stages/rollout_tasks.py", "config.questions <= len(task.train),", "config.questions < len(task.train),",
-     "grpo_task: --questions equal to the questions there are refused", "test_grpo.py"),
+     "grpo_task: --questions equal to the questions there are refused", "test_grpo_stage.py"),
     ("grpo.py", "        mask = overlong_filter(mask, rollout.finished)\n", "        pass\n",
      "grpo_iteration ignores --overlong filter", "test_grpo.py"),
     ("grpo.py", "total_reward = total_reward + overlong_penalty(", "total_reward = total_reward - 0 * overlong_penalty(",
@@ -370,7 +377,7 @@ MUTATIONS = [
 ]
 
 
-def run_one(path: Path, original: str, mutated: str, test_file: str, timeout: int) -> tuple[str, float]:
+def run_one(path: Path, original: str, mutated: str, test: Path, timeout: int) -> tuple[str, float]:
     source = path.read_text()
     if source.count(original) != 1:
         return f"NOT APPLIED (the original occurs {source.count(original)} times)", 0.0
@@ -378,7 +385,7 @@ def run_one(path: Path, original: str, mutated: str, test_file: str, timeout: in
     try:
         path.write_text(source.replace(original, mutated))
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-m", "not slow", str(EQUATIONS / test_file)],
+                               "-m", "not slow", str(test)],
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         outcome = {0: "MISSED", 1: "caught"}.get(proc.returncode, f"caught (pytest exit {proc.returncode})")
         if proc.returncode == 1:
@@ -410,7 +417,7 @@ def main() -> None:
         if args.list:
             print(f"| {file} | {what} | {test_file} | |")
             continue
-        outcome, seconds = run_one(ROOT / "minialign" / file, original, mutated, test_file, args.timeout)
+        outcome, seconds = run_one(ROOT / "minialign" / file, original, mutated, test_path(file, test_file), args.timeout)
         missed += not outcome.startswith("caught")
         print(f"| {file} | {what} | {test_file} | {outcome} ({seconds:.0f} s) |", flush=True)
     if not args.list:

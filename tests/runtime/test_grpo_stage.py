@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from minialign.runtime.files import ConfigError
 from minialign.stages import grpo as grpo_stage
 from minialign.stages.grpo import GRPOConfig
+from minialign.stages.rollout_tasks import grpo_task
 
 
 @pytest.mark.slow
@@ -76,3 +78,24 @@ def test_each_member_runs_from_the_command_line(tiny_run, tmp_path, member):
     assert ("questions_drawn" in summary) == ("--dynamic-sampling" in MEMBER_FLAGS[member])
     if "questions_drawn" in summary:
         assert summary["questions_drawn"] >= 4 and all(r["questions_drawn"] >= 2 for r in trained)
+
+
+def test_questions_per_iteration_at_most_the_questions_there_are(world, tmp_path):
+    """--questions distinct questions are drawn per iteration (``Questions.draw``): the task refuses
+    more than it holds, before the run folder exists (the toy world's 80 train questions, or a file's)."""
+    tok, block_size = world.tokenizer, 48
+
+    def config(questions, **options):  # one group of G = 8 answers per step, whatever --questions is
+        return GRPOConfig(questions=questions, group_size=8, batch_size=8, **options)
+
+    assert len(grpo_task(world, tok, config(80), block_size).train) == 80
+    with pytest.raises(ConfigError, match=r"--questions must be <= 80 \(the questions there are to draw from\), "
+                                          r"got 81"):
+        grpo_task(world, tok, config(81), block_size)
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} + 2 ?", "answer": str(a + 2)}) + "\n"
+                            for a in (1, 2, 3)))
+    task = grpo_task(world, tok, config(3, data=str(data)), block_size)
+    assert len(task.draw(3, torch.Generator().manual_seed(0))) == 3
+    with pytest.raises(ConfigError, match=r"--questions must be <= 3 .*, got 4"):
+        grpo_task(world, tok, config(4, data=str(data)), block_size)

@@ -4,13 +4,20 @@ best_of_n.rejection_sampling_round, and best-of-N's estimate from samples: tests
 
 import json
 import math
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
+from handworked import expect
 
+import minialign.best_of_n as bon
 from minialign.runtime.cli import main as cli
 from minialign.runtime.files import ConfigError
+from minialign.runtime.loading import save_policy
+from minialign.stages import rejection_sampling as stage
 from minialign.stages.rejection_sampling import RejectionSamplingConfig, main
+from minialign.stages.rollout_tasks import RankedPrompts
 
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "0"]
 
@@ -93,3 +100,97 @@ def test_on_a_hugging_face_model_through_the_adapter(world, tmp_path):
     first = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == 0.0 and math.isfinite(summary["kl"])  # the sampled KL of pi_ref to itself: exactly 0
     assert summary["rows_per_round"] == [4] and (folder / "model" / "config.json").is_file()  # an HF folder
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner on scripted samples: what ranks, what is reported, what is fine-tuned on
+# ----------------------------------------------------------------------------------------------
+
+
+def scripted_generate(tok, samples: dict[str, list[str]]):
+    """Stands in for ``generate`` in ``rejection_sampling_round``: the j-th time prompt x is sampled
+    in a call it answers ``samples[x][j]`` (cycling), and every answer is finished (ends with EOS)."""
+    by_ids = {tuple(tok.prompt(x)): ys for x, ys in samples.items()}
+
+    def generate(model, prompts, max_new_tokens, eos_id, pad_id, **options):
+        seen, responses = Counter(), []
+        for p in map(tuple, prompts):
+            responses.append(tok.response(by_ids[p][seen[p] % len(by_ids[p])]))
+            seen[p] += 1
+        return SimpleNamespace(responses=lambda: responses, finished=torch.ones(len(prompts), dtype=torch.bool))
+    return generate
+
+
+def test_best_of_n_at_sampling_time_ranks_by_the_scorer_and_reports_r_star(world, monkeypatch):
+    """A reward model that prefers the wrong answer: best-of-N ranks by its r_phi and reports r*."""
+    tok = world.tokenizer
+    x = "what is 1 + 2 ?"
+    monkeypatch.setattr(bon, "generate", scripted_generate(tok, {x: ["3", "4", "5", "3"]}))
+    config = RejectionSamplingConfig(task="arithmetic", best_of_n="1,2", best_of_n_samples=4)
+    task = RankedPrompts(config, world, tok)
+    task.measured = [x]
+    r_phi = {"3": 0.0, "4": 2.0, "5": 1.0}
+    task.reward_fn = lambda prompts, completions, finished, **columns: [r_phi[y] for y in completions]
+    rows = task.best_of_n(None, torch.Generator().manual_seed(0))
+    assert [r["n"] for r in rows] == [1, 2]
+    # M = 4 samples 3, 4, 5, 3: r_phi 0, 2, 1, 0 and r* (right answer: 3) 1, 0, 0, 1.
+    # N = 1 is pi_ref: mean r* = 2/4 = 0.5, KL 0
+    # N = 2 ranked by r_phi: levels 0, 1, 2 with q = 1/2, 1/4, 1/4; F = 0.5, 0.75, 1
+    #   P(best level) = F^2 - F^-^2: 0.25, 0.5625 - 0.25 = 0.3125, 1 - 0.5625 = 0.4375
+    #   r* of the levels: 1 (both samples of level 0 are right), 0, 0: E[r*] = 0.25, below best-of-1's 0.5
+    #   KL = 0.25 log(0.25/0.5) + 0.3125 log(0.3125/0.25) + 0.4375 log(0.4375/0.25)
+    #      = -0.1732868 + 0.0697324 + 0.2448319 = 0.1412775
+    # (ranked by r* and reporting r_phi instead: N = 1 gives 0.75; N = 2 gives levels q = 1/2, 1/2,
+    #  P = 0.25, 0.75, r_phi of the levels (2 + 1)/2 = 1.5 and 0: 0.375, KL 0.130812)
+    expect([rows[0]["true_reward"], rows[0]["kl"]], [0.5, 0.0], abs=1e-12)
+    expect([rows[1]["true_reward"], rows[1]["kl"]], [0.25, 0.1412775], abs=1e-6)
+    expect([r["kl_bound"] for r in rows], [0.0, 0.193147], abs=1e-6)
+
+
+def test_a_round_fine_tunes_on_the_kept_responses_only(world, tiny_model, tmp_path, monkeypatch):
+    """The runner's round on scripted samples: the kept rows are known, and the SFT step's loss is
+    E0b on their responses: -log pi of the response tokens (and EOS), never the prompt's."""
+    tok = world.tokenizer
+    tiny_model.eval()  # dropout 0: the same log-probs as in the runner's train mode
+    save_policy(tiny_model, tok, tmp_path / "init.pt")
+    a, b = "what is 1 + 2 ?", "what is 2 + 2 ?"
+    monkeypatch.setattr(bon, "generate", scripted_generate(tok, {a: ["5", "3", "4"], b: ["2", "4", "6"]}))
+
+    def task_of(world, tok, config, device, block_size):  # the two prompts; no sampled evaluation
+        task = RankedPrompts(config, world, tok)
+        task.train = [a, b]
+        task.evaluate = lambda policy, reference: {"heldout_accuracy": 0.0, "kl": 0.0}
+        return task
+
+    steps = []
+
+    def recorded_sft_step(policy, prompts, responses, *args, **kwargs):
+        done = real_sft_step(policy, prompts, responses, *args, **kwargs)
+        steps.append((prompts, responses, done.loss))
+        return done
+
+    real_sft_step = stage.sft_step
+    monkeypatch.setattr(stage, "rejection_sampling_task", task_of)
+    monkeypatch.setattr(stage, "sft_step", recorded_sft_step)
+    monkeypatch.setattr(stage, "plots", lambda *args: None)  # seconds of matplotlib, nothing tested here
+    summary = stage.main(RejectionSamplingConfig(
+        out=str(tmp_path), init=str(tmp_path / "init.pt"), task="arithmetic", steps=1, batch_size=4,
+        prompts_per_round=2, samples_per_prompt=3, max_new_tokens=4, best_of_n="", warmup_steps=0,
+        device="cpu", progress=False))
+    # r* of the samples: 1 + 2 -> 5, 3, 4 = 0, 1, 0; 2 + 2 -> 2, 4, 6 = 0, 1, 0. Each prompt keeps its
+    # right answer: 2 rows of reward 1; the mean r* sampled is 2/6 = 0.333333
+    assert summary["rows_per_round"] == [2]
+    expect([summary["reward_kept_per_round"][0], summary["reward_sampled_per_round"][0]], [1.0, 1 / 3])
+    # the one SFT step trains on 4 of them (drawn with replacement): prompt x = <bos> <user> ... <assistant>,
+    # response y = answer <eos>
+    [(prompts, responses, loss)] = steps
+    kept = {(tuple(tok.prompt(a)), tuple(tok.response("3"))), (tuple(tok.prompt(b)), tuple(tok.response("4")))}
+    assert len(prompts) == 4 and {(tuple(x), tuple(y)) for x, y in zip(prompts, responses)} <= kept
+    # E0b: the mean of -log pi(y_t | x, y_<t) over the 4 x 2 response tokens (the answer, EOS) at the start
+    with torch.no_grad():
+        nll = []
+        for x, y in zip(prompts, responses):
+            logps = torch.log_softmax(tiny_model(torch.tensor([x + y]))[0].double(), -1)  # (T, V)
+            nll += [-logps[len(x) + t - 1, y[t]] for t in range(len(y))]
+    assert len(nll) == 8
+    expect(loss, float(torch.stack(nll).mean()), abs=1e-5)
