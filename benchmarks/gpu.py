@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minialign.model import GPT, GPTConfig  # noqa: E402
 from minialign.tools.bench import (GPT2_SHAPE, KNOWN_BF16_PEAKS, FlopCounter, dpo_step, grpo_step,  # noqa: E402
-                                   random_preference_batch, spread, time_alternately)
+                                   random_preference_pairs, spread, time_alternately)
 
 TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=64)
 
@@ -103,10 +103,10 @@ def step_flops(kind: str, folder: Path, device: str, dtype: str, world, vs_trl, 
 
     policy, reference = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
     if kind == "dpo":  # the FLOPs depend on the shapes only: random tokens of the comparison's lengths
-        batch = random_preference_batch(policy.config.vocab_size, shape["pairs"], vs_trl.PROMPT_WORDS,
-                                        vs_trl.RESPONSE_WORDS + 1, torch.Generator().manual_seed(0), device)
-        step = dpo_step(policy, reference, [batch], DPOConfig(share_prompt=False, precompute_ref_logps=False,
-                                                              dtype=dtype, progress=False))
+        pairs = random_preference_pairs(policy.config.vocab_size, shape["pairs"], vs_trl.PROMPT_WORDS,
+                                        vs_trl.RESPONSE_WORDS + 1, torch.Generator().manual_seed(0))
+        step = dpo_step(policy, reference, pairs, DPOConfig(batch_size=shape["pairs"], share_prompt=False,
+                                                            precompute_ref_logps=False, dtype=dtype, progress=False))
     else:
         questions = world.arithmetic_questions("train")[:shape["questions"]]
         config = GRPOConfig(questions=len(questions), group_size=vs_trl.GROUP, batch_size=len(questions) * vs_trl.GROUP,
@@ -150,10 +150,10 @@ def minialign_alone(kind: str, config: GPTConfig, args, device: torch.device, dt
     for name, share in (("minialign", True), ("minialign, plain forward", False)):
         policy, reference = copy.deepcopy(start).train(), copy.deepcopy(start).requires_grad_(False)
         if kind == "dpo":
-            batch = random_preference_batch(config.vocab_size, shape["pairs"], 8, 22, torch.Generator().manual_seed(0),
-                                            device)
-            steps[name] = dpo_step(policy, reference, [batch], DPOConfig(share_prompt=share, precompute_ref_logps=False,
-                                                                         dtype=dtype, progress=False))
+            pairs = random_preference_pairs(config.vocab_size, shape["pairs"], 8, 22, torch.Generator().manual_seed(0))
+            steps[name] = dpo_step(policy, reference, pairs, DPOConfig(batch_size=shape["pairs"], share_prompt=share,
+                                                                       precompute_ref_logps=False, dtype=dtype,
+                                                                       progress=False))
         else:
             questions = world.arithmetic_questions("train")[:shape["questions"]]
             steps[name] = grpo_step(policy, reference, world.tokenizer, world, [questions], GRPOConfig(

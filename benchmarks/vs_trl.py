@@ -67,7 +67,6 @@ try:
 except ImportError as e:  # an optional benchmark: say what to install
     raise SystemExit(f"benchmarks/vs_trl.py needs TRL ({e}); install it with: pip install trl==1.16.0")
 
-from minialign.dpo import preference_batch
 from minialign.stages.dpo import DPOConfig
 from minialign.real.gpt2 import load_gpt2
 from minialign.real.hf import hf_tokenizer_from_toy
@@ -164,12 +163,10 @@ def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, device
     sides = {}
     for name, share in (("minialign", True), ("minialign, plain forward", False)):
         policy, reference = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
-        batches = [preference_batch(data["prompt_ids"][i:i + pairs], data["chosen_ids"][i:i + pairs],
-                                    data["rejected_ids"][i:i + pairs], tok.pad_token_id, device=device)
-                   for i in range(0, pairs * steps, pairs)]
-        config = DPOConfig(lr=1e-4, steps=steps, share_prompt=share, precompute_ref_logps=s["precompute"],
-                           dtype=dtype, progress=False)
-        sides[name] = dpo_step(policy, reference, batches, config)
+        tokens = {k: list(data[k + "_ids"]) for k in ("prompt", "chosen", "rejected")}
+        config = DPOConfig(lr=1e-4, steps=steps, batch_size=pairs, share_prompt=share,
+                           precompute_ref_logps=s["precompute"], dtype=dtype, progress=False)
+        sides[name] = dpo_step(policy, reference, tokens, config, tok.pad_token_id)
     timer = Alternate(sides)
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # its log lines; the logging itself runs as TRL's defaults say

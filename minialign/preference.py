@@ -64,9 +64,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import collate
-from .dpo import dpo_loss
-from .ops import check_choice, check_finite, check_in_range, check_nonnegative, check_positive, check_sequence_logps, sequence_logps, upcast
+from .dpo import DPOHyperparams, dpo_loss
+from .ops import (check_choice, check_finite, check_in_range, check_nonnegative, check_positive, check_sequence_logps,
+                  sequence_logps, upcast)
 from .runtime import distributed
+from .runtime.config import check_range, require
 from .runtime.devices import autocast
 
 LOSSES = ("sigmoid", "robust", "ipo", "simpo", "kto", "orpo")
@@ -427,10 +429,11 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 
 
 @dataclass
-class PreferenceHyperparams:
-    """Which member, and its settings (each is a ``minialign dpo`` flag: ``stages.dpo.DPOConfig``)."""
+class PreferenceHyperparams(DPOHyperparams):
+    """E9's hyperparameters, which member, and its settings (each is a ``minialign dpo`` flag:
+    ``stages.dpo.DPOConfig``). Checked once, when made: ``preference_loss`` trusts them."""
     loss: Literal["sigmoid", "robust", "ipo", "simpo", "kto", "orpo"] = "sigmoid"  # which member: DPO (sigmoid) or a relative (see above)
-    beta: float = 0.1                 # E2's KL strength (DPO, cDPO, rDPO, IPO's tau, KTO); SimPO's reward scale
+    # beta (DPOHyperparams): E2's KL strength (DPO, cDPO, rDPO, IPO's tau, KTO); SimPO's reward scale
     label_smoothing: float = 0.0      # epsilon, the labels' flip rate, in [0, 0.5): cDPO (loss sigmoid) and rDPO (robust)
     ipo_normalise: Literal["sum", "mean"] = "sum"  # IPO's h from summed log-probs (sum, the paper) or per-token means (mean, TRL)
     simpo_gamma: float = 0.5          # SimPO's target margin gamma
@@ -439,15 +442,15 @@ class PreferenceHyperparams:
     orpo_lambda: float = 0.1          # ORPO's lambda, the odds-ratio term's weight beside SFT's loss
 
     def validate(self) -> None:
-        check_choice("loss", self.loss, LOSSES)
-        check_choice("ipo_normalise", self.ipo_normalise, ("sum", "mean"))
-        check_positive(beta=self.beta, desirable_weight=self.desirable_weight,
-                       undesirable_weight=self.undesirable_weight)
-        check_nonnegative(simpo_gamma=self.simpo_gamma, orpo_lambda=self.orpo_lambda)
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to loss 'sigmoid' or 'robust', not {self.loss!r}")
+        super().validate()  # beta; loss and ipo_normalise are among their choices (their Literal types)
+        check_range(self, "label_smoothing", 0, 0.5, high_open=True)
+        require(self, "label_smoothing", not self.label_smoothing or self.loss in ("sigmoid", "robust"),
+                f"0 with --loss {self.loss} (label smoothing applies to loss sigmoid or robust: "
+                "the flip rate of their labels)")
+        for name in ("desirable_weight", "undesirable_weight"):
+            check_range(self, name, 0, low_open=True)
+        for name in ("simpo_gamma", "orpo_lambda"):
+            check_range(self, name, 0)
 
 
 def preference_loss(hp: PreferenceHyperparams, policy_chosen_logps: torch.Tensor,
@@ -457,7 +460,6 @@ def preference_loss(hp: PreferenceHyperparams, policy_chosen_logps: torch.Tensor
                     kl_ref_logps: torch.Tensor | None = None):
     """The member ``hp.loss`` on B pairs (the file's docstring has the API). Returns its named result;
     the first three fields are always ``loss, chosen_rewards, rejected_rewards``."""
-    hp.validate()
     name = hp.loss
     if name not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss {name!r} needs the reference's log-probs (ref_chosen_logps, ref_rejected_logps)")

@@ -41,8 +41,8 @@ from minialign.toyworld import ToyWorld, WorldConfig, write_jsonl
 
 def cli(*words) -> None:
     """One ``minialign`` command, as a user types it (``python -m minialign`` = ``minialign``), with
-    this tutorial's ``--threads`` when given."""
-    words = (*words, "--threads", args.threads) if args.threads else words
+    this tutorial's ``--threads`` when given to a stage (``export`` trains nothing and has no such flag)."""
+    words = (*words, "--threads", args.threads) if args.threads and words[0] != "export" else words
     print("$ minialign " + " ".join(str(a) for a in words))
     subprocess.run([sys.executable, "-m", "minialign", *map(str, words)], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})

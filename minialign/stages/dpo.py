@@ -3,7 +3,6 @@ DPO and the members of its family (``preference.py``, ``--loss``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 from ..runtime import distributed
 from ..data import InfiniteMinibatches
-from ..dpo import DPOHyperparams, dpo_step
+from ..dpo import dpo_step
 from ..preference import PreferenceHyperparams, kto_step, needs_reference, preference_loss
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
@@ -25,7 +24,7 @@ from .preference_tasks import preference_task
 
 
 @dataclass
-class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
+class DPOConfig(TrainConfig, PreferenceHyperparams):
     """Align the SFT model with DPO (E7-E10) on the toy world's preference pairs; it is also pi_ref.
 
     Reads OUT/sft/model.pt (or --init, or a --model folder), and your pairs with --data (for --loss
@@ -62,13 +61,6 @@ class DPOConfig(DPOHyperparams, TrainConfig, PreferenceHyperparams):
             check_range(self, name, 1)
         require(self, "num_pairs", self.data or self.num_pairs >= self.batch_size,
                 f">= --batch-size ({self.batch_size})")
-        check_range(self, "label_smoothing", 0, 0.5, high_open=True)
-        require(self, "label_smoothing", not self.label_smoothing or self.loss in ("sigmoid", "robust"),
-                f"0 with --loss {self.loss} (it is the flip rate of --loss sigmoid or robust)")
-        for name in ("desirable_weight", "undesirable_weight"):
-            check_range(self, name, 0, low_open=True)
-        for name in ("simpo_gamma", "orpo_lambda"):
-            check_range(self, name, 0)
         require(self, "kto_unpaired", not self.kto_unpaired or (self.loss == "kto" and not self.data),
                 "false unless --loss kto on the toy world (a --data file is read as its rows are: pairs or unpaired)")
 
@@ -86,8 +78,8 @@ def main(config: DPOConfig) -> dict:
     world = ToyWorld(WorldConfig(seed=config.world_seed))
     init = input_path(config, "init")  # out/sft's model unless --init or --model
     policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
-    member = None if config.loss == "sigmoid" and not config.label_smoothing else PreferenceHyperparams(
-        **{f.name: getattr(config, f.name) for f in dataclasses.fields(PreferenceHyperparams)})  # E9 itself: None
+    # the config holds the member's hyperparameters (a PreferenceHyperparams); E9 itself: None
+    member = None if config.loss == "sigmoid" and not config.label_smoothing else config
     task = preference_task(world, tok, config, member, policy.config.block_size)  # the pairs, how they are measured
     run = Run(config, "dpo")
 

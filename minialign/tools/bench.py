@@ -12,7 +12,8 @@ weights with ``--gpt2-path``), device and dtype, it prints:
    fraction of the machine's *measured* matmul FLOP/s in the same dtype (``roofline.Ceiling``; and,
    on a known GPU in bf16, of its datasheet peak). Model FLOPs per token: 6 N for the weights
    (forward 2 N, backward 4 N) plus 12 L T C for attention (PaLM appendix B; nanoGPT's ``estimate_mfu``);
-4. ``dpo``: a DPO step (``dpo_step``: policy forward and backward, reference forward, E9, AdamW)
+4. ``dpo``: a DPO step (``dpo.dpo_step``, as training runs it: the batch built from token lists,
+   policy forward and backward, reference forward, E9, AdamW)
    with the prompt shared by chosen and rejected (``ops.prefill``) and with the plain forward;
 5. ``grpo``: a GRPO iteration (``grpo_step``: sample G answers per question, score, E11-E13,
    updates) on the toy world's arithmetic questions, shared and plain.
@@ -52,7 +53,7 @@ from ..generation import generate
 from ..model import GPT, GPTConfig
 from .roofline import Ceiling, cpu_peak, matmul_flops, percent
 from .timing import (GPT2_SHAPE, KNOWN_BF16_PEAKS, FlopCounter, _reset_peak_memory, dpo_step,  # noqa: F401
-                     flops_per_token, grpo_step, known_peak_flops, peak_memory_bytes, random_preference_batch,
+                     flops_per_token, grpo_step, known_peak_flops, peak_memory_bytes, random_preference_pairs,
                      spread, time_alternately)
 from ..runtime.config import Config, check_range, require
 from ..runtime.devices import autocast, resolve_device, resolve_dtype, set_threads
@@ -233,15 +234,16 @@ def dpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: Ceiling) ->
     P = cfg.dpo_prompt_len
     if not 1 <= P < cfg.seq_len:
         raise ValueError(f"dpo_prompt_len must be in [1, seq_len={cfg.seq_len}), got {P}")
-    batch = random_preference_batch(config.vocab_size, cfg.dpo_pairs, P, cfg.seq_len - P,
-                                    torch.Generator().manual_seed(cfg.seed), device)
+    pairs = random_preference_pairs(config.vocab_size, cfg.dpo_pairs, P, cfg.seq_len - P,
+                                    torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)
     start = GPT(config).to(device)
     steps, counters = {}, {}
     for name, share in (("shared", True), ("plain", False)):
         policy, reference = copy.deepcopy(start), copy.deepcopy(start).requires_grad_(False).eval()
-        dpo_config = DPOConfig(dtype=cfg.dtype, share_prompt=share, precompute_ref_logps=False, progress=False)
-        steps[name], counters[name] = dpo_step(policy, reference, [batch], dpo_config), FlopCounter(policy, reference)
+        dpo_config = DPOConfig(dtype=cfg.dtype, batch_size=cfg.dpo_pairs, share_prompt=share,
+                               precompute_ref_logps=False, progress=False)
+        steps[name], counters[name] = dpo_step(policy, reference, pairs, dpo_config), FlopCounter(policy, reference)
     return {"pairs": cfg.dpo_pairs, "prompt_len": P, "seq_len": cfg.seq_len,
             **_sharing_figure(steps, counters, cfg, device, ceiling)}
 

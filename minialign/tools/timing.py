@@ -14,8 +14,6 @@ from typing import Callable
 import torch
 
 from ..model import GPTConfig
-from ..ops import inference
-from ..runtime.devices import autocast
 
 # the 124M GPT-2 ("gpt2" on the Hugging Face hub): 12 layers, 12 heads, 768 wide, 50257 tokens
 GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
@@ -152,45 +150,46 @@ class FlopCounter:
 # ----------------------------------------------------------------------------------------------
 
 
-def random_preference_batch(vocab_size: int, pairs: int, prompt_len: int, response_len: int,
-                            generator: torch.Generator, device) -> dict[str, torch.Tensor]:
-    """A ``dpo.preference_batch`` of random tokens: rows b and B + b share their prompt."""
-    prompts = torch.randint(0, vocab_size, (pairs, prompt_len), generator=generator)
-    responses = torch.randint(0, vocab_size, (2 * pairs, response_len), generator=generator)
-    ids = torch.cat([prompts.repeat(2, 1), responses], 1).to(device)            # (2B, P + R)
-    response_mask = (torch.arange(prompt_len + response_len, device=device) >= prompt_len).long()
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "response_mask": response_mask.expand(2 * pairs, -1)}
+def random_preference_pairs(vocab_size: int, pairs: int, prompt_len: int, response_len: int,
+                            generator: torch.Generator) -> dict[str, list[list[int]]]:
+    """Pairs of random tokens as ``dpo.tokenize_pairs`` gives them: chosen and rejected share their
+    prompt, every prompt and response of one length (no padding)."""
+    def rows(n, length):
+        return torch.randint(0, vocab_size, (n, length), generator=generator).tolist()
+    return {"prompt": rows(pairs, prompt_len), "chosen": rows(pairs, response_len),
+            "rejected": rows(pairs, response_len)}
 
 
-def dpo_step(policy, reference, batches: list[dict[str, torch.Tensor]], config=None) -> Callable[[], float]:
-    """One DPO optimizer step of ``stages.dpo.main`` per call, on ``batches`` in turn (cycled).
+def dpo_step(policy, reference, pairs: dict[str, list[list[int]]], config=None, pad_id: int = 0) -> Callable[[], object]:
+    """One ``dpo.dpo_step`` per call, as ``stages.dpo.main`` runs it, on ``config.batch_size`` of
+    ``pairs`` after another (cycled; ``pairs`` as ``dpo.tokenize_pairs`` gives them).
 
-    ``config`` (a ``stages.dpo.DPOConfig``) gives beta, the learning rate and clipping, ``dtype``,
-    ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref is read from a table computed
-    here, untimed, as ``stages.dpo.main`` precomputes its table; else the reference runs in every step).
+    ``config`` (a ``stages.dpo.DPOConfig``) gives beta, the optimizer, ``grad_accum``, ``dtype``,
+    ``share_prompt`` and ``precompute_ref_logps`` (then log pi_ref of every pair is computed here,
+    untimed, by ``dpo.pair_logps`` as the stage precomputes it; else the reference runs in every step).
     """
-    from ..dpo import chosen_rejected_logps, dpo_loss
+    from types import SimpleNamespace
+
+    from ..dpo import dpo_step as step_of_dpo, pair_logps
     from ..stages.dpo import DPOConfig
-    from ..runtime.optim import make_optimizer, optimizer_step
+    from ..runtime.optim import gradient_update, make_optimizer
 
     config = config or DPOConfig(progress=False)
-    device = batches[0]["input_ids"].device
+    device = next(policy.parameters()).device
+    n = len(pairs["prompt"])
+    if n % config.batch_size:
+        raise ValueError(f"{n} pairs do not split into batches of --batch-size {config.batch_size}")
     optimizer = make_optimizer(policy, config)
+    if config.precompute_ref_logps:
+        chosen, rejected = pair_logps(reference, pairs, pad_id, device, config.dtype, share_prompt=config.share_prompt)
+        reference = {"chosen": chosen, "rejected": rejected}
+    tokenizer = SimpleNamespace(pad_id=pad_id)  # all that dpo.dpo_step reads of its tokenizer
+    starts, steps = itertools.cycle(range(0, n, config.batch_size)), itertools.count()
 
-    def reference_logps(batch):  # no gradient: inference mode (``ops.inference``), as dpo.main's reference pass
-        with autocast(device, config.dtype):
-            return inference(chosen_rejected_logps, reference, batch, config.share_prompt)
-    tables = [reference_logps(b) for b in batches] if config.precompute_ref_logps else None
-    order, steps = itertools.cycle(range(len(batches))), itertools.count()
-
-    def step() -> float:
-        i = next(order)
-        with autocast(device, config.dtype):
-            pi_w, pi_l = chosen_rejected_logps(policy, batches[i], config.share_prompt)
-        ref_w, ref_l = tables[i] if tables is not None else reference_logps(batches[i])
-        loss, _, _ = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta)  # E9
-        return optimizer_step(policy, optimizer, loss, next(steps), config)
+    def step():
+        start, i = next(starts), next(steps)
+        return step_of_dpo(policy, reference, tokenizer, pairs, list(range(start, start + config.batch_size)), config,
+                           gradient_update(policy, policy, optimizer, config, i), config.dtype)
     return step
 
 

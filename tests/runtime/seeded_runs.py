@@ -1,8 +1,14 @@
-"""Seeded runs of every stage on tiny settings, reduced to what must not change when code moves:
-the sha256 of each saved model and every number and text of each ``summary.json`` (times aside).
+"""Seeded runs of every stage and every tutorial on tiny settings, reduced to what must not change
+when code moves: the sha256 of each saved model and every number and text of each ``summary.json``
+(times aside), and of each tutorial's ``summary NN_name:`` line.
 
     python tests/runtime/seeded_runs.py record   # write tests/runtime/seeded_runs.json for this machine
     python tests/runtime/seeded_runs.py compare  # run again and list every difference (exit 1 if any)
+    python tests/runtime/seeded_runs.py compare stages      # only the stages (or only: tutorials)
+
+The tutorials run as scripts, in order, into one run folder (tutorial 02 fine-tunes 01's model,
+and so on), each with its tiny settings of ``tutorials/make_notebooks.py`` (``TINY``, which the
+notebook test runs too) and its default seed.
 
 Bit-identical results hold on one machine, with one thread count and one torch version (the
 float reduction order depends on all three), so the record keeps one entry per machine it was made
@@ -14,13 +20,18 @@ replaces this machine's entry and keeps the others.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import platform
+import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 RECORD = Path(__file__).with_name("seeded_runs.json")
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--no-progress", "--seed", "3"]
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 ROLLOUT = ["--eval-every", "2", "--max-new-tokens", "6"]
@@ -72,6 +83,16 @@ METRICS_RENAMED = {
 }
 
 
+MODEL_FILES = ("*.pt", "*.safetensors")  # a stage's model.pt (value_head.pt) and a real-model folder's weights
+
+
+def tutorial_cases() -> list[tuple[str, list[str]]]:
+    """(case, flags) of every numbered tutorial, in order, with its tiny settings (make_notebooks.TINY)."""
+    sys.path.insert(0, str(REPO / "tutorials"))
+    from make_notebooks import TINY, TUTORIALS
+    return [(f"tutorial_{path.stem}", shlex.split(TINY[path.stem])) for path in TUTORIALS]
+
+
 def machine() -> dict:
     import torch
     cpu = platform.processor() or platform.machine()
@@ -112,6 +133,12 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _leaves(summary_json: Path, root: Path) -> dict:
+    """A summary.json's leaves, ``root`` written as ROOT (a summary names its data file and --init)."""
+    return {k: v.replace(str(root), "ROOT") if isinstance(v, str) else v
+            for k, v in _numbers_and_text(json.loads(summary_json.read_text())).items()}
+
+
 def write_data(folder: Path) -> Path:
     """The data files of the ``--data`` cases, in TRL's formats, from the toy world."""
     from minialign.toyworld import ToyWorld, write_jsonl
@@ -145,11 +172,61 @@ def run_all(root: Path, cases=CASES) -> dict:
             raise RuntimeError(f"seeded case {case} ({stage}) failed with exit code {code}")
         folder = out / stage.replace("-", "_")
         files = {p.name: _sha(p) for p in sorted(folder.glob("*.pt")) if p.name != "resume.pt"}
-        summary = json.loads((folder / "summary.json").read_text())
-        summary = {k: v.replace(str(root), "ROOT") if isinstance(v, str) else v
-                   for k, v in _numbers_and_text(summary).items()}
-        results[case] = {"files": files, "summary": summary}
+        results[case] = {"files": files, "summary": _leaves(folder / "summary.json", root)}
     return results
+
+
+def _written(folder: Path) -> dict[str, int]:
+    """{path relative to ``folder``: mtime in ns} of every model file and summary.json below it."""
+    paths = [p for pattern in (*MODEL_FILES, "summary.json") for p in folder.rglob(pattern) if p.name != "resume.pt"]
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in paths}
+
+
+def summary_line(printed: str) -> dict[str, str]:
+    """The figures of a tutorial's ``summary NN_name: k=v ...`` line (as printed: text)."""
+    line = next(line for line in printed.splitlines() if line.startswith("summary "))
+    return dict(word.split("=", 1) for word in line.split(":", 1)[1].split())
+
+
+def run_tutorials(root: Path, cases=None) -> dict:
+    """Run the tutorials in order into ``root/tutorial``, each as a student runs it (a script, on
+    the CPU, with its default seed); {case: {"files": {path: sha256}, "summary": {key: value}}} of
+    what each wrote: the models and summary.json files it saved (``dpo/summary.json:kl``) and its
+    summary line (``line:kl``). Tutorial 08 needs ``transformers`` (the [hf] extra) and is left
+    out without it."""
+    out = root / "tutorial"
+    out.mkdir(parents=True, exist_ok=True)
+    # the tutorials import this checkout (and tutorial 08's `python -m minialign` does too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    results = {}
+    for case, flags in cases or tutorial_cases():
+        name = case.removeprefix("tutorial_")
+        if name == "08_real_model" and importlib.util.find_spec("transformers") is None:
+            continue
+        before = _written(out)
+        # cwd=root: a tutorial without its own earlier models would take runs/tutorial's (_common.ensure)
+        # torch's own thread count, as in this process (machine()); --threads is left out
+        proc = subprocess.run([sys.executable, str(REPO / "tutorials" / f"{name}.py"), *flags, "--out", str(out),
+                               "--device", "cpu", "--no-progress"], cwd=root, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"seeded case {case} failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+        written = sorted(p for p, t in _written(out).items() if before.get(p) != t)
+        summary = {f"line:{k}": v for k, v in summary_line(proc.stdout).items()}
+        for path in written:
+            if path.endswith("summary.json"):
+                summary.update({f"{path}:{k}": v for k, v in _leaves(out / path, root).items()})
+        results[case] = {"files": {p: _sha(out / p) for p in written if not p.endswith("summary.json")},
+                         "summary": summary}
+    return results
+
+
+PARTS = {"stages": run_all, "tutorials": run_tutorials}
+
+
+def recorded_for(results: dict, recorded: dict) -> tuple[dict, list[str]]:
+    """This machine's record of the cases in ``results``, and the cases it has no record of (an entry
+    made before they were added): those are not compared."""
+    return ({c: recorded[c] for c in results if c in recorded}, [c for c in results if c not in recorded])
 
 
 def differences(before: dict, after: dict, renamed: dict | None = None) -> list[str]:
@@ -175,23 +252,28 @@ def differences(before: dict, after: dict, renamed: dict | None = None) -> list[
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("record", "compare"):
+    if not argv or argv[0] not in ("record", "compare") or not set(argv[1:]) <= set(PARTS):
         print(__doc__)
         return 2
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(Path(tmp))
+        for part in argv[1:] or PARTS:
+            results.update(PARTS[part](Path(tmp) / part))
     if argv[0] == "record":
         others = [r for r in records() if r["machine"] != machine()]
+        results = {**(this_machines_record() or {}), **results}
         RECORD.write_text(json.dumps({"records": others + [{"machine": machine(), "results": results}]},
                                      indent=1, sort_keys=True) + "\n")
         print(f"wrote {RECORD}: {len(results)} seeded cases on {machine()} (and {len(others)} other machines)")
         return 0
-    recorded = this_machines_record()
-    if recorded is None:
+    if this_machines_record() is None:
         print(f"the record holds {[r['machine'] for r in records()]}, this is {machine()}: nothing to compare")
         return 2
+    recorded, unrecorded = recorded_for(results, this_machines_record())
+    if unrecorded:
+        print(f"not in this machine's record, not compared: {', '.join(unrecorded)}")
     diff = differences(recorded, results, RENAMED)
-    print("\n".join(diff) or f"all {len(results)} seeded cases are identical to the record")
+    print("\n".join(diff) or f"all {len(recorded)} recorded seeded cases are identical to the record")
     return 1 if diff else 0
 
 

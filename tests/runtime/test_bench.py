@@ -11,7 +11,7 @@ import torch
 
 from minialign.tools import bench, roofline, timing
 from minialign.tools.bench import (GPT2_SHAPE, BenchConfig, FlopCounter, dpo_step, flops_per_token, known_peak_flops,
-                             main, matmul_flops, model_config, peak_memory_bytes, random_preference_batch, spread,
+                             main, matmul_flops, model_config, peak_memory_bytes, random_preference_pairs, spread,
                              time_alternately)
 from minialign.dpo import chosen_rejected_logps, dpo_loss
 from minialign.generation import generate
@@ -142,24 +142,36 @@ def test_flop_counter_by_hand():
     assert "hidden" not in vars(model)  # the counter leaves the model as it found it
 
 
-def test_dpo_step_cycles_its_batches_and_reads_a_precomputed_reference():
+def test_dpo_step_is_the_training_step_on_its_batches_in_turn():
+    """The bench times ``dpo.dpo_step`` itself: three timed steps give the weights of the same three
+    steps run as ``stages.dpo.main`` runs them (pairs 0-2, 3-5, then 0-2 again)."""
+    from types import SimpleNamespace
+
+    from minialign import dpo
+    from minialign.runtime.optim import gradient_update, make_optimizer
     from minialign.stages.dpo import DPOConfig
     config = GPTConfig(vocab_size=20, block_size=12, n_layer=1, n_head=2, n_embd=8)
     torch.manual_seed(0)
-    policy = GPT(config)
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    batches = [random_preference_batch(20, 3, 4, 5, torch.Generator().manual_seed(i), "cpu") for i in range(2)]
-    for precompute, reference_flops in ((True, 0), (False, 1)):
-        step = dpo_step(policy, reference, batches, DPOConfig(precompute_ref_logps=precompute, progress=False))
+    start = GPT(config)
+    pairs = random_preference_pairs(20, 6, 4, 5, torch.Generator().manual_seed(0))
+    assert {len(x) for x in pairs["prompt"]} == {4} and {len(y) for y in pairs["chosen"] + pairs["rejected"]} == {5}
+    for precompute in (True, False):
+        dpo_config = DPOConfig(batch_size=3, precompute_ref_logps=precompute, progress=False)
+        policy, reference = copy.deepcopy(start), copy.deepcopy(start).requires_grad_(False)
+        step = dpo_step(policy, reference, pairs, dpo_config)
         with FlopCounter(reference) as ref_counter, FlopCounter(policy) as counter:
-            step()
-            first = counter.flops
-            step()
-        assert (ref_counter.flops > 0) == bool(reference_flops)  # the table, or a reference forward per step
-        assert counter.flops == 2 * first > 0                    # the same shapes, one forward and backward each
-    batch = batches[0]                                           # chosen and rejected share their prompt
-    assert torch.equal(batch["input_ids"][:3, :4], batch["input_ids"][3:, :4])
-    assert batch["response_mask"][:, 4:].all() and not batch["response_mask"][:, :4].any()
+            timed = [step() for _ in range(3)]
+        assert (ref_counter.flops > 0) != precompute  # the table, or a reference forward per step
+        assert counter.flops > 0
+        trained, reference = copy.deepcopy(start), copy.deepcopy(start).requires_grad_(False)
+        if precompute:
+            reference = dict(zip(("chosen", "rejected"), dpo.pair_logps(reference, pairs, 0, "cpu")))
+        optimizer = make_optimizer(trained, dpo_config)
+        for i, rows in enumerate(([0, 1, 2], [3, 4, 5], [0, 1, 2])):
+            result = dpo.dpo_step(trained, reference, SimpleNamespace(pad_id=0), pairs, rows, dpo_config,
+                                  gradient_update(trained, trained, optimizer, dpo_config, i))
+            assert timed[i].loss == result.loss and torch.equal(timed[i].chosen_logps, result.chosen_logps)
+        assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), trained.parameters()))
 
 
 def test_memory_and_peak_helpers_on_cpu():
