@@ -120,11 +120,12 @@ print(f"\nthe SFT model they all start from: held-out accuracy {sft:.3f}. 'no si
 print("What the math says about each (docs/policy_gradient.md; the exact fixed points: python -m "
       "minialign.theory_policy_gradient):\n"
       "- DAPO, GSPO and CISPO have no KL term: only their clip limits each step, and in the exact lab they end at\n"
-      "  pi_ref restricted to the best answers; the KL in GRPO's loss and in the others' reward holds them nearer.\n"
+      "  pi_ref restricted to the best answers; in 100 iterations their KL is not always above the others'.\n"
       "- REINFORCE without a baseline pushes up every rewarded answer, RLOO only the answers better than the\n"
       "  others of their group: both are unbiased, the same expected gradient, RLOO's usually with less variance.\n"
       "- a group with no signal teaches E12 nothing; DAPO's dynamic sampling pays for that in questions drawn.\n"
-      "One short run of one seed is not a ranking: rerun with --seed 1 and 2 before drawing one.")
+      "One short run of one seed is not a ranking: over seeds 0-2 (docs/policy_gradient.md) every member gains,\n"
+      "RLOO and CISPO end lowest each time, and the best member changes with the seed.")
 print(f"\nfigure: {root / 'accuracy_vs_kl.png'}; each member's run folder: {root}/<member>/grpo/")
 print(f"total time {time.time() - t0:.0f} s")
 
