@@ -64,14 +64,15 @@ folder.mkdir(parents=True, exist_ok=True)
 
 
 # %% 1. Best-of-N from the SFT model: the frontier that training must beat
-# ``stages.rejection_sampling.best_of_n_eval`` samples M reviews per prompt from pi_ref, ranks them
+# ``stages.rollout_tasks.RankedPrompts.best_of_n`` samples M reviews per prompt from pi_ref, ranks them
 # (by r*, or by the reward model r_phi), and applies the exact best-of-N law to the sampled levels:
 # E[r* of the chosen review] and KL(pi_BoN || pi_ref) = sum_v P_v log(P_v / q_v), averaged over the
 # six prompts. r* has few levels (multiples of 0.5, and -7 for a malformed review), so the KL lies
 # well below the often-quoted log N - (N-1)/N, which holds only for a reward without ties.
 from minialign.runtime.devices import resolve_device, seed_everything  # noqa: E402
 from minialign.runtime.loading import load_policy, load_reward_model  # noqa: E402
-from minialign.stages.rejection_sampling import RejectionSamplingConfig, Task, best_of_n_eval  # noqa: E402
+from minialign.stages.rejection_sampling import RejectionSamplingConfig  # noqa: E402
+from minialign.stages.rollout_tasks import RankedPrompts  # noqa: E402
 from minialign.toyworld import ToyWorld  # noqa: E402
 
 world = ToyWorld()
@@ -82,14 +83,14 @@ reference.eval().requires_grad_(False)
 ns = list(range(1, args.max_n + 1))
 settings = dict(out=args.out, seed=args.seed, device=args.device, eval_samples=args.samples,
                 best_of_n=",".join(map(str, ns)), best_of_n_samples=args.bon_samples)
-by_truth = Task(RejectionSamplingConfig(reward="true", **settings), world, tok)
+by_truth = RankedPrompts(RejectionSamplingConfig(reward="true", **settings), world, tok)
 reward_model, _ = load_reward_model(rm, "minialign", device)
-by_rm = Task(RejectionSamplingConfig(reward_model=str(rm), **settings), world, tok, reward_model)
+by_rm = RankedPrompts(RejectionSamplingConfig(reward_model=str(rm), **settings), world, tok, reward_model)
 
 banner("1. Best-of-N from the SFT model (no training): the frontier")
 bon = {}
 for name, task in tqdm([("r*", by_truth), ("r_phi", by_rm)], desc="best-of-N"):
-    bon[name] = best_of_n_eval(reference, task, torch.Generator(device=device).manual_seed(args.seed))
+    bon[name] = task.best_of_n(reference, torch.Generator(device=device).manual_seed(args.seed))
 print(f"{'N':>3} {'r*, ranked by r*':>17} {'KL':>7} {'r*, ranked by r_phi':>20} {'KL':>7} {'log N - (N-1)/N':>16}")
 for a, b in zip(bon["r*"], bon["r_phi"]):
     if a["n"] in (1, 2, 4, 8, 16, 32, 64):

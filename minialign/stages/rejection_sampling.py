@@ -101,7 +101,10 @@ def main(config: RejectionSamplingConfig) -> dict:
     run = Run(config, "rejection_sampling")
     generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
 
-    best_of_n = task.best_of_n(reference, generator)  # printed, one line per N
+    best_of_n = task.best_of_n(reference, generator)
+    for row in best_of_n:
+        print(f"best-of-{row['n']:<3} from pi_ref: r* {row['true_reward']:+.3f}, KL {row['kl']:.3f} nats "
+              f"(bound log N - (N-1)/N = {row['kl_bound']:.3f})")
     before = task.evaluate(policy, reference)
     run.log(0, **before)
 

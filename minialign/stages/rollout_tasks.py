@@ -208,7 +208,7 @@ class RankedPrompts:
     def best_of_n(self, reference, generator: torch.Generator) -> list[dict]:
         """Best-of-N at sampling time from pi_ref, for each N of ``--best-of-n``: the mean r* of the chosen
         response and KL(pi_BoN || pi_ref) by the exact formula on the sampled levels, averaged over the
-        prompts; printed beside the bound log N - (N-1)/N."""
+        prompts, beside the bound log N - (N-1)/N."""
         c = self.config
         if not c.best_of_n_list:
             return []
@@ -225,8 +225,6 @@ class RankedPrompts:
             per_prompt = [best_of_n_from_samples(samples.rewards[i], truth[i], n) for i in range(len(self.measured))]
             rows.append({"n": n, "true_reward": sum(v for v, _ in per_prompt) / len(per_prompt),
                          "kl": sum(k for _, k in per_prompt) / len(per_prompt), "kl_bound": best_of_n_kl_bound(n)})
-            print(f"best-of-{n:<3} from pi_ref: r* {rows[-1]['true_reward']:+.3f}, KL {rows[-1]['kl']:.3f} nats "
-                  f"(bound log N - (N-1)/N = {rows[-1]['kl_bound']:.3f})")
         return rows
 
 
