@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from ..runtime import distributed
 from ..data import InfiniteMinibatches
 from ..dpo import dpo_step
-from ..preference import PreferenceHyperparams, kto_step, needs_reference, preference_loss
+from ..kto import kto_step
+from ..preference import PreferenceHyperparams, needs_reference, preference_loss
 from ..runtime.loading import load_model, save_model
 from ..toyworld import ToyWorld, WorldConfig
 from ..runtime.config import TrainConfig, check_range, require

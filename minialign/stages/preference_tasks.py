@@ -7,7 +7,7 @@ A task has
   (``preference.kto_mismatched_index``), whose log-probs estimate KTO's reference point $z_0$.
   A task with ``unpaired`` True (KTO on single examples: a ``--data`` file of TRL's
   ``{prompt, completion, label}`` rows, or ``--kto-unpaired``, the toy world's pairs split) holds
-  ``{"prompt", "completion", "desirable", "kl_completion"}`` instead, for ``preference.kto_step``;
+  ``{"prompt", "completion", "desirable", "kl_completion"}`` instead, for ``kto.kto_step``;
 - ``heldout``: pairs never trained on, or None (your data without ``--eval-data``); pairs for
   unpaired training data too (``heldout/accuracy`` orders pairs);
 - ``reports``: what was read from each data file ({} in the toy world), for the summary;
@@ -25,7 +25,8 @@ import torch
 
 from ..runtime import distributed
 from ..dpo import dpo_loss, pair_logps, sampled_kl, tokenize_pairs
-from ..preference import kto_mismatched_index, preference_loss, tokenize_unpaired, unpair_preference_rows
+from ..kto import tokenize_unpaired, unpair_preference_rows
+from ..preference import kto_mismatched_index, preference_loss
 from ..runtime.config import check_max_new_tokens
 from ..runtime.datafiles import DataError, preference_data, preference_format, unpaired_data
 from ..runtime.files import ConfigError
@@ -37,7 +38,7 @@ class PreferenceTask:
     (``preference.PreferenceHyperparams``), None for DPO itself."""
     heldout: dict | None = None
     world = None
-    unpaired = False  # True: single examples for preference.kto_step, not pairs
+    unpaired = False  # True: single examples for kto.kto_step, not pairs
 
     def __init__(self, tokenizer, config, member, block_size: int):
         self.tokenizer, self.config, self.member, self.block_size = tokenizer, config, member, block_size
@@ -59,7 +60,7 @@ class PreferenceTask:
     def reference_logps(self, reference, train: bool) -> dict | None:
         """log pi_ref of the held-out pairs, kept here, and with ``train`` those of every training pair
         (and of KTO's mismatched ones), returned as ``dpo.dpo_step`` reads them: ``{"chosen": (N,), ...}``
-        (unpaired: as ``preference.kto_step`` reads them, ``{"completion": (N,), "kl_completion": (N,)}``)."""
+        (unpaired: as ``kto.kto_step`` reads them, ``{"completion": (N,), "kl_completion": (N,)}``)."""
         c, t = self.config, self.train
         if self.heldout is not None:
             self.ref_heldout = pair_logps(reference, self.heldout, self.tokenizer.pad_id, device_of(reference),
@@ -177,7 +178,7 @@ class ToyPairs(PreferenceTask):
 
 class ToyUnpaired(ToyPairs):
     """``--kto-unpaired``: the toy world's pairs split into unpaired examples, each chosen response
-    desirable and each rejected one undesirable (``preference.unpair_preference_rows``), for KTO on
+    desirable and each rejected one undesirable (``kto.unpair_preference_rows``), for KTO on
     single examples beside KTO on the same pairs; r* scores the policy as for pairs."""
     unpaired = True
 

@@ -1,5 +1,5 @@
-"""KTO's step on unpaired examples (``preference.kto_step``) by hand, and the toy world's pairs split
-into unpaired examples in TRL's layout (``preference.unpair_preference_rows``). The data files and
+"""KTO's step on unpaired examples (``kto.kto_step``) by hand, and the toy world's pairs split
+into unpaired examples in TRL's layout (``kto.unpair_preference_rows``). The data files and
 the stage's runs: ``tests/runtime/test_kto_unpaired_stage.py``."""
 
 import math
@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from minialign import kto as K
 from minialign import preference as P
 from minialign.model import GPT, GPTConfig
 from minialign.runtime.optim import Update
@@ -56,7 +57,7 @@ def test_kto_step_by_hand(world):
     hp = P.PreferenceHyperparams(loss="kto", beta=2.0, desirable_weight=1.0, undesirable_weight=1.5)
     rows = [3, 1, 2]  # example 0 is not drawn
     update = OneCallUpdate()
-    result = P.kto_step(uniform_gpt(V), reference, tok, examples, rows, hp, update)
+    result = K.kto_step(uniform_gpt(V), reference, tok, examples, rows, hp, update)
 
     # z_0 = max(0, mean of the drawn rows' mismatched log-ratios) = (0.3 + 0.4 - 0.1) / 3 = 0.2
     z0 = 0.2
@@ -77,12 +78,12 @@ def test_kto_step_by_hand(world):
     assert result.metrics["logps/rejected"] == pytest.approx(-(3 + 2) * L / 2)
 
     # a batch of one class: the other class's means are left out, not logged as NaN
-    result = P.kto_step(uniform_gpt(V), reference, tok, examples, [1, 2], hp, OneCallUpdate())
+    result = K.kto_step(uniform_gpt(V), reference, tok, examples, [1, 2], hp, OneCallUpdate())
     assert "rewards/chosen" not in result.metrics and "rewards/margins" not in result.metrics
     assert result.metrics["rewards/rejected"] == pytest.approx((-0.4 + 0.6) / 2)
     # mismatched log-ratios whose mean is negative: z_0 is clamped to 0 (0.4 - 0.1 - 0.5 < 0)
     reference["kl_completion"][0] = -m[0] * L + 0.5
-    result = P.kto_step(uniform_gpt(V), reference, tok, examples, [0, 1, 2], hp, OneCallUpdate())
+    result = K.kto_step(uniform_gpt(V), reference, tok, examples, [0, 1, 2], hp, OneCallUpdate())
     assert result.reference_point == 0.0
     want = ((1 - sig(2 * 0.5)) + 1.5 * (1 - sig(2 * 0.2)) + 1.5 * (1 - sig(2 * -0.3))) / 3
     assert result.loss == pytest.approx(want, abs=1e-12)
@@ -92,8 +93,8 @@ def test_kto_step_with_a_reference_model_equals_kto_loss_and_trains_the_policy(w
     """The reference as a model (``--precompute-ref-logps false``): its log-probs are computed in the
     step, under no gradient; a gradient reaches the policy only."""
     tok = world.tokenizer
-    rows = P.unpair_preference_rows(world.preference_dataset(3, seed=0))
-    examples = P.tokenize_unpaired(tok, rows)
+    rows = K.unpair_preference_rows(world.preference_dataset(3, seed=0))
+    examples = K.tokenize_unpaired(tok, rows)
     examples["kl_completion"] = [examples["completion"][j] for j in P.kto_mismatched_index(6).tolist()]
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)
@@ -101,7 +102,7 @@ def test_kto_step_with_a_reference_model_equals_kto_loss_and_trains_the_policy(w
     hp = P.PreferenceHyperparams(loss="kto", beta=0.5)
     update = OneCallUpdate()
     drawn = [5, 0, 3, 4]
-    result = P.kto_step(policy, reference, tok, examples, drawn, hp, update)
+    result = K.kto_step(policy, reference, tok, examples, drawn, hp, update)
 
     def logps(model, key):
         sub = {"prompt": [examples["prompt"][i] for i in drawn], "chosen": [examples[key][i] for i in drawn],
@@ -119,7 +120,7 @@ def test_kto_step_with_a_reference_model_equals_kto_loss_and_trains_the_policy(w
 
 def test_unpair_preference_rows_is_trls_layout(world):
     pairs = world.preference_dataset(3, seed=0)
-    rows = P.unpair_preference_rows(pairs)
+    rows = K.unpair_preference_rows(pairs)
     # every chosen answer (label true), then every rejected one (false), as TRL's unpair_preference_dataset
     assert rows == ([{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
                     + [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs])
@@ -127,7 +128,7 @@ def test_unpair_preference_rows_is_trls_layout(world):
     index = P.kto_mismatched_index(6).tolist()
     assert all(index[i] % 3 != i % 3 for i in range(6))
     with pytest.raises(ValueError, match="lack 'prompt', 'chosen' or 'rejected'"):
-        P.unpair_preference_rows([{"prompt": "x", "chosen": "y"}])
+        K.unpair_preference_rows([{"prompt": "x", "chosen": "y"}])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -292,15 +292,15 @@ MUTATIONS = [
      "test_dpo_family.py"),
     ("dpo.py", 'kl = {"kl_policy_logps": torch.cat([kl_w, kl_l])', 'kl = {"kl_policy_logps": torch.cat([kl_w, kl_w])',
      "dpo_step: KTO's z_0 from the mismatched chosen responses twice", "test_dpo_family.py"),
-    # preference.py: kto_step, KTO on unpaired examples
-    ("preference.py", 'out = kto_loss(logps, reference_logps(batch, micro, "completion"), desirable',
+    # kto.py: kto_step, KTO on unpaired examples
+    ("kto.py", 'out = kto_loss(logps, reference_logps(batch, micro, "completion"), desirable',
      'out = kto_loss(logps, reference_logps(batch, micro, "kl_completion"), desirable',
      "kto_step: the examples' log-ratios taken against the reference's log-probs of the mismatched completions",
      "test_kto.py"),
-    ("preference.py", 'z0 = kto_reference_point(kl_logps, reference_logps(kl_batch, micro, "kl_completion"))',
+    ("kto.py", 'z0 = kto_reference_point(kl_logps, reference_logps(kl_batch, micro, "kl_completion"))',
      'z0 = kto_reference_point(logps.detach(), reference_logps(batch, micro, "completion"))',
      "kto_step: z_0 from the examples' own completions, not the mismatched ones", "test_kto.py"),
-    ("preference.py", "hp.desirable_weight, hp.undesirable_weight)\n        stats", "hp.desirable_weight)\n        stats",
+    ("kto.py", "hp.desirable_weight, hp.undesirable_weight)\n        stats", "hp.desirable_weight)\n        stats",
      "kto_step: the undesirable examples' weight lambda_U dropped", "test_kto.py"),
     # policy_gradient.py: the family's members (issue 20)
     ("policy_gradient.py", "per_token = -A * upcast(logps)", "per_token = A * upcast(logps)",

@@ -25,7 +25,7 @@ PACKAGE = ROOT / "minialign"
 READING_LIST = ["model", "tokenizer", "toyworld", "data", "ops", "generation", "pretrain", "sft",
                 "reward_model", "ppo", "dpo", "grpo", "theory"]
 # files of the algorithm family beyond the source (RLOO, DAPO, IPO, ...) that sit beside them
-FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "best_of_n", "theory_preference",
+FAMILY = ["policy_gradient", "theory_policy_gradient", "preference", "kto", "best_of_n", "theory_preference",
           "policy_gradient_sampling"]
 # the other files at the top: the package itself and `python -m minialign`
 NOT_READ = ["__init__", "__main__"]

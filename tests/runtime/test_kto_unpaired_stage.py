@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from minialign import preference as P
+from minialign import kto as K
 from minialign.runtime.cli import main as cli
 from minialign.runtime.datafiles import DataError, preference_data, preference_format, unpaired_data
 from minialign.runtime.files import ConfigError
@@ -122,7 +122,7 @@ def test_kto_unpaired_on_the_toy_world_equals_the_same_examples_from_a_file(tiny
         references.append((reference, examples)), step(policy, reference, tok, examples, *a, **k))[1])
     toy = dpo_stage.main(tiny(tiny_run, tmp_path / "toy", kto_unpaired=True))
     # the same pairs the toy world drew (num_pairs at --seed), split, as a TRL file
-    write_jsonl(tmp_path / "kto.jsonl", P.unpair_preference_rows(world.preference_dataset(32, seed=0)))
+    write_jsonl(tmp_path / "kto.jsonl", K.unpair_preference_rows(world.preference_dataset(32, seed=0)))
     mine = dpo_stage.main(tiny(tiny_run, tmp_path / "file", data=str(tmp_path / "kto.jsonl")))
     a, b = metrics(tmp_path / "toy"), metrics(tmp_path / "file")
     assert len(a) == 3 and [r["loss"] for r in a] == [r["loss"] for r in b]
@@ -192,7 +192,7 @@ def test_unpaired_kto_on_a_transformers_model_from_the_command_line(world, tmp_p
     write_jsonl(tmp_path / "kto.jsonl", [
         {"prompt": [{"role": "user", "content": r["prompt"]}],
          "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
-        for r in P.unpair_preference_rows(pairs[:8])])
+        for r in K.unpair_preference_rows(pairs[:8])])
     write_jsonl(tmp_path / "prefs_eval.jsonl", pairs[8:])
     assert cli(["dpo", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress", "--model", str(folder),
                 "--model-impl", "hf", "--loss", "kto", "--data", str(tmp_path / "kto.jsonl"), "--eval-data",
