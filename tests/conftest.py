@@ -155,3 +155,13 @@ class RecordingUpdate:
         loss, units, total, stats = loss_of(rows)
         self.calls.append({"rows": sorted(rows.tolist()), "loss": loss.item(), "units": units, "total": total})
         return Update(grad_norm=0.0, extras=[stats])
+
+
+# ----------------------------------------------------------------------------------------------
+# data files for the tests of --data: rows as JSONL, a string row written as it is (a bad line)
+# ----------------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

@@ -1,21 +1,16 @@
 """Checks minialign/runtime/datafiles.py: TRL-format rows, bad rows named by line, --max-length as TRL 1.16."""
 
-import json
 
 import pytest
+from conftest import write_rows
 
 from minialign.runtime.datafiles import (DataError, _implicit_prompt, preference_data, prompt_data, read_rows,
                                          sft_data, text_data)
 
 
-def write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 def test_sft_rows_prompt_completion_and_messages(tmp_path, world):
     tok = world.tokenizer
-    path = write(tmp_path / "sft.jsonl", [
+    path = write_rows(tmp_path / "sft.jsonl", [
         {"prompt": "review the movie", "completion": "the movie was good ."},
         {"messages": [{"role": "user", "content": "what is 1 + 2 ?"}, {"role": "assistant", "content": "3"}]},
     ])
@@ -26,7 +21,7 @@ def test_sft_rows_prompt_completion_and_messages(tmp_path, world):
 
 
 def test_bad_rows_are_counted_and_named_by_line(tmp_path, world):
-    path = write(tmp_path / "bad.jsonl", [
+    path = write_rows(tmp_path / "bad.jsonl", [
         {"prompt": "review the movie", "completion": "the movie was good ."},   # line 1: fine
         {"prompt": "review the movie"},                                         # line 2: no completion
         "",                                                                     # line 3: blank, skipped
@@ -49,7 +44,7 @@ def test_bad_rows_are_counted_and_named_by_line(tmp_path, world):
 def test_max_length_keep_start_truncates_and_drops_like_trl(tmp_path, world):
     tok = world.tokenizer
     long = " and ".join(["the movie was good"] * 3) + " ."
-    path = write(tmp_path / "sft.jsonl", [{"prompt": "review the movie", "completion": long},
+    path = write_rows(tmp_path / "sft.jsonl", [{"prompt": "review the movie", "completion": long},
                                           {"prompt": "review the movie", "completion": "the movie was good ."}])
     x = tok.prompt("review the movie")  # 5 tokens
     prompts, responses, report = sft_data(path, tok, context=48, max_length=10)
@@ -71,7 +66,7 @@ def test_preferences_dpo_truncates_reward_model_drops(tmp_path, world):
     rows = [{"prompt": "review the movie", "chosen": "the movie was good .", "rejected": "the movie was bad ."},
             {"prompt": "review the movie", "chosen": "the movie was very good and the music was good .",
              "rejected": "the movie was bad ."}]
-    path = write(tmp_path / "p.jsonl", rows)
+    path = write_rows(tmp_path / "p.jsonl", rows)
     x = tok.prompt("review the movie")
     limit = len(x) + len(tok.response("the movie was good ."))  # the first pair just fits
     dpo, report = preference_data(path, tok, context=48, max_length=limit)
@@ -87,18 +82,18 @@ def test_implicit_prompt_is_the_shared_beginning(tmp_path, world):
                        {"role": "assistant", "content": "the movie was good ."}],
             "rejected": [{"role": "user", "content": "review the movie"},
                          {"role": "assistant", "content": "the movie was bad ."}]}
-    data, _ = preference_data(write(tmp_path / "c.jsonl", [conv]), tok, context=48)
+    data, _ = preference_data(write_rows(tmp_path / "c.jsonl", [conv]), tok, context=48)
     assert data["prompt"] == [tok.prompt("review the movie")]
     assert data["chosen"] == [tok.response("the movie was good .")]
     # strings: the answers keep their leading space (BPE tokenizers read " Yes" as one token), as TRL
     assert _implicit_prompt("Is it? Yes.", "Is it? No.") == ("Is it?", " Yes.", " No.")
     with pytest.raises(DataError, match="line 1: no 'prompt'.*share no beginning"):
-        preference_data(write(tmp_path / "n.jsonl", [{"chosen": "good", "rejected": "bad"}]), tok, context=48)
+        preference_data(write_rows(tmp_path / "n.jsonl", [{"chosen": "good", "rejected": "bad"}]), tok, context=48)
 
 
 def test_prompt_rows_for_grpo_need_an_answer_and_room_to_answer(tmp_path, world):
     tok = world.tokenizer
-    path = write(tmp_path / "q.jsonl", [{"prompt": "what is 1 + 2 ?", "answer": "3"},
+    path = write_rows(tmp_path / "q.jsonl", [{"prompt": "what is 1 + 2 ?", "answer": "3"},
                                         {"prompt": "what is 2 + 2 ?"}])
     with pytest.raises(DataError, match="line 2: no 'answer'"):
         prompt_data(path, tok, context=48, max_new_tokens=4, required=("answer",))
@@ -114,10 +109,10 @@ def test_prompt_rows_for_grpo_need_an_answer_and_room_to_answer(tmp_path, world)
 
 def test_text_rows_and_file_formats(tmp_path, world):
     tok = world.tokenizer
-    prompts, responses, _ = text_data(write(tmp_path / "t.jsonl", [{"text": "3 + 4 = 7"}]), tok, context=48)
+    prompts, responses, _ = text_data(write_rows(tmp_path / "t.jsonl", [{"text": "3 + 4 = 7"}]), tok, context=48)
     assert prompts == [[tok.bos_id]] and responses == [tok.document("3 + 4 = 7")[1:]]
     with pytest.raises(DataError, match="expected a .jsonl"):
-        read_rows(write(tmp_path / "t.csv", ["a,b"]))
+        read_rows(write_rows(tmp_path / "t.csv", ["a,b"]))
     with pytest.raises(DataError, match="no such data file"):
         read_rows(tmp_path / "missing.jsonl")
 
@@ -156,7 +151,7 @@ def test_a_file_with_fewer_usable_rows_than_a_step_is_refused_while_a_stage_read
     """Counted after bad rows are named and --max-length has dropped rows; only while a stage runs."""
     from minialign.runtime.datafiles import rows_per_step
     long = {"prompt": "review the movie " * 3, "completion": "the movie was good ."}
-    path = write(tmp_path / "sft.jsonl", [long] * 3 + [{"prompt": "review the movie", "completion": "good ."}])
+    path = write_rows(tmp_path / "sft.jsonl", [long] * 3 + [{"prompt": "review the movie", "completion": "good ."}])
     with rows_per_step(path, 5, "--batch-size"):
         with pytest.raises(DataError, match=r"sft.jsonl: 4 row\(s\), fewer than the 5 one step draws \(--batch-size 5\)"):
             sft_data(path, world.tokenizer, context=48)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import write_rows
 
 from minialign import kto as K
 from minialign.runtime.cli import main as cli
@@ -17,11 +18,6 @@ from minialign.stages.dpo import DPOConfig
 from minialign.toyworld import write_jsonl
 
 
-def write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # TRL's unpaired rows
 # ----------------------------------------------------------------------------------------------
@@ -29,7 +25,7 @@ def write(path, rows):
 
 def test_unpaired_rows_standard_and_conversational(tmp_path, world):
     tok = world.tokenizer
-    path = write(tmp_path / "kto.jsonl", [
+    path = write_rows(tmp_path / "kto.jsonl", [
         {"prompt": "review the movie", "completion": "the movie was good .", "label": True},
         {"prompt": [{"role": "user", "content": "review the movie"}],
          "completion": [{"role": "assistant", "content": "the movie was bad ."}], "label": False},
@@ -47,7 +43,7 @@ def test_unpaired_rows_standard_and_conversational(tmp_path, world):
 
 
 def test_bad_unpaired_rows_are_named_by_line(tmp_path, world):
-    path = write(tmp_path / "bad.jsonl", [
+    path = write_rows(tmp_path / "bad.jsonl", [
         {"prompt": "review the movie", "completion": "the movie was good .", "label": True},   # 1: fine
         {"prompt": "review the movie", "completion": "the movie was bad ."},                    # 2: no label
         {"prompt": "review the movie", "completion": "the movie was bad .", "label": 1},        # 3: not a bool
@@ -70,18 +66,18 @@ def test_bad_unpaired_rows_are_named_by_line(tmp_path, world):
 def test_a_file_of_one_class_is_refused(tmp_path, world):
     rows = [{"prompt": "review the movie", "completion": "the movie was good .", "label": True}] * 3
     with pytest.raises(DataError, match="all 3 usable rows are labelled true; KTO needs desirable"):
-        unpaired_data(write(tmp_path / "d.jsonl", rows), world.tokenizer, context=48)
+        unpaired_data(write_rows(tmp_path / "d.jsonl", rows), world.tokenizer, context=48)
     rows = [dict(r, label=False) for r in rows]
     with pytest.raises(DataError, match="labelled false"):
-        unpaired_data(write(tmp_path / "u.jsonl", rows), world.tokenizer, context=48)
+        unpaired_data(write_rows(tmp_path / "u.jsonl", rows), world.tokenizer, context=48)
 
 
 def test_pairs_readers_refuse_an_unpaired_file_in_one_line(tmp_path, world):
-    path = write(tmp_path / "kto.jsonl", [{"prompt": "review the movie", "completion": "good .", "label": True}])
+    path = write_rows(tmp_path / "kto.jsonl", [{"prompt": "review the movie", "completion": "good .", "label": True}])
     with pytest.raises(DataError, match=r"unpaired examples \{prompt, completion, label\}.*needs preference pairs") as e:
         preference_data(path, world.tokenizer, context=48)
     assert "\n" not in str(e.value)
-    pairs = write(tmp_path / "p.jsonl", ["{not json", {"prompt": "x", "chosen": "good .", "rejected": "bad ."}])
+    pairs = write_rows(tmp_path / "p.jsonl", ["{not json", {"prompt": "x", "chosen": "good .", "rejected": "bad ."}])
     assert preference_format(pairs) == "pairs"  # decided by the first row that is a JSON object
 
 
@@ -144,7 +140,7 @@ def test_kto_unpaired_flags_and_files_are_refused_where_they_do_not_apply(tiny_r
         DPOConfig(loss="sigmoid", kto_unpaired=True)
     with pytest.raises(ConfigError, match="--kto-unpaired must be false"):
         DPOConfig(loss="kto", kto_unpaired=True, data="x.jsonl")
-    path = write(tmp_path / "kto.jsonl", [{"prompt": "review the movie", "completion": "the movie was good .",
+    path = write_rows(tmp_path / "kto.jsonl", [{"prompt": "review the movie", "completion": "the movie was good .",
                                            "label": True},
                                           {"prompt": "review the movie", "completion": "the movie was bad .",
                                            "label": False}])
@@ -158,7 +154,7 @@ def test_kto_unpaired_flags_and_files_are_refused_where_they_do_not_apply(tiny_r
 def test_the_class_weights_are_checked_as_trl_does(tiny_run, tmp_path):
     rows = [{"prompt": "review the movie", "completion": "the movie was good .", "label": True}] * 6 + \
            [{"prompt": "review the movie", "completion": "the movie was bad .", "label": False}] * 2
-    path = write(tmp_path / "kto.jsonl", rows)
+    path = write_rows(tmp_path / "kto.jsonl", rows)
     # 6 desirable and 2 undesirable at weights 1, 1: lambda_D n_D / (lambda_U n_U) = 3
     with pytest.warns(UserWarning, match=r"= 3, outside the paper's \[1, 4/3\]: e.g. --desirable-weight 0.333"):
         dpo_stage.main(tiny(tiny_run, tmp_path / "a", data=str(path), steps=1))
