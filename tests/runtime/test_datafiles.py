@@ -1,6 +1,5 @@
 """Checks minialign/runtime/datafiles.py: TRL-format rows, bad rows named by line, --max-length as TRL 1.16."""
 
-
 import pytest
 from conftest import write_rows
 
