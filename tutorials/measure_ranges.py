@@ -37,7 +37,7 @@ README_START, README_END = "<!-- ranges: start -->", "<!-- ranges: end -->"
 def parse_summary(line: str) -> tuple[str, dict[str, str]]:
     """``summary 04_dpo: a=1.0 b=x`` -> ("04_dpo", {"a": "1.0", "b": "x"})."""
     head, _, rest = line.partition(":")
-    return head.split()[1], dict(re.findall(r"(\w+)=(\S+)", rest))
+    return head.split()[1], dict(re.findall(r"([\w.]+)=(\S+)", rest))
 
 
 def as_number(text: str):
@@ -102,6 +102,8 @@ def fmt(s: dict) -> str:
         return "/".join(dict.fromkeys(s["values"]))
     if s["min"] == s["max"]:  # a setting or an exact figure (steps, the entropy floor): the same in every run
         return f"{s['min']:g}"
+    if 0 < max(abs(s["min"]), abs(s["max"])) < 1e-3:  # a float32 rounding difference: its exponent is the figure
+        return f"{s['mean']:.1e} [{s['min']:.1e}, {s['max']:.1e}]"
     digits = 4 if max(abs(s["min"]), abs(s["max"])) < 10 and any(len(v.split(".")[-1]) > 3 for v in map(str, s["values"])) else 3
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 

@@ -104,3 +104,16 @@ def test_a_member_the_tutorial_does_not_know_is_refused_before_anything_trains(c
     with pytest.raises(SystemExit):
         _common.choose_members(parser, "grpo", ("DPO",))
     assert "--members: unknown ['grpo']; choose from DPO" in capsys.readouterr().err
+
+
+def test_measure_ranges_reads_keys_with_a_dot():
+    """A figure named after a setting (``beta0.1=``, ``grpo_beta0.3=``) keeps its whole name: reading
+    only word characters once cut it to ``1`` and ``3``, and figures of different betas overwrote
+    each other in the record."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import measure_ranges
+    name, figures = measure_ranges.parse_summary(
+        "summary 09_compare: r_star_sft=0.076 ppo_beta0.3=0.273@0.03 dpo_beta0.3=0.229@0.03 beta10=0.1")
+    assert name == "09_compare"
+    assert figures == {"r_star_sft": "0.076", "ppo_beta0.3": "0.273@0.03", "dpo_beta0.3": "0.229@0.03", "beta10": "0.1"}
