@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import collate
-from .ops import sequence_logps
+from .ops import inference, sequence_logps
 from .preference import PreferenceHyperparams, kto_loss, kto_reference_point
 from .runtime import distributed
 from .runtime.devices import autocast
@@ -88,15 +88,15 @@ def kto_step(policy, reference, tokenizer, examples: dict[str, list], rows: list
     def reference_logps(batch, micro, key):
         if isinstance(reference, dict):  # precomputed
             return reference[key][torch.tensor(micro, device=device)]
-        with torch.no_grad(), autocast(device, dtype):
-            return logps_of(reference, batch)
+        with autocast(device, dtype):  # no gradient: inference mode (``ops.inference``), as in dpo.dpo_step
+            return inference(logps_of, reference, batch)
 
     def loss_of(micro: list[int]):
         batch, kl_batch = batch_of(micro, "completion"), batch_of(micro, "kl_completion")
         with autocast(device, dtype):
             logps = logps_of(policy, batch)                                          # (B,) log pi_theta(y | x)
-        with torch.no_grad(), autocast(device, dtype):
-            kl_logps = logps_of(policy, kl_batch)                                    # (B,) mismatched, for z_0
+        with autocast(device, dtype):
+            kl_logps = inference(logps_of, policy, kl_batch)                         # (B,) mismatched, for z_0
         z0 = kto_reference_point(kl_logps, reference_logps(kl_batch, micro, "kl_completion"))
         desirable = torch.tensor([examples["desirable"][i] for i in micro], device=device)
         out = kto_loss(logps, reference_logps(batch, micro, "completion"), desirable, z0, hp.beta,

@@ -1,5 +1,5 @@
-"""Checks that the training loops' no-gradient passes (DPO's reference, GRPO's old and reference
-log-probs, PPO's rollout scoring) run under ``torch.inference_mode`` (``ops.inference``), and the
+"""Checks that the training loops' no-gradient passes (DPO's reference, KTO's reference and
+mismatched completions, GRPO's old and reference log-probs, PPO's rollout scoring) run under ``torch.inference_mode`` (``ops.inference``), and the
 passes that train do not."""
 
 import math
@@ -7,7 +7,8 @@ import math
 import torch
 from conftest import RecordingUpdate, eos_policy
 
-from minialign import dpo, grpo
+from minialign import dpo, grpo, kto
+from minialign.preference import PreferenceHyperparams
 from minialign.ppo import PPOHyperparams, PolicyWithValueHead, ppo_iteration
 from minialign.runtime.optim import Update
 
@@ -38,6 +39,20 @@ def test_dpo_reference_pass_runs_in_inference_mode(world):
     dpo.dpo_step(policy, reference, tok, pairs, [0, 1], dpo.DPOHyperparams(), OneCall())
     assert reference_modes and all(reference_modes)
     assert policy_modes and not any(policy_modes)  # the policy's forward is trained through
+
+
+def test_kto_reference_and_mismatched_passes_run_in_inference_mode(world):
+    tok = world.tokenizer
+    policy, reference = eos_policy(world, math.log(tok.vocab_size - 1)), eos_policy(world, 0.0)
+    policy_modes, reference_modes = record_modes(policy), record_modes(reference)
+    rows = kto.unpair_preference_rows(world.preference_dataset(2, seed=0))
+    examples = kto.tokenize_unpaired(tok, rows)
+    examples["kl_completion"] = examples["completion"][1:] + examples["completion"][:1]
+    kto.kto_step(policy, reference, tok, examples, [0, 1, 2, 3], PreferenceHyperparams(loss="kto"), OneCall())
+    assert reference_modes and all(reference_modes)
+    # the policy: the examples' forward is trained through, the mismatched completions' is not (each
+    # pass runs the blocks twice: the shared prompt, then the completions)
+    assert policy_modes == [False, False, True, True]
 
 
 def test_grpo_old_and_reference_passes_run_in_inference_mode(world):
