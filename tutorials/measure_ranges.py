@@ -6,13 +6,18 @@ seeds, never one run's number. This script makes those ranges::
 
     python tutorials/measure_ranges.py                  # seeds 0-4, every tutorial (about 35 min idle)
     python tutorials/measure_ranges.py --only 06_grpo   # one tutorial (its prerequisites are kept)
-    python tutorials/measure_ranges.py --write          # rewrite the README table from the record
+    python tutorials/measure_ranges.py --write          # rewrite the pages' tables from the record
 
 Each seed has a run folder of its own (``runs/seeds/seed<s>``): tutorial 01 there pre-trains with
 that seed, 02 fine-tunes that model, and so on, as a student's chain would. The record is
 ``tutorials/expected_ranges.json``; it is written after every run, so an interrupted sweep keeps
 what it measured and a rerun skips it. Every tutorial's ``summary`` line then says, figure by
 figure, whether the student's own run falls inside the range (``_common.summary``).
+
+The pages quote the record, never a figure copied by hand: the README and ``docs/course.md`` hold the
+whole table between ``<!-- ranges: start -->`` and ``<!-- ranges: end -->``, and a doc page holds one
+tutorial's figures between ``<!-- ranges: NN_name -->`` and ``<!-- /ranges -->``. Every sweep
+rewrites them, and a test checks that they match the record.
 """
 
 from __future__ import annotations
@@ -108,6 +113,11 @@ def fmt(s: dict) -> str:
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
+def machine_label(run: dict) -> str:
+    m = run["machine"]
+    return f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')})"
+
+
 def readme_table(record: dict) -> str:
     rows = ["| tutorial | seeds | wall time per run (mean) | figure: mean [min, max] over the seeds |", "|---|---|---|---|"]
     for name, table in record["ranges"].items():
@@ -117,27 +127,62 @@ def readme_table(record: dict) -> str:
         rows.append(f"| {name} | {len(runs)} | {seconds:.0f} s | {figures} |")
     machines = {}
     for key, run in record["runs"].items():
-        m = run.get("machine", record.get("machine", {}))
-        label = f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')})"
-        machines.setdefault(label, []).append(key.split("@")[0])
+        machines.setdefault(machine_label(run), []).append(key.split("@")[0])
     where = "; ".join(f"{', '.join(dict.fromkeys(names))} on {label}" for label, names in machines.items())
     return "\n".join(rows) + f"\n\nMeasured by `python tutorials/measure_ranges.py`: {where}."
 
 
-def write_readme(record: dict) -> None:
-    path = ROOT / "README.md"
-    text = path.read_text()
-    if README_START not in text:
-        raise SystemExit(f"README.md has no {README_START} ... {README_END} block to rewrite")
-    a, b = text.index(README_START) + len(README_START), text.index(README_END)
-    path.write_text(text[:a] + "\n" + readme_table(record) + "\n" + text[b:])
+def seeds_of(record: dict, name: str) -> str:
+    seeds = sorted(int(k.split("@")[1]) for k in record["runs"] if k.split("@")[0] == name)
+    return f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
+        "seeds " + ", ".join(map(str, seeds))
+
+
+def tutorial_table(record: dict, name: str) -> str:
+    """One tutorial's figures for its doc page: seed by seed, then mean [min, max] over the seeds."""
+    if name not in record["ranges"]:
+        raise SystemExit(f"a page asks for the ranges of {name}, which the record does not have")
+    runs = {int(k.split("@")[1]): r for k, r in record["runs"].items() if k.split("@")[0] == name}
+    seeds = sorted(runs)
+    where = dict.fromkeys(machine_label(runs[s]) for s in seeds)
+    rows = ["| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [min, max] |",
+            "|---" * (len(seeds) + 2) + "|"]
+    for k, s in record["ranges"][name].items():
+        each = [runs[seed]["figures"].get(k, "-") for seed in seeds]
+        rows.append(f"| {k} | " + " | ".join(each) + f" | {fmt(s) if 'mean' in s else '-'} |")
+    return "\n".join(rows) + (f"\n\nMeasured by `python tutorials/measure_ranges.py --only {name}` on "
+                              f"{' and '.join(where)}, each seed its own chain of run folders.")
+
+
+def rewrite_pages(record: dict, pages=None) -> dict[Path, str]:
+    """The text of every page that quotes the record, with its blocks rewritten from it."""
+    pages = pages or [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {}
+    for path in pages:
+        text = path.read_text()
+        if README_START in text:
+            a, b = text.index(README_START) + len(README_START), text.index(README_END)
+            text = text[:a] + "\n" + readme_table(record) + "\n" + text[b:]
+        text = PAGE_BLOCK.sub(lambda m: m.group(1) + tutorial_table(record, m.group(2)) + "\n" + m.group(3), text)
+        texts[path] = text
+    return texts
+
+
+PAGE_BLOCK = re.compile(r"(<!-- ranges: (\d\d_\w+) -->\n).*?(<!-- /ranges -->)", re.S)
+
+
+def write_pages(record: dict) -> None:
+    for path, text in rewrite_pages(record).items():
+        if text != path.read_text():
+            path.write_text(text)
+            print(f"rewrote the ranges in {path.relative_to(ROOT)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
     parser.add_argument("--only", default="", help="comma-separated tutorials (their prerequisites stay)")
-    parser.add_argument("--write", action="store_true", help="only rewrite the README table from the record")
+    parser.add_argument("--write", action="store_true", help="only rewrite the pages' tables from the record")
     args = parser.parse_args()
     record = load()
     if not args.write:
@@ -154,8 +199,7 @@ def main() -> None:
                 save(record)
                 print(f"{record['runs'][key]['seconds']:6.0f} s  {key}: {record['runs'][key]['figures']}", flush=True)
         save(record)
-    if args.write or README_START in (ROOT / "README.md").read_text():
-        write_readme(record)
+    write_pages(record)
 
 
 if __name__ == "__main__":

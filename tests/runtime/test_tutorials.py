@@ -117,3 +117,23 @@ def test_measure_ranges_reads_keys_with_a_dot():
         "summary 09_compare: r_star_sft=0.076 ppo_beta0.3=0.273@0.03 dpo_beta0.3=0.229@0.03 beta10=0.1")
     assert name == "09_compare"
     assert figures == {"r_star_sft": "0.076", "ppo_beta0.3": "0.273@0.03", "dpo_beta0.3": "0.229@0.03", "beta10": "0.1"}
+
+
+def test_the_pages_quote_the_ranges_of_the_record():
+    """Every range a page quotes is written by ``measure_ranges.py`` from ``tutorials/expected_ranges.json``:
+    the README's and the course's tables, and each doc page's ``<!-- ranges: NN_name -->`` block.
+    A figure edited by hand, or a record remeasured without ``--write``, fails here."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import measure_ranges
+    record = measure_ranges.load()
+    pages = measure_ranges.rewrite_pages(record)
+    quoted = set()
+    for path, text in pages.items():
+        assert text == path.read_text(), (f"{path.relative_to(ROOT)} quotes other ranges than the record: "
+                                          "python tutorials/measure_ranges.py --write")
+        quoted |= {m.group(2) for m in measure_ranges.PAGE_BLOCK.finditer(text)}
+    assert measure_ranges.README_START in pages[ROOT / "README.md"]
+    assert measure_ranges.README_START in pages[ROOT / "docs" / "course.md"]
+    missing = {name for name in record["ranges"] if name[:2] <= "08"} - quoted
+    assert not missing, f"no doc page quotes the ranges of {sorted(missing)}"
