@@ -16,7 +16,9 @@ figure, whether the student's own run falls inside the range (``_common.summary`
 
 The pages quote the record, never a figure copied by hand: the README and ``docs/course.md`` hold the
 whole table between ``<!-- ranges: start -->`` and ``<!-- ranges: end -->``, and a doc page holds one
-tutorial's figures between ``<!-- ranges: NN_name -->`` and ``<!-- /ranges -->``. Every sweep
+tutorial's figures between ``<!-- ranges: NN_name -->`` and ``<!-- /ranges -->``, and a sentence
+quotes one figure as ``<!--r NN_name key-->`` (its range) or ``<!--r NN_name key@seed-->`` (one
+seed's value) before the text and ``<!--/r-->`` after it. Every sweep
 rewrites them, and a test checks that they match the record.
 """
 
@@ -164,11 +166,26 @@ def rewrite_pages(record: dict, pages=None) -> dict[Path, str]:
             a, b = text.index(README_START) + len(README_START), text.index(README_END)
             text = text[:a] + "\n" + readme_table(record) + "\n" + text[b:]
         text = PAGE_BLOCK.sub(lambda m: m.group(1) + tutorial_table(record, m.group(2)) + "\n" + m.group(3), text)
+        text = FIGURE.sub(lambda m: m.group(1) + figure(record, *m.group(2, 3, 4)) + m.group(5), text)
         texts[path] = text
     return texts
 
 
 PAGE_BLOCK = re.compile(r"(<!-- ranges: (\d\d_\w+) -->\n).*?(<!-- /ranges -->)", re.S)
+# One figure in a sentence: <!--r 06_grpo accuracy-->mean [min, max]<!--/r-->, or with @seed that seed's value.
+FIGURE = re.compile(r"(<!--r (\d\d_\w+) ([\w.]+)(?:@(\d+))?-->).*?(<!--/r-->)", re.S)
+
+
+def figure(record: dict, name: str, key: str, seed: str | None) -> str:
+    if seed is not None:
+        run = record["runs"].get(f"{name}@{seed}")
+        if run is None or key not in run["figures"]:
+            raise SystemExit(f"a page quotes {name}'s {key} of seed {seed}, which the record does not have")
+        return run["figures"][key]
+    s = record["ranges"].get(name, {}).get(key)
+    if s is None or "mean" not in s:
+        raise SystemExit(f"a page quotes the range of {name}'s {key}, which the record does not have")
+    return fmt(s)
 
 
 def write_pages(record: dict) -> None:

@@ -137,3 +137,24 @@ def test_the_pages_quote_the_ranges_of_the_record():
     assert measure_ranges.README_START in pages[ROOT / "docs" / "course.md"]
     missing = {name for name in record["ranges"] if name[:2] <= "08"} - quoted
     assert not missing, f"no doc page quotes the ranges of {sorted(missing)}"
+
+
+def test_a_sentence_quotes_one_figure_of_the_record(tmp_path):
+    """``<!--r NN_name key-->...<!--/r-->`` becomes the figure's range, ``key@seed`` that seed's value;
+    a figure the record lacks is refused by name instead of left as it was."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import measure_ranges
+    record = {"runs": {"06_grpo@0": {"figures": {"accuracy": "0.75"}, "machine": {}},
+                       "06_grpo@1": {"figures": {"accuracy": "0.85"}, "machine": {}}},
+              "ranges": {"06_grpo": {"accuracy": measure_ranges.stats([0.75, 0.85])}}}
+    page = tmp_path / "page.md"
+    page.write_text("from <!--r 06_grpo accuracy-->old<!--/r--> (seed 1: <!--r 06_grpo accuracy@1-->x<!--/r-->)")
+    text = measure_ranges.rewrite_pages(record, [page])[page]
+    assert text == ("from <!--r 06_grpo accuracy-->0.800 [0.750, 0.850]<!--/r--> "
+                    "(seed 1: <!--r 06_grpo accuracy@1-->0.85<!--/r-->)")
+    for missing in ("<!--r 06_grpo kl-->x<!--/r-->", "<!--r 06_grpo accuracy@2-->x<!--/r-->"):
+        page.write_text(missing)
+        with pytest.raises(SystemExit, match="does not have"):
+            measure_ranges.rewrite_pages(record, [page])
+
