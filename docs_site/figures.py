@@ -11,8 +11,8 @@ command that makes them.
 ``docs/figures/`` is generated (ignored by git) and read by ``mkdocs build`` (or the folder that
 ``$MINIALIGN_SITE_FIGURES`` names: tests/runtime/test_notebooks.py builds the site with its notebooks'
 plots): ``docs_site/hooks.py`` puts each plot of ``FIGURES`` below the paragraph that names it and
-stops the build with the command to run when one is missing. With the defaults, tutorials 01-07
-and 09 took about 6 min on an idle 2-core CPU (the README's table); ``--tiny`` took about a minute.
+stops the build with the command to run when one is missing. With the defaults, the tutorials
+take the times of the README's table; ``--tiny`` runs each on the settings of the CI's notebook test.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ TINY_OUT = ROOT / "build" / "tiny_tutorial"
 TUTORIAL_OF_STAGE = {
     "pretrain": "01_pretrain.py", "sft": "02_sft.py", "reward_model": "03_reward_model.py",
     "dpo": "04_dpo.py", "ppo": "05_ppo.py", "grpo": "06_grpo.py", "theory": "07_theory_lab.py",
-    "real_model": "08_real_model.py", "compare": "09_compare.py",
+    "real_model": "08_real_model.py", "compare": "09_compare.py", "family": "10_family.py",
+    "preference_family": "11_preference_family.py",
 }
 
 
@@ -73,6 +74,9 @@ FIGURES = [
             "theory/policies_graded.png", "theory/policies_verifiable.png")),
     Figure("course.md", "In `runs/tutorial/ppo/overview.png`", ("ppo/overview.png",)),
     Figure("course.md", "In `runs/tutorial/compare/reward_vs_kl.png`", ("compare/reward_vs_kl.png",)),
+    Figure("policy_gradient.md", "and writes `runs/tutorial/family/accuracy_vs_kl.png`", ("family/accuracy_vs_kl.png",)),
+    Figure("preference.md", "`runs/tutorial/preference_family/reward_vs_kl.png`, the numbers",
+           ("preference_family/reward_vs_kl.png",)),
     Figure("measurements.md", "its plot is\n`runs/tutorial/dpo/reward_vs_kl.png`", ("dpo/reward_vs_kl.png",)),
 ]
 

@@ -8,7 +8,8 @@
    the unknown normaliser Z(x) cancels in Bradley-Terry (E3).
 2. DPO (E9) from the SFT model on the toy world's preference pairs, once per beta: the implicit
    rewards (E10) separate chosen from rejected, and the hidden true reward r* of the policy's own
-   samples rises over the SFT model's, at a measured KL to the reference.
+   samples is measured at the KL it spent: whether r* rises or falls in these short runs depends on
+   the seed (docs/dpo.md has the runs of several seeds).
 3. A plot of true reward against KL for each beta (``<out>/dpo/reward_vs_kl.png``), measured
    during training: how far each run moved from pi_ref and what it bought.
 
