@@ -115,9 +115,10 @@ MUTATIONS = [
      "test_dpo.py"),
     ("dpo.py", "return logps[:B], logps[B:]", "return logps[B:], logps[:B]",
      "chosen_rejected_logps returns the halves swapped", "test_dpo.py"),
-    ("dpo.py", "return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()",
+    # stages/evaluate.py: the KL to the reference, measured on the policy's own samples beside training
+    ("stages/evaluate.py", "return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()",
      "return masked_sum(logq - logp, rollout.response_mask, dim=1).mean().item()",
-     "sampled_kl with its sign flipped", "test_dpo.py"),
+     "sampled_kl with its sign flipped", "test_evaluate.py"),
     # ppo.py: E2/E6 per-token rewards, GAE, E6's r - V(x), E5, the value loss
     ("ppo.py", "rewards = -beta * kl ", "rewards = beta * kl ", "per-token KL penalty with its sign flipped",
      "test_ppo.py"),
