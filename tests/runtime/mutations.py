@@ -206,9 +206,6 @@ MUTATIONS = [
      "E14: KL added to the reward", "test_grpo.py"),
     ("grpo.py", "return masked_sum(per_token, mask, dim=1)\n", "return masked_mean(per_token, mask, dim=1)\n",
      "E14: the answer's KL averaged over tokens, not summed", "test_grpo.py"),
-    ("grpo.py", "return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()",
-     "return (r.max(dim=1).values != r.min(dim=1).values).float().mean().item()",
-     "zero_spread_fraction counts the groups with spread", "test_grpo.py"),
     ("grpo.py", "reference.load_state_dict(policy.state_dict())", "pass",
      "E14's pi_ref <- pi_theta does nothing", "test_grpo.py"),
     ("grpo.py", "hp.clip_eps, hp.beta, hp.kl_in", "hp.clip_eps, 0.0, hp.kl_in",
@@ -342,7 +339,10 @@ MUTATIONS = [
      "test_policy_gradient.py"),
     ("policy_gradient.py", "loss = aggregate(-weight * A * logps, mask, \"token_mean\")",
      "loss = aggregate(-A * logps, mask, \"token_mean\")", "CISPO without its clipped weight", "test_policy_gradient.py"),
-    # policy_gradient_sampling.py: DAPO's dynamic sampling and overlong handling
+    # policy_gradient_sampling.py: the zero-spread share, DAPO's dynamic sampling and overlong handling
+    ("policy_gradient_sampling.py", "return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()",
+     "return (r.max(dim=1).values != r.min(dim=1).values).float().mean().item()",
+     "zero_spread_fraction counts the groups with spread", "test_policy_gradient_sampling.py"),
     ("policy_gradient_sampling.py", "return groups.max(dim=1).values > groups.min(dim=1).values",
      "return groups.max(dim=1).values >= groups.min(dim=1).values", "dynamic sampling: every group carries a signal",
      "test_policy_gradient_sampling.py"),
