@@ -33,9 +33,9 @@ $$D_{KL}(\pi_\theta\Vert\pi_{ref})_{i,t} \approx \frac{\pi_{ref}(y_{i,t}\mid\cdo
 - \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1$$
 
 **E14, one iteration** (``grpo_iteration``): optionally reset $\pi_{ref} \leftarrow \pi_\theta$; set
-$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question (``policy_gradient_sampling.sample_groups``); reward
-$r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps on
-E13 against the same samples of $\pi_{old}$.
+$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question (``policy_gradient_sampling.sample_groups``);
+reward $r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps
+on E13 against the same samples of $\pi_{old}$.
 
 Choices the source leaves open, each a field of ``GRPOHyperparams``:
 
