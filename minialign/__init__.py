@@ -19,8 +19,8 @@ The files at the top of the package are the course; read them in this order:
 Then the families beyond the source, each member a small delta of its parent:
 
 14. ``policy_gradient.py``: REINFORCE, RLOO, REINFORCE++, DAPO, GSPO, CISPO (deltas of GRPO's step),
-    ``policy_gradient_sampling.py``: DAPO's dynamic sampling and overlong handling (the batch before the
-    loss), and ``theory_policy_gradient.py``: where each converges, computed exactly
+    ``policy_gradient_sampling.py``: the groups GRPO samples, DAPO's dynamic sampling and overlong handling
+    (the batch before the loss), and ``theory_policy_gradient.py``: where each converges, computed exactly
 15. ``preference.py``: cDPO, rDPO, IPO, SimPO, KTO, ORPO (deltas of DPO's loss), ``kto.py``: KTO's step
     on unpaired examples, ``best_of_n.py``: best-of-N and rejection sampling, and
     ``theory_preference.py``: their exact optima

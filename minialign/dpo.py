@@ -58,11 +58,12 @@ prompt and the padding masked out (``ops.sequence_logps``).
   pairs are computed once before training (``precompute_ref_logps``, default on), which gives the
   same losses.
 - What DPO never sees is measured beside it: the hidden reward $r^*$ of sampled reviews and
-  $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ on samples $y\sim\pi_\theta$ (``sampled_kl``).
+  $\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ on samples $y\sim\pi_\theta$ (``stages/evaluate.py``:
+  ``review_eval``, ``sampled_kl``).
 
 The file reads top to bottom: the hyperparameters, E7 and E8 on a discrete example, E9 and E10,
-sequence log-probs of chosen and rejected responses, the sampled KL, then the step a training loop
-calls, ``dpo_step`` (the loop itself, its flags and its plots: ``stages/dpo.py``).
+sequence log-probs of chosen and rejected responses, then the step a training loop calls,
+``dpo_step`` (the loop itself, its flags and its plots: ``stages/dpo.py``).
 """
 
 from __future__ import annotations
@@ -74,9 +75,7 @@ import torch.nn.functional as F
 
 from .runtime import distributed
 from .data import collate
-from .generation import generate
-from .ops import (check_positive, check_sequence_logps, inference, masked_sum, response_logps, sequence_logps,
-                  upcast)
+from .ops import check_positive, check_sequence_logps, inference, sequence_logps, upcast
 from .reward_model import bradley_terry_probability
 from .tokenizer import Tokenizer
 from .runtime.config import Config, check_range
@@ -258,33 +257,6 @@ def pair_logps(model, pairs: dict[str, list[list[int]]], pad_id: int, device, dt
         logps_l.append(l)
     model.train(was_training)
     return torch.cat(logps_w), torch.cat(logps_l)
-
-
-# ----------------------------------------------------------------------------------------------
-# What DPO never sees: the KL to the reference, measured on the policy's own samples
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_per_prompt: int = 32,
-               max_new_tokens: int = 24, seed: int = 0, share_prompt: bool = True) -> float:
-    r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ per response, estimated on samples $y\sim\pi_\theta$:
-
-    $$\mathrm{KL} \approx \operatorname{mean}_y \sum_t \big[\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big]$$
-
-    (the sequence-level k1 estimator: unbiased, and exactly 0 when the policy is the reference).
-    """
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # prompts as text (through the chat template) or as token ids already
-    ids = [p if isinstance(p, list) else tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
-                       share_prompt=share_prompt)
-    # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
-    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
-    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
-    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
-    return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
 # ----------------------------------------------------------------------------------------------

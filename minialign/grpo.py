@@ -33,9 +33,9 @@ $$D_{KL}(\pi_\theta\Vert\pi_{ref})_{i,t} \approx \frac{\pi_{ref}(y_{i,t}\mid\cdo
 - \log\frac{\pi_{ref}(y_{i,t}\mid\cdot)}{\pi_\theta(y_{i,t}\mid\cdot)} - 1$$
 
 **E14, one iteration** (``grpo_iteration``): optionally reset $\pi_{ref} \leftarrow \pi_\theta$; set
-$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question; reward
-$r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps on
-E13 against the same samples of $\pi_{old}$.
+$\pi_{old} \leftarrow \pi_\theta$; sample $G$ answers per question (``policy_gradient_sampling.sample_groups``);
+reward $r_i = r(x, y_i) - \beta D_{KL}$ when the KL goes in the reward; E11-E12; several gradient steps
+on E13 against the same samples of $\pi_{old}$.
 
 Choices the source leaves open, each a field of ``GRPOHyperparams``:
 
@@ -83,17 +83,13 @@ import torch
 
 from .runtime import distributed
 from . import policy_gradient as PG
-from .generation import Generation, generate
-from .ops import (check_choice, check_finite, check_groups, check_nonempty_rows, check_nonnegative,
-                  check_per_sequence, check_positive, check_token_tensors, inference, kl_k1, kl_k3, masked_mean,
-                  masked_sum, response_logps, upcast)
-from .stages.rewards import score_answers, toy_reward
-from .policy_gradient_sampling import overlong_filter, overlong_penalty, sample_until_full
+from .generation import Generation
+from .ops import (check_choice, check_finite, check_groups, check_nonnegative, check_per_sequence, check_positive,
+                  check_token_tensors, inference, kl_k1, kl_k3, masked_mean, masked_sum, response_logps, upcast)
+from .policy_gradient_sampling import (overlong_filter, overlong_penalty, sample_groups, sample_until_full,
+                                      zero_spread_fraction)
 from .runtime.config import Config, check_range
 from .runtime.devices import autocast
-
-KL_IN = ("loss", "reward")
-AGGREGATIONS = ("answer_mean", "token_mean", "constant")
 
 
 @dataclass
@@ -158,14 +154,6 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4, scale_by_std: 
     return advantages.reshape(-1)                                   # (B,)
 
 
-def zero_spread_fraction(rewards, group_size: int) -> float:
-    """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0)."""
-    r = torch.as_tensor(rewards)
-    check_groups(r.numel(), group_size)  # a group of one always has zero spread: refused, not 1.0
-    r = r.view(-1, group_size)
-    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
-
-
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                 estimator: str = "k3") -> torch.Tensor:
     r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ of each answer: the sum over its tokens of a per-token estimate, (B,).
@@ -208,8 +196,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     ``max_len`` is the constant of ``aggregation="constant"`` (e.g. max_new_tokens): the token
     sum is divided by B * max_len. ``group_size``, if given, checks that B is a multiple of it.
     """
-    _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
-                            aggregation, group_size, max_len)
+    PG.check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                              aggregation, group_size, max_len)
     # float32 even under bf16 autocast (ratios are differences of close log-probs); float64 stays
     dtype = upcast(logps).dtype
     logps, old_logps = logps.to(dtype), old_logps.to(dtype).detach()
@@ -236,25 +224,6 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
                  "ratio": masked_mean(ratio, mask).item(),
                  "kl": float("nan") if kl is None else masked_mean(kl, mask).item()}
     return loss, stats
-
-
-def _check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
-                            aggregation, group_size, max_len) -> None:
-    """``grpo_loss``'s input checks, each a ValueError that names the problem."""
-    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
-    B, T = logps.shape
-    check_per_sequence(B, advantages=advantages)
-    check_nonempty_rows(mask)
-    check_choice("kl_in", kl_in, KL_IN)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    check_positive(clip_eps=clip_eps)
-    check_nonnegative(beta=beta)
-    if kl_in == "loss" and beta > 0 and ref_logps is None:
-        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
-    if group_size is not None:
-        check_groups(B, group_size)
-    if aggregation == "constant" and (max_len is None or max_len < T):
-        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
 
 
 def reset_reference(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
@@ -294,20 +263,9 @@ def grpo_iteration(policy, reference, tokenizer, reward_fn, questions: list[dict
     member = member or PG.MemberOptions()  # None: GRPO itself
     PG.check_member(member, hp)
     device = next(policy.parameters()).device
-    if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
-        reward_fn = toy_reward(reward_fn)
     G = hp.group_size
-
-    def sample(questions):  # y ~ pi_old = the current policy (frozen for the whole iteration), scored
-        rows = [q for q in questions for _ in range(G)]  # group i = rows i*G .. i*G+G-1
-        prompts = [q["prompt_ids"] if "prompt_ids" in q else tokenizer.prompt(q["prompt"]) for q in rows]
-        with autocast(device, dtype):
-            rollout = generate(policy, prompts, hp.max_new_tokens, tokenizer.eos_id,
-                               tokenizer.pad_id, temperature=hp.temperature, generator=generator,
-                               share_prompt=hp.share_prompt)
-        completions = [tokenizer.decode(r) for r in rollout.responses()]
-        finished = [bool(f) for f in rollout.finished.tolist()]
-        return rollout, completions, score_answers(reward_fn, rows, completions, finished, device)  # (B,)
+    # y ~ pi_old = the current policy (frozen for the whole iteration): G answers to each question, scored
+    sample = functools.partial(sample_groups, policy, tokenizer, reward_fn, hp=hp, generator=generator, dtype=dtype)
 
     if member.dynamic_sampling:  # DAPO: only the groups that carry a signal, more questions drawn to fill the batch
         sampled, (rollout, completions, rewards) = sample_until_full(sample, questions, draw, G, member.max_draws,

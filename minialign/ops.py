@@ -1,5 +1,5 @@
 r"""The math that several algorithms share: token log-probs (E1), input checks, masked
-reductions, whitening, KL estimators and entropy.
+reductions, whitening, explained variance, KL estimators and entropy.
 
 Every function takes and returns tensors; none knows which algorithm calls it. Log-probs are
 computed in float32 whatever the model's dtype: under bf16 a log-softmax over the vocabulary
@@ -368,6 +368,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    r"""How much of the variance of the returns a critic's values explain, over the masked entries:
+    $1 - \mathrm{Var}(\hat R - V)/\mathrm{Var}(\hat R)$, 1 for a perfect critic, 0 for a constant one."""
+    var_r = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------

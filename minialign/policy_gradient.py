@@ -19,8 +19,8 @@ $\rho_{i,t} = \pi_\theta(y_{i,t}\mid x, y_{i,<t}) / \pi_{old}(y_{i,t}\mid x, y_{
 **The API** (what ``grpo.grpo_iteration`` plugs in where GRPO's own E12 and E13 stand):
 ``MemberOptions``, which member it runs (``minialign grpo``'s flags), refused where they do not fit
 (``check_member``); ``advantages(estimator, ...)`` and ``policy_loss(loss, ...)``, one option each (GRPO's
-own are ``grpo.group_advantages`` and ``grpo.grpo_loss``, the only loss with a KL term); ``MEMBERS``,
-the table above. DAPO's sampling-side pieces are in ``policy_gradient_sampling.py``.
+own are ``grpo.group_advantages`` and ``grpo.grpo_loss``, the only loss with a KL term, whose input checks
+are ``check_grpo_loss_inputs``); ``MEMBERS``, the table above. The sampling side is ``policy_gradient_sampling.py``.
 
 Every function is pure (tensors in, tensors out), float64 stays float64 (the theory lab and
 ``gradcheck``), and bad input is a ValueError that names the problem. The exact answers of each
@@ -35,15 +35,16 @@ from typing import Literal
 import torch
 
 from .runtime.config import Config, check_range, require
-from .ops import (check_choice, check_finite, check_groups, check_mask, check_nonempty_rows, check_per_sequence,
-                  check_positive, check_token_tensors, kl_k1, masked_mean, masked_sum, masked_sum_over, masked_var,
-                  rewards_1d, upcast)
+from .ops import (check_choice, check_finite, check_groups, check_mask, check_nonempty_rows, check_nonnegative,
+                  check_per_sequence, check_positive, check_token_tensors, kl_k1, masked_mean, masked_sum,
+                  masked_sum_over, masked_var, rewards_1d, upcast)
 
 # the members' own (GRPO's E12 and E13 are grpo.group_advantages and grpo.grpo_loss)
 ADVANTAGE_ESTIMATORS = ("none", "batch_mean", "rloo", "reinforce_pp")
 POLICY_LOSSES = ("reinforce", "ppo_clip", "dapo", "gspo", "cispo")
 # E13's per-answer mean, DAPO's token mean, Dr. GRPO's constant, and REINFORCE's sum over each answer
 AGGREGATIONS = ("answer_mean", "token_mean", "constant", "sequence_sum")
+KL_IN = ("loss", "reward")  # where GRPO's KL goes: E13's loss or E14's reward
 
 # member -> (advantage estimator, policy loss, where the KL goes); "grpo": grpo.py's own
 MEMBERS = {
@@ -358,7 +359,7 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# which member grpo_iteration runs (minialign grpo's flags), and the two dispatchers: one option each
+# which member grpo_iteration runs (minialign grpo's flags), the checks, and the two dispatchers: one option each
 # ----------------------------------------------------------------------------------------------
 
 
@@ -396,6 +397,25 @@ def check_member(member: MemberOptions, hp) -> None:
     check_range(member, "clip_eps_low", 0, 1, high_open=member.loss != "cispo")  # 1 - eps_low > 0 (CISPO: >= 0)
     check_range(member, "clip_eps_high", 0)
     check_range(member, "overlong_cache", 1, hp.max_new_tokens)
+
+
+def check_grpo_loss_inputs(logps, old_logps, ref_logps, advantages, mask, clip_eps, beta, kl_in,
+                           aggregation, group_size, max_len) -> None:
+    """``grpo.grpo_loss``'s input checks, each a ValueError that names the problem (its body is then E13 alone)."""
+    check_token_tensors(logps=logps, old_logps=old_logps, ref_logps=ref_logps, mask=mask)
+    B, T = logps.shape
+    check_per_sequence(B, advantages=advantages)
+    check_nonempty_rows(mask)
+    check_choice("kl_in", kl_in, KL_IN)
+    check_choice("aggregation", aggregation, AGGREGATIONS[:3])  # sequence_sum is REINFORCE's
+    check_positive(clip_eps=clip_eps)
+    check_nonnegative(beta=beta)
+    if kl_in == "loss" and beta > 0 and ref_logps is None:
+        raise ValueError("kl_in='loss' with beta > 0 needs ref_logps")
+    if group_size is not None:
+        check_groups(B, group_size)
+    if aggregation == "constant" and (max_len is None or max_len < T):
+        raise ValueError(f"aggregation='constant' needs max_len >= the {T} response columns, got {max_len}")
 
 
 def advantages(estimator: str, rewards, group_size: int, *, eps: float = 1e-4, mask: torch.Tensor | None = None,

@@ -1,18 +1,21 @@
-r"""DAPO's sampling-side steps: which groups and which answers reach the policy loss.
+r"""The sampling side of ``grpo.grpo_iteration``: the groups it samples, and DAPO's steps that decide
+which groups and which answers reach the policy loss.
 
 ``policy_gradient.py`` holds what each member computes from a batch (its advantage and its loss);
-this file holds what DAPO (Yu et al., 2025) changes *before* that, in the batch itself:
+this file holds how the batch is drawn, and what DAPO (Yu et al., 2025) changes in it *before* the loss:
 
+- **the groups** (``sample_groups``): $G$ answers to each question, sampled from $\pi_{old}$ and scored
+  (E14's sampling); ``zero_spread_fraction`` measures how many carry no signal (their advantage is 0, E12);
 - **dynamic sampling** (``signal_groups``, ``dynamic_sampling``): a group whose $G$ answers all score
   the same has advantage 0 (E12); it is dropped, and more questions are drawn until the batch holds
   enough groups that carry a signal;
 - **overlong handling** (``overlong_filter``, ``overlong_penalty``): a truncated answer (no EOS within
   the longest answer allowed) is left out of the loss, or its reward gets a soft length penalty.
 
-``grpo.grpo_iteration`` applies them as options (``--dynamic-sampling``, through ``sample_until_full``;
-``--overlong``). Every other function is pure (tensors in, tensors out), and bad input is a ValueError
-that names the problem. The exact effect of dynamic sampling on the expected update (it divides it by
-P(signal)) is ``theory_policy_gradient.dynamic_sampling_table``.
+``grpo.grpo_iteration`` applies DAPO's as options (``--dynamic-sampling``, through ``sample_until_full``;
+``--overlong``). Every function but the two that sample is pure (tensors in, tensors out), and bad input is
+a ValueError that names the problem. The exact effect of dynamic sampling on the expected update (it divides
+it by P(signal)) is ``theory_policy_gradient.dynamic_sampling_table``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import cat_generations
+from .generation import cat_generations, generate
 from .ops import check_groups, check_mask, check_per_sequence, check_token_tensors, rewards_1d
+from .runtime.devices import autocast
+from .stages.rewards import score_answers, toy_reward
+
+
+def sample_groups(policy, tokenizer, reward_fn, questions: list[dict], hp, generator: torch.Generator,
+                  dtype: str = "float32"):
+    r"""E14's sampling: ``hp.group_size`` answers to each of ``questions``, $y \sim$ ``policy`` ($\pi_{old}$), scored.
+
+    Returns (Generation, the answers as text, (B,) rewards), group i in rows i*G .. i*G+G-1.
+    ``questions`` and ``reward_fn`` as ``grpo.grpo_iteration`` takes them (a ``ToyWorld`` scores with its r*);
+    ``hp``: its ``group_size``, ``max_new_tokens``, ``temperature`` and ``share_prompt``; ``dtype``: autocast's.
+    """
+    device = next(policy.parameters()).device
+    if hasattr(reward_fn, "true_reward"):  # the toy world (or anything with an r*): score with it
+        reward_fn = toy_reward(reward_fn)
+    rows = [q for q in questions for _ in range(hp.group_size)]  # group i = rows i*G .. i*G+G-1
+    prompts = [q["prompt_ids"] if "prompt_ids" in q else tokenizer.prompt(q["prompt"]) for q in rows]
+    with autocast(device, dtype):
+        rollout = generate(policy, prompts, hp.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                           temperature=hp.temperature, generator=generator, share_prompt=hp.share_prompt)
+    completions = [tokenizer.decode(r) for r in rollout.responses()]
+    finished = [bool(f) for f in rollout.finished.tolist()]
+    return rollout, completions, score_answers(reward_fn, rows, completions, finished, device)  # (B,)
 
 
 def signal_groups(rewards, group_size: int) -> torch.Tensor:
@@ -31,6 +57,14 @@ def signal_groups(rewards, group_size: int) -> torch.Tensor:
     check_groups(r.numel(), group_size)
     groups = r.view(-1, group_size)
     return groups.max(dim=1).values > groups.min(dim=1).values
+
+
+def zero_spread_fraction(rewards, group_size: int) -> float:
+    """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0)."""
+    r = torch.as_tensor(rewards)
+    check_groups(r.numel(), group_size)  # a group of one always has zero spread: refused, not 1.0
+    r = r.view(-1, group_size)
+    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
 
 
 @dataclass

@@ -93,8 +93,8 @@ from .data import minibatches
 from .generation import Generation, generate
 from .model import GPT
 from .ops import (check_finite, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
-                  check_positive, check_token_tensors, entropy_from_logits, inference, masked_mean, masked_sum,
-                  masked_var, masked_whiten, response_hidden, response_logps, token_logps)
+                  check_positive, check_token_tensors, entropy_from_logits, explained_variance, inference, masked_mean,
+                  masked_sum, masked_whiten, response_hidden, response_logps, token_logps)
 from .reward_model import last_token_index
 from .runtime.config import Config, check_range
 from .runtime.devices import autocast
@@ -262,12 +262,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     err_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     return loss, {"value_clip_frac": masked_mean((err_clipped > err).float(), mask).item()}
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    r"""$1 - \mathrm{Var}(\hat R - V)/\mathrm{Var}(\hat R)$ over the response tokens: 1 is a perfect critic, 0 a constant one."""
-    var_r = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
 class AdaptiveKLController:

@@ -74,12 +74,11 @@ class Point:
 # %% 1. The same measurement for every policy
 # r* of fresh samples (``evaluate.review_eval``) and the KL to the SFT model estimated on the
 # policy's own samples, log pi_theta(y|x) - log pi_ref(y|x) summed over the response and averaged
-# (``dpo.sampled_kl``): exactly 0 for the SFT model itself.
+# (``evaluate.sampled_kl``): exactly 0 for the SFT model itself.
 def measure(policy_path, sft_path, samples: int, seed: int, device: str) -> dict:
-    from minialign.dpo import sampled_kl
     from minialign.runtime.devices import resolve_device
     from minialign.runtime.loading import load_policy
-    from minialign.stages.evaluate import review_eval
+    from minialign.stages.evaluate import review_eval, sampled_kl
     from minialign.toyworld import ToyWorld
 
     world = ToyWorld()

@@ -2,7 +2,7 @@
 
 The training algorithms never see r*; these functions sample from the policy and score the
 samples with it, so a run can show whether the model really got better (and not only its
-learned reward).
+learned reward), and how far it moved from its reference to get there (``sampled_kl``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..generation import generate
+from ..ops import masked_sum, response_logps
 from ..reward_model import reward_model_loss, score
 from ..tokenizer import Tokenizer
 from ..toyworld import ToyWorld
@@ -67,6 +68,33 @@ def reward_eval(model, tokenizer, questions: list[dict], reward_fn, samples_per_
     texts = sample_texts(model, tokenizer, [q["prompt_ids"] for q in rows], max_new_tokens, temperature, generator)
     rewards = score_answers(reward_fn, rows, [y for y, _ in texts], [done for _, done in texts])
     return {"reward": rewards.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# how far the policy moved: the KL to the reference, measured on its own samples
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, tok: Tokenizer, prompts: list[str], samples_per_prompt: int = 32,
+               max_new_tokens: int = 24, seed: int = 0, share_prompt: bool = True) -> float:
+    r"""$\mathrm{KL}(\pi_\theta\Vert\pi_{ref})$ per response, estimated on samples $y\sim\pi_\theta$:
+
+    $$\mathrm{KL} \approx \operatorname{mean}_y \sum_t \big[\log\pi_\theta(y_t\mid x, y_{<t}) - \log\pi_{ref}(y_t\mid x, y_{<t})\big]$$
+
+    (the sequence-level k1 estimator: unbiased, and exactly 0 when the policy is the reference).
+    """
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # prompts as text (through the chat template) or as token ids already
+    ids = [p if isinstance(p, list) else tok.prompt(p) for p in prompts for _ in range(samples_per_prompt)]
+    rollout = generate(policy, ids, max_new_tokens, tok.eos_id, tok.pad_id, generator=generator,
+                       share_prompt=share_prompt)
+    # recompute both log-probs with full forwards, the same way, so policy == reference gives 0 exactly
+    seqs, mask, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    logp = response_logps(policy, seqs, mask, P, share_prompt=share_prompt)     # (B, T)
+    logq = response_logps(reference, seqs, mask, P, share_prompt=share_prompt)  # (B, T)
+    return masked_sum(logp - logq, rollout.response_mask, dim=1).mean().item()  # mean over the (B,) samples
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ import warnings
 import torch
 
 from ..runtime import distributed
-from ..dpo import dpo_loss, pair_logps, sampled_kl, tokenize_pairs
+from ..dpo import dpo_loss, pair_logps, tokenize_pairs
 from ..kto import tokenize_unpaired, unpair_preference_rows
 from ..preference import kto_mismatched_index, preference_loss
 from ..runtime.config import check_max_new_tokens
 from ..runtime.datafiles import DataError, preference_data, preference_format, unpaired_data
 from ..runtime.files import ConfigError
-from .evaluate import review_eval
+from .evaluate import review_eval, sampled_kl
 
 
 class PreferenceTask:

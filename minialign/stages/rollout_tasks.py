@@ -26,14 +26,13 @@ import torch
 
 from ..best_of_n import (RejectionSamplingHyperparams, best_of_n_from_samples, best_of_n_kl_bound,
                          rejection_sampling_round)
-from ..dpo import sampled_kl
 from ..runtime import distributed
 from ..runtime.config import check_max_new_tokens, require
 from ..runtime.datafiles import prompt_data
 from ..runtime.files import ConfigError
 from ..runtime.folders import stage_model, stage_problem
 from ..runtime.loading import load_reward_model, same_tokenizer
-from .evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts
+from .evaluate import arithmetic_eval, review_eval, reward_eval, sample_texts, sampled_kl
 from .rewards import check_reward_function, exact_match_reward, load_reward, toy_reward
 
 

@@ -7,9 +7,9 @@ import torch
 from handworked import expect
 
 from minialign.ops import (check_choice, check_in_range, check_nonempty_rows, check_nonnegative, check_per_sequence,
-                           check_positive, check_sequence_logps, check_token_tensors, entropy_from_logits, kl_k1,
-                           kl_k2, kl_k3, masked_mean, masked_sum, masked_sum_over, masked_var, masked_whiten, model_token_logps,
-                           sequence_logps, token_logps)
+                           check_positive, check_sequence_logps, check_token_tensors, entropy_from_logits,
+                           explained_variance, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum, masked_sum_over,
+                           masked_var, masked_whiten, model_token_logps, sequence_logps, token_logps)
 
 
 @pytest.mark.exercise("token_logps")
@@ -98,6 +98,14 @@ def test_masked_var_and_whiten():
     w = masked_whiten(x, m)
     assert w.tolist()[:3] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6) and w[3] == 0
     assert masked_whiten(x, m, shift_mean=False).tolist()[:3] == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_explained_variance():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    returns = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # constant V: Var(R - V) = Var(R) -> 0
+    assert explained_variance(torch.full((1, 4), 7.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.exercise("kl_estimators")

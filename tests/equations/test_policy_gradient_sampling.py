@@ -1,4 +1,5 @@
-"""Tests of minialign/policy_gradient_sampling.py: DAPO's dynamic sampling and overlong handling, by hand.
+"""Tests of minialign/policy_gradient_sampling.py: the zero-spread share, DAPO's dynamic sampling and overlong
+handling, by hand.
 (In the step: tests/equations/test_grpo.py, test_dynamic_sampling_in_the_iteration_by_hand and
 test_overlong_in_the_iteration.)"""
 
@@ -9,6 +10,16 @@ from handworked import expect
 from minialign import policy_gradient as PG
 from minialign import policy_gradient_sampling as PGS
 from test_policy_gradient import ADV, MASK, NEW, OLD  # the batch of tests/equations/test_grpo.py
+
+
+def test_zero_spread_fraction_by_hand():
+    # G = 2: groups (1, 0), (0.1, 0.1), (1, 1): the last two score all the same, 2 of 3
+    r = torch.tensor([1.0, 0.0, 0.1, 0.1, 1.0, 1.0])
+    assert PGS.zero_spread_fraction(r, 2) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="group of one"):      # always 'zero spread': a meaningless 1.0
+        PGS.zero_spread_fraction(r, 1)
+    with pytest.raises(ValueError, match="6 answers is not a"):  # 6 rewards do not make groups of 4
+        PGS.zero_spread_fraction(r, 4)
 
 
 def test_dynamic_sampling_by_hand():

@@ -256,7 +256,8 @@ def group_advantages_by_hand(world):
 
 @question("5.2")
 def zero_spread_groups(world):
-    from minialign.grpo import GRPOHyperparams, zero_spread_fraction
+    from minialign.grpo import GRPOHyperparams
+    from minialign.policy_gradient_sampling import zero_spread_fraction
     G = GRPOHyperparams().group_size
     out = [str(G)]
     groups = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * G)  # all 2^G groups
