@@ -11,7 +11,8 @@ A task has
 - ``evaluate(policy, samples) -> dict``: fresh samples, measured against what is known: r* of
   the reviews (PPO) or the held-out accuracy (GRPO) in the toy world, the mean reward on
   ``--eval-data`` with your questions, nothing when nothing is known (an empty dict);
-- GRPO's also ``reward_fn(prompts, completions, finished, **columns)`` and ``examples(policy)``.
+- GRPO's also ``reward_fn(prompts, completions, finished, **columns)``, ``examples(policy)`` and
+  ``heldout_label`` (what its held-out figure is, for the accuracy plot).
 
 Rejection sampling's task (``RankedPrompts``) holds prompt texts, the reward that ranks their samples
 (the reward model's r_phi, or r*), and ``evaluate(policy, reference)``: r* or the held-out accuracy,
@@ -127,6 +128,7 @@ class Questions(RolloutTask):
 
 class ArithmeticQuestions(Questions):
     """The toy world's arithmetic: train and held-out questions, scored by r* (1 if right, else 0)."""
+    heldout_label = "held-out questions (never trained on)"
 
     def __init__(self, world, tokenizer, config, block_size: int):
         super().__init__(tokenizer, config, toy_reward(world))
@@ -144,6 +146,7 @@ class ArithmeticQuestions(Questions):
 class QuestionFile(Questions):
     """Your questions (``--data``), scored by exact match of the final number with their ``answer``
     (or by ``--reward``); held out: ``--eval-data``'s, measured by their mean reward."""
+    heldout_label = "held-out mean reward (= answer accuracy with the built-in exact-match reward)"
 
     def __init__(self, tokenizer, config, block_size: int):
         super().__init__(tokenizer, config, exact_match_reward)
@@ -167,6 +170,8 @@ def grpo_task(world, tokenizer, config, block_size: int) -> Questions:
         check_reward_function(task.reward_fn, task.train)
     require(config, "questions", config.questions <= len(task.train),
             f"<= {len(task.train)} (the questions there are to draw from)")
+    require(config, "dynamic_sampling", not config.dynamic_sampling or distributed.world_size() == 1,
+            "off under torchrun: it draws a different number of questions on each rank (run it in one process)")
     return task
 
 
