@@ -268,7 +268,8 @@ MUTATIONS = [
      'sft_step(policy, [rows[i]["response_ids"] for i in pick], [rows[i]["prompt_ids"] for i in pick],',
      "rejection sampling fine-tunes on the prompts of the kept rows (prompt and response swapped)",
      "test_rejection_sampling.py"),
-    ("stages/rejection_sampling.py", '"response_ids": tok.response(r["completion"])', '"response_ids": tok.response(r["prompt"])',
+    ("stages/rollout_tasks.py", '"response_ids": self.tok.response(r["completion"])',
+     '"response_ids": self.tok.response(r["prompt"])',
      "rejection sampling fine-tunes on the prompt text as the response", "test_rejection_sampling.py"),
     # pretrain.py (E0a) and sft.py (E0b)
     ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
