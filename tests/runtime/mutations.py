@@ -271,6 +271,8 @@ MUTATIONS = [
     ("stages/rollout_tasks.py", '"response_ids": self.tok.response(r["completion"])',
      '"response_ids": self.tok.response(r["prompt"])',
      "rejection sampling fine-tunes on the prompt text as the response", "test_rejection_sampling.py"),
+    ("stages/rollout_tasks.py", "        if not kept.rows:\n", "        if False:\n",
+     "rejection sampling: a round that keeps no sample is not refused", "test_rejection_sampling.py"),
     # pretrain.py (E0a) and sft.py (E0b)
     ("pretrain.py", "logps = token_logps(logits[:, :-1], input_ids[:, 1:])",
      "logps = token_logps(logits[:, 1:], input_ids[:, 1:])", "LM loss: logits one position late",
@@ -366,6 +368,8 @@ MUTATIONS = [
      "grpo_task: --questions above the questions there are not refused", "test_grpo_stage.py"),
     ("stages/rollout_tasks.py", "config.questions <= len(task.train),", "config.questions < len(task.train),",
      "grpo_task: --questions equal to the questions there are refused", "test_grpo_stage.py"),
+    ("stages/rollout_tasks.py", "not config.dynamic_sampling or distributed.world_size() == 1,", "True,",
+     "grpo_task: --dynamic-sampling under torchrun not refused", "test_grpo_stage.py"),
     ("grpo.py", "        mask = overlong_filter(mask, rollout.finished)\n", "        pass\n",
      "grpo_iteration ignores --overlong filter", "test_grpo.py"),
     ("grpo.py", "total_reward = total_reward + overlong_penalty(", "total_reward = total_reward - 0 * overlong_penalty(",
