@@ -100,6 +100,12 @@ class RejectionSamplingResult:
     mean_reward_kept: float    # mean reward of the kept rows (nan if none)
     mean_reward_sampled: float  # mean reward of all samples: what best-of-N improves on
 
+    @property
+    def metrics(self) -> dict:
+        """What a round logs of its selection: the rows kept, the prompts dropped, the mean rewards."""
+        return {"rows": len(self.rows), "prompts_dropped": self.prompts_dropped,
+                "reward_sampled": self.mean_reward_sampled, "reward_kept": self.mean_reward_kept}
+
 
 def score_samples(reward_fn: Callable[[str, str], float], prompts: list[str],
                   completions: list[list[str]]) -> torch.Tensor:

@@ -79,21 +79,17 @@ def process_group(device_name: str = "auto"):
         dist.destroy_process_group()
 
 
-def check_divisible(global_batch: int, grad_accum: int, what: str = "batch_size") -> None:
-    """The global batch must split evenly over ranks and micro-batches (equal shares, equal weights)."""
-    n = world_size() * grad_accum
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-    if global_batch % n:
-        raise ValueError(f"{what}={global_batch} does not split into {world_size()} rank(s) x "
-                         f"{grad_accum} micro-batch(es); make it a multiple of {n}")
-
-
 def local_share(items, n_total: int | None = None):
     """This rank's contiguous share of a global batch (a list or a tensor of equal-size shares)."""
     n = len(items) if n_total is None else n_total
     per = n // world_size()
     return items[rank() * per:(rank() + 1) * per]
+
+
+def sampling_generator(device, seed: int) -> torch.Generator:
+    """The generator a rollout samples with: under torchrun each rank samples its own share of the
+    prompts with its own generator, rank 0's the one a single process would have."""
+    return torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank())
 
 
 def split(items, parts: int) -> list:

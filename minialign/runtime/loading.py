@@ -22,6 +22,7 @@ from pathlib import Path
 from ..model import GPT, load_checkpoint
 from ..tokenizer import Tokenizer, checkpoint_tokenizer
 from . import distributed, files
+from .folders import input_path
 
 REWARD_HEAD = "reward_head.pt"  # the score head of a reward model saved as a folder
 
@@ -74,6 +75,21 @@ def load_model(path, impl: str = "minialign", device="cpu", toy_tokenizer: Token
         raise ValueError(f"{path} is a minialign checkpoint: it runs with --model-impl minialign "
                          f"(`minialign export` writes it as a Hugging Face folder for --model-impl hf)")
     return load_policy(path, device, toy_tokenizer)
+
+
+def load_reference(path, impl: str = "minialign", device="cpu", toy_tokenizer: Tokenizer | None = None):
+    """pi_ref: ``load_model``'s model, frozen (no gradients, eval mode), without its tokenizer."""
+    reference, _ = load_model(path, impl, device, toy_tokenizer)
+    return reference.eval().requires_grad_(False)
+
+
+def load_policy_and_reference(config, device, toy_tokenizer: Tokenizer | None = None):
+    """(policy, pi_ref, tokenizer) of a stage that trains away from pi_ref: the model it starts from
+    (``--init``, a ``--model`` folder, else the run folder's model of the stage ``INPUTS`` names)
+    loaded twice, the second copy frozen (``load_reference``)."""
+    init = input_path(config, "init")
+    policy, tokenizer = load_model(init, config.model_impl, device, toy_tokenizer)
+    return policy, load_reference(init, config.model_impl, device, toy_tokenizer), tokenizer
 
 
 def save_model(model, tokenizer, stage_dir) -> Path | None:

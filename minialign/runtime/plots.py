@@ -1,6 +1,7 @@
 """Every figure of the stages and the tutorials, drawn by ``plot_panels`` (panels side by side with
 a caption that says what to see) and ``plot_scatter``; ``plot_metrics`` and ``plot_metric_panels``
-draw a run's logged metrics against the step. matplotlib is imported only when a figure is drawn.
+draw a run's logged metrics against the step, ``plot_truth_and_kl`` the truth.png that DPO and
+rejection sampling share. matplotlib is imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ def plot_metric_panels(run, filename: str, panels: list[dict], caption: str = ""
         curves = [run.series(key) + (label,) for key, label in labels.items()]
         drawn.append({**panel, "curves": curves + list(panel.get("curves", []))})
     return plot_panels(run.dir / filename, drawn, caption, title)
+
+
+def plot_truth_and_kl(run, x: str, truth: dict, start: float, caption: str) -> Path | None:
+    """truth.png of a stage that trains a policy away from pi_ref: what the hidden truth says of the
+    policy's samples (``truth``: a panel's ``title``, ``metrics`` and ``ylabel``), the start model's
+    value dashed, beside the KL to pi_ref that was paid for it (the logged ``kl``)."""
+    return plot_metric_panels(run, "truth.png", [
+        {**truth, "hlines": [(start, f"SFT model, {start:.3f}")], "xlabel": x},
+        {"title": "distance from the reference", "metrics": {"kl": "KL(pi_theta || pi_ref), sampled"}, "xlabel": x,
+         "ylabel": "KL, nats per response"}], caption)
 
 
 def standardise(values: list[float]) -> list[float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from dataclasses import dataclass
 
 from ..runtime import distributed
@@ -13,7 +12,7 @@ from ..data import InfiniteMinibatches
 from ..dpo import dpo_step
 from ..kto import kto_step
 from ..preference import PreferenceHyperparams, needs_reference, preference_loss
-from ..runtime.loading import load_model, save_model
+from ..runtime.loading import load_model, load_reference, save_model
 from ..toyworld import ToyWorld, WorldConfig
 from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
@@ -84,22 +83,20 @@ def main(config: DPOConfig) -> dict:
     task = preference_task(world, tok, config, member, policy.config.block_size)  # the pairs, how they are measured
     run = Run(config, "dpo")
 
-    def load_reference():  # pi_ref: the SFT model, frozen
-        reference, _ = load_model(init, config.model_impl, device, tok if not config.data else None)
-        return reference.requires_grad_(False).eval()
+    def load_ref():  # pi_ref: the SFT model, frozen
+        return load_reference(init, config.model_impl, device, tok if not config.data else None)
 
-    reference = load_reference() if needs_reference(config.loss) else None  # simpo, orpo: none at all
+    reference = load_ref() if needs_reference(config.loss) else None  # simpo, orpo: none at all
     if reference is not None:  # its log-probs of the held-out pairs are always precomputed
         table = task.reference_logps(reference, train=config.precompute_ref_logps)
         reference = table or reference  # precomputed: the model leaves memory
 
     def reference_model():  # for the sampled KL: the one in memory, else loaded now
-        return reference if reference is not None and not isinstance(reference, dict) else load_reference()
+        return reference if reference is not None and not isinstance(reference, dict) else load_ref()
 
     before = task.evaluate(policy, reference_model)
     optimizer = make_optimizer(policy, config)
     parallel = distributed.wrap(policy)  # DDP under torchrun
-    distributed.check_divisible(config.batch_size, config.grad_accum)
     batches = InfiniteMinibatches(len(task.train["prompt"]), config.batch_size, generator)
     loss_fn = None if member is None else functools.partial(preference_loss, member)
 
@@ -129,7 +126,7 @@ def main(config: DPOConfig) -> dict:
     plots(run, config, task, before)
     summary = {"beta": config.beta, "kl": after.get("kl"), "heldout_accuracy_before": before.get("heldout/accuracy"),
                "heldout_accuracy": after.get("heldout/accuracy"), "final_loss": run.rows[-1]["loss"],
-               **task.summary(before, after), "seconds": round(time.time() - run.start, 1)}
+               **task.summary(before, after), "seconds": run.rows[-1]["time"]}
     run.finish(summary)
     return summary
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
-
-import torch
 
 from ..grpo import GRPOHyperparams, grpo_iteration, reset_reference
 from ..policy_gradient import MemberOptions, check_member
 from ..runtime import distributed
 from ..runtime.config import TrainConfig, check_range, require
-from ..runtime.loading import load_model, save_model
+from ..runtime.loading import load_policy_and_reference, save_model
 from ..toyworld import ToyWorld, WorldConfig
 from ..runtime.devices import resolve_device, seed_everything
-from ..runtime.files import ConfigError
-from ..runtime.folders import input_path
 from ..runtime.optim import gradient_update, make_optimizer
 from ..runtime.run import Run
 from ..runtime.stage import stage
@@ -80,17 +75,10 @@ def main(config: GRPOConfig) -> dict:
     data_generator = seed_everything(config.seed)  # question order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    policy, tok = load_model(input_path(config, "init"), config.model_impl, device, world.tokenizer)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model
+    policy, reference, tok = load_policy_and_reference(config, device, world.tokenizer)  # pi_ref: the SFT model
     task = grpo_task(world, tok, config, policy.config.block_size)  # the questions and how they are measured
-    if config.dynamic_sampling and distributed.world_size() > 1:
-        raise ConfigError("--dynamic-sampling draws a different number of questions on each rank: "
-                          "run it in one process (without torchrun)")
     run = Run(config, "grpo")
-    distributed.check_divisible(config.questions, 1, "questions")
-    distributed.check_divisible(config.batch_size, config.grad_accum)
-    # sampling; under torchrun each rank samples its own answers, rank 0 as one process would
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
+    generator = distributed.sampling_generator(device, config.seed)  # this rank's answers
     optimizer = make_optimizer(policy, config)
     parallel = distributed.wrap(policy)  # DDP under torchrun
 
@@ -122,7 +110,7 @@ def main(config: GRPOConfig) -> dict:
     seconds = time.time() - run.start
 
     save_model(policy, tok, run.dir)
-    plots(run, config)
+    plots(run, config, task)
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)
@@ -141,12 +129,10 @@ def main(config: GRPOConfig) -> dict:
     return summary
 
 
-def plots(run: Run, config: GRPOConfig) -> None:
+def plots(run: Run, config: GRPOConfig, task) -> None:
     """accuracy.png, answer_len.png, kl_clip.png (drawn by ``runtime.plots.plot_panels``)."""
-    heldout_label = ("held-out questions (never trained on)" if not config.data else
-                     "held-out mean reward (= answer accuracy with the built-in exact-match reward)")
     x = f"GRPO iteration ({config.questions} questions x G = {config.group_size} answers)"
-    run.plot({"accuracy": f"train rollouts (temperature {config.temperature})", "heldout/accuracy": heldout_label},
+    run.plot({"accuracy": f"train rollouts (temperature {config.temperature})", "heldout/accuracy": task.heldout_label},
              "accuracy.png", "accuracy of sampled answers", ylabel="fraction answered right", xlabel=x, ylim=(0, 1),
              caption="Train: the share of each iteration's sampled answers with reward 1, the answers GRPO learns "
                      "from; held-out: sampled at temperature 1 before, every --eval-every iterations and after.")

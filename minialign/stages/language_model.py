@@ -43,7 +43,6 @@ def fit_lm(model, train: tuple[list, list], held_out: tuple[list, list] | None, 
     optimizer = make_optimizer(model, config)
     parallel = distributed.wrap(model)  # DDP under torchrun
     prompts, responses = train
-    distributed.check_divisible(config.batch_size, config.grad_accum)
     batches = InfiniteMinibatches(len(prompts), config.batch_size, generator)
 
     model.train()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import distributed, files
-from ..runtime.loading import load_model, load_reward_model, same_tokenizer, save_model
+from ..runtime.loading import load_policy_and_reference, load_reward_model, same_tokenizer, save_model
 from ..ppo import AdaptiveKLController, PolicyWithValueHead, PPOHyperparams, ppo_iteration
 from ..reward_model import RewardModel
 from ..toyworld import ToyWorld, WorldConfig
@@ -75,15 +75,10 @@ def main(config: PPOConfig) -> dict:
     samples your prompts (``{"prompt"}``), and with no r* the plots show the reward model's score
     and the KL to pi_ref.
     """
-    distributed.check_divisible(config.batch_size, 1)
-    distributed.check_divisible(config.minibatch_size, config.grad_accum, "minibatch_size")
     data_generator = seed_everything(config.seed)             # prompt picks and minibatch order (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft's model unless --init or --model
-    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
-    reference, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen SFT model
-    reference.eval().requires_grad_(False)
+    policy, reference, tok = load_policy_and_reference(config, device, world.tokenizer)  # pi_ref: the frozen SFT model
     reward_model = _load_reward_model(input_path(config, "reward_model"), config.model_impl, device, tok)
     task = ppo_task(world, tok, config, policy.config.block_size)  # the prompts and how they are measured
     actor_critic = PolicyWithValueHead(policy, config.shared_trunk).to(device)
@@ -91,8 +86,7 @@ def main(config: PPOConfig) -> dict:
     parallel = distributed.wrap(actor_critic)  # DDP under torchrun
     kl_ctl = AdaptiveKLController(config.beta, config.kl_target, config.kl_horizon)
     run = Run(config, "ppo")
-    # sampling; under torchrun each rank samples its own share, rank 0 as one process would
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * distributed.rank())
+    generator = distributed.sampling_generator(device, config.seed)  # this rank's share of the rollout
 
     before = task.evaluate(policy, config.final_eval_samples)  # the SFT model, measured as the final policy
     after = {}  # the last iteration's measurement (final_eval_samples per prompt), for the summary

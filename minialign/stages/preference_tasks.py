@@ -30,6 +30,7 @@ from ..preference import kto_mismatched_index, preference_loss
 from ..runtime.config import check_max_new_tokens
 from ..runtime.datafiles import DataError, preference_data, preference_format, unpaired_data
 from ..runtime.files import ConfigError
+from ..runtime.plots import plot_truth_and_kl
 from .evaluate import review_eval, sampled_kl
 
 
@@ -166,14 +167,11 @@ class ToyPairs(PreferenceTask):
                 "examples": after["examples"]}
 
     def plot(self, run, x: str, before: dict) -> None:
-        run.plot_panels("truth.png", [
-            {"title": "hidden reward of the policy's samples", "metrics": {"true_reward": "mean r* of sampled reviews"},
-             "hlines": [(before["true_reward"], f"SFT model, {before['true_reward']:.3f}")],
-             "xlabel": x, "ylabel": "hidden reward r* (-7 malformed, up to +6)"},
-            {"title": "distance from the reference", "metrics": {"kl": "KL(pi_theta || pi_ref), sampled"},
-             "xlabel": x, "ylabel": "KL, nats per response"}],
-            caption=f"What DPO never sees, measured on {self.config.eval_samples_per_prompt} samples per review "
-                    "prompt: the hidden reward it gained, and the KL it paid for it.")
+        truth = {"title": "hidden reward of the policy's samples", "ylabel": "hidden reward r* (-7 malformed, up to +6)",
+                 "metrics": {"true_reward": "mean r* of sampled reviews"}}
+        plot_truth_and_kl(run, x, truth, before["true_reward"],
+                          f"What DPO never sees, measured on {self.config.eval_samples_per_prompt} samples per review "
+                          "prompt: the hidden reward it gained, and the KL it paid for it.")
 
 
 class ToyUnpaired(ToyPairs):

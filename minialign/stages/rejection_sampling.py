@@ -1,12 +1,9 @@
 """``minialign rejection-sampling``: the run around ``best_of_n.rejection_sampling_round`` and
-``sft.sft_step`` (flags, run folder, loop, plots, summary), and best-of-N at sampling time as an
-evaluation. The task (the prompts, what ranks their samples, how the truth measures a policy) is
-``rollout_tasks.RankedPrompts``.
-"""
+``sft.sft_step`` (flags, run folder, loop, plots, summary), with best-of-N at sampling time as an
+evaluation; its task is ``rollout_tasks.RankedPrompts``."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,11 +13,9 @@ from ..best_of_n import RejectionSamplingHyperparams, rejection_sampling_round
 from ..runtime import distributed
 from ..runtime.config import TrainConfig, check_range, require
 from ..runtime.devices import resolve_device, seed_everything
-from ..runtime.files import ConfigError
-from ..runtime.folders import input_path
-from ..runtime.loading import load_model, save_model
+from ..runtime.loading import load_policy_and_reference, save_model
 from ..runtime.optim import gradient_update, make_optimizer
-from ..runtime.plots import plot_panels
+from ..runtime.plots import plot_truth_and_kl
 from ..runtime.run import Run
 from ..runtime.stage import stage
 from ..sft import SFTHyperparams, sft_step
@@ -68,11 +63,8 @@ class RejectionSamplingConfig(RejectionSamplingHyperparams, TrainConfig):
                 "auto or true on --task arithmetic (its verifiable reward is r*; the reward model scores reviews)")
         require(self, "reward_model", not self.reward_model or self.scorer == "reward_model",
                 "left out unless the reward model ranks the samples (--task review, --reward auto or reward_model)")
-        try:
-            ns = self.best_of_n_list
-        except ValueError:
-            ns = [0]
-        require(self, "best_of_n", all(n >= 1 for n in ns), "comma-separated integers >= 1, e.g. 1,4,16")
+        require(self, "best_of_n", all(n.strip().isdecimal() and int(n) >= 1 for n in self.best_of_n.split(",")
+                                       if n.strip()), "comma-separated integers >= 1, e.g. 1,4,16")
 
     @property
     def scorer(self) -> str:
@@ -86,17 +78,11 @@ class RejectionSamplingConfig(RejectionSamplingHyperparams, TrainConfig):
 
 @stage("rejection_sampling")
 def main(config: RejectionSamplingConfig) -> dict:
-    """Rejection-sampling fine-tuning from the SFT model; save ``out/rejection_sampling/model.pt``.
-
-    ``--model`` starts the policy and pi_ref from a Hugging Face folder.
-    """
+    """Rejection-sampling fine-tuning from the SFT model (or --model); save ``out/rejection_sampling/model.pt``."""
     data_generator = seed_everything(config.seed)  # which kept rows each SFT step trains on (CPU)
     device = resolve_device(config.device)
     world = ToyWorld(WorldConfig(seed=config.world_seed))
-    init = input_path(config, "init")  # out/sft's model unless --init or --model
-    policy, tok = load_model(init, config.model_impl, device, world.tokenizer)
-    reference, _ = load_model(init, config.model_impl, device, world.tokenizer)  # pi_ref: the frozen start
-    reference.eval().requires_grad_(False)
+    policy, reference, tok = load_policy_and_reference(config, device, world.tokenizer)  # pi_ref: the frozen start
     task = rejection_sampling_task(world, tok, config, device, policy.config.block_size)
     run = Run(config, "rejection_sampling")
     generator = torch.Generator(device=device).manual_seed(config.seed)  # sampling
@@ -118,18 +104,11 @@ def main(config: RejectionSamplingConfig) -> dict:
                    data_generator=data_generator, rows=rows, history=history)
     for step in bar:
         if step % steps_per_round == 0:  # a new round: sample from the current policy, keep the best
-            prompts = [task.train[(i + step) % len(task.train)] for i in range(config.prompts_per_round)]
-            s = rejection_sampling_round(policy, tok, task.reward_fn, prompts, config, generator,
+            s = rejection_sampling_round(policy, tok, task.reward_fn, task.round_prompts(step), config, generator,
                                          config.max_new_tokens, config.temperature).selection
-            if not s.rows:
-                raise ConfigError(f"round {len(history) + 1}: no sample reached --min-reward {config.min_reward}; "
-                                  "nothing to fine-tune on (a lower --min-reward, or more --samples-per-prompt)")
-            rows[:] = [{"prompt_ids": tok.prompt(r["prompt"]), "response_ids": tok.response(r["completion"])}
-                       for r in s.rows]
-            history.append({"round": len(history) + 1, "rows": len(s.rows), "prompts_dropped": s.prompts_dropped,
-                            "reward_sampled": s.mean_reward_sampled, "reward_kept": s.mean_reward_kept})
+            rows[:] = task.sft_rows(s, len(history) + 1)  # refused when no sample was kept
+            history.append({"round": len(history) + 1, **s.metrics})
             run.log(step, **history[-1])
-            policy.train()
         pick = torch.randint(len(rows), (config.batch_size,), generator=data_generator).tolist()
         done = sft_step(policy, [rows[i]["prompt_ids"] for i in pick], [rows[i]["response_ids"] for i in pick],
                         SFTHyperparams(), gradient_update(policy, parallel, optimizer, config, step), tok.pad_id,
@@ -137,49 +116,35 @@ def main(config: RejectionSamplingConfig) -> dict:
         metrics = {"loss": done.loss, "grad_norm": done.grad_norm, "lr": optimizer.param_groups[0]["lr"]}
         if (step + 1) % steps_per_round == 0:  # the end of a round: what the truth says of the new policy
             metrics.update(task.evaluate(policy, reference))
-            policy.train()
         if step % config.log_every == 0 or (step + 1) % steps_per_round == 0:
             run.log(step + 1, **metrics)  # step k = after k SFT steps
         bar.set_postfix(loss=f"{done.loss:.3f}", round=len(history))
-    after = {k: v for k, v in run.rows[-1].items() if k in before}
     save_model(policy, tok, run.dir)
-    plots(run, config, before, best_of_n)
-    measure = "true_reward" if config.task == "review" else "heldout_accuracy"
+    plots(run, config, task, before, best_of_n)
     summary = {"task": config.task, "scorer": config.scorer, "rounds": config.rounds,
-               f"{measure}_before": before[measure], measure: after[measure], "kl": after["kl"],
+               **task.summary(before, run.rows[-1]),  # the last row: the measurement after the last round
                **{f"{key}_per_round": [h[key] for h in history] for key in ("rows", "reward_sampled", "reward_kept")},
-               "best_of_n": best_of_n, "seconds": round(time.time() - run.start, 1)}
-    if config.task == "review":
-        summary.update(malformed_before=before["malformed"], malformed=after["malformed"])
+               "best_of_n": best_of_n, "seconds": run.rows[-1]["time"]}
     run.finish(summary)
     return summary
 
 
-def plots(run: Run, config: RejectionSamplingConfig, before: dict, best_of_n: list[dict]) -> None:
+def plots(run: Run, config: RejectionSamplingConfig, task, before: dict, best_of_n: list[dict]) -> None:
     """loss.png, truth.png and best_of_n.png."""
     x = f"SFT step ({config.rounds} round(s) of {config.steps // config.rounds}, {config.batch_size} kept rows each)"
     run.plot({"loss": "kept rows of the current round"}, "loss.png", "SFT loss on the best samples (E0b)",
              ylabel="loss, nats per response token", xlabel=x,
              caption="Each round's rows are the policy's own best samples, so the loss starts low and falls.")
-    review = config.task == "review"
-    measure = "true_reward" if review else "heldout_accuracy"
-    run.plot_panels("truth.png", [
-        {"title": "hidden reward r*" if review else "held-out accuracy",
-         "metrics": {measure: "mean r* of sampled reviews" if review else "held-out questions, sampled"},
-         "hlines": [(before[measure], f"SFT model, {before[measure]:.3f}")], "xlabel": x,
-         "ylabel": "r* (-7 malformed, up to +6)" if review else "fraction answered right"},
-        {"title": "distance from the reference", "metrics": {"kl": "KL(pi || pi_ref), sampled"},
-         "xlabel": x, "ylabel": "KL, nats per response"}],
-        caption=f"Measured on {config.eval_samples} samples per prompt after each round: what fine-tuning on the "
-                "best samples bought, and the KL it paid.")
+    plot_truth_and_kl(run, x, task.truth_panel, before[task.truth_key], f"Measured on {config.eval_samples} samples "
+                      "per prompt after each round: what fine-tuning on the best samples bought, and the KL it paid.")
     if best_of_n:
-        ns = [r["n"] for r in best_of_n]
-        plot_panels(run.dir / "best_of_n.png", [
-            {"title": "best-of-N from pi_ref", "xlabel": "N (log scale)", "xscale": "log",
-             "ylabel": "mean r* of the chosen response",
-             "curves": [(ns, [r["true_reward"] for r in best_of_n], f"ranked by {config.scorer.replace('_', ' ')}")]},
-            {"title": "its KL to pi_ref", "xlabel": "N (log scale)", "xscale": "log", "ylabel": "KL, nats",
-             "curves": [(ns, [r["kl"] for r in best_of_n], "exact formula on the sampled levels"),
-                        (ns, [r["kl_bound"] for r in best_of_n], "log N - (N-1)/N (no ties)", "k--")]}],
+        ns, true, kl, bound = ([r[key] for r in best_of_n] for key in ("n", "true_reward", "kl", "kl_bound"))
+        log_n = {"xlabel": "N (log scale)", "xscale": "log"}
+        run.plot_panels("best_of_n.png", [
+            {"title": "best-of-N from pi_ref", **log_n, "ylabel": "mean r* of the chosen response",
+             "curves": [(ns, true, f"ranked by {config.scorer.replace('_', ' ')}")]},
+            {"title": "its KL to pi_ref", **log_n, "ylabel": "KL, nats",
+             "curves": [(ns, kl, "exact formula on the sampled levels"),
+                        (ns, bound, "log N - (N-1)/N (no ties)", "k--")]}],
             caption=f"Best-of-N without training, from {config.best_of_n_samples} samples per prompt: the KL "
                     "lies below the often-quoted formula where the reward has ties.")

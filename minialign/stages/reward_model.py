@@ -78,7 +78,6 @@ def main(config: RewardModelConfig) -> dict:
     before = held_out_metrics()  # the SFT trunk and a random head: about chance
     optimizer = make_optimizer(model, config)
     parallel = distributed.wrap(model, find_unused_parameters=True)  # DDP under torchrun; the LM head is unused
-    distributed.check_divisible(config.batch_size, config.grad_accum)
     batches = InfiniteMinibatches(len(task.train), config.batch_size, generator)
     model.train()
     bar = run.loop(config.steps, "reward model", model=model, optimizer=optimizer, batches=batches,

@@ -11,11 +11,12 @@ A task has
 - ``evaluate(policy, samples) -> dict``: fresh samples, measured against what is known: r* of
   the reviews (PPO) or the held-out accuracy (GRPO) in the toy world, the mean reward on
   ``--eval-data`` with your questions, nothing when nothing is known (an empty dict);
-- GRPO's also ``reward_fn(prompts, completions, finished, **columns)`` and ``examples(policy)``.
+- GRPO's also ``reward_fn(prompts, completions, finished, **columns)``, ``examples(policy)`` and
+  ``heldout_label`` (what its held-out figure is, for the accuracy plot).
 
 Rejection sampling's task (``RankedPrompts``) holds prompt texts, the reward that ranks their samples
-(the reward model's r_phi, or r*), and ``evaluate(policy, reference)``: r* or the held-out accuracy,
-and the KL to pi_ref.
+(the reward model's r_phi, or r*), each round's prompts and the rows it fine-tunes on, and
+``evaluate(policy, reference)``: r* or the held-out accuracy, and the KL to pi_ref.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..best_of_n import (RejectionSamplingHyperparams, best_of_n_from_samples, best_of_n_kl_bound,
-                         rejection_sampling_round)
+from ..best_of_n import (RejectionSamplingHyperparams, RejectionSamplingResult, best_of_n_from_samples,
+                         best_of_n_kl_bound, rejection_sampling_round)
 from ..runtime import distributed
 from ..runtime.config import check_max_new_tokens, require
 from ..runtime.datafiles import prompt_data
@@ -126,6 +127,7 @@ class Questions(RolloutTask):
 
 class ArithmeticQuestions(Questions):
     """The toy world's arithmetic: train and held-out questions, scored by r* (1 if right, else 0)."""
+    heldout_label = "held-out questions (never trained on)"
 
     def __init__(self, world, tokenizer, config, block_size: int):
         super().__init__(tokenizer, config, toy_reward(world))
@@ -143,6 +145,7 @@ class ArithmeticQuestions(Questions):
 class QuestionFile(Questions):
     """Your questions (``--data``), scored by exact match of the final number with their ``answer``
     (or by ``--reward``); held out: ``--eval-data``'s, measured by their mean reward."""
+    heldout_label = "held-out mean reward (= answer accuracy with the built-in exact-match reward)"
 
     def __init__(self, tokenizer, config, block_size: int):
         super().__init__(tokenizer, config, exact_match_reward)
@@ -166,6 +169,8 @@ def grpo_task(world, tokenizer, config, block_size: int) -> Questions:
         check_reward_function(task.reward_fn, task.train)
     require(config, "questions", config.questions <= len(task.train),
             f"<= {len(task.train)} (the questions there are to draw from)")
+    require(config, "dynamic_sampling", not config.dynamic_sampling or distributed.world_size() == 1,
+            "off under torchrun: it draws a different number of questions on each rank (run it in one process)")
     return task
 
 
@@ -176,17 +181,37 @@ def grpo_task(world, tokenizer, config, block_size: int) -> Questions:
 
 class RankedPrompts:
     """The prompts a round samples (``train``), what ranks its samples (``reward_fn``), and how the truth
-    measures a policy (``measured``: the same prompts, or held-out questions on arithmetic)."""
+    measures a policy (``measured``: the same prompts, or held-out questions on arithmetic; ``truth_key``:
+    the metric, r* or the held-out accuracy, and ``truth_panel``: its panel of truth.png)."""
 
     def __init__(self, config, world, tok, reward_model=None):
         self.config, self.world, self.tok = config, world, tok
         if config.task == "review":
             self.train = self.measured = world.review_prompts()
+            self.truth_key = "true_reward"
+            self.truth_panel = {"title": "hidden reward r*", "metrics": {"true_reward": "mean r* of sampled reviews"},
+                                "ylabel": "r* (-7 malformed, up to +6)"}
         else:  # trained on the train split, measured on questions it never saw
             self.train = [q["prompt"] for q in world.arithmetic_questions("train")]
             self.measured = [q["prompt"] for q in world.arithmetic_questions("heldout")]
+            self.truth_key = "heldout_accuracy"
+            self.truth_panel = {"title": "held-out accuracy", "ylabel": "fraction answered right",
+                                "metrics": {"heldout_accuracy": "held-out questions, sampled"}}
         self.true_reward = toy_reward(world)
         self.reward_fn = self.true_reward if reward_model is None else _distinct_scores(reward_model, tok)
+
+    def round_prompts(self, step: int) -> list[str]:
+        """The prompts of the round that starts at ``step``: the next ``--prompts-per-round`` of ``train``, cycling."""
+        return [self.train[(i + step) % len(self.train)] for i in range(self.config.prompts_per_round)]
+
+    def sft_rows(self, kept: RejectionSamplingResult, round_number: int) -> list[dict]:
+        """A round's kept samples as the rows the SFT step trains on (token ids of the prompt and of the
+        response); refused when no sample was kept."""
+        if not kept.rows:
+            raise ConfigError(f"round {round_number}: no sample reached --min-reward {self.config.min_reward}; "
+                              "nothing to fine-tune on (a lower --min-reward, or more --samples-per-prompt)")
+        return [{"prompt_ids": self.tok.prompt(r["prompt"]), "response_ids": self.tok.response(r["completion"])}
+                for r in kept.rows]
 
     def evaluate(self, policy, reference) -> dict:
         """r* of sampled reviews (or the held-out accuracy), and KL(pi || pi_ref) on the same prompts."""
@@ -201,6 +226,15 @@ class RankedPrompts:
                                                        max_new_tokens=c.max_new_tokens)["accuracy"]}
         out["kl"] = sampled_kl(policy, reference, self.tok, self.measured, c.eval_samples, c.max_new_tokens,
                                seed=c.seed + 1)
+        return out
+
+    def summary(self, before: dict, after: dict) -> dict:
+        """What the truth says of the start and of the fine-tuned policy (``after``: a row measured by
+        ``evaluate``), and the KL between them."""
+        key = self.truth_key
+        out = {f"{key}_before": before[key], key: after[key], "kl": after["kl"]}
+        if self.config.task == "review":
+            out.update(malformed_before=before["malformed"], malformed=after["malformed"])
         return out
 
     @torch.no_grad()

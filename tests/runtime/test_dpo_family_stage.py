@@ -52,10 +52,11 @@ AT_START = {"sigmoid": math.log(2), "robust": math.log(2), "ipo": 25.0, "kto": 0
                          ids=["cdpo", "robust", "ipo", "simpo", "kto", "orpo"])
 def test_each_member_trains_end_to_end(tiny_run, tmp_path, monkeypatch, loss, settings):
     references, loads = [], []
-    step, load = dpo_stage.dpo_step, dpo_stage.load_model
+    step, load, load_reference = dpo_stage.dpo_step, dpo_stage.load_model, dpo_stage.load_reference
     monkeypatch.setattr(dpo_stage, "dpo_step", lambda policy, reference, *a, **k: (
         references.append(reference), step(policy, reference, *a, **k))[1])
     monkeypatch.setattr(dpo_stage, "load_model", lambda *a, **k: (loads.append(a[0]), load(*a, **k))[1])
+    monkeypatch.setattr(dpo_stage, "load_reference", lambda *a, **k: (loads.append(a[0]), load_reference(*a, **k))[1])
     # ORPO is trained from the base model in one stage; the others from the SFT model
     init = tiny_run / ("pretrain" if loss == "orpo" else "sft") / "model.pt"
     summary = dpo_stage.main(DPOConfig(out=str(tmp_path), init=str(init), steps=3, batch_size=8, lr=1e-3,

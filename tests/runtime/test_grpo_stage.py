@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from minialign.runtime import distributed
 from minialign.runtime.files import ConfigError
 from minialign.stages import grpo as grpo_stage
 from minialign.stages.grpo import GRPOConfig
@@ -99,3 +100,13 @@ def test_questions_per_iteration_at_most_the_questions_there_are(world, tmp_path
     assert len(task.draw(3, torch.Generator().manual_seed(0))) == 3
     with pytest.raises(ConfigError, match=r"--questions must be <= 3 .*, got 4"):
         grpo_task(world, tok, config(4, data=str(data)), block_size)
+
+
+def test_dynamic_sampling_is_refused_under_torchrun(world, monkeypatch):
+    """Dynamic sampling draws until its batch is full, a different number of questions on each rank:
+    under torchrun the task refuses it, before the run folder exists."""
+    config = GRPOConfig(questions=2, group_size=8, batch_size=8, dynamic_sampling=True)
+    assert grpo_task(world, world.tokenizer, config, 48).train  # one process: allowed
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="--dynamic-sampling must be off under torchrun"):
+        grpo_task(world, world.tokenizer, config, 48)

@@ -147,6 +147,16 @@ def test_best_of_n_at_sampling_time_ranks_by_the_scorer_and_reports_r_star(world
     expect([r["kl_bound"] for r in rows], [0.0, 0.193147], abs=1e-6)
 
 
+def test_a_round_that_keeps_nothing_is_refused(world):
+    """--min-reward above every sample's reward: no row to fine-tune on, said with the flags that change it."""
+    task = RankedPrompts(RejectionSamplingConfig(task="arithmetic", min_reward=2.0), world, world.tokenizer)
+    nothing = bon.RejectionSamplingResult(rows=[], prompts_kept=0, prompts_dropped=2, mean_reward_kept=float("nan"),
+                                          mean_reward_sampled=0.5)
+    with pytest.raises(ConfigError, match=r"round 3: no sample reached --min-reward 2.0; nothing to fine-tune on "
+                                          r"\(a lower --min-reward, or more --samples-per-prompt\)"):
+        task.sft_rows(nothing, 3)
+
+
 def test_a_round_fine_tunes_on_the_kept_responses_only(world, tiny_model, tmp_path, monkeypatch):
     """The runner's round on scripted samples: the kept rows are known, and the SFT step's loss is
     E0b on their responses: -log pi of the response tokens (and EOS), never the prompt's."""
