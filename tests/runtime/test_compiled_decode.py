@@ -31,6 +31,10 @@ def test_attend_one_is_sdpa_for_one_query_with_a_bias():
     # by hand for row 2, head 0: softmax(q k^T / sqrt(8)) v over all 7 keys
     w = torch.softmax(k[2, 0] @ q[2, 0, 0] / math.sqrt(8), 0)
     torch.testing.assert_close(_attend_one(q, k, v, bias)[2, 0, 0], w @ v[2, 0], rtol=0, atol=1e-6)
+    # a bias over the first S = 3 slots: the slots past it are not read, whatever they hold
+    k[:, :, 3:], v[:, :, 3:] = float("nan"), float("nan")
+    expected = F.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], attn_mask=bias[..., :3])
+    torch.testing.assert_close(_attend_one(q, k, v, bias[..., :3]), expected, rtol=0, atol=1e-6)
 
 
 def test_fixed_shapes_write_one_slot_and_return_every_slot():
