@@ -205,7 +205,8 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
         dtype = torch.get_autocast_dtype(device.type) if autocasting else model.wte.weight.dtype
         bias = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype, device=device)  # (B, 1, 1, L)
         bias[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
-        count = mask.sum(1, keepdim=True)                               # (B, 1) real tokens so far
+        positions = mask.sum(1, keepdim=True) - 1                       # (B, 1) real tokens so far, less one
+        seen_slots = bias.view(B, L)                                    # the bias, one column per slot
         if compile_decode:
             cache.fix_shapes()  # each step writes slot col; attention reads the slots the bias covers
     V = logits.shape[-1]
@@ -215,34 +216,35 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
             return None  # greedy: no noise drawn
         return torch.empty((B, V), dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
-    new_tokens, new_logps, new_mask = [], [], []
+    new_tokens, new_logps, new_mask = [], [], []  # new_mask: the rows still answering, per step (bool)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     token, logp = _draw(logits, temperature, top_k, top_p, race())
     for step in range(max_new_tokens):
         col = P + step
-        token = token.masked_fill(~alive, pad_id)
+        done = ~alive
+        token = token.masked_fill(done, pad_id)
         new_tokens.append(token)
-        new_logps.append(logp.masked_fill(~alive, 0.0))
-        new_mask.append(alive.long())
-        sequences[:, col], attention_mask[:, col] = token, new_mask[-1]
+        new_logps.append(logp.masked_fill(done, 0.0))
+        new_mask.append(alive)
+        sequences[:, col], attention_mask[:, col] = token, alive
         alive = alive & (token != eos_id)
         if not alive.any() or step == max_new_tokens - 1:
             break
         if decode:
             # the new key is seen by every later query of its row: real in live rows; in a finished
             # row it is a pad, read only by that row's own queries, whose outputs are thrown away
-            count = count + new_mask[-1][:, None]                       # (B, 1) positions count real tokens
-            bias[:, 0, 0, col] = 0.0
+            positions = positions + new_mask[-1][:, None]               # (B, 1) positions count real tokens
+            seen_slots[:, col] = 0.0
             if compile_decode:
                 # attention reads the slots written so far, S = col + 1, a symbolic size of the
                 # compiled step (one compilation for every position, not one per S)
                 seen = bias[..., :col + 1]                                   # (B, 1, 1, S)
                 torch._dynamo.maybe_mark_dynamic(seen, 3)
-                token, logp = _compiled_decode_step()(model, token[:, None], count - 1, seen, cache, race(),
+                token, logp = _compiled_decode_step()(model, token[:, None], positions, seen, cache, race(),
                                                       temperature, top_k, top_p)
                 cache.advance(1)
                 continue
-            h = model.decode(token[:, None], count - 1, bias[..., :col + 1], cache)  # (B, 1, C)
+            h = model.decode(token[:, None], positions, bias[..., :col + 1], cache)  # (B, 1, C)
             logits = model.lm_head(h)[:, -1].float()
         elif use_cache:
             logits = model(token[:, None], attention_mask=attention_mask[:, :col + 1], cache=cache)[:, -1].float()
@@ -255,5 +257,5 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
     end = P + len(new_tokens)
     return Generation(
         sequences=sequences[:, :end].contiguous(), attention_mask=attention_mask[:, :end].contiguous(),
-        response_ids=torch.stack(new_tokens, 1), response_mask=torch.stack(new_mask, 1),  # (B, T)
+        response_ids=torch.stack(new_tokens, 1), response_mask=torch.stack(new_mask, 1).long(),  # (B, T)
         logps=logps, finished=~alive, prompt_len=P)
