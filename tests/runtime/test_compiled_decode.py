@@ -61,17 +61,18 @@ def test_fixed_shapes_write_one_slot_and_return_every_slot():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_decode_samples_what_the_eager_step_samples():
-    """Greedy and seeded sampling: the same tokens, log-probs within float rounding (one compilation:
-    the shapes are the same in every call here); and after an optimizer-like in-place change of the
+    """Greedy and seeded sampling, with and without top-k / top-p (drawn inside the compiled step):
+    the same tokens, log-probs within float rounding; and after an optimizer-like in-place change of the
     weights, the compiled step reads the new weights (RL samples from the policy it trains)."""
     model = make()
-    for temperature in (0.0, 2.0, 1.0):
+    for temperature, filters in ((0.0, {}), (2.0, {}), (1.5, dict(top_k=4, top_p=0.8)), (1.0, {})):
         if temperature == 1.0:  # the weights move in place, as AdamW moves them
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p), alpha=0.5)
-        eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(0))
-        compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature,
+        eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, **filters,
+                         generator=torch.Generator().manual_seed(0))
+        compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, **filters,
                             generator=torch.Generator().manual_seed(0), compile_decode=True)
         if temperature:
             assert eager.finished.any() and (~eager.finished).any()  # rows that stopped, rows that ran on
