@@ -212,8 +212,8 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
     V = logits.shape[-1]
 
     def race():  # the Exp(1) noise (B, V) of one draw (``_draw``), from the caller's generator
-        if temperature == 0:
-            return None  # greedy: no noise drawn
+        if temperature <= 0:
+            return None  # greedy (``_draw``): no noise drawn
         return torch.empty((B, V), dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
     new_tokens, new_logps, new_mask = [], [], []  # new_mask: the rows still answering, per step (bool)
