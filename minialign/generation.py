@@ -112,15 +112,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     (``ops.prefill``).
 
     ``compile_decode`` (minialign's GPT, with the cache; off by default): each new token runs
-    through one ``torch.compile``d step with fixed shapes (``KVCache.fix_shapes``): the step's
-    small elementwise ops and its one-query attention are fused into a few loops and the Python
-    between them is gone; the matmuls stay library calls, and they are most of what is left (the
-    gain is in ``docs/measurements.md``). The first call pays for the compilation (once per model
-    and batch shape in a process). The compiled kernels fuse and reorder floating-point work, and
-    attention runs over every slot of the cache, masked, instead of the slots written so far:
-    log-probs differ from the eager path in their last bits, and so a sampled token can differ
-    where two are nearly tied. That is why it is an option: a seeded run's numbers are the eager
-    path's.
+    through one ``torch.compile``d step (``_decode_step``: the forward and the draw of the next
+    token, no graph break) through a cache with fixed buffers (``KVCache.fix_shapes``); the number
+    of slots attention reads is a symbolic size, so one compilation serves every position, and
+    Inductor's C++ wrapper calls the kernels without Python between them. The step's elementwise
+    ops, its one-query attention and the sampling are fused into a few loops; the matmuls stay
+    library calls (the gain is in ``docs/measurements.md``). The first call in a process pays for
+    the compilation, tens of seconds on a CPU (once per model, batch size and sampling setting;
+    Inductor's disk cache shortens later processes'). The compiled kernels fuse and reorder
+    floating-point work: log-probs differ from the eager path in their last bits, and so a sampled
+    token can differ where two are nearly tied. That is why it is an option: a seeded run's
+    numbers are the eager path's.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -137,16 +139,39 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
                      use_cache, generator, share_prompt, compile_decode)
 
 
-def _next_logits(model, idx, positions, bias, cache) -> torch.Tensor:
-    """One decode step through a cache with fixed shapes: the next-token logits (B, V), float32."""
-    return model.lm_head(model._blocks(idx, positions, bias, cache))[:, -1].float()
+def _draw(logits: torch.Tensor, temperature: float, top_k, top_p, race: torch.Tensor | None):
+    """One token per row from next-token logits (B, V), and its log-prob (B,) at the sampling temperature.
+
+    ``race`` (B, V), Exp(1) noise: the exponential race (Gumbel-max with exp applied),
+    argmax_v p_v / q_v with q_v ~ Exp(1), draws v with probability p_v; it is what
+    ``torch.multinomial(probs, 1)`` computes, draw for draw, without its validity checks (a sync
+    each): softmax's probabilities are valid. ``temperature=0``: greedy (``race`` unused)."""
+    if temperature > 0:
+        scaled = logits / temperature
+        probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+        token = (probs / race).argmax(-1)                                           # (B,)
+    else:
+        scaled = logits  # greedy: log-probs at temperature 1
+        token = logits.argmax(-1)
+    # E1's factor log pi(y_t | x, y_<t) at the sampling temperature, as ``ops.token_logps``
+    # computes it (the same ops, without its checks: the token came from these logits)
+    return token, torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])[:, 0]  # (B,), (B,)
+
+
+def _decode_step(model, token, positions, bias, cache, race, temperature, top_k, top_p):
+    """``compile_decode``'s step: the tokens (B, 1) through the cache (fixed shapes, ``bias``
+    (B, 1, 1, S) over the S slots written so far), then the next token and its log-prob drawn
+    (``_draw``). One function, so that the compiler sees the whole step."""
+    logits = model.lm_head(model._blocks(token, positions, bias, cache))[:, -1].float()  # (B, V)
+    return _draw(logits, temperature, top_k, top_p, race)
 
 
 @functools.cache
-def _compiled_next_logits():
-    """``_next_logits`` compiled, made on first use (importing the compiler takes seconds). Fixed
-    shapes: a new batch size or cache length compiles again rather than a general kernel for all."""
-    return torch.compile(_next_logits, dynamic=False)
+def _compiled_decode_step():
+    """``_decode_step`` compiled, made on first use (importing the compiler takes seconds). The
+    number of slots S is a symbolic size (``maybe_mark_dynamic`` in the loop): one compilation serves
+    every position; a new batch size or sampling setting compiles again."""
+    return torch.compile(_decode_step, options={"cpp_wrapper": True})
 
 
 def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, use_cache,
@@ -158,7 +183,6 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
     ids, mask = left_pad(prompts, pad_id, device)  # (B, P)
     B, P = ids.shape
     L = P + max_new_tokens
-    logp_temperature = temperature if temperature > 0 else 1.0
     # the whole sequence and its mask, preallocated: each step writes one column (a torch.cat per
     # token would copy the prefix every step)
     sequences = torch.full((B, L), pad_id, dtype=ids.dtype, device=device)       # (B, L)
@@ -181,55 +205,57 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
         dtype = torch.get_autocast_dtype(device.type) if autocasting else model.wte.weight.dtype
         bias = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype, device=device)  # (B, 1, 1, L)
         bias[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
-        count = mask.sum(1, keepdim=True)                               # (B, 1) real tokens so far
+        positions = mask.sum(1, keepdim=True) - 1                       # (B, 1) real tokens so far, less one
+        seen_slots = bias.view(B, L)                                    # the bias, one column per slot
         if compile_decode:
-            cache.fix_shapes()  # every step attends over all L slots; the bias hides the unwritten ones
-    new_tokens, new_logps, new_mask = [], [], []
+            cache.fix_shapes()  # each step writes slot col; attention reads the slots the bias covers
+    V = logits.shape[-1]
+
+    def race():  # the Exp(1) noise (B, V) of one draw (``_draw``), from the caller's generator
+        if temperature <= 0:
+            return None  # greedy (``_draw``): no noise drawn
+        return torch.empty((B, V), dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+
+    new_tokens, new_logps, new_mask = [], [], []  # new_mask: the rows still answering, per step (bool)
     alive = torch.ones(B, dtype=torch.bool, device=device)
+    token, logp = _draw(logits, temperature, top_k, top_p, race())
     for step in range(max_new_tokens):
         col = P + step
-        if temperature > 0:
-            scaled = logits / temperature
-            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-            # the exponential race (Gumbel-max with exp applied): argmax_v p_v / q_v with q_v ~ Exp(1)
-            # draws v with probability p_v; it is what torch.multinomial(probs, 1) computes, draw for
-            # draw, without its validity checks (a sync each): softmax's probabilities are valid
-            race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-            token = (probs / race).argmax(-1)                            # (B,)
-        else:
-            scaled = logits  # greedy: log-probs at temperature 1
-            token = logits.argmax(-1)
-        # E1's factor log pi(y_t | x, y_<t) at the sampling temperature, as ``ops.token_logps``
-        # computes it (the same ops, without its checks: the token came from these logits)
-        logp = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])[:, 0]   # (B,)
-        token = token.masked_fill(~alive, pad_id)
+        done = ~alive
+        token = token.masked_fill(done, pad_id)
         new_tokens.append(token)
-        new_logps.append(logp.masked_fill(~alive, 0.0))
-        new_mask.append(alive.long())
-        sequences[:, col], attention_mask[:, col] = token, new_mask[-1]
+        new_logps.append(logp.masked_fill(done, 0.0))
+        new_mask.append(alive)
+        sequences[:, col], attention_mask[:, col] = token, alive
         alive = alive & (token != eos_id)
         if not alive.any() or step == max_new_tokens - 1:
             break
         if decode:
             # the new key is seen by every later query of its row: real in live rows; in a finished
             # row it is a pad, read only by that row's own queries, whose outputs are thrown away
-            count = count + new_mask[-1][:, None]                       # (B, 1) positions count real tokens
-            bias[:, 0, 0, col] = 0.0
+            positions = positions + new_mask[-1][:, None]               # (B, 1) positions count real tokens
+            seen_slots[:, col] = 0.0
             if compile_decode:
-                logits = _compiled_next_logits()(model, token[:, None], count - 1, bias, cache)  # (B, V)
+                # attention reads the slots written so far, S = col + 1, a symbolic size of the
+                # compiled step (one compilation for every position, not one per S)
+                seen = bias[..., :col + 1]                                   # (B, 1, 1, S)
+                torch._dynamo.maybe_mark_dynamic(seen, 3)
+                token, logp = _compiled_decode_step()(model, token[:, None], positions, seen, cache, race(),
+                                                      temperature, top_k, top_p)
                 cache.advance(1)
-            else:
-                h = model.decode(token[:, None], count - 1, bias[..., :col + 1], cache)  # (B, 1, C)
-                logits = model.lm_head(h)[:, -1].float()
+                continue
+            h = model.decode(token[:, None], positions, bias[..., :col + 1], cache)  # (B, 1, C)
+            logits = model.lm_head(h)[:, -1].float()
         elif use_cache:
             logits = model(token[:, None], attention_mask=attention_mask[:, :col + 1], cache=cache)[:, -1].float()
         else:
             logits = model(sequences[:, :col + 1], attention_mask=attention_mask[:, :col + 1])[:, -1].float()
+        token, logp = _draw(logits, temperature, top_k, top_p, race())
     model.train(was_training)
     logps = torch.stack(new_logps, 1)                                                 # (B, T)
     check_sampled_logps(logps)
     end = P + len(new_tokens)
     return Generation(
         sequences=sequences[:, :end].contiguous(), attention_mask=attention_mask[:, :end].contiguous(),
-        response_ids=torch.stack(new_tokens, 1), response_mask=torch.stack(new_mask, 1),  # (B, T)
+        response_ids=torch.stack(new_tokens, 1), response_mask=torch.stack(new_mask, 1).long(),  # (B, T)
         logps=logps, finished=~alive, prompt_len=P)

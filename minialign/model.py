@@ -63,7 +63,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far
-        (with fixed shapes: every ``max_len`` slot, the ones not yet written zero)."""
+        (with fixed shapes: every ``max_len`` slot, the ones not yet written zero; attention reads
+        the first S, S the width of its bias)."""
         if self.slot is not None:  # a compiled decode step: the same shapes at every position
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
@@ -85,12 +86,14 @@ class KVCache:
 
     def fix_shapes(self) -> "KVCache":
         """From here on, ``update`` writes one token at a time into the slot ``self.slot`` and returns
-        all ``max_len`` slots: a step's shapes no longer depend on how many tokens came before, so a
-        compiled decode step (``generation.generate(compile_decode=True)``) is compiled once, and the
-        slot is a tensor, not a Python int that the compiled step would be specialised on. Attention
-        must mask the slots not yet written (SDPA's bias: -inf); they are zeroed, since the buffer is
-        uninitialised memory and a NaN there would survive its zero attention weight (0 x NaN = NaN).
-        In place; no gradient flows through a cache with fixed shapes."""
+        all ``max_len`` slots: the buffers' shapes no longer depend on how many tokens came before,
+        and the slot is a tensor, not a Python int that a compiled decode step
+        (``generation.generate(compile_decode=True)``) would be specialised on. Attention reads
+        the first S slots, S the width of the bias it is given (``_attend_one``: the compiled step
+        gives the written ones, a symbolic size) and must mask any not yet written (-inf); those
+        are zeroed, since the buffer is uninitialised memory and a NaN there would survive its zero
+        attention weight (0 x NaN = NaN). In place; no gradient flows through a cache with fixed
+        shapes."""
         if any(buffer.size(2) != self.max_len for buffer in self.k + self.v):
             raise ValueError("fixed shapes need the preallocated buffers: fill the cache without gradient "
                              "(with gradient, update concatenates)")
@@ -134,12 +137,14 @@ class CausalSelfAttention(nn.Module):
 
 
 def _attend_one(q, k, v, bias):
-    """softmax(q k^T / sqrt(hs) + bias) v for one query (T = 1) per row and head, as sums of products.
+    """softmax(q k^T / sqrt(hs) + bias) v for one query (T = 1) per row and head, as sums of products,
+    over the first S slots of k and v (B, nh, >= S, hs), S the width of ``bias`` (B, 1, 1, S).
 
-    What SDPA computes, written so that ``torch.compile`` fuses each line into one loop over the
+    What SDPA computes, written so that ``torch.compile`` fuses it into a few loops over the
     cache: SDPA's CPU kernel is built for many queries and costs far more than the arithmetic of
     one. Its own float sums, in another order than SDPA's: used by the compiled decode step only.
     """
+    k, v = k[:, :, :bias.size(-1)], v[:, :, :bias.size(-1)]  # (B, nh, S, hs) the slots the bias covers
     scores = (q * k).sum(-1, keepdim=True) / math.sqrt(q.size(-1)) + bias.transpose(-1, -2)  # (B, nh, S, 1)
     return (torch.softmax(scores, dim=2) * v).sum(2, keepdim=True)                          # (B, nh, 1, hs)
 

@@ -31,6 +31,10 @@ def test_attend_one_is_sdpa_for_one_query_with_a_bias():
     # by hand for row 2, head 0: softmax(q k^T / sqrt(8)) v over all 7 keys
     w = torch.softmax(k[2, 0] @ q[2, 0, 0] / math.sqrt(8), 0)
     torch.testing.assert_close(_attend_one(q, k, v, bias)[2, 0, 0], w @ v[2, 0], rtol=0, atol=1e-6)
+    # a bias over the first S = 3 slots: the slots past it are not read, whatever they hold
+    k[:, :, 3:], v[:, :, 3:] = float("nan"), float("nan")
+    expected = F.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3], attn_mask=bias[..., :3])
+    torch.testing.assert_close(_attend_one(q, k, v, bias[..., :3]), expected, rtol=0, atol=1e-6)
 
 
 def test_fixed_shapes_write_one_slot_and_return_every_slot():
@@ -57,17 +61,18 @@ def test_fixed_shapes_write_one_slot_and_return_every_slot():
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_decode_samples_what_the_eager_step_samples():
-    """Greedy and seeded sampling: the same tokens, log-probs within float rounding (one compilation:
-    the shapes are the same in every call here); and after an optimizer-like in-place change of the
+    """Greedy and seeded sampling, with and without top-k / top-p (drawn inside the compiled step):
+    the same tokens, log-probs within float rounding; and after an optimizer-like in-place change of the
     weights, the compiled step reads the new weights (RL samples from the policy it trains)."""
     model = make()
-    for temperature in (0.0, 2.0, 1.0):
+    for temperature, filters in ((0.0, {}), (2.0, {}), (1.5, dict(top_k=4, top_p=0.8)), (1.0, {})):
         if temperature == 1.0:  # the weights move in place, as AdamW moves them
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p), alpha=0.5)
-        eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, generator=torch.Generator().manual_seed(0))
-        compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature,
+        eager = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, **filters,
+                         generator=torch.Generator().manual_seed(0))
+        compiled = generate(model, PROMPTS, 12, EOS, PAD, temperature=temperature, **filters,
                             generator=torch.Generator().manual_seed(0), compile_decode=True)
         if temperature:
             assert eager.finished.any() and (~eager.finished).any()  # rows that stopped, rows that ran on
