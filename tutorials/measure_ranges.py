@@ -17,8 +17,8 @@ figure, whether the student's own run falls inside the range (``_common.summary`
 The pages quote the record, never a figure copied by hand: the README and ``docs/course.md`` hold the
 whole table between ``<!-- ranges: start -->`` and ``<!-- ranges: end -->``, and a doc page holds one
 tutorial's figures between ``<!-- ranges: NN_name -->`` and ``<!-- /ranges -->``, and a sentence
-quotes one figure as ``<!--r NN_name key-->`` (its range) or ``<!--r NN_name key@seed-->`` (one
-seed's value) before the text and ``<!--/r-->`` after it. Every sweep
+quotes one figure as ``<!--r NN_name key-->`` (its range), ``<!--r NN_name key@seed-->`` (one
+seed's value) or ``<!--r NN_name seconds-->`` (the mean wall time of a run) before the text and ``<!--/r-->`` after it. Every sweep
 rewrites them, and a test checks that they match the record.
 """
 
@@ -177,6 +177,12 @@ FIGURE = re.compile(r"(<!--r (\d\d_\w+) ([\w.]+)(?:@(\d+))?-->).*?(<!--/r-->)", 
 
 
 def figure(record: dict, name: str, key: str, seed: str | None) -> str:
+    """The text a ``<!--r name key[@seed]-->`` tag stands for; ``seconds`` is the mean wall time per run."""
+    if key == "seconds" and seed is None:
+        seconds = [r["seconds"] for k, r in record["runs"].items() if k.split("@")[0] == name]
+        if not seconds:
+            raise SystemExit(f"a page quotes the wall time of {name}, which the record does not have")
+        return f"{statistics.fmean(seconds):.0f} s"
     if seed is not None:
         run = record["runs"].get(f"{name}@{seed}")
         if run is None or key not in run["figures"]:

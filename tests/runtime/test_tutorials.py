@@ -145,14 +145,15 @@ def test_a_sentence_quotes_one_figure_of_the_record(tmp_path):
     import sys
     sys.path.insert(0, str(ROOT / "tutorials"))
     import measure_ranges
-    record = {"runs": {"06_grpo@0": {"figures": {"accuracy": "0.75"}, "machine": {}},
-                       "06_grpo@1": {"figures": {"accuracy": "0.85"}, "machine": {}}},
+    record = {"runs": {"06_grpo@0": {"figures": {"accuracy": "0.75"}, "machine": {}, "seconds": 40.0},
+                       "06_grpo@1": {"figures": {"accuracy": "0.85"}, "machine": {}, "seconds": 50.2}},
               "ranges": {"06_grpo": {"accuracy": measure_ranges.stats([0.75, 0.85])}}}
     page = tmp_path / "page.md"
-    page.write_text("from <!--r 06_grpo accuracy-->old<!--/r--> (seed 1: <!--r 06_grpo accuracy@1-->x<!--/r-->)")
+    page.write_text("from <!--r 06_grpo accuracy-->old<!--/r--> (seed 1: <!--r 06_grpo accuracy@1-->x<!--/r-->) "
+                    "in <!--r 06_grpo seconds-->1 s<!--/r-->")
     text = measure_ranges.rewrite_pages(record, [page])[page]
     assert text == ("from <!--r 06_grpo accuracy-->0.800 [0.750, 0.850]<!--/r--> "
-                    "(seed 1: <!--r 06_grpo accuracy@1-->0.85<!--/r-->)")
+                    "(seed 1: <!--r 06_grpo accuracy@1-->0.85<!--/r-->) in <!--r 06_grpo seconds-->45 s<!--/r-->")
     for missing in ("<!--r 06_grpo kl-->x<!--/r-->", "<!--r 06_grpo accuracy@2-->x<!--/r-->"):
         page.write_text(missing)
         with pytest.raises(SystemExit, match="does not have"):
