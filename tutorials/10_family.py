@@ -124,8 +124,9 @@ print("What the math says about each (docs/policy_gradient.md; the exact fixed p
       "- REINFORCE without a baseline pushes up every rewarded answer, RLOO only the answers better than the\n"
       "  others of their group: both are unbiased, the same expected gradient, RLOO's usually with less variance.\n"
       "- a group with no signal teaches E12 nothing; DAPO's dynamic sampling pays for that in questions drawn.\n"
-      "One short run of one seed is not a ranking: over seeds 0-2 (docs/policy_gradient.md) every member gains,\n"
-      "RLOO and CISPO end lowest each time, and the best member changes with the seed.")
+      "One short run of one seed is not a ranking: over seeds 0-4 (docs/policy_gradient.md) every member gains,\n"
+      "RLOO least each time, DAPO ends among the two best at the largest KL, and below it the order changes\n"
+      "with the seed.")
 print(f"\nfigure: {root / 'accuracy_vs_kl.png'}; each member's run folder: {root}/<member>/grpo/")
 print(f"total time {time.time() - t0:.0f} s")
 

@@ -117,7 +117,8 @@ def fmt(s: dict) -> str:
 
 def machine_label(run: dict) -> str:
     m = run["machine"]
-    return f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')})"
+    threads = f"{m.get('threads')} thread" + "s" * (m.get("threads") != 1)
+    return f"{m.get('cpu')} ({m.get('cores')} cores, {threads}, torch {m.get('torch')})"
 
 
 def readme_table(record: dict) -> str:
