@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import banner, base_parser, choose_members, ensure_reward_model, ensure_sft, parse_args, summary
-from tqdm import tqdm
+from tqdm import tqdm  # tqdm.write prints a member's line without breaking the bar
+
+from _common import banner, bar, base_parser, choose_members, ensure_reward_model, ensure_sft, parse_args, summary
 
 parser = base_parser(__doc__.splitlines()[0])
 MEMBERS = ("DPO", "cDPO", "rDPO", "IPO", "SimPO", "KTO", "ORPO", "RS", "PPO")
@@ -89,7 +90,7 @@ by_rm = RankedPrompts(RejectionSamplingConfig(reward_model=str(rm), **settings),
 
 banner("1. Best-of-N from the SFT model (no training): the frontier")
 bon = {}
-for name, task in tqdm([("r*", by_truth), ("r_phi", by_rm)], desc="best-of-N"):
+for name, task in bar([("r*", by_truth), ("r_phi", by_rm)], args, "best-of-N"):
     bon[name] = task.best_of_n(reference, torch.Generator(device=device).manual_seed(args.seed))
 print(f"{'N':>3} {'r*, ranked by r*':>17} {'KL':>7} {'r*, ranked by r_phi':>20} {'KL':>7} {'log N - (N-1)/N':>16}")
 for a, b in zip(bon["r*"], bon["r_phi"]):
@@ -150,7 +151,7 @@ banner(f"2. Training {', '.join(members)} from the same SFT model (label flip ra
 sft_point = by_truth.evaluate(reference, reference)
 print(f"SFT model: r* {sft_point['true_reward']:+.3f}, malformed {sft_point['malformed']:.1%}, KL {sft_point['kl']:.3f}")
 points = []
-for member in tqdm(members, desc="members"):
+for member in bar(members, args, "members"):
     t = time.time()
     policy, _ = load_policy(train(member), device, world.tokenizer)
     m = by_truth.evaluate(policy, reference)  # r* and KL of args.samples fresh reviews per prompt, seeded

@@ -46,6 +46,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def bar(iterable, args: argparse.Namespace, desc: str):
+    """A tutorial's own tqdm bar, with the stages' rule: ``--progress`` always, ``--no-progress``
+    never, and by default only when the output is a terminal (tqdm's ``disable=None``), so that a log
+    file gets no carriage returns."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, disable=None if args.progress is None else not args.progress)
+
+
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The command line's flags; in a notebook (a kernel's own arguments are not the tutorial's)
     the flags in ``$MINIALIGN_TUTORIAL_ARGS``, the defaults where it is unset. ``--threads`` takes

@@ -159,3 +159,15 @@ def test_a_sentence_quotes_one_figure_of_the_record(tmp_path):
         with pytest.raises(SystemExit, match="does not have"):
             measure_ranges.rewrite_pages(record, [page])
 
+
+
+def test_a_tutorials_own_bar_follows_the_progress_flags():
+    """``_common.bar``: tutorial 11's bars drew carriage returns into a log file; now ``--progress``
+    always draws, ``--no-progress`` never, and the default only on a terminal (pytest's is not)."""
+    import argparse
+    import sys
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import _common
+    drawn = {flag: not _common.bar(range(2), argparse.Namespace(progress=flag), "x").disable
+             for flag in (None, True, False)}
+    assert drawn == {None: False, True: True, False: False}
