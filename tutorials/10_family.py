@@ -75,8 +75,8 @@ root = Path(args.out) / "family"
 results = {}
 for name in members:
     banner(f"{name}: {MEMBERS[name] or 'GRPO as tutorial 06 runs it'}")
-    config = GRPOConfig(out=str(root / name), init=init, device=args.device, seed=args.seed, overwrite=True, progress=args.progress,
-                        steps=args.steps, questions=args.questions, group_size=args.group_size,
+    config = GRPOConfig(out=str(root / name), init=init, device=args.device, seed=args.seed, overwrite=True,
+                        progress=args.progress, steps=args.steps, questions=args.questions, group_size=args.group_size,
                         eval_every=args.eval_every, eval_samples=args.eval_samples,
                         final_eval_samples=args.final_eval_samples, **MEMBERS[name])
     result = grpo(config)
