@@ -2,6 +2,7 @@
 the update of one process with the whole global batch."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,3 +119,27 @@ def test_torchrun_runs_the_reward_model_ppo_and_grpo(tiny_run, tmp_path):
         assert (out / stage / "summary.json").is_file() and (out / stage / "model.pt").is_file()
         logged = [json.loads(line)["step"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert logged == steps, (stage, logged)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_rejection_sampling_and_unpaired_kto(tiny_run, tmp_path):
+    """The preference family's two steps of their own under torchrun: rejection sampling (prompts
+    sharded, the kept rows fine-tuned with DDP) and KTO on unpaired rows. Each writes one complete run
+    folder, from rank 0, with each step logged once."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run / "sft", out / "sft")
+    common = ["--out", str(out), "--device", "cpu", "--no-progress", "--steps", "2"]
+    _torchrun(["rejection-sampling", *common, "--reward", "true", "--rounds", "1", "--prompts-per-round", "4",
+               "--samples-per-prompt", "4", "--batch-size", "4", "--max-new-tokens", "8",
+               "--eval-samples", "2", "--best-of-n", "1,2", "--best-of-n-samples", "4"], tmp_path)
+    _torchrun(["dpo", *common, "--loss", "kto", "--kto-unpaired", "--batch-size", "8", "--num-pairs", "32",
+               "--eval-pairs", "8", "--eval-every", "1", "--eval-samples-per-prompt", "1", "--max-new-tokens", "4"],
+              tmp_path)
+    # one writer: the rows of one process (rejection sampling: the SFT model's evaluation and the
+    # round's selection at step 0, then its two SFT steps; KTO: its two steps)
+    for stage, steps in (("rejection_sampling", [0, 0, 1, 2]), ("dpo", [0, 1])):
+        assert (out / stage / "summary.json").is_file() and (out / stage / "model.pt").is_file(), stage
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == steps, (stage, rows)
+        assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r), (stage, rows)
+    assert json.loads((out / "dpo" / "config.json").read_text())["kto_unpaired"] is True
