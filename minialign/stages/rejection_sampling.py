@@ -89,8 +89,8 @@ def main(config: RejectionSamplingConfig) -> dict:
 
     best_of_n = task.best_of_n(reference, generator)
     for row in best_of_n:
-        print(f"best-of-{row['n']:<3} from pi_ref: r* {row['true_reward']:+.3f}, KL {row['kl']:.3f} nats "
-              f"(bound log N - (N-1)/N = {row['kl_bound']:.3f})")
+        distributed.print_main(f"best-of-{row['n']:<3} from pi_ref: r* {row['true_reward']:+.3f}, "
+                               f"KL {row['kl']:.3f} nats (bound log N - (N-1)/N = {row['kl_bound']:.3f})")
     before = task.evaluate(policy, reference)
     run.log(0, **before)
 
