@@ -133,6 +133,9 @@ def test_the_pages_quote_the_ranges_of_the_record():
         assert text == path.read_text(), (f"{path.relative_to(ROOT)} quotes other ranges than the record: "
                                           "python tutorials/measure_ranges.py --write")
         quoted |= {m.group(2) for m in measure_ranges.PAGE_BLOCK.finditer(text)}
+        starts = [line for line in text.splitlines() if line.startswith("<!--r ")]
+        assert not starts, (f"{path.relative_to(ROOT)}: a figure's tag opens a line, where Markdown reads it as "
+                            f"an HTML block and cuts the paragraph in two: {starts[0][:60]}")
     assert measure_ranges.README_START in pages[ROOT / "README.md"]
     assert measure_ranges.README_START in pages[ROOT / "docs" / "course.md"]
     missing = {name for name in record["ranges"] if name[:2] <= "08"} - quoted
