@@ -17,6 +17,7 @@ policy, so they follow the same ``--model-impl``. Nothing here downloads: folder
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from ..model import GPT, load_checkpoint
@@ -86,10 +87,9 @@ def load_reference(path, impl: str = "minialign", device="cpu", toy_tokenizer: T
 def load_policy_and_reference(config, device, toy_tokenizer: Tokenizer | None = None):
     """(policy, pi_ref, tokenizer) of a stage that trains away from pi_ref: the model it starts from
     (``--init``, a ``--model`` folder, else the run folder's model of the stage ``INPUTS`` names)
-    loaded twice, the second copy frozen (``load_reference``)."""
-    init = input_path(config, "init")
-    policy, tokenizer = load_model(init, config.model_impl, device, toy_tokenizer)
-    return policy, load_reference(init, config.model_impl, device, toy_tokenizer), tokenizer
+    read once; pi_ref is a frozen copy of it (no gradients, eval mode)."""
+    policy, tokenizer = load_model(input_path(config, "init"), config.model_impl, device, toy_tokenizer)
+    return policy, copy.deepcopy(policy).eval().requires_grad_(False), tokenizer
 
 
 def save_model(model, tokenizer, stage_dir) -> Path | None:
