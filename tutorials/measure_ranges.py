@@ -4,7 +4,7 @@ A tutorial's figures depend on the seed, and a little on the CPU and the thread 
 of float additions differs), so the course quotes each figure as the mean and the range over
 seeds, never one run's number. This script makes those ranges::
 
-    python tutorials/measure_ranges.py                  # seeds 0-4, every tutorial (about 35 min idle)
+    python tutorials/measure_ranges.py                  # seeds 0-4, every tutorial (docs/measurements.md: its time)
     python tutorials/measure_ranges.py --only 06_grpo   # one tutorial (its prerequisites are kept)
     python tutorials/measure_ranges.py --write          # rewrite the pages' tables from the record
 
@@ -18,8 +18,8 @@ The pages quote the record, never a figure copied by hand: the README and ``docs
 whole table between ``<!-- ranges: start -->`` and ``<!-- ranges: end -->``, and a doc page holds one
 tutorial's figures between ``<!-- ranges: NN_name -->`` and ``<!-- /ranges -->``, and a sentence
 quotes one figure as ``<!--r NN_name key-->`` (its range), ``<!--r NN_name key@seed-->`` (one
-seed's value) or ``<!--r NN_name seconds-->`` (the mean wall time of a run) before the text and ``<!--/r-->`` after it. Every sweep
-rewrites them, and a test checks that they match the record.
+seed's value) or ``<!--r NN_name seconds-->`` (the mean wall time of a run) before the text and
+``<!--/r-->`` after it. Every sweep rewrites them, and a test checks that they match the record.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def machine() -> dict:
         pass
     import torch
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def runs_of(record: dict, name: str) -> dict[int, dict]:
+    """One tutorial's recorded runs, by seed."""
+    return {int(key.split("@")[1]): run for key, run in record["runs"].items() if key.split("@")[0] == name}
 
 
 def load() -> dict:
@@ -124,7 +129,7 @@ def machine_label(run: dict) -> str:
 def readme_table(record: dict) -> str:
     rows = ["| tutorial | seeds | wall time per run (mean) | figure: mean [min, max] over the seeds |", "|---|---|---|---|"]
     for name, table in record["ranges"].items():
-        runs = [r for k, r in record["runs"].items() if k.split("@")[0] == name]
+        runs = runs_of(record, name).values()
         seconds = statistics.fmean(r["seconds"] for r in runs)
         figures = "; ".join(f"{k} {fmt(s)}" for k, s in table.items())
         rows.append(f"| {name} | {len(runs)} | {seconds:.0f} s | {figures} |")
@@ -136,7 +141,7 @@ def readme_table(record: dict) -> str:
 
 
 def seeds_of(record: dict, name: str) -> str:
-    seeds = sorted(int(k.split("@")[1]) for k in record["runs"] if k.split("@")[0] == name)
+    seeds = sorted(runs_of(record, name))
     return f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else \
         "seeds " + ", ".join(map(str, seeds))
 
@@ -145,7 +150,7 @@ def tutorial_table(record: dict, name: str) -> str:
     """One tutorial's figures for its doc page: seed by seed, then mean [min, max] over the seeds."""
     if name not in record["ranges"]:
         raise SystemExit(f"a page asks for the ranges of {name}, which the record does not have")
-    runs = {int(k.split("@")[1]): r for k, r in record["runs"].items() if k.split("@")[0] == name}
+    runs = runs_of(record, name)
     seeds = sorted(runs)
     where = dict.fromkeys(machine_label(runs[s]) for s in seeds)
     rows = ["| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [min, max] |",
@@ -180,7 +185,7 @@ FIGURE = re.compile(r"(<!--r (\d\d_\w+) ([\w.]+)(?:@(\d+))?-->).*?(<!--/r-->)", 
 def figure(record: dict, name: str, key: str, seed: str | None) -> str:
     """The text a ``<!--r name key[@seed]-->`` tag stands for; ``seconds`` is the mean wall time per run."""
     if key == "seconds" and seed is None:
-        seconds = [r["seconds"] for k, r in record["runs"].items() if k.split("@")[0] == name]
+        seconds = [r["seconds"] for r in runs_of(record, name).values()]
         if not seconds:
             raise SystemExit(f"a page quotes the wall time of {name}, which the record does not have")
         return f"{statistics.fmean(seconds):.0f} s"
@@ -210,9 +215,6 @@ def main() -> None:
     args = parser.parse_args()
     record = load()
     if not args.write:
-        for run in record["runs"].values():  # runs recorded before each kept its own machine
-            run.setdefault("machine", record.get("machine", {}))
-        record["machine"] = machine()
         wanted = [t for t in TUTORIALS if not args.only or t in args.only.split(",")]
         for name in wanted:          # tutorial by tutorial: a partial sweep has whole ranges
             for seed in range(args.seeds):
