@@ -60,11 +60,9 @@ def signal_groups(rewards, group_size: int) -> torch.Tensor:
 
 
 def zero_spread_fraction(rewards, group_size: int) -> float:
-    """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0)."""
-    r = torch.as_tensor(rewards)
-    check_groups(r.numel(), group_size)  # a group of one always has zero spread: refused, not 1.0
-    r = r.view(-1, group_size)
-    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+    """Fraction of groups whose G rewards are all equal (they teach nothing: advantage 0), the groups
+    ``signal_groups`` leaves out; a group of one (always 'zero spread') is refused, not counted 1.0."""
+    return (~signal_groups(rewards, group_size)).float().mean().item()
 
 
 @dataclass

@@ -343,8 +343,8 @@ MUTATIONS = [
     ("policy_gradient.py", "loss = aggregate(-weight * A * logps, mask, \"token_mean\")",
      "loss = aggregate(-A * logps, mask, \"token_mean\")", "CISPO without its clipped weight", "test_policy_gradient.py"),
     # policy_gradient_sampling.py: the zero-spread share, DAPO's dynamic sampling and overlong handling
-    ("policy_gradient_sampling.py", "return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()",
-     "return (r.max(dim=1).values != r.min(dim=1).values).float().mean().item()",
+    ("policy_gradient_sampling.py", "return (~signal_groups(rewards, group_size)).float().mean().item()",
+     "return signal_groups(rewards, group_size).float().mean().item()",
      "zero_spread_fraction counts the groups with spread", "test_policy_gradient_sampling.py"),
     ("policy_gradient_sampling.py", "return groups.max(dim=1).values > groups.min(dim=1).values",
      "return groups.max(dim=1).values >= groups.min(dim=1).values", "dynamic sampling: every group carries a signal",
