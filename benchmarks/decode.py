@@ -8,7 +8,9 @@
 (one seeded model's state dict) and sample the same prompts from the same seed, in turn
 (before, now, before, now, ...) under one thread count, so load from other processes falls on
 both alike. It prints tokens/s of each side (min and median of ``--repeats`` runs), their ratio,
-and whether the two sides sampled the same tokens with the same log-probs bit for bit (they must:
+the model FLOP/s of each side at the min and its fraction of the matmul ceiling (measured in a
+burst after each round, as ``minialign bench`` does), and whether the two sides sampled the same
+tokens with the same log-probs bit for bit (they must:
 the speed-up may not change a seeded run). ``--compile`` adds a third side, today's code with
 ``torch.compile`` on the decode step (``generate(..., compile_decode=True)``: its numbers differ
 in the last bits, so it is an option, off by default).
@@ -32,7 +34,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minialign.generation import generate  # noqa: E402
 from minialign.model import GPT, GPTConfig  # noqa: E402
-from minialign.tools.bench import spread, time_alternately  # noqa: E402
+from minialign.tools.bench import FlopCounter, model_ceiling, spread, time_alternately  # noqa: E402
+from minialign.tools.roofline import percent  # noqa: E402
 
 BEFORE = "8266309"  # main when issue 23 started
 
@@ -77,7 +80,11 @@ def main(argv=None) -> None:
     sides = {"before": side("before", old_generation.generate, before), "now": side("now", generate, now)}
     if args.compile:
         sides["now, compiled"] = side("now, compiled", generate, now, compile_decode=True)
-    times = time_alternately(sides, args.repeats, warmup=1)
+    with FlopCounter(now) as counter:  # the model FLOPs of one run: the prefill and every decode step
+        sides["now"]()
+    # the matmul ceiling, a burst after each round (``minialign bench``'s roofline): it sees the same load
+    ceiling = model_ceiling(config, "cpu", "float32")
+    times = time_alternately(sides, args.repeats, warmup=1, between=ceiling.measure)
     tokens = args.rows * args.new_tokens
     print(f"decoding {args.rows} rows x {args.new_tokens} new tokens, {torch.get_num_threads()} thread(s), "
           f"float32, {now.num_params():,} parameters; {args.repeats} alternated runs per side after 1 warm-up; "
@@ -87,7 +94,10 @@ def main(argv=None) -> None:
         s = spread(t)
         print(f"  {name:14s} {tokens / s['min']:8,.0f} tokens/s at the min ({s['min']:.3f} s), "
               f"{tokens / s['median']:8,.0f} at the median; x{base['min'] / s['min']:.2f} / "
-              f"x{base['median'] / s['median']:.2f} of before")
+              f"x{base['median'] / s['median']:.2f} of before; {counter.flops / s['min'] / 1e9:.2f} GFLOP/s at "
+              f"the min = {percent(ceiling.fraction(counter.flops / s['min']), ceiling)} of the matmul ceiling")
+    print(f"  the matmul ceiling: {ceiling.best / 1e9:.1f} GFLOP/s (best of {len(ceiling.samples)} bursts of "
+          f"{' x '.join(map(str, ceiling.shape))}, one after each round); a run is {counter.flops / 1e6:.1f} MFLOP")
     a, b = results["before"], results["now"]
     same = all(torch.equal(getattr(a, f), getattr(b, f)) for f in
                ("sequences", "attention_mask", "response_ids", "response_mask", "logps", "finished"))

@@ -111,17 +111,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     ``share_prompt`` (with ``use_cache``): a prompt given several times (GRPO's group) runs once
     (``ops.prefill``).
 
-    ``compile_decode`` (minialign's GPT, with the cache; off by default): each new token runs
-    through one ``torch.compile``d step (``_decode_step``: the forward and the draw of the next
-    token, no graph break) through a cache with fixed buffers (``KVCache.fix_shapes``); the number
-    of slots attention reads is a symbolic size, so one compilation serves every position, and
-    Inductor's C++ wrapper calls the kernels without Python between them. The step's elementwise
-    ops, its one-query attention and the sampling are fused into a few loops; the matmuls stay
-    library calls (the gain is in ``docs/measurements.md``). The first call in a process pays for
-    the compilation, tens of seconds on a CPU (once per model, batch size and sampling setting;
-    Inductor's disk cache shortens later processes'). The compiled kernels fuse and reorder
-    floating-point work: log-probs differ from the eager path in their last bits, and so a sampled
-    token can differ where two are nearly tied. That is why it is an option: a seeded run's
+    ``compile_decode`` (minialign's GPT, with the cache; off by default): the tokens run through a
+    ``torch.compile``d function of ``DECODE_CHUNK`` decode steps (``_decode_steps``: each step's
+    bookkeeping, forward and draw of the next token, no graph break), through a cache with fixed
+    buffers (``KVCache.fix_shapes``); the number of slots attention reads is a symbolic size, so
+    one compilation serves every position, and Inductor's C++ wrapper calls the kernels without
+    Python between them. The elementwise ops, the one-query attention and the sampling are fused
+    into a few loops; the matmuls stay library calls (the gain is in ``docs/measurements.md``).
+    The first call in a process pays for the compilation, tens of seconds on a CPU (once per model,
+    batch size and sampling setting; Inductor's disk cache shortens later processes'). The
+    compiled kernels fuse and reorder floating-point work: log-probs differ from the eager path in
+    their last bits, and so a sampled token can differ where two are nearly tied. That is why it
+    is an option: a seeded run's
     numbers are the eager path's.
     """
     if max_new_tokens < 1:
@@ -158,20 +159,49 @@ def _draw(logits: torch.Tensor, temperature: float, top_k, top_p, race: torch.Te
     return token, torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])[:, 0]  # (B,), (B,)
 
 
-def _decode_step(model, token, positions, bias, cache, race, temperature, top_k, top_p):
-    """``compile_decode``'s step: the tokens (B, 1) through the cache (fixed shapes, ``bias``
-    (B, 1, 1, S) over the S slots written so far), then the next token and its log-prob drawn
-    (``_draw``). One function, so that the compiler sees the whole step."""
-    logits = model.lm_head(model._blocks(token, positions, bias, cache))[:, -1].float()  # (B, V)
-    return _draw(logits, temperature, top_k, top_p, race)
+def _keep(token: torch.Tensor, logp: torch.Tensor, alive: torch.Tensor, eos_id: int, pad_id: int):
+    """A drawn token (B,) and its log-prob (B,) as the response keeps them: a row that has finished
+    gets ``<pad>`` and log-prob 0. Returns them and the rows still answering after this token (a
+    row finishes with its EOS)."""
+    done = ~alive
+    token = token.masked_fill(done, pad_id)
+    return token, logp.masked_fill(done, 0.0), alive & (token != eos_id)
+
+
+DECODE_CHUNK = 8  # decode steps per compiled call (compile_decode): the call's own cost, paid once for 8 tokens
+
+
+def _decode_steps(model, token, logp, alive, positions, bias, cache, races, eos_id, pad_id,
+                  temperature, top_k, top_p):
+    """``compile_decode``'s unit of work: K = ``len(races)`` decode steps in one function, so that the
+    compiler sees them whole and Python runs once per K tokens.
+
+    Step i keeps the token drawn last (``_keep``), runs it through the cache (fixed shapes) with
+    attention over the slots written so far, the first S - K + 1 + i of ``bias`` (B, 1, 1, S), and
+    draws the next token with the noise ``races[i]`` (``_draw``). Returns the K kept tokens, their
+    log-probs and the rows answering each (B, K), then the state the next call starts from: the
+    token drawn last, its log-prob, the rows still answering, their positions (B, 1)."""
+    K, S = len(races), bias.size(-1)
+    kept = []
+    for i, race in enumerate(races):
+        was_alive = alive
+        token, logp, alive = _keep(token, logp, alive, eos_id, pad_id)
+        kept.append((token, logp, was_alive))
+        positions = positions + was_alive[:, None]           # positions count real tokens
+        h = model._blocks(token[:, None], positions, bias[..., :S - K + 1 + i], cache)  # (B, 1, C)
+        cache.advance(1)                                      # the slot tensor (``KVCache.fix_shapes``)
+        token, logp = _draw(model.lm_head(h)[:, -1].float(), temperature, top_k, top_p, race)
+    tokens, logps, answering = (torch.stack(column, 1) for column in zip(*kept))  # (B, K) each
+    return tokens, logps, answering, token, logp, alive, positions
 
 
 @functools.cache
-def _compiled_decode_step():
-    """``_decode_step`` compiled, made on first use (importing the compiler takes seconds). The
+def _compiled_decode_steps():
+    """``_decode_steps`` compiled, made on first use (importing the compiler takes seconds). The
     number of slots S is a symbolic size (``maybe_mark_dynamic`` in the loop): one compilation serves
-    every position; a new batch size or sampling setting compiles again."""
-    return torch.compile(_decode_step, options={"cpp_wrapper": True})
+    every position; K (``DECODE_CHUNK``, or 1 for the last steps), a new batch size or sampling
+    setting compiles again. Inductor's C++ wrapper calls the kernels without Python between them."""
+    return torch.compile(_decode_steps, options={"cpp_wrapper": True})
 
 
 def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, use_cache,
@@ -195,20 +225,19 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
     else:
         logits = model(ids, attention_mask=mask)[:, -1].float()         # (B, V)
     # minialign's GPT decodes from a positions vector and a mask it is handed (``GPT.decode``):
-    # kept here, one column per step, instead of rebuilt from the whole mask by every forward
+    # kept here instead of rebuilt from the whole mask by every forward
     decode = use_cache and hasattr(model, "decode")
     if decode:
         # the attention mask as SDPA's additive bias (0 where a key is seen, -inf where not), in
         # the dtype attention computes in: a boolean mask would be turned into this in every
-        # layer of every step
+        # layer of every step. Every response slot is 0: a new key is seen by every later query
+        # of its row (real in live rows; in a finished row a pad read only by that row's own
+        # queries, whose outputs are thrown away), and step t reads the first P + t + 1 slots only
         autocasting = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocasting else model.wte.weight.dtype
-        bias = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype, device=device)  # (B, 1, 1, L)
-        bias[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
+        bias = torch.zeros((B, 1, 1, L), dtype=dtype, device=device)    # (B, 1, 1, L)
+        bias[:, 0, 0, :P].masked_fill_(~mask.bool(), float("-inf"))
         positions = mask.sum(1, keepdim=True) - 1                       # (B, 1) real tokens so far, less one
-        seen_slots = bias.view(B, L)                                    # the bias, one column per slot
-        if compile_decode:
-            cache.fix_shapes()  # each step writes slot col; attention reads the slots the bias covers
     V = logits.shape[-1]
 
     def race():  # the Exp(1) noise (B, V) of one draw (``_draw``), from the caller's generator
@@ -216,46 +245,81 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, 
             return None  # greedy (``_draw``): no noise drawn
         return torch.empty((B, V), dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
-    new_tokens, new_logps, new_mask = [], [], []  # new_mask: the rows still answering, per step (bool)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     token, logp = _draw(logits, temperature, top_k, top_p, race())
-    for step in range(max_new_tokens):
-        col = P + step
-        done = ~alive
-        token = token.masked_fill(done, pad_id)
-        new_tokens.append(token)
-        new_logps.append(logp.masked_fill(done, 0.0))
-        new_mask.append(alive)
-        sequences[:, col], attention_mask[:, col] = token, alive
-        alive = alive & (token != eos_id)
-        if not alive.any() or step == max_new_tokens - 1:
-            break
-        if decode:
-            # the new key is seen by every later query of its row: real in live rows; in a finished
-            # row it is a pad, read only by that row's own queries, whose outputs are thrown away
-            positions = positions + new_mask[-1][:, None]               # (B, 1) positions count real tokens
-            seen_slots[:, col] = 0.0
-            if compile_decode:
-                # attention reads the slots written so far, S = col + 1, a symbolic size of the
-                # compiled step (one compilation for every position, not one per S)
-                seen = bias[..., :col + 1]                                   # (B, 1, 1, S)
-                torch._dynamo.maybe_mark_dynamic(seen, 3)
-                token, logp = _compiled_decode_step()(model, token[:, None], positions, seen, cache, race(),
-                                                      temperature, top_k, top_p)
-                cache.advance(1)
-                continue
-            h = model.decode(token[:, None], positions, bias[..., :col + 1], cache)  # (B, 1, C)
-            logits = model.lm_head(h)[:, -1].float()
-        elif use_cache:
-            logits = model(token[:, None], attention_mask=attention_mask[:, :col + 1], cache=cache)[:, -1].float()
-        else:
-            logits = model(sequences[:, :col + 1], attention_mask=attention_mask[:, :col + 1])[:, -1].float()
-        token, logp = _draw(logits, temperature, top_k, top_p, race())
+    if compile_decode:
+        response_ids, logps, response_mask, alive = _decode_compiled(
+            model, token, logp, alive, positions, bias, cache, race, max_new_tokens, eos_id, pad_id,
+            temperature, top_k, top_p, generator)
+        T = response_ids.shape[1]
+        sequences[:, P:P + T], attention_mask[:, P:P + T] = response_ids, response_mask
+    else:
+        new_tokens, new_logps, new_mask = [], [], []  # new_mask: the rows still answering, per step (bool)
+        for step in range(max_new_tokens):
+            col = P + step
+            new_mask.append(alive)
+            token, logp, alive = _keep(token, logp, alive, eos_id, pad_id)
+            new_tokens.append(token)
+            new_logps.append(logp)
+            sequences[:, col], attention_mask[:, col] = token, new_mask[-1]
+            if not alive.any() or step == max_new_tokens - 1:
+                break
+            if decode:
+                positions = positions + new_mask[-1][:, None]               # (B, 1) positions count real tokens
+                h = model.decode(token[:, None], positions, bias[..., :col + 1], cache)  # (B, 1, C)
+                logits = model.lm_head(h)[:, -1].float()
+            elif use_cache:
+                logits = model(token[:, None], attention_mask=attention_mask[:, :col + 1], cache=cache)[:, -1].float()
+            else:
+                logits = model(sequences[:, :col + 1], attention_mask=attention_mask[:, :col + 1])[:, -1].float()
+            token, logp = _draw(logits, temperature, top_k, top_p, race())
+        response_ids, logps = torch.stack(new_tokens, 1), torch.stack(new_logps, 1)   # (B, T)
+        response_mask = torch.stack(new_mask, 1)                                         # (B, T)
     model.train(was_training)
-    logps = torch.stack(new_logps, 1)                                                 # (B, T)
     check_sampled_logps(logps)
-    end = P + len(new_tokens)
+    end = P + response_ids.shape[1]
     return Generation(
         sequences=sequences[:, :end].contiguous(), attention_mask=attention_mask[:, :end].contiguous(),
-        response_ids=torch.stack(new_tokens, 1), response_mask=torch.stack(new_mask, 1).long(),  # (B, T)
-        logps=logps, finished=~alive, prompt_len=P)
+        response_ids=response_ids, response_mask=response_mask.long(), logps=logps, finished=~alive,
+        prompt_len=P)
+
+
+def _decode_compiled(model, token, logp, alive, positions, bias, cache, race, max_new_tokens, eos_id,
+                     pad_id, temperature, top_k, top_p, generator):
+    """The eager loop's tokens through ``_decode_steps`` compiled, ``DECODE_CHUNK`` steps per call
+    (the last few one per call): (response_ids, logps, response_mask, alive), (B, T) each but
+    ``alive`` (B,).
+
+    As the eager loop, it stops once every row has finished, and it leaves ``generator`` where the
+    eager loop leaves it: a call draws the noise of K steps up front, so when every row finishes
+    inside a call the generator is put back and only the draws the eager loop makes are made
+    again (the next ``generate`` then samples what the eager path would)."""
+    P, steps = cache.length, max_new_tokens - 1  # steps: forwards after the first token (the last one is kept only)
+    cache.fix_shapes()  # each step writes one slot; attention reads the slots the bias covers
+    rng = (generator.get_state, generator.set_state) if generator is not None else \
+        (torch.get_rng_state, torch.set_rng_state)
+    chunks, done = [], 0
+    while done < steps:
+        K = DECODE_CHUNK if steps - done >= DECODE_CHUNK else 1
+        state = rng[0]()
+        races = [race() for _ in range(K)]
+        seen = bias[..., :P + done + K]  # (B, 1, 1, S): step i of the call reads the first S - K + 1 + i
+        torch._dynamo.maybe_mark_dynamic(seen, 3)  # S symbolic: one compilation for every position
+        *chunk, token, logp, alive_after, positions = _compiled_decode_steps()(
+            model, token, logp, alive, positions, seen, cache, races, eos_id, pad_id, temperature, top_k, top_p)
+        # the rows answering after each step of the call: the next step's, then the last's
+        after = torch.cat([chunk[2][:, 1:], alive_after[:, None]], 1)     # (B, K)
+        ended = (~after.any(0)).nonzero()
+        if len(ended):  # every row finished at step i of this call: keep steps 0..i, as the eager loop
+            i = int(ended[0])
+            rng[1](state)
+            for _ in range(i):
+                race()
+            chunks.append([c[:, :i + 1] for c in chunk])
+            return (*(torch.cat(c, 1) for c in zip(*chunks)), after[:, i])
+        chunks.append(chunk)
+        alive, done = alive_after, done + K
+    was_alive = alive  # the last token: kept, not run (the eager loop's step max_new_tokens - 1)
+    token, logp, alive = _keep(token, logp, alive, eos_id, pad_id)
+    chunks.append([token[:, None], logp[:, None], was_alive[:, None]])
+    return (*(torch.cat(c, 1) for c in zip(*chunks)), alive)

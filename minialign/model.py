@@ -57,7 +57,7 @@ class KVCache:
         # empty, not zeros: a slot is always written before it is read (``update`` returns [:end])
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # tokens already stored (the same for every row)
+        self.length = 0  # tokens already stored (the same for every row); None with fixed shapes
         self.max_len = max_len
         self.slot = None  # fixed shapes (``fix_shapes``): the next token's slot, as a (1,) tensor
 
@@ -79,10 +79,12 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, S, hs)
 
     def advance(self, n: int) -> None:
-        """``n`` more tokens are stored (each row's)."""
-        self.length += n
+        """``n`` more tokens are stored (each row's): counted by ``length``, or with fixed shapes by the
+        slot tensor alone (``fix_shapes``)."""
         if self.slot is not None:
             self.slot += n
+        else:
+            self.length += n
 
     def fix_shapes(self) -> "KVCache":
         """From here on, ``update`` writes one token at a time into the slot ``self.slot`` and returns
@@ -93,13 +95,15 @@ class KVCache:
         gives the written ones, a symbolic size) and must mask any not yet written (-inf); those
         are zeroed, since the buffer is uninitialised memory and a NaN there would survive its zero
         attention weight (0 x NaN = NaN). In place; no gradient flows through a cache with fixed
-        shapes."""
+        shapes. From here on ``length`` is None: the slot tensor counts the tokens, since a Python int
+        that changes every step would make the compiled step compile again at every step."""
         if any(buffer.size(2) != self.max_len for buffer in self.k + self.v):
             raise ValueError("fixed shapes need the preallocated buffers: fill the cache without gradient "
                              "(with gradient, update concatenates)")
         for buffer in self.k + self.v:
             buffer[:, :, self.length:].zero_()
         self.slot = torch.tensor([self.length], device=self.k[0].device)
+        self.length = None
         return self
 
     def select(self, rows: torch.Tensor) -> "KVCache":
@@ -217,6 +221,8 @@ class GPT(nn.Module):
         (S = cache.length + T), as in Hugging Face; None means every token is real.
         """
         B, T = idx.shape
+        if cache is not None and cache.slot is not None:
+            raise ValueError("a KV cache with fixed shapes is read by the compiled decode step only (GPT.decode)")
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds the model's context "

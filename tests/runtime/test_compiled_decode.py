@@ -50,7 +50,9 @@ def test_fixed_shapes_write_one_slot_and_return_every_slot():
     assert keys.shape == (2, 2, 6, 8)                        # all max_len slots, whatever the position
     assert (keys[:, :, 2] == 1).all() and (keys[:, :, 3:] == 0).all() and torch.equal(keys[:, :, :2], before)
     cache.advance(1)
-    assert cache.length == 3 and cache.slot.tolist() == [3]
+    assert cache.length is None and cache.slot.tolist() == [3]  # with fixed shapes the slot counts
+    with pytest.raises(ValueError, match="fixed shapes is read by the compiled decode step only"):
+        model.hidden(torch.tensor([[1], [1]]), cache=cache)
     grown = model.new_cache(2, 6)
     model.hidden(torch.tensor([[1, 3]]).expand(2, 2), cache=grown)  # with gradient: buffers of 2 slots
     with pytest.raises(ValueError, match="preallocated buffers"):
@@ -80,6 +82,30 @@ def test_compiled_decode_samples_what_the_eager_step_samples():
         assert torch.equal(compiled.response_mask, eager.response_mask)
         torch.testing.assert_close(compiled.logps, eager.logps, rtol=0, atol=1e-5)
         assert not compiled.logps.is_inference()
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on the CPU
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decode_stops_where_the_eager_loop_stops_and_leaves_the_generator_there():
+    """Every row ends at step 13, inside the second call of DECODE_CHUNK = 8 steps, which drew the
+    noise of 8 steps up front: the same tokens, and the generator (the caller's, or torch's own)
+    left where the eager loop leaves it, so the next call samples the same."""
+    model = make()
+    prompts = PROMPTS[:3]
+    generators = [torch.Generator().manual_seed(1) for _ in range(2)]
+    eager = generate(model, prompts, 27, EOS, PAD, generator=generators[0])
+    compiled = generate(model, prompts, 27, EOS, PAD, generator=generators[1], compile_decode=True)
+    assert eager.finished.all() and eager.response_ids.shape[1] == 14
+    for field in ("sequences", "attention_mask", "response_mask", "finished"):
+        assert torch.equal(getattr(compiled, field), getattr(eager, field)), field
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+    states = []
+    for compile_decode in (False, True):  # no generator: torch's default one
+        torch.manual_seed(1)
+        generate(model, prompts, 27, EOS, PAD, compile_decode=compile_decode)
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)
 
 
 def test_compiled_decode_needs_the_cache_and_a_minialign_gpt():
