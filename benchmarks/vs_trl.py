@@ -43,12 +43,20 @@ chat template), one optimizer step over all 256 answers on both sides.
   optimizer step over all answers; its default is 128);
 - GRPO ``no-checkpointing``: as ``defaults``, with TRL's ``gradient_checkpointing=False``.
   (GRPO has no precomputed-reference setting: its answers are new every iteration.)
+
+**Memory.** ``--malloc glibc`` (the default) leaves glibc's malloc as a process starts: a freed
+block above a threshold goes back to the OS and the next step faults its pages back in.
+``--malloc keep`` raises the two thresholds first (``keep_freed_memory``, which minialign's stages
+call), for both sides, since they share the process. Each side's page faults per step are printed:
+they show how much of a step's time was the kernel handing memory back.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -70,6 +78,7 @@ except ImportError as e:  # an optional benchmark: say what to install
 from minialign.stages.dpo import DPOConfig
 from minialign.real.gpt2 import load_gpt2
 from minialign.real.hf import hf_tokenizer_from_toy
+from minialign.runtime.devices import keep_freed_memory
 from minialign.stages.grpo import GRPOConfig
 from minialign.tools.bench import dpo_step, grpo_step, spread
 from minialign.toyworld import ToyWorld, WorldConfig
@@ -94,30 +103,39 @@ def _sync() -> None:
         torch.cuda.synchronize()  # a step's time includes its GPU work
 
 
+def _page_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel handed it (zeroed) on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Alternate(TrainerCallback):
-    """Times each TRL optimizer step, then runs and times one step of each minialign side."""
+    """Times each TRL optimizer step, then runs and times one step of each minialign side; counts
+    the page faults of each step too (``--malloc``)."""
 
     def __init__(self, sides: dict):
         self.sides, self.times = sides, {"TRL": [], **{name: [] for name in sides}}
+        self.faults = {name: [] for name in self.times}
         self.checkpointing, self.threads = set(), set()
 
     def on_step_begin(self, args, state, control, **kwargs):
         _sync()
-        self.start = time.perf_counter()
+        self.start_faults, self.start = _page_faults(), time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _sync()
         self.times["TRL"].append(time.perf_counter() - self.start)
+        self.faults["TRL"].append(_page_faults() - self.start_faults)
         # what TRL's step really ran with (transformers 5.2x renames the flag activation_checkpointing)
         self.checkpointing.add(getattr(model, "is_activation_checkpointing", None)
                                if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing)
         self.threads.add(torch.get_num_threads())
         for name, step in self.sides.items():
             _sync()
-            t = time.perf_counter()
+            faults, t = _page_faults(), time.perf_counter()
             step()
             _sync()
             self.times[name].append(time.perf_counter() - t)
+            self.faults[name].append(_page_faults() - faults)
 
 
 def save_fresh_gpt2(folder: Path, tok, shape: dict | None = None) -> None:
@@ -171,7 +189,8 @@ def run_dpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, device
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # its log lines; the logging itself runs as TRL's defaults say
     trainer.train()
-    return {"times": timer.times, "trl_checkpointing": timer.checkpointing, "threads": timer.threads}
+    return {"times": timer.times, "faults": timer.faults, "trl_checkpointing": timer.checkpointing,
+            "threads": timer.threads}
 
 
 def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, device: str = "cpu",
@@ -211,7 +230,8 @@ def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, devic
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # its log lines; the logging itself runs as TRL's defaults say
     trainer.train()
-    return {"times": timer.times, "trl_checkpointing": timer.checkpointing, "threads": timer.threads}
+    return {"times": timer.times, "faults": timer.faults, "trl_checkpointing": timer.checkpointing,
+            "threads": timer.threads}
 
 
 def _seconds(x: float) -> str:
@@ -231,6 +251,7 @@ def report(title: str, result: dict, warmup: int, note=None) -> None:
         ratio = "" if name == "TRL" else (f"; minialign / TRL: {s['min'] / trl_['min']:.2f} at the min, "
                                           f"{s['median'] / trl_['median']:.2f} at the median")
         extra = f"; {note(s['min'])}" if note else ""
+        extra += f"; {statistics.median(result['faults'][name][warmup:]):,.0f} page faults per step (median)"
         print(f"  {name:26s} {_seconds(s['min'])} min, {_seconds(s['median'])} median{extra}{ratio}")
     sys.stdout.flush()
 
@@ -244,10 +265,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per setting, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each side left out of the figures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
+    parser.add_argument("--malloc", choices=("glibc", "keep"), default="glibc",
+                        help="glibc: malloc as the process starts; keep: freed memory kept in the process "
+                             "(minialign.runtime.devices.keep_freed_memory, what minialign's stages set), both sides")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep needs Linux with glibc and no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -255,7 +281,7 @@ def main(argv=None) -> None:
     world = ToyWorld(WorldConfig(seed=0))
     tok = hf_tokenizer_from_toy(world.tokenizer)
     print(f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), float32 on the CPU")
+          f"{torch.get_num_threads()} thread(s), float32 on the CPU; malloc: {args.malloc}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

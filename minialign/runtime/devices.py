@@ -4,7 +4,11 @@ it draws from (saved and restored by a resumable checkpoint)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import platform
 import random
+import sys
 
 import numpy as np
 import torch
@@ -32,6 +36,28 @@ def set_threads(threads: int) -> int:
             with contextlib.suppress(RuntimeError):  # "cannot set ... after parallel work has started"
                 torch.set_num_interop_threads(threads)
     return torch.get_num_threads()
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory a training step frees, for the next step to reuse;
+    return whether it was set (Linux with glibc, and no ``MALLOC_*_THRESHOLD_`` of the user's).
+
+    A step on the CPU allocates and frees its activations, tens of MB. With glibc's defaults a
+    freed block above a threshold goes back to the OS (``munmap``, or a trim of the heap's top),
+    and the next step faults every page of it back in, each zeroed by the kernel: time spent on
+    memory, not on the model. Two thresholds raised keep those pages in the process:
+    ``M_MMAP_THRESHOLD`` at its maximum (32 MiB on 64-bit: blocks up to that come from the heap)
+    and ``M_TRIM_THRESHOLD`` at 256 MiB (the heap's free top is kept up to that). The numbers are
+    the same (the allocator decides where a tensor lives, not what is computed in it); the page
+    faults and the time they took are in ``docs/measurements.md``. Process-wide, so the stages
+    and ``minialign bench`` set it, not ``import minialign``."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(key in os.environ for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False  # the user's own settings
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
 
 
 def seed_everything(seed: int) -> torch.Generator:

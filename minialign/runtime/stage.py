@@ -16,7 +16,7 @@ from pathlib import Path
 from . import distributed, files
 from .config import TrainConfig
 from .datafiles import rows_per_step
-from .devices import resolve_device, set_threads
+from .devices import keep_freed_memory, resolve_device, set_threads
 from .files import ConfigError, NonFiniteError, WriteError
 from .flags import flag
 from .folders import RESUME, check_run_folder, check_writable, config_changes, partial_dir, stage_input, stage_problem
@@ -36,8 +36,8 @@ class StageInterrupted(KeyboardInterrupt):
 def stage(name: str):
     """Decorator for a stage's ``main(config)``.
 
-    Before ``main`` runs: the config is validated, torch's CPU threads set (``--threads``), the
-    device checked, the input stages checked (complete, unchanged), and the run folder checked (no
+    Before ``main`` runs: the config is validated, torch's CPU threads set (``--threads``), glibc
+    asked to keep freed memory (``keep_freed_memory``), the device checked, the input stages checked (complete, unchanged), and the run folder checked (no
     finished run with other settings overwritten, no resumable run thrown away); with ``resume`` a
     stage already complete with these settings returns its summary. While it runs, the first Ctrl-C
     stops the training loop after the current step with a resumable checkpoint. If it raises, the
@@ -48,6 +48,7 @@ def stage(name: str):
         def run_stage(config: TrainConfig):
             config.validate()
             set_threads(config.threads)
+            keep_freed_memory()  # a step's freed activations stay in the process for the next step
             resolve_device(config.device)
             check_writable(config.out)
             for field in ("model", "data", "eval_data"):  # given by hand: they must be there

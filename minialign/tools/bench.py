@@ -56,7 +56,7 @@ from .timing import (GPT2_SHAPE, KNOWN_BF16_PEAKS, FlopCounter, _reset_peak_memo
                      flops_per_token, grpo_step, known_peak_flops, peak_memory_bytes, random_preference_pairs,
                      spread, time_alternately)
 from ..runtime.config import Config, check_range, require
-from ..runtime.devices import autocast, resolve_device, resolve_dtype, set_threads
+from ..runtime.devices import autocast, keep_freed_memory, resolve_device, resolve_dtype, set_threads
 
 PARTS = ("pretrain", "generation", "train", "dpo", "grpo")
 
@@ -296,6 +296,7 @@ def main(cfg: BenchConfig) -> dict:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {list(PARTS)}")
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
+    keep_freed_memory()  # as the stages run: a step's freed activations stay for the next step
     resolve_dtype(cfg.dtype)  # a bad --dtype fails here, before any timing
     torch.manual_seed(cfg.seed)
     if cfg.gpt2_path:

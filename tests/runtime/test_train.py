@@ -2,6 +2,10 @@
 
 import argparse
 import json
+import os
+import platform
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -86,6 +90,50 @@ def test_threads_are_set_before_the_stage_runs_recorded_and_no_other_setting(tmp
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="--threads must be >= 0, got -1"):
         DemoConfig(threads=-1)
+
+
+FAULTS_OF_A_STEP = """
+import resource, statistics, sys, torch
+from minialign.runtime.devices import keep_freed_memory
+kept = sys.argv[1] == "keep" and keep_freed_memory()
+from minialign.model import GPT, GPTConfig
+from minialign.stages.dpo import DPOConfig
+from minialign.tools.bench import random_preference_pairs
+from minialign.tools.timing import dpo_step
+torch.set_num_threads(1)
+torch.manual_seed(0)
+policy = GPT(GPTConfig(vocab_size=53, block_size=32))
+reference = GPT(GPTConfig(vocab_size=53, block_size=32)).requires_grad_(False)
+pairs = random_preference_pairs(53, 32, 8, 22, torch.Generator().manual_seed(0))
+step = dpo_step(policy, reference, pairs, DPOConfig(batch_size=32, precompute_ref_logps=False, progress=False))
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, statistics.median(faults[2:]))
+"""
+
+
+@pytest.mark.slow  # two fresh processes, each importing torch
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory sets glibc's malloc")
+def test_a_dpo_step_reuses_the_memory_the_last_one_freed():
+    """With glibc's defaults a DPO step gives freed activations back to the OS and faults their
+    pages in again at the next step (thousands of page faults per step); after keep_freed_memory
+    the next step reuses them (a fresh process each, as a run starts: the median of steps 3-6).
+    A user's own MALLOC_*_THRESHOLD_ is left alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for mode in ("glibc", "keep"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_STEP, mode], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        assert out[0] == str(mode == "keep"), out
+        faults[mode] = float(out[1])
+    assert faults["keep"] < faults["glibc"] / 10, faults
+    env["MALLOC_TRIM_THRESHOLD_"] = "1000000"
+    assert subprocess.run([sys.executable, "-c", "from minialign.runtime.devices import keep_freed_memory as k; "
+                           "print(k())"], capture_output=True, text=True, env=env, check=True).stdout.strip() == "False"
 
 
 def test_a_zoom_that_cuts_points_off_gets_the_whole_range_beside_it(tmp_path):

@@ -26,4 +26,5 @@ def test_vs_trl_alternates_both_libraries_and_prints_their_ratio(capsys):
     assert "setting 'defaults' (TRL's gradient checkpointing: True; threads: [1])" in out
     assert "setting 'no-checkpointing' (TRL's gradient checkpointing: False; threads: [1])" in out
     assert out.count("minialign / TRL:") == 4  # DPO and GRPO, shared prompt and plain forward
+    assert "malloc: glibc" in out and out.count("page faults per step (median)") == 6  # TRL's and minialign's
     assert out.count("2 steps timed per side after 1 warm-up steps") == 2
