@@ -1,0 +1,36 @@
+"""``benchmarks/step_kernels.py`` splits a DPO step and a GRPO iteration into the kernels the numbers
+depend on and the rest, and prints the floor of the ratio to TRL's step that the kernels leave."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_kernels.py"
+
+
+@pytest.mark.slow  # two steps of each at vs_trl.py's shapes, profiled
+def test_the_kernels_and_the_rest_add_up_to_the_profiled_step(capsys):
+    spec = importlib.util.spec_from_file_location("step_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--steps", "1", "--warmup", "1", "--trl-dpo", "10.0"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets one thread for the whole process
+    out = capsys.readouterr().out
+    for name in ("DPO step", "GRPO iteration"):
+        block = out[out.index(f"{name}:"):]
+        profiled = float(re.search(r"profiled ([\d.]+) s per step", block).group(1))
+        parts = [float(x) for x in re.findall(r"^  (?:matmuls|tanh GELU[^\d]*|attention[^\d]*|the rest[^\d]*)\s+([\d.]+) s",
+                                              block, re.M)[:4]]
+        assert len(parts) == 4 and all(p > 0 for p in parts), block
+        assert abs(sum(parts) - profiled) < 0.002 + 1e-9, (parts, profiled)  # printed to the millisecond
+    # only the DPO step was given TRL's time: its floor is the kernels' seconds over it
+    assert out.count("against TRL's") == 1
+    kernels = float(re.search(r"the kernels together\s+([\d.]+) s", out).group(1))
+    floor = float(re.search(r"([\d.]+) if everything but these kernels took no time", out).group(1))
+    assert floor == pytest.approx(kernels / 10.0, abs=0.006)
