@@ -2,27 +2,33 @@
 kernels the numbers depend on, and the rest.
 
     OMP_NUM_THREADS=1 python benchmarks/step_kernels.py            # one thread, as vs_trl.py
-    OMP_NUM_THREADS=1 python benchmarks/step_kernels.py --steps 5 --trl-dpo 0.524 --trl-grpo 0.611
+    OMP_NUM_THREADS=1 python benchmarks/step_kernels.py --vs-trl-dpo 0.78 --vs-trl-grpo 0.39
 
 **Why.** A step's time splits into the kernels that compute its numbers (the matmuls, GPT-2's
 tanh GELU and its backward, attention and its backward: each one ATen / MKL call whose result
 the seeded runs depend on, bit for bit) and everything else (LayerNorm, residual adds, copies,
-the loss, AdamW, Python). Only the rest can be cut without new kernels. With ``--trl-dpo`` /
-``--trl-grpo``, TRL's step time from ``vs_trl.py`` (same shapes, same thread count), it prints the
-lowest ratio minialign / TRL that the step could reach if the rest took no time at all.
+the loss, AdamW, Python). Only the rest can be cut without new kernels. With ``--vs-trl-dpo`` /
+``--vs-trl-grpo``, the ratio minialign / TRL that ``vs_trl.py`` printed (alternated in one process,
+like for like), it prints the ratio the step would reach if the rest took no time at all: the
+kernels' share of minialign's step times that ratio (two ratios, each measured within one
+process; TRL's seconds from another process are never divided into these).
 
 **How.** minialign's step (``tools.timing.dpo_step`` with the reference forward in every step,
 and ``grpo_step`` with ``vs_trl.py``'s GRPO settings) runs ``--warmup`` times untimed, then
 ``--steps`` times under ``torch.profiler`` (CPU); each op's self time is summed by group and
 divided by the steps. The profiler adds its own cost to every op, so the "rest" is an upper bound
 and the kernels' seconds are the figure to read; the unprofiled step (the min of ``--steps``
-timed runs, before the profiled ones) is printed beside them.
+timed runs, before the profiled ones) is printed beside them, with its page faults per step:
+``--malloc glibc`` leaves glibc's malloc as the process starts, to see what the stages' setting
+(``keep_freed_memory``) saves.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,21 +74,22 @@ def steps_at_vs_trl_shapes() -> dict:
 
 
 def split(step, steps: int, warmup: int) -> dict:
-    """The step's unprofiled min, then its profiled seconds per step by group."""
+    """The step's unprofiled min and page faults (median), then its profiled seconds per step by group."""
     for _ in range(warmup):
         step()
-    times = []
+    times, faults = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        before, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     self_seconds = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
     groups = {name: sum(self_seconds.get(op, 0.0) for op in ops) for name, ops in KERNELS.items()}
     total = sum(self_seconds.values())
-    return {"min": min(times), "profiled": total, "groups": groups, "rest": total - sum(groups.values())}
+    return {"min": min(times), "faults": statistics.median(faults), "profiled": total, "groups": groups, "rest": total - sum(groups.values())}
 
 
 def main(argv=None) -> None:
@@ -91,25 +98,30 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, then as many profiled")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--trl-dpo", type=float, help="TRL's DPO step in seconds (vs_trl.py, like for like)")
-    parser.add_argument("--trl-grpo", type=float, help="TRL's GRPO iteration in seconds (vs_trl.py, like for like)")
+    parser.add_argument("--malloc", choices=("glibc", "keep"), default="keep",
+                        help="keep: freed memory kept in the process, as the stages run (keep_freed_memory); "
+                             "glibc: malloc as the process starts")
+    parser.add_argument("--vs-trl-dpo", type=float, help="vs_trl.py's DPO ratio minialign / TRL (like for like)")
+    parser.add_argument("--vs-trl-grpo", type=float, help="vs_trl.py's GRPO ratio minialign / TRL (like for like)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the stages run
-    trl_seconds = {"DPO step": args.trl_dpo, "GRPO iteration": args.trl_grpo}
+    if args.malloc == "keep" and not keep_freed_memory():  # as the stages run
+        raise SystemExit("--malloc keep needs Linux with glibc and no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set")
+    vs_trl = {"DPO step": args.vs_trl_dpo, "GRPO iteration": args.vs_trl_grpo}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 on the CPU; "
-          f"{args.steps} timed steps, then {args.steps} profiled, after {args.warmup} warm-up steps")
+          f"malloc: {args.malloc}; {args.steps} timed steps, then {args.steps} profiled, after {args.warmup} warm-up steps")
     for name, step in steps_at_vs_trl_shapes().items():
         s = split(step, args.steps, args.warmup)
         kernels = sum(s["groups"].values())
-        print(f"{name}: {s['min']:.3f} s at the min unprofiled; profiled {s['profiled']:.3f} s per step:")
+        print(f"{name}: {s['min']:.3f} s at the min unprofiled, {s['faults']:,.0f} page faults per step (median); "
+              f"profiled {s['profiled']:.3f} s per step:")
         for group, seconds in s["groups"].items():
             print(f"  {group:34s} {seconds:.3f} s  {100 * seconds / s['profiled']:4.1f}%")
         print(f"  {'the kernels together':34s} {kernels:.3f} s  {100 * kernels / s['profiled']:4.1f}%")
         print(f"  {'the rest (profiler cost included)':34s} {s['rest']:.3f} s  {100 * s['rest'] / s['profiled']:4.1f}%")
-        if trl_seconds[name]:
-            print(f"  against TRL's {trl_seconds[name]:.3f} s: minialign / TRL {s['min'] / trl_seconds[name]:.2f} now; "
-                  f"{kernels / trl_seconds[name]:.2f} if everything but these kernels took no time")
+        if vs_trl[name]:
+            print(f"  at minialign / TRL = {vs_trl[name]:.2f} (vs_trl.py): "
+                  f"{vs_trl[name] * kernels / s['profiled']:.2f} if everything but these kernels took no time")
 
 
 if __name__ == "__main__":
