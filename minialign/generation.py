@@ -296,14 +296,17 @@ def _decode_compiled(model, token, logp, alive, positions, bias, cache, race, ma
     again (the next ``generate`` then samples what the eager path would)."""
     P, steps = cache.length, max_new_tokens - 1  # steps: forwards after the first token (the last one is kept only)
     cache.fix_shapes()  # each step writes one slot; attention reads the slots the bias covers
-    rng = (generator.get_state, generator.set_state) if generator is not None else \
-        (torch.get_rng_state, torch.set_rng_state)
-    chunks, done = [], 0
-    while done < steps:
-        K = DECODE_CHUNK if steps - done >= DECODE_CHUNK else 1
-        state = rng[0]()
+    if generator is None:  # the noise comes from torch's own generator of the device
+        device = token.device
+        generator = torch.cuda.default_generators[device.index if device.index is not None else
+                                                  torch.cuda.current_device()] \
+            if device.type == "cuda" else torch.default_generator
+    chunks, ran = [], 0
+    while ran < steps:
+        K = DECODE_CHUNK if steps - ran >= DECODE_CHUNK else 1
+        state = generator.get_state()
         races = [race() for _ in range(K)]
-        seen = bias[..., :P + done + K]  # (B, 1, 1, S): step i of the call reads the first S - K + 1 + i
+        seen = bias[..., :P + ran + K]  # (B, 1, 1, S): step i of the call reads the first S - K + 1 + i
         torch._dynamo.maybe_mark_dynamic(seen, 3)  # S symbolic: one compilation for every position
         *chunk, token, logp, alive_after, positions = _compiled_decode_steps()(
             model, token, logp, alive, positions, seen, cache, races, eos_id, pad_id, temperature, top_k, top_p)
@@ -312,13 +315,13 @@ def _decode_compiled(model, token, logp, alive, positions, bias, cache, race, ma
         ended = (~after.any(0)).nonzero()
         if len(ended):  # every row finished at step i of this call: keep steps 0..i, as the eager loop
             i = int(ended[0])
-            rng[1](state)
+            generator.set_state(state)
             for _ in range(i):
                 race()
             chunks.append([c[:, :i + 1] for c in chunk])
             return (*(torch.cat(c, 1) for c in zip(*chunks)), after[:, i])
         chunks.append(chunk)
-        alive, done = alive_after, done + K
+        alive, ran = alive_after, ran + K
     was_alive = alive  # the last token: kept, not run (the eager loop's step max_new_tokens - 1)
     token, logp, alive = _keep(token, logp, alive, eos_id, pad_id)
     chunks.append([token[:, None], logp[:, None], was_alive[:, None]])
