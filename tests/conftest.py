@@ -30,6 +30,25 @@ from minialign.runtime.optim import Update
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=48)
 
 
+@pytest.fixture
+def benchmark_output(capsys):
+    """``run(name, argv)``: ``benchmarks/<name>.py``'s ``main(argv)`` in this process; what it printed.
+    The scripts set the thread count of the whole process, so it is put back after."""
+    import importlib.util
+
+    def run(name: str, argv: list[str]) -> str:
+        spec = importlib.util.spec_from_file_location(name, TESTS.parent / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        threads = torch.get_num_threads()
+        try:
+            module.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+    return run
+
+
 @pytest.fixture(scope="session")
 def world():
     return ToyWorld(WorldConfig(seed=0))

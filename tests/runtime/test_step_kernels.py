@@ -1,27 +1,14 @@
 """``benchmarks/step_kernels.py`` splits a DPO step and a GRPO iteration into the kernels the numbers
 depend on and the rest, and prints the floor of the ratio to TRL's step that the kernels leave."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_kernels.py"
 
 
 @pytest.mark.slow  # two steps of each at vs_trl.py's shapes, profiled
-def test_the_kernels_and_the_rest_add_up_to_the_profiled_step(capsys):
-    spec = importlib.util.spec_from_file_location("step_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--steps", "1", "--warmup", "1", "--vs-trl-dpo", "0.5"])
-    finally:
-        torch.set_num_threads(threads)  # the script sets one thread for the whole process
-    out = capsys.readouterr().out
+def test_the_kernels_and_the_rest_add_up_to_the_profiled_step(benchmark_output):
+    out = benchmark_output("step_kernels", ["--steps", "1", "--warmup", "1", "--vs-trl-dpo", "0.5"])
     for name in ("DPO step", "GRPO iteration"):
         block = out[out.index(f"{name}:"):]
         profiled = float(re.search(r"profiled ([\d.]+) s per step", block).group(1))

@@ -1,28 +1,15 @@
 """``benchmarks/vs_trl.py`` still runs against the installed TRL (an optional benchmark: skipped
 without ``trl``, and slow: it builds TRL's trainers). Checks the printed figures, not their values."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-import torch
 
 pytest.importorskip("trl")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 
 
 @pytest.mark.slow
-def test_vs_trl_alternates_both_libraries_and_prints_their_ratio(capsys):
-    spec = importlib.util.spec_from_file_location("vs_trl", SCRIPT)
-    vs_trl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs_trl)
-    threads = torch.get_num_threads()
-    try:
-        vs_trl.main(["--parts", "dpo,grpo", "--dpo-settings", "defaults", "--grpo-settings", "no-checkpointing",
-                     "--steps", "3", "--warmup", "1"])
-    finally:
-        torch.set_num_threads(threads)  # the script sets one thread for the whole process
-    out = capsys.readouterr().out
+def test_vs_trl_alternates_both_libraries_and_prints_their_ratio(benchmark_output):
+    out = benchmark_output("vs_trl", ["--parts", "dpo,grpo", "--dpo-settings", "defaults", "--grpo-settings",
+                                      "no-checkpointing", "--steps", "3", "--warmup", "1"])
     assert "setting 'defaults' (TRL's gradient checkpointing: True; threads: [1])" in out
     assert "setting 'no-checkpointing' (TRL's gradient checkpointing: False; threads: [1])" in out
     assert out.count("minialign / TRL:") == 4  # DPO and GRPO, shared prompt and plain forward
