@@ -96,7 +96,7 @@ class KVCache:
         are zeroed, since the buffer is uninitialised memory and a NaN there would survive its zero
         attention weight (0 x NaN = NaN). In place; no gradient flows through a cache with fixed
         shapes. From here on ``length`` is None: the slot tensor counts the tokens, since a Python int
-        that changes every step would make the compiled step compile again at every step."""
+        that changes every step would make the compiled decode compile again at every call."""
         if any(buffer.size(2) != self.max_len for buffer in self.k + self.v):
             raise ValueError("fixed shapes need the preallocated buffers: fill the cache without gradient "
                              "(with gradient, update concatenates)")

@@ -1,5 +1,6 @@
 """Seeds, devices and dtypes: where a run computes, in which precision, and every random generator
-it draws from (saved and restored by a resumable checkpoint)."""
+it draws from (saved and restored by a resumable checkpoint); and the CPU threads and memory a run's
+process keeps (``set_threads``, ``keep_freed_memory``)."""
 
 from __future__ import annotations
 
