@@ -220,12 +220,12 @@ def run_grpo(setting: str, folder: Path, world: ToyWorld, tok, steps: int, devic
     trainer = GRPOTrainer(model=str(folder), reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
     sides = {}
     for name, share in (("minialign", True), ("minialign, plain forward", False)):
-        model, ref_model = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
+        policy, reference = load_gpt2(folder, device).train(), load_gpt2(folder, device).requires_grad_(False)
         config = GRPOConfig(questions=questions_per_step, group_size=GROUP, batch_size=questions_per_step * GROUP,
                             inner_updates=1, max_new_tokens=ANSWER_TOKENS, beta=0.04, lr=1e-3, weight_decay=0.1, steps=steps,
                             share_prompt=share, device=device, dtype=dtype, progress=False)
         batches = [questions[i:i + questions_per_step] for i in range(0, len(questions), questions_per_step)]
-        sides[name] = grpo_step(model, ref_model, toy, world, batches, config)
+        sides[name] = grpo_step(policy, reference, toy, world, batches, config)
     timer = Alternate(sides)
     trainer.add_callback(timer)
     trainer.remove_callback(PrinterCallback)  # its log lines; the logging itself runs as TRL's defaults say

@@ -262,12 +262,12 @@ def grpo_figure(config: GPTConfig, cfg: BenchConfig, device, ceiling: Ceiling) -
     start = GPT(dataclasses.replace(config, vocab_size=tok.vocab_size)).to(device)
     steps, counters = {}, {}
     for name, share in (("shared", True), ("plain", False)):
-        model, ref_model = copy.deepcopy(start), copy.deepcopy(start).eval().requires_grad_(False)
+        policy, reference = copy.deepcopy(start), copy.deepcopy(start).eval().requires_grad_(False)
         grpo_config = GRPOConfig(device=str(device), dtype=cfg.dtype, progress=False, seed=cfg.seed,
                                  group_size=cfg.grpo_group, questions=cfg.grpo_questions,
                                  batch_size=cfg.grpo_group * cfg.grpo_questions, share_prompt=share)
-        steps[name] = grpo_step(model, ref_model, tok, world, [questions], grpo_config)
-        counters[name] = FlopCounter(model, ref_model)
+        steps[name] = grpo_step(policy, reference, tok, world, [questions], grpo_config)
+        counters[name] = FlopCounter(policy, reference)
     return {"questions": cfg.grpo_questions, "group_size": cfg.grpo_group,
             "max_new_tokens": GRPOConfig.max_new_tokens, "inner_updates": GRPOConfig.inner_updates,
             **_sharing_figure(steps, counters, cfg, device, ceiling)}

@@ -193,16 +193,16 @@ def dpo_step(policy, reference, pairs: dict[str, list[list[int]]], config=None, 
     return step
 
 
-def grpo_step(model, ref_model, tok, world, question_batches: list[list[dict]], config) -> Callable[[], dict]:
+def grpo_step(policy, reference, tok, world, question_batches: list[list[dict]], config) -> Callable[[], dict]:
     """One ``grpo.grpo_iteration`` (sample, score, E11-E13 updates) per call, on ``question_batches``
     in turn (cycled)."""
     from ..grpo import grpo_iteration
     from ..runtime.optim import gradient_update, make_optimizer
 
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(model, config)
+    device = next(policy.parameters()).device
+    optimizer = make_optimizer(policy, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batches, steps = itertools.cycle(question_batches), itertools.count()
-    return lambda: grpo_iteration(model, ref_model, tok, world, next(batches), config, generator,
-                                  gradient_update(model, model, optimizer, config, next(steps)), config.dtype,
+    return lambda: grpo_iteration(policy, reference, tok, world, next(batches), config, generator,
+                                  gradient_update(policy, policy, optimizer, config, next(steps)), config.dtype,
                                   member=config).metrics
