@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
 import sys
 import time
@@ -39,11 +38,10 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minialign.model import GPT, GPTConfig  # noqa: E402
-from minialign.runtime.devices import keep_freed_memory  # noqa: E402
 from minialign.stages.dpo import DPOConfig  # noqa: E402
 from minialign.stages.grpo import GRPOConfig  # noqa: E402
 from minialign.tools.bench import random_preference_pairs  # noqa: E402
-from minialign.tools.timing import dpo_step, grpo_step  # noqa: E402
+from minialign.tools.timing import MALLOC, dpo_step, grpo_step, page_faults, use_malloc  # noqa: E402
 from minialign.toyworld import ToyWorld, WorldConfig  # noqa: E402
 
 # each group's ATen ops (their self time); anything else is "the rest"
@@ -79,10 +77,10 @@ def split(step, steps: int, warmup: int) -> dict:
         step()
     times, faults = [], []
     for _ in range(steps):
-        before, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        before, t = page_faults(), time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(page_faults() - before)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -98,15 +96,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, then as many profiled")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--malloc", choices=("glibc", "keep"), default="keep",
+    parser.add_argument("--malloc", choices=MALLOC, default="keep",
                         help="keep: freed memory kept in the process, as the stages run (keep_freed_memory); "
                              "glibc: malloc as the process starts")
     parser.add_argument("--vs-trl-dpo", type=float, help="vs_trl.py's DPO ratio minialign / TRL (like for like)")
     parser.add_argument("--vs-trl-grpo", type=float, help="vs_trl.py's GRPO ratio minialign / TRL (like for like)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.malloc == "keep" and not keep_freed_memory():  # as the stages run
-        raise SystemExit("--malloc keep needs Linux with glibc and no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set")
+    use_malloc(args.malloc)  # keep, by default: as the stages run
     vs_trl = {"DPO step": args.vs_trl_dpo, "GRPO iteration": args.vs_trl_grpo}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 on the CPU; "
           f"malloc: {args.malloc}; {args.steps} timed steps, then {args.steps} profiled, after {args.warmup} warm-up steps")

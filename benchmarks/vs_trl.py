@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -78,9 +77,9 @@ except ImportError as e:  # an optional benchmark: say what to install
 from minialign.stages.dpo import DPOConfig
 from minialign.real.gpt2 import load_gpt2
 from minialign.real.hf import hf_tokenizer_from_toy
-from minialign.runtime.devices import keep_freed_memory
 from minialign.stages.grpo import GRPOConfig
 from minialign.tools.bench import dpo_step, grpo_step, spread
+from minialign.tools.timing import MALLOC, page_faults, use_malloc
 from minialign.toyworld import ToyWorld, WorldConfig
 
 PAIRS, PROMPT_WORDS, RESPONSE_WORDS = 64, 8, 21      # DPO: 8 + (21 + EOS) = 30 tokens per sequence
@@ -103,11 +102,6 @@ def _sync() -> None:
         torch.cuda.synchronize()  # a step's time includes its GPU work
 
 
-def _page_faults() -> int:
-    """Minor page faults of this process so far: pages the kernel handed it (zeroed) on first touch."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 class Alternate(TrainerCallback):
     """Times each TRL optimizer step, then runs and times one step of each minialign side; counts
     the page faults of each step too (``--malloc``)."""
@@ -119,23 +113,23 @@ class Alternate(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         _sync()
-        self.start_faults, self.start = _page_faults(), time.perf_counter()
+        self.start_faults, self.start = page_faults(), time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _sync()
         self.times["TRL"].append(time.perf_counter() - self.start)
-        self.faults["TRL"].append(_page_faults() - self.start_faults)
+        self.faults["TRL"].append(page_faults() - self.start_faults)
         # what TRL's step really ran with (transformers 5.2x renames the flag activation_checkpointing)
         self.checkpointing.add(getattr(model, "is_activation_checkpointing", None)
                                if hasattr(model, "is_activation_checkpointing") else model.is_gradient_checkpointing)
         self.threads.add(torch.get_num_threads())
         for name, step in self.sides.items():
             _sync()
-            faults, t = _page_faults(), time.perf_counter()
+            faults, t = page_faults(), time.perf_counter()
             step()
             _sync()
             self.times[name].append(time.perf_counter() - t)
-            self.faults[name].append(_page_faults() - faults)
+            self.faults[name].append(page_faults() - faults)
 
 
 def save_fresh_gpt2(folder: Path, tok, shape: dict | None = None) -> None:
@@ -265,15 +259,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per setting, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each side left out of the figures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
-    parser.add_argument("--malloc", choices=("glibc", "keep"), default="glibc",
+    parser.add_argument("--malloc", choices=MALLOC, default="glibc",
                         help="glibc: malloc as the process starts; keep: freed memory kept in the process "
                              "(minialign.runtime.devices.keep_freed_memory, what minialign's stages set), both sides")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.set_num_threads(args.threads)
-    if args.malloc == "keep" and not keep_freed_memory():
-        raise SystemExit("--malloc keep needs Linux with glibc and no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set")
+    use_malloc(args.malloc)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

@@ -64,6 +64,22 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel handed it (zeroed) on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+MALLOC = ("glibc", "keep")  # a benchmark's --malloc
+
+
+def use_malloc(mode: str) -> None:
+    """A benchmark's ``--malloc``: ``glibc`` leaves glibc's malloc as the process starts, ``keep``
+    keeps freed memory in the process (``runtime.devices.keep_freed_memory``, as the stages run)."""
+    from ..runtime.devices import keep_freed_memory
+    if mode == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep needs Linux with glibc and no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set")
+
+
 def time_alternately(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                      device=None, between: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds of each call of each function, the functions run in turn (a, b, a, b, ...).
